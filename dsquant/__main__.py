@@ -1,0 +1,3 @@
+from dsquant.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""The typer application object and helpers shared by every command module."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+import dsquant
+
+app = typer.Typer(
+    name="dsquant",
+    help=(
+        "Quantize DeepSeek-family checkpoints (V3, R1, V3.1, V3.2, V2-Lite, Kimi-K2) to FP8-block, INT8, "
+        "NVFP4 and MXFP4 checkpoints that vLLM, SGLang and TensorRT-LLM load as they are, and check "
+        "that they stay accurate.\n\nTypical flow: dsquant convert SRC DST --recipe nvfp4, then "
+        "dsquant eval DST --base SRC, then dsquant push DST --repo-id ORG/NAME."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error to stderr and exit non-zero (no traceback for user errors)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def not_available(command: str, step: str) -> None:
+    """Placeholder for a command whose implementation has not landed: say so and exit 2."""
+    fail(f"`dsquant {command}` is not available in this version yet ({step}).", code=2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsquant {dsquant.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

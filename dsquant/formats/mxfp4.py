@@ -1,0 +1,72 @@
+"""MXFP4 (OCP Microscaling): E2M1 elements with one E8M0 (power-of-two) scale per 32 along K.
+
+Elements: E2M1 codes packed two per byte along K, exactly as NVFP4 (fp4.py). K % 32 == 0.
+Scale: E8M0 byte b, value 2^(b - 127); b = 255 is NaN and never written. The exponent e of the
+block amax is found from its float32 bits (no log2, so kernels match exactly):
+    amax = m * 2^E, m in [1, 2)  (E = biased exponent field - 127)
+    rule "ocp" (default): e = E - 2 = floor(log2 amax) - emax(E2M1), the OCP MX v1.0 rule. The
+        block max lands in [4, 8) and is clipped to 6 when it is above 6 (m > 1.5).
+    rule "ceil": the smallest 2^e with 6 * 2^e >= amax, i.e. e = E - 2 if m <= 1.5 else E - 1
+        (triton_kernels' `downcast_to_mxfp`). The block max never clips, but every element of
+        such a block gets a grid twice as coarse.
+    e is clamped to [-127, 127]; an all-zero block gets b = 0.
+Default: "ocp". It is the published standard, and clipping one value of a block costs less than
+coarsening all 32: measured relative MSE on 100k blocks of 32, ocp vs ceil, Gaussian 0.01323 vs
+0.01334, Laplace 0.0160 vs 0.0174, Student-t(3) 0.0203 vs 0.0227 (tests/formats/test_mxfp4.py
+checks that ocp stays the lower on Gaussian data).
+Quantize: code = E2M1(x_fp32 / 2^e) (division by a power of two is exact).
+Dequantize: e2m1_value * 2^(b - 127).
+
+On disk (compressed-tensors `mxfp4-pack-quantized`): `<name>.weight_packed` uint8 [N, K/2] and
+`<name>.weight_scale` uint8 [N, K/32] (E8M0 bytes). No global scale.
+NaN/Inf input raises ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsquant.formats._checks import check_divisible, check_finite
+from dsquant.formats.fp4 import e2m1_to_float, pack_fp4, round_to_e2m1, unpack_fp4
+
+MXFP4_BLOCK = 32
+E8M0_BIAS = 127
+MXFP4_SCALE_RULES = ("ceil", "ocp")
+
+
+def mxfp4_scale_exponent(amax: torch.Tensor, rule: str = "ocp") -> torch.Tensor:
+    """float32 block amax -> unbiased int32 scale exponent e (scale = 2^e), clamped to [-127, 127]."""
+    if rule not in MXFP4_SCALE_RULES:
+        raise ValueError(f"unknown MXFP4 scale rule {rule!r}; choose one of {MXFP4_SCALE_RULES}")
+    bits = amax.float().contiguous().view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) - E8M0_BIAS  # E
+    if rule == "ocp":
+        e = exp - 2
+    else:
+        e = exp - 2 + ((bits & 0x7FFFFF) > 0x400000).to(torch.int32)  # m > 1.5 -> one more
+    return e.clamp(-E8M0_BIAS, E8M0_BIAS)
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes (uint8) -> float32 2^(b - 127), exact (b = 0 gives the subnormal 2^-127)."""
+    return torch.ldexp(torch.ones(scale.shape, dtype=torch.float32, device=scale.device), scale.int() - E8M0_BIAS)
+
+
+def quantize_mxfp4(x: torch.Tensor, *, scale_rule: str = "ocp", name: str = "tensor"):
+    """x [..., K] -> (packed uint8 [..., K/2]; scale E8M0 uint8 [..., K/32])."""
+    check_finite(x, name)
+    k = x.shape[-1]
+    check_divisible(k, MXFP4_BLOCK, "last dim", name)
+    xb = x.float().reshape(*x.shape[:-1], k // MXFP4_BLOCK, MXFP4_BLOCK)
+    e = mxfp4_scale_exponent(xb.abs().amax(dim=-1), scale_rule)  # [..., K/32]
+    scale = (e + E8M0_BIAS).to(torch.uint8)
+    codes = round_to_e2m1(xb / e8m0_to_float(scale).unsqueeze(-1)).reshape(x.shape)
+    return pack_fp4(codes), scale
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(packed [..., K/2], scale uint8 [..., K/32]) -> dtype [..., K]."""
+    values = e2m1_to_float(unpack_fp4(packed))
+    k = values.shape[-1]
+    vb = values.reshape(*values.shape[:-1], k // MXFP4_BLOCK, MXFP4_BLOCK)
+    return (vb * e8m0_to_float(scale).unsqueeze(-1)).reshape(values.shape).to(dtype)

@@ -1,0 +1,1 @@
+"""gemm kernels: see reference.py (the spec) and triton.py."""

@@ -1,0 +1,1 @@
+"""mla kernels: see reference.py (the spec) and triton.py."""

@@ -1,0 +1,1 @@
+"""moe kernels: see reference.py (the spec) and triton.py."""

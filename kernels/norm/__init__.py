@@ -1,0 +1,1 @@
+"""norm kernels: see reference.py (the spec) and triton.py."""

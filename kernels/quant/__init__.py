@@ -1,0 +1,1 @@
+"""quant kernels: see reference.py (the spec) and triton.py."""

@@ -1,0 +1,1 @@
+"""rope kernels: see reference.py (the spec) and triton.py."""

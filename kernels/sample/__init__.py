@@ -1,0 +1,1 @@
+"""sample kernels: see reference.py (the spec) and triton.py."""

@@ -1,0 +1,1 @@
+"""Shipped recipes: `--recipe NAME` resolves to NAME.toml in this folder."""
