@@ -1,0 +1,72 @@
+"""Test-harness fixes for two known bugs of the Triton interpreter (TRITON_INTERPRET=1).
+
+1. Float downcasts (fp32 -> bf16 / fp16 / fp8) truncate or round half-up on the mantissa bits
+   instead of rounding to nearest-even, so kernel codes would differ from the reference (and
+   from the compiled kernel) in the last bit. The fix performs the cast with torch, which rounds
+   to nearest-even, saturating fp8 to its finite range as the compiled `cvt.rn.satfinite` does.
+2. `tl.dot` on bfloat16 operands multiplies the raw uint16 bit patterns. The fix widens bf16
+   operands to float32 (exact) before the product.
+
+Kernels and tolerances are untouched: these patch the interpreter only, and only in tests.
+Checked on Triton 3.4-3.9: the functions patched here have had the same signatures since 3.4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_TORCH_FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2}
+_SATURATE = {"fp8e4nv": 448.0, "fp8e5": 57344.0}
+_BITS = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
+_NP_BITS = {8: np.uint8, 16: np.uint16, 32: np.uint32}
+
+
+def _torch_dtype(tl_dtype):
+    return _TORCH_FLOAT.get(getattr(tl_dtype, "name", None))
+
+
+def apply() -> bool:
+    """Patch the interpreter in place; returns False if this Triton has no interpreter module."""
+    try:
+        import triton.language as tl
+        from triton._C.libtriton import ir
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    if getattr(interpreter, "_dsquant_patched", False):
+        return True
+    original = interpreter._convert_float
+
+    def convert_float(input, input_dtype, output_dtype, rounding_mode):
+        src, dst = _torch_dtype(input_dtype), _torch_dtype(output_dtype)
+        downcast = input_dtype.primitive_bitwidth > output_dtype.primitive_bitwidth
+        if src is None or dst is None or not downcast or rounding_mode == ir.ROUNDING_MODE.RTZ:
+            return original(input, input_dtype, output_dtype, rounding_mode)
+        raw = torch.from_numpy(np.ascontiguousarray(input).view(_NP_BITS[input_dtype.primitive_bitwidth]).copy())
+        x = raw.view(_BITS[input_dtype.primitive_bitwidth]).view(src).float()
+        limit = _SATURATE.get(output_dtype.name)
+        if limit is not None:
+            x = torch.where(torch.isnan(x), x, x.clamp(-limit, limit))
+        out = x.to(dst).view(_BITS[output_dtype.primitive_bitwidth]).numpy()
+        return out.view(_NP_BITS[output_dtype.primitive_bitwidth])
+
+    interpreter._convert_float = convert_float
+
+    builder_cls = interpreter.InterpreterBuilder
+    original_dot = builder_cls.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            def widen(h):
+                if h.dtype.scalar != tl.bfloat16:
+                    return h.data.astype(np.float32)
+                return convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            out = np.matmul(widen(a), widen(b), dtype=np.float32).astype(d.data.dtype) + d.data
+            return interpreter.TensorHandle(out, d.dtype.scalar)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder_cls.create_dot = create_dot
+    interpreter._dsquant_patched = True
+    return True
