@@ -1,0 +1,46 @@
+"""The harness fixes make interpreted casts and bf16 dots agree with torch (and so with compiled kernels)."""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+
+
+@triton.jit
+def _cast_kernel(x_ptr, f8_ptr, bf_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(f8_ptr + offs, x.to(tl.float8e4nv))
+    tl.store(bf_ptr + offs, x.to(tl.bfloat16))
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr):
+    r = tl.arange(0, M)
+    a = tl.load(a_ptr + r[:, None] * M + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * M + r[None, :])
+    tl.store(c_ptr + r[:, None] * M + r[None, :], tl.dot(a, b))
+
+
+def test_downcasts_round_to_nearest_even():
+    # Exact E4M3 and bf16 midpoints (where truncation and half-up rounding differ from RNE) plus noise.
+    base = torch.tensor([1.0625, 1.1875, 3.25, -5.5, 0.001953125 * 1.5, 240.0 + 8.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    x = torch.cat([base, torch.randn(1024 - base.numel()) * 50])
+    f8 = torch.empty(1024, dtype=torch.float8_e4m3fn)
+    bf = torch.empty(1024, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, f8, bf, N=1024)
+    assert torch.equal(f8.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(bf.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+def test_bf16_dot_multiplies_values():
+    a = torch.randn(16, 16).bfloat16()
+    b = torch.randn(16, 16).bfloat16()
+    c = torch.empty(16, 16)
+    _dot_kernel[(1,)](a, b, c, M=16)
+    torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
