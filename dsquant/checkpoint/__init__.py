@@ -1,0 +1,1 @@
+"""Reading, writing and generating safetensors checkpoints, streamed tensor by tensor."""
