@@ -1,1 +1,43 @@
-"""quant kernels: see reference.py (the spec) and triton.py."""
+"""Quantizers and dequantizers for every format dsquant writes: Triton kernels, bit-identical to reference.py.
+
+    quantize_fp8_per_token(x, ue8m0=False)
+    quantize_fp8_per_token_group(x, group_size=128, ue8m0=False, column_major_scales=False)
+    silu_mul_quantize_fp8(gate_up, group_size=128, ue8m0=False, column_major_scales=False)
+    quantize_int8_per_token(x)
+    quantize_fp8_block(w, ue8m0=False) / dequantize_fp8_block(q, scale, dtype=torch.bfloat16)
+    quantize_nvfp4(x, global_scale=None) / dequantize_nvfp4(packed, block_scale, global_scale, dtype)
+    quantize_mxfp4(x, scale_rule="ocp") / dequantize_mxfp4(packed, scale, dtype)
+
+Each has a pure-torch twin `<name>_ref` in dsquant.kernels.quant.reference (CPU, no Triton). The kernels are
+imported on first use, so the references stay importable where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_HOME = {
+    "quantize_fp8_per_token": "triton",
+    "quantize_fp8_per_token_group": "triton",
+    "silu_mul_quantize_fp8": "triton",
+    "quantize_int8_per_token": "triton",
+    "quantize_fp8_block": "triton",
+    "dequantize_fp8_block": "triton",
+    "quantize_nvfp4": "triton_fp4",
+    "dequantize_nvfp4": "triton_fp4",
+    "quantize_mxfp4": "triton_fp4",
+    "dequantize_mxfp4": "triton_fp4",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

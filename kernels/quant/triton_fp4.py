@@ -1,0 +1,261 @@
+"""Triton NVFP4 and MXFP4 quantizers and dequantizers, with E2M1 rounding in software (Hopper has no FP4
+conversion instruction). Bit-identical to reference.py (dsquant.formats.nvfp4 / mxfp4 / fp4).
+
+E2M1 rounding counts threshold crossings exactly as dsquant.formats.fp4.round_to_e2m1: seven compares
+on |x| (strict where the tie goes down to the even code, inclusive where it goes up), sign from x < 0
+(so -0.0 is code 0 and a small negative that rounds to zero is code 8). Codes pack two per byte along
+K, element 2i in the low nibble. Divisions use tl.div_rn (Triton's `/` is div.full.f32, up to 2 ulp
+off, which would move exact ties), in the order the format docstrings state.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsquant.formats.fp4 import FP4_E2M1_MAX
+from dsquant.formats.fp8 import FP8_E4M3_MAX
+from dsquant.formats.mxfp4 import E8M0_BIAS, MXFP4_BLOCK, MXFP4_SCALE_RULES
+from dsquant.formats.nvfp4 import NVFP4_BLOCK, NVFP4_GLOBAL_DIVISOR
+
+_E2M1_MAX = tl.constexpr(FP4_E2M1_MAX)
+_FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
+_NV_DIVISOR = tl.constexpr(NVFP4_GLOBAL_DIVISOR)
+_E8M0_BIAS = tl.constexpr(E8M0_BIAS)
+
+# performance hyper-parameters
+TILE_ELEMS = 8192  # input elements per program: 16 KiB of bf16 in flight per CTA
+MAX_BLOCK_K = 1024  # widest column tile
+AMAX_BLOCK = 4096  # elements per step of the global-amax pre-pass
+AMAX_STEPS = 8  # steps per program (32 Ki elements): keeps the one-address atomic count low
+
+_FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _round_to_e2m1(x):
+    """float32 (already divided by its scale) -> uint8 E2M1 codes 0..15 (fp4.round_to_e2m1)."""
+    a = tl.abs(x)
+    mag = (a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
+    mag += (a >= 1.75).to(tl.uint8) + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8)
+    return mag | ((x < 0).to(tl.uint8) << 3)
+
+
+@triton.jit
+def _e2m1_to_float(codes):
+    """uint8 codes 0..15 -> float32 by building the bits: magnitude m >= 2 is 2^(m//2 - 1) * (1 + (m & 1) / 2)."""
+    c = codes.to(tl.int32)
+    mag = c & 7
+    bits = tl.where(mag >= 2, (((mag >> 1) + 126) << 23) | ((mag & 1) << 22), tl.where(mag == 1, 0x3F000000, 0))
+    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pack(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint8 codes [ROWS, COLS] -> [ROWS, COLS // 2], element 2i in the low nibble."""
+    lo, hi = tl.split(tl.reshape(codes, (ROWS, COLS // 2, 2)))
+    return lo | (hi << 4)
+
+
+@triton.jit
+def _unpack(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint8 [ROWS, COLS // 2] -> codes [ROWS, COLS]."""
+    return tl.reshape(tl.join(packed & 0x0F, packed >> 4), (ROWS, COLS))
+
+
+@triton.jit
+def _e8m0_to_float(b):
+    """E8M0 byte (int32 0..255) -> float32 2^(b - 127); b = 0 is the subnormal 2^-127 (bits 1 << 21)."""
+    return tl.where(b > 0, b << 23, 1 << 21).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _absmax_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """max |x| over a flat tensor into one int32 slot (non-negative float32 bits order like the floats)."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(STEPS):
+        offs = base + s * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.maximum(acc, tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)))
+    tl.atomic_max(amax_ptr, tl.max(acc, axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _tile(M, K, stride_m, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return rows, cols, rows[:, None].to(tl.int64) * stride_m + cols[None, :], (rows[:, None] < M) & (cols[None, :] < K)
+
+
+@triton.jit
+def _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride_sm,
+                             BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pack codes [BLOCK_M * BLOCK_K / BLOCK, BLOCK] of this program's tile, store them and the block scales."""
+    packed = _pack(tl.reshape(codes, (BLOCK_M, BLOCK_K)), BLOCK_M, BLOCK_K)
+    rows, pcols, p_offs, p_mask = _tile(M, K // 2, stride_pm, BLOCK_M, BLOCK_K // 2)
+    tl.store(p_ptr + p_offs, packed, mask=p_mask)
+    _, _, s_offs, s_mask = _tile(M, K // BLOCK, stride_sm, BLOCK_M, BLOCK_K // BLOCK)
+    tl.store(s_ptr + s_offs, tl.reshape(scale, (BLOCK_M, BLOCK_K // BLOCK)), mask=s_mask)
+
+
+@triton.jit
+def _quantize_nvfp4_kernel(
+    x_ptr, p_ptr, s_ptr, gs_ptr, gs_out_ptr, M, K, stride_xm, stride_pm, stride_sm,
+    AMAX_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """gs_ptr holds the global scale, or (AMAX_GIVEN) the tensor amax bits, turned into amax / 2688 here."""
+    if AMAX_GIVEN:
+        amax = tl.load(gs_ptr).to(tl.float32, bitcast=True)  # int32 view of the amax slot
+        gs = tl.where(amax > 0, tl.div_rn(amax, _NV_DIVISOR), 1.0)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(gs_out_ptr, gs)
+    else:
+        gs = tl.load(gs_ptr)
+    _, _, x_offs, x_mask = _tile(M, K, stride_xm, BLOCK_M, BLOCK_K)
+    x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
+    xb = tl.reshape(x, (BLOCK_M * BLOCK_K // BLOCK, BLOCK))
+    block_amax = tl.max(tl.abs(xb), axis=1)
+    scale = tl.minimum(tl.div_rn(tl.div_rn(block_amax, _E2M1_MAX), gs), _FP8_MAX).to(tl.float8e4nv)
+    denom = (scale.to(tl.float32) * gs)[:, None]
+    safe = tl.where(denom > 0, denom, 1.0)  # a block whose e4m3 scale underflows to 0 gets code 0
+    codes = _round_to_e2m1(tl.where(denom > 0, tl.div_rn(xb, safe), 0.0))
+    _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _quantize_mxfp4_kernel(x_ptr, p_ptr, s_ptr, M, K, stride_xm, stride_pm, stride_sm,
+                           CEIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+    _, _, x_offs, x_mask = _tile(M, K, stride_xm, BLOCK_M, BLOCK_K)
+    x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
+    xb = tl.reshape(x, (BLOCK_M * BLOCK_K // BLOCK, BLOCK))
+    bits = tl.max(tl.abs(xb), axis=1).to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - _E8M0_BIAS - 2  # floor(log2 amax) - emax(E2M1), the OCP rule
+    if CEIL:
+        e += ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # mantissa > 1.5: the max would clip at 6
+    b = tl.minimum(tl.maximum(e, -_E8M0_BIAS), _E8M0_BIAS) + _E8M0_BIAS
+    codes = _round_to_e2m1(tl.div_rn(xb, _e8m0_to_float(b)[:, None]))
+    _store_packed_and_scales(codes, b.to(tl.uint8), p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _dequantize_fp4_kernel(p_ptr, s_ptr, gs_ptr, out_ptr, M, K, stride_pm, stride_sm, stride_om,
+                           NVFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+    """E2M1 value * scale in float32, then one rounding to the output dtype (NVFP4: scale = e4m3 * global)."""
+    _, _, p_offs, p_mask = _tile(M, K // 2, stride_pm, BLOCK_M, BLOCK_K // 2)
+    values = _e2m1_to_float(_unpack(tl.load(p_ptr + p_offs, mask=p_mask, other=0), BLOCK_M, BLOCK_K))
+    _, _, s_offs, s_mask = _tile(M, K // BLOCK, stride_sm, BLOCK_M, BLOCK_K // BLOCK)
+    if NVFP4:
+        s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32) * tl.load(gs_ptr)
+    else:
+        s = _e8m0_to_float(tl.load(s_ptr + s_offs, mask=s_mask, other=0).to(tl.int32))
+    vb = tl.reshape(values, (BLOCK_M * BLOCK_K // BLOCK, BLOCK)) * tl.reshape(s, (BLOCK_M * BLOCK_K // BLOCK,))[:, None]
+    _, _, o_offs, o_mask = _tile(M, K, stride_om, BLOCK_M, BLOCK_K)
+    tl.store(out_ptr + o_offs, tl.reshape(vb, (BLOCK_M, BLOCK_K)).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _tiles(m: int, k: int, block: int):
+    """(grid, BLOCK_M, BLOCK_K, num_warps) for a [m, k] element tile walk."""
+    block_k = max(block, min(triton.next_power_of_2(k), MAX_BLOCK_K))
+    block_m = max(1, min(triton.next_power_of_2(m), TILE_ELEMS // block_k))
+    warps = 8 if block_m * block_k >= 4096 else 4
+    return (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), block_m, block_k, warps
+
+
+def _rows(x: torch.Tensor, block: int, what: str) -> torch.Tensor:
+    assert x.dtype in _FLOAT_INPUTS, f"{what}: dtype {x.dtype} not in {_FLOAT_INPUTS}"
+    assert x.dim() >= 1 and x.shape[-1] % block == 0, f"{what}: last dim of {tuple(x.shape)} not a multiple of {block}"
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None):
+    """NVFP4 quantization: E2M1 codes, an E4M3 scale per 16 along K, a float32 global scale.
+
+    Args:
+        x: [..., K] bf16 / fp16 / fp32, K % 16 == 0.
+        global_scale: float32 one-element tensor (> 0) on x's device, or None to use amax(|x|) / 2688,
+            computed on the device (an extra read of x, no host sync).
+    Returns:
+        packed uint8 [..., K/2]; block_scale float8_e4m3fn [..., K/16]; global_scale float32 [].
+    """
+    x2 = _rows(x, NVFP4_BLOCK, "x")
+    m, k = x2.shape
+    packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((m, k // NVFP4_BLOCK), dtype=torch.float8_e4m3fn, device=x.device)
+    if global_scale is None:
+        gs_in = torch.zeros((), dtype=torch.float32, device=x.device)  # amax bits, max-reduced by atomics
+        gs_out = torch.ones((), dtype=torch.float32, device=x.device)  # 1.0 stays for an empty tensor
+        if x2.numel() > 0:
+            step = AMAX_BLOCK * AMAX_STEPS
+            _absmax_kernel[(triton.cdiv(x2.numel(), step),)](x2, gs_in.view(torch.int32), x2.numel(),
+                                                            BLOCK=AMAX_BLOCK, STEPS=AMAX_STEPS, num_warps=8)
+    else:
+        assert global_scale.numel() == 1, f"global_scale must hold one value, got shape {tuple(global_scale.shape)}"
+        assert global_scale.device == x.device, f"global_scale on {global_scale.device}, x on {x.device}"
+        gs_in = gs_out = global_scale.float().reshape(()).contiguous()
+    if x2.numel() > 0:
+        grid, block_m, block_k, warps = _tiles(m, k, NVFP4_BLOCK)
+        _quantize_nvfp4_kernel[grid](
+            x2, packed, scale, gs_in.view(torch.int32) if global_scale is None else gs_in, gs_out, m, k, x2.stride(0), packed.stride(0), scale.stride(0),
+            AMAX_GIVEN=global_scale is None, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=NVFP4_BLOCK, num_warps=warps,
+        )
+    lead = x.shape[:-1]
+    return packed.reshape(*lead, k // 2), scale.reshape(*lead, k // NVFP4_BLOCK), gs_out
+
+
+def quantize_mxfp4(x: torch.Tensor, scale_rule: str = "ocp"):
+    """MXFP4 quantization: E2M1 codes and one E8M0 scale per 32 along K.
+
+    Args:
+        x: [..., K] bf16 / fp16 / fp32, K % 32 == 0.
+        scale_rule: "ocp" (OCP MX v1.0: floor(log2 amax) - 2) or "ceil" (no clipping of the block max).
+    Returns:
+        packed uint8 [..., K/2]; scale uint8 E8M0 bytes [..., K/32].
+    """
+    if scale_rule not in MXFP4_SCALE_RULES:
+        raise ValueError(f"unknown MXFP4 scale rule {scale_rule!r}; choose one of {MXFP4_SCALE_RULES}")
+    x2 = _rows(x, MXFP4_BLOCK, "x")
+    m, k = x2.shape
+    packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((m, k // MXFP4_BLOCK), dtype=torch.uint8, device=x.device)
+    if x2.numel() > 0:
+        grid, block_m, block_k, warps = _tiles(m, k, MXFP4_BLOCK)
+        _quantize_mxfp4_kernel[grid](x2, packed, scale, m, k, x2.stride(0), packed.stride(0), scale.stride(0),
+                                     CEIL=scale_rule == "ceil", BLOCK_M=block_m, BLOCK_K=block_k,
+                                     BLOCK=MXFP4_BLOCK, num_warps=warps)
+    lead = x.shape[:-1]
+    return packed.reshape(*lead, k // 2), scale.reshape(*lead, k // MXFP4_BLOCK)
+
+
+def _dequantize(packed, scale, global_scale, dtype, block, what):
+    assert packed.dtype == torch.uint8, f"{what}: packed must be uint8, got {packed.dtype}"
+    assert dtype in _OUT_DTYPES, f"{what}: dtype {dtype} not in {_OUT_DTYPES}"
+    k = packed.shape[-1] * 2
+    lead = packed.shape[:-1]
+    if k % block or tuple(scale.shape) != (*lead, k // block):
+        raise ValueError(f"{what}: scale shape {tuple(scale.shape)} does not fit packed {tuple(packed.shape)}")
+    p2 = packed.reshape(-1, k // 2).contiguous()
+    s2 = scale.reshape(-1, k // block).contiguous()
+    m = p2.shape[0]
+    out = torch.empty((m, k), dtype=dtype, device=packed.device)
+    if out.numel() > 0:
+        grid, block_m, block_k, warps = _tiles(m, k, block)
+        gs = s2 if global_scale is None else global_scale.float().reshape(()).contiguous()  # unused for MXFP4
+        _dequantize_fp4_kernel[grid](p2, s2, gs, out, m, k, p2.stride(0), s2.stride(0), out.stride(0),
+                                     NVFP4=global_scale is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+                                     BLOCK=block, num_warps=warps)
+    return out.reshape(*lead, k)
+
+
+def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(packed uint8 [..., K/2], block_scale float8_e4m3fn [..., K/16], global_scale f32 []) -> dtype [..., K]."""
+    assert block_scale.dtype == torch.float8_e4m3fn, f"block_scale must be float8_e4m3fn, got {block_scale.dtype}"
+    return _dequantize(packed, block_scale, global_scale, dtype, NVFP4_BLOCK, "nvfp4")
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(packed uint8 [..., K/2], scale E8M0 uint8 [..., K/32]) -> dtype [..., K]."""
+    assert scale.dtype == torch.uint8, f"scale must be uint8 E8M0 bytes, got {scale.dtype}"
+    return _dequantize(packed, scale, None, dtype, MXFP4_BLOCK, "mxfp4")
