@@ -1,1 +1,1 @@
-"""norm kernels: see reference.py (the spec) and triton.py."""
+"""norm kernels: RMSNorm and fused add + RMSNorm (reference.py is the spec, triton.py the kernels)."""

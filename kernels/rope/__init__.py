@@ -1,1 +1,1 @@
-"""rope kernels: see reference.py (the spec) and triton.py."""
+"""rope kernels: DeepSeek interleaved RoPE from a cos/sin cache, in place (reference.py is the spec)."""

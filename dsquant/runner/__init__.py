@@ -1,0 +1,1 @@
+"""The bundled DeepSeek runner: model, checkpoint loading, evaluation (perplexity, KLD), generation."""

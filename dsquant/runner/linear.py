@@ -1,0 +1,161 @@
+"""QuantLinear: a linear layer that executes its weight in the stored format (the runner's one GEMM seam).
+
+Formats (`fmt`) and the activation scheme each implies (`act`), after what the serving engines run:
+    bf16       y = x @ W^T                                       act "none"
+    fp8_block  W float8_e4m3fn [N, K] * scale [N/128, K/128]     act "fp8_group": dynamic 1x128 FP8 (DeepSeek)
+    int8       W int8 [N, K] * scale [N, 1]                      act "int8_token": dynamic per-token INT8
+    nvfp4      W packed uint8 [N, K/2], block e4m3 [N, K/16],    act "nvfp4": NVFP4 with the calibrated
+               global scale []                                   input global scale (dynamic when absent)
+    mxfp4      W packed uint8 [N, K/2], E8M0 scale [N, K/32]     act "none" (W4A16) or "mxfp4" (W4A4)
+Every scale multiplies (dsquant.formats convention); on-disk names are resolved in load.py.
+
+impl="reference" (CPU): the activation is quantized and dequantized with dsquant.formats and the weight
+is dequantized for this call only, then one float32 matmul: the exact numerics of a W8A8/W4A4 kernel up
+to fp32 summation order, and never a dequantized copy of the whole model. impl="triton" calls the
+dsquant.kernels.gemm kernel for the format when that family provides it, else the same reference
+numerics on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsquant.formats.fp8 import dequantize_fp8_block, dequantize_fp8_per_token_group, quantize_fp8_per_token_group
+from dsquant.formats.int8 import quantize_int8_per_token
+from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("bf16", "fp8_block", "int8", "nvfp4", "mxfp4")
+ACTS = ("none", "fp8_group", "int8_token", "nvfp4", "mxfp4")
+_DEFAULT_ACT = {"bf16": "none", "fp8_block": "fp8_group", "int8": "int8_token", "nvfp4": "nvfp4", "mxfp4": "none"}
+
+
+@dataclass
+class LinearWeight:
+    """One linear's stored weight, normalised: every scale multiplies to dequantize."""
+
+    fmt: str
+    q: torch.Tensor
+    scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    act: str | None = None
+
+    def __post_init__(self):
+        if self.fmt not in FORMATS:
+            raise ValueError(f"unknown linear format {self.fmt!r}; expected one of {FORMATS}")
+        self.act = self.act or _DEFAULT_ACT[self.fmt]
+        if self.act not in ACTS:
+            raise ValueError(f"unknown activation scheme {self.act!r}; expected one of {ACTS}")
+
+    @property
+    def nbytes(self) -> int:
+        ts = (self.q, self.scale, self.global_scale, self.input_scale)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense [N, K] weight (used per call, and for MLA's absorbed kv_b_proj)."""
+        if self.fmt == "bf16":
+            return self.q.to(dtype)
+        if self.fmt == "fp8_block":
+            return dequantize_fp8_block(self.q, self.scale, dtype=dtype)
+        if self.fmt == "int8":
+            return (self.q.float() * self.scale.float()).to(dtype)
+        if self.fmt == "nvfp4":
+            return dequantize_nvfp4(self.q, self.scale, self.global_scale, dtype=dtype)
+        return dequantize_mxfp4(self.q, self.scale, dtype=dtype)
+
+
+def fake_quant_activation(x: torch.Tensor, act: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] -> float32 [M, K]: the values a quantized-activation kernel multiplies (codes * scales)."""
+    if act == "none":
+        return x.float()
+    if act == "fp8_group":
+        q, s = quantize_fp8_per_token_group(x, name="activation")
+        return dequantize_fp8_per_token_group(q, s, dtype=torch.float32)
+    if act == "int8_token":
+        q, s = quantize_int8_per_token(x, name="activation")
+        return q.float() * s
+    if act == "nvfp4":
+        packed, bs, gs = quantize_nvfp4(x, input_scale, name="activation")
+        return dequantize_nvfp4(packed, bs, gs, dtype=torch.float32)
+    packed, s = quantize_mxfp4(x, name="activation")
+    return dequantize_mxfp4(packed, s, dtype=torch.float32)
+
+
+def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x.dtype with the format's numerics (see module docstring)."""
+    if w.fmt == "bf16" and w.act == "none":
+        return F.linear(x, w.q.to(x.dtype))
+    x2 = x.reshape(-1, x.shape[-1])
+    xf = fake_quant_activation(x2, w.act, w.input_scale)
+    y = xf @ w.dequantize(torch.float32).t()
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _triton_gemm(fmt: str):
+    """The dsquant.kernels.gemm entry point for a format, or None while that family lacks it."""
+    try:
+        from dsquant.kernels import gemm
+    except ImportError:  # the family package is missing: reference numerics on the device
+        return None
+    name = {"fp8_block": "fp8_block_gemm", "int8": "int8_scaled_mm", "nvfp4": "nvfp4_gemm", "mxfp4": "mxfp4_gemm"}
+    return getattr(gemm, name.get(fmt, ""), None)
+
+
+class QuantLinear(nn.Module):
+    """A linear whose weight stays in its checkpoint format; filled by load.py (or init for training)."""
+
+    def __init__(self, in_features: int, out_features: int, impl: str = "reference"):
+        super().__init__()
+        self.in_features, self.out_features, self.impl = in_features, out_features, impl
+        self.w: LinearWeight | None = None
+        self.weight: torch.Tensor | None = None  # the trainable/bf16 weight, also w.q for fmt bf16
+        self._warned = False
+
+    def set_weight(self, w: LinearWeight, name: str = "linear") -> None:
+        n, k = w.q.shape[0], w.q.shape[1] * (2 if w.fmt in ("nvfp4", "mxfp4") else 1)
+        if (n, k) != (self.out_features, self.in_features):
+            raise ValueError(f"{name}: weight shape {(n, k)} != expected {(self.out_features, self.in_features)}")
+        if w.act == "fp8_group" and k % 128:
+            raise ValueError(f"{name}: FP8 1x128 activations need in_features % 128 == 0, got {k}")
+        self.w = w
+        self.weight = w.q if w.fmt == "bf16" else None
+
+    def init_trainable(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Random float32 nn.Parameter weight (demo training); forward then uses F.linear."""
+        self.weight = nn.Parameter(torch.randn(self.out_features, self.in_features, generator=generator) * std)
+        self.w = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w is None:
+            return F.linear(x, self.weight.to(x.dtype))
+        if self.impl == "triton" and self.w.fmt != "bf16" and x.is_cuda:
+            kernel = _triton_gemm(self.w.fmt)
+            if kernel is None and not self._warned:
+                log.warning("no Triton GEMM for %s yet: reference numerics on %s", self.w.fmt, x.device)
+                self._warned = True
+        return linear_ref(x, self.w)
+
+    def _apply(self, fn, recurse=True):
+        """Move the stored-format tensors with .to()/.cuda() like parameters."""
+        super()._apply(fn, recurse)
+        if self.w is not None:
+            for attr in ("q", "scale", "global_scale", "input_scale"):
+                t = getattr(self.w, attr)
+                if t is not None:  # keep the stored dtype: .to(dtype) must not turn fp8 codes into bf16
+                    setattr(self.w, attr, fn(t).to(t.dtype))
+            if self.w.fmt == "bf16":
+                self.weight = self.w.q
+        return self
+
+    def extra_repr(self) -> str:
+        fmt = self.w.fmt if self.w is not None else "trainable"
+        return f"in={self.in_features}, out={self.out_features}, fmt={fmt}, impl={self.impl}"

@@ -1,0 +1,231 @@
+"""Load a DeepSeek-family checkpoint into the runner, keeping every linear in its stored format.
+
+Reads only safetensors (sharded with model.safetensors.index.json, or one model.safetensors). Each
+linear's tensors are normalised to a LinearWeight (scales that multiply) from the names each
+convention writes:
+    DeepSeek FP8          weight f8e4m3 [N, K] + weight_scale_inv f32 [N/128, K/128]
+    compressed-tensors    FP8 block: weight f8e4m3 + weight_scale [N/128, K/128];
+                          INT8: weight int8 + weight_scale [N, 1];
+                          NVFP4: weight_packed + weight_scale e4m3 + weight_global_scale (a divisor)
+                                 + input_global_scale (a divisor);
+                          MXFP4: weight_packed + weight_scale uint8 (E8M0)
+    ModelOpt NVFP4        weight uint8 [N, K/2] + weight_scale e4m3 + weight_scale_2 + input_scale
+    anything else         BF16/FP16/FP32 weight as stored
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dsquant.runner.config import ModelArgs
+from dsquant.runner.linear import LinearWeight, QuantLinear
+from dsquant.runner.model import Transformer, Weighted
+
+log = logging.getLogger(__name__)
+
+_LINEAR_SUFFIXES = (
+    "weight", "weight_scale_inv", "weight_scale", "weight_scale_2", "weight_packed",
+    "weight_global_scale", "input_scale", "input_global_scale",
+)  # fmt: skip
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointReader:
+    """Lazy tensor access by name over a checkpoint's safetensors shards (no pickles, no remote code)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path}: not a checkpoint directory")
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        elif (self.path / "model.safetensors").is_file():
+            with safe_open(self.path / "model.safetensors", "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ValueError(f"{self.path}: no model.safetensors.index.json or model.safetensors")
+        root = self.path.resolve()
+        for name, shard in weight_map.items():
+            file = (self.path / shard).resolve()
+            if root not in file.parents:
+                raise ValueError(f"{index}: {name} points outside the checkpoint ({shard})")
+            if not file.is_file():
+                raise ValueError(f"{file}: shard listed in the index is missing (tensor {name})")
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, object] = {}
+        self.config = json.loads((self.path / "config.json").read_text()) if (self.path / "config.json").is_file() else {}
+        self.args = ModelArgs.from_config(self.config, name=str(self.path / "config.json"))
+        self.quant_config = self._quant_config()
+
+    def _quant_config(self) -> dict:
+        qc = dict(self.config.get("quantization_config") or {})
+        hf = self.path / "hf_quant_config.json"
+        if not qc and hf.is_file():
+            qc = json.loads(hf.read_text()).get("quantization", {})
+            qc.setdefault("quant_method", "modelopt")
+        return qc
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def layer_keys(self, layer: int) -> list[str]:
+        prefix = f"model.layers.{layer}."
+        return [k for k in self.weight_map if k.startswith(prefix)]
+
+    def layer_nbytes(self, layer: int) -> int:
+        """Bytes of one decoder layer on disk (from the safetensors headers, no data read)."""
+        total = 0
+        for k in self.layer_keys(layer):
+            sl = self._handle(k).get_slice(k)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+            total += n * _DTYPE_BYTES.get(sl.get_dtype(), 2)
+        return total
+
+    def _handle(self, name: str):
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(self.path / shard, "pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ValueError(f"{self.path / shard}: cannot read safetensors header ({e})") from None
+        return self._handles[shard]
+
+
+_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
+
+
+def _activation_scheme(qc: dict, fmt: str) -> str | None:
+    """Weight-only MXFP4 unless a compressed-tensors group quantizes input activations."""
+    if fmt != "mxfp4":
+        return None
+    for group in (qc.get("config_groups") or {}).values():
+        if group.get("input_activations"):
+            return "mxfp4"
+    return "none"
+
+
+def read_linear(reader: CheckpointReader, prefix: str, device: torch.device | str = "cpu") -> LinearWeight:
+    """The tensors `<prefix>.*` of one linear -> LinearWeight on device (ValueError names what is wrong)."""
+    t = {s: reader.get(f"{prefix}.{s}").to(device) for s in _LINEAR_SUFFIXES if f"{prefix}.{s}" in reader}
+    qc = reader.quant_config
+    if "weight_packed" in t:
+        if "weight_global_scale" in t:  # compressed-tensors NVFP4: globals are divisors
+            inp = t.get("input_global_scale")
+            return LinearWeight(
+                "nvfp4", t["weight_packed"], t["weight_scale"], (1.0 / t["weight_global_scale"].float()).reshape(()),
+                None if inp is None else (1.0 / inp.float()).reshape(()),
+            )
+        return LinearWeight("mxfp4", t["weight_packed"], t["weight_scale"], act=_activation_scheme(qc, "mxfp4"))
+    if "weight" not in t:
+        raise ValueError(f"{reader.path}: no weight tensor for {prefix}")
+    w = t["weight"]
+    if w.dtype == torch.float8_e4m3fn:
+        scale = t.get("weight_scale_inv", t.get("weight_scale"))
+        if scale is None:
+            raise ValueError(f"{reader.path}: FP8 weight {prefix}.weight has no weight_scale_inv / weight_scale")
+        nb, kb = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
+        if tuple(scale.shape) != (nb, kb):
+            raise ValueError(f"{reader.path}: {prefix} scale shape {tuple(scale.shape)}, expected {(nb, kb)}")
+        return LinearWeight("fp8_block", w, scale.float())
+    if w.dtype == torch.int8:
+        return LinearWeight("int8", w, t["weight_scale"].float().reshape(-1, 1))
+    if w.dtype == torch.uint8:  # ModelOpt NVFP4: weight_scale_2 and input_scale multiply
+        inp = t.get("input_scale")
+        return LinearWeight(
+            "nvfp4", w, t["weight_scale"], t["weight_scale_2"].float().reshape(()),
+            None if inp is None else inp.float().reshape(()),
+        )
+    return LinearWeight("bf16", w)
+
+
+def _assign(model: Transformer, reader: CheckpointReader, names: list[str], device) -> int:
+    """Load the named tensors into their modules; returns the number of bytes placed."""
+    done, nbytes = set(), 0
+    for name in names:
+        mod_name, _, attr = name.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:
+            log.debug("skipping %s: no such module in the runner", name)
+            continue
+        if isinstance(mod, QuantLinear):
+            if mod_name in done:
+                continue
+            done.add(mod_name)
+            w = read_linear(reader, mod_name, device)
+            mod.set_weight(w, name=f"{reader.path}: {mod_name}")
+            nbytes += w.nbytes
+        elif isinstance(mod, Weighted) and hasattr(mod, attr):
+            t = reader.get(name).to(device)
+            setattr(mod, attr, t)
+            nbytes += t.numel() * t.element_size()
+    return nbytes
+
+
+def check_complete(module: torch.nn.Module, what: str) -> None:
+    """ValueError naming the first weight the checkpoint did not provide."""
+    for name, mod in module.named_modules():
+        missing = (isinstance(mod, QuantLinear) and mod.w is None and mod.weight is None) or (
+            isinstance(mod, Weighted) and mod.weight is None
+        )
+        if missing:
+            raise ValueError(f"{what}: missing tensor for {name}")
+
+
+def load_model(
+    path: str | Path, *, impl: str = "reference", device: str = "cpu", dtype: torch.dtype | None = None,
+    mtp: bool = False, layers: bool = True,
+) -> tuple[Transformer, CheckpointReader]:
+    """Build the runner model and fill it from a checkpoint (layers=False: only embed/norm/head, for streaming)."""
+    reader = CheckpointReader(path)
+    args = reader.args
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp)
+    names = [k for k in reader.keys() if not _LAYER.match(k)]
+    if layers:
+        n = args.n_layers + (args.n_mtp_layers if mtp else 0)
+        names += [k for k in reader.keys() if (m := _LAYER.match(k)) and int(m.group(1)) < n]
+    _assign(model, reader, names, device)
+    if model.lm_head.w is None and args.tie_word_embeddings:
+        model.lm_head.set_weight(LinearWeight("bf16", model.model.embed_tokens.weight))
+    check_complete(model if layers else _non_layer_view(model), str(reader.path))
+    return model, reader
+
+
+def _non_layer_view(model: Transformer) -> torch.nn.Module:
+    return torch.nn.ModuleDict({"embed": model.model.embed_tokens, "norm": model.model.norm, "lm_head": model.lm_head})
+
+
+def load_layer(model: Transformer, reader: CheckpointReader, layer: int, device) -> int:
+    """Fill decoder layer `layer` from the checkpoint; returns its bytes."""
+    nbytes = _assign(model, reader, reader.layer_keys(layer), device)
+    check_complete(model.model.layers[layer], f"{reader.path}: layer {layer}")
+    return nbytes
+
+
+def unload_layer(model: Transformer, layer: int) -> None:
+    """Drop the layer's weights so only one layer stays resident while streaming."""
+    for mod in model.model.layers[layer].modules():
+        if isinstance(mod, QuantLinear):
+            mod.w, mod.weight = None, None
+        elif isinstance(mod, Weighted):
+            for name in list(mod._buffers):
+                mod._buffers[name] = None

@@ -1,0 +1,79 @@
+"""KernelOps: the runner's seam between the model and its kernels (one object per model, no globals).
+
+impl="reference" uses the pure-torch twins (CPU, and the spec); impl="triton" uses the Triton kernels of
+dsquant.kernels.{norm,rope,mla,moe} where a family provides them and its inputs are on CUDA, and the
+reference otherwise (logged once per op). Linears dispatch in QuantLinear (linear.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+from dsquant.kernels.norm.reference import fused_add_rms_norm_ref, rms_norm_ref
+from dsquant.kernels.rope.reference import apply_rope_ref
+
+log = logging.getLogger(__name__)
+
+
+def mla_attention_ref(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, scale: float, start_pos: int
+) -> torch.Tensor:
+    """Absorbed MLA attention over latent keys/values (DeepSeek-V3 `MLA.forward`, attn_impl="absorb").
+
+    Args:
+        q_lat: [B, S, H, C] queries already multiplied by the nope half of kv_b_proj (C = kv_lora_rank).
+        q_pe:  [B, S, H, R] rotated rope part of the queries.
+        kv:    [B, T, C] normalised latent cache rows for positions 0..T-1 (T = start_pos + S).
+        pe:    [B, T, R] rotated rope keys.
+    Returns:
+        [B, S, H, C] float32 attention output in latent space (the caller applies the v half of kv_b_proj).
+    """
+    s, t = q_lat.shape[1], kv.shape[1]
+    scores = torch.einsum("bshc,btc->bsht", q_lat.float(), kv.float())
+    scores = scores + torch.einsum("bshr,btr->bsht", q_pe.float(), pe.float())
+    scores = scores * scale
+    qpos = torch.arange(start_pos, start_pos + s, device=kv.device)
+    mask = torch.arange(t, device=kv.device)[None, :] > qpos[:, None]  # [S, T] future keys
+    scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
+    return torch.einsum("bsht,btc->bshc", scores.softmax(dim=-1), kv.float())
+
+
+class KernelOps:
+    """The small kernels a decoder layer needs, chosen once by `impl`."""
+
+    def __init__(self, impl: str = "reference"):
+        if impl not in ("reference", "triton"):
+            raise ValueError(f"impl must be 'reference' or 'triton', got {impl!r}")
+        self.impl = impl
+        self._triton: dict[str, object] = {}
+
+    def _kernel(self, family: str, name: str, x: torch.Tensor):
+        """The Triton function dsquant.kernels.<family>.triton.<name> for CUDA inputs, else None."""
+        if self.impl != "triton" or not x.is_cuda:
+            return None
+        key = f"{family}.{name}"
+        if key not in self._triton:
+            try:
+                self._triton[key] = getattr(importlib.import_module(f"dsquant.kernels.{family}.triton"), name)
+            except (ImportError, AttributeError):
+                log.warning("no Triton kernel %s yet: using the reference", key)
+                self._triton[key] = None
+        return self._triton[key]
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        fn = self._kernel("norm", "rms_norm", x)
+        return (fn or rms_norm_ref)(x, weight, eps)
+
+    def fused_add_rms_norm(self, x, residual, weight, eps):
+        fn = self._kernel("norm", "fused_add_rms_norm", x)
+        return (fn or fused_add_rms_norm_ref)(x, residual, weight, eps)
+
+    def apply_rope(self, q_pe, k_pe, cos, sin, positions) -> None:
+        fn = self._kernel("rope", "apply_rope", q_pe)
+        (fn or apply_rope_ref)(q_pe, k_pe, cos, sin, positions)
+
+    def mla_attention(self, q_lat, q_pe, kv, pe, scale: float, start_pos: int) -> torch.Tensor:
+        return mla_attention_ref(q_lat, q_pe, kv, pe, scale, start_pos)
