@@ -1,0 +1,206 @@
+"""On-disk tensor names and scale directions of each checkpoint convention: the one place that knows them.
+
+In code a `*_scale` always multiplies to dequantize (dsquant.formats). On disk (formats.md sections 2-4):
+
+| convention | format | tensors of module M (prefix `M.`) |
+| --- | --- | --- |
+| deepseek (`quant_method: fp8`) | fp8-block | `weight` float8_e4m3fn [N, K]; `weight_scale_inv` float32 [ceil(N/128), ceil(K/128)], a multiplier despite the name |
+| compressed-tensors | fp8-block (`float-quantized`, strategy block) | `weight` float8_e4m3fn [N, K]; `weight_scale` float32 [ceil(N/128), ceil(K/128)] (multiplier) |
+| compressed-tensors | int8 (`int-quantized`, channel) | `weight` int8 [N, K]; `weight_scale` float32 [N, 1] (multiplier) |
+| compressed-tensors | nvfp4 (`nvfp4-pack-quantized`) | `weight_packed` uint8 [N, K/2]; `weight_scale` float8_e4m3fn [N, K/16]; `weight_global_scale` float32 [1] = 1 / global_scale (a divisor); `input_global_scale` float32 [1] = 1 / input_scale (a divisor) |
+| compressed-tensors | mxfp4 (`mxfp4-pack-quantized`) | `weight_packed` uint8 [N, K/2]; `weight_scale` uint8 [N, K/32] (E8M0 bytes); no global scale |
+| modelopt (`quant_algo: NVFP4`) | nvfp4 | `weight` uint8 [N, K/2]; `weight_scale` float8_e4m3fn [N, K/16]; `weight_scale_2` float32 [] = global_scale; `input_scale` float32 [] = activation global scale (multipliers) |
+| any | bf16 (excluded) | `weight` in the source dtype (BF16), no scale tensors |
+
+NVFP4 activation scale until calibration exists: `DEFAULT_NVFP4_INPUT_SCALE = 1.0`, i.e. an activation
+amax of 448 * 6 = 2688 assumed. Engines accept any positive finite value (vLLM/SGLang/TRT-LLM use
+alpha = input_scale * weight_scale_2 and quantize activations with 1 / input_scale). 1.0 is chosen because
+its block scales (block amax / 6) then cover block amaxes from 6 * 2^-9 (E4M3's smallest subnormal) to 2688
+without saturating, which spans DeepSeek's hidden activations including their outlier channels; the cost
+is precision on blocks whose amax is below about 6 * 2^-6 (E4M3 subnormal scales). Calibrated scales
+replace it (`convert(..., calibration=...)`), and dsquant_recipe.json records which was used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsquant.formats.fp8 import dequantize_fp8_block
+from dsquant.formats.int8 import dequantize_int8
+from dsquant.formats.mxfp4 import dequantize_mxfp4
+from dsquant.formats.nvfp4 import dequantize_nvfp4
+
+CONVENTIONS = ("deepseek", "modelopt", "compressed-tensors")
+FORMATS = ("bf16", "fp8-block", "int8", "nvfp4", "mxfp4")
+# Which conventions can hold each format (bf16 = excluded, every convention holds it).
+FORMAT_CONVENTIONS = {
+    "bf16": CONVENTIONS,
+    "fp8-block": ("deepseek", "compressed-tensors"),
+    "int8": ("compressed-tensors",),
+    "nvfp4": ("modelopt", "compressed-tensors"),
+    "mxfp4": ("compressed-tensors",),
+}
+DEFAULT_NVFP4_INPUT_SCALE = 1.0
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One weight in dsquant's scale directions (every scale multiplies to dequantize).
+
+    fmt: "bf16" | "fp8-block" | "int8" | "nvfp4" | "mxfp4".
+    q: the codes as stored: bf16 [N, K] | float8_e4m3fn [N, K] | int8 [N, K] | uint8 packed [N, K/2].
+    scale: None (bf16) | float32 [ceil(N/128), ceil(K/128)] | float32 [N, 1] | float8_e4m3fn [N, K/16] |
+        uint8 E8M0 [N, K/32].
+    global_scale: float32 [] (nvfp4 weight global scale), else None.
+    input_scale: float32 [] (nvfp4 static activation global scale), else None.
+    """
+
+    fmt: str
+    q: torch.Tensor
+    scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Logical [N, K] of the weight (packed FP4 stores K/2 bytes per row)."""
+        n, k = self.q.shape
+        return (n, 2 * k) if self.fmt in ("nvfp4", "mxfp4") else (n, k)
+
+
+def tensor_names(convention: str, fmt: str, module: str) -> dict[str, str]:
+    """Role -> on-disk tensor name for one module: roles weight, scale, global_scale, input_scale."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; choose one of {CONVENTIONS}")
+    if convention not in FORMAT_CONVENTIONS.get(fmt, ()):
+        raise ValueError(f"{module}: format {fmt!r} cannot be stored in the {convention} convention; "
+                         f"{fmt} fits {FORMAT_CONVENTIONS.get(fmt, ())}")
+    p = module + "."
+    if fmt == "bf16":
+        return {"weight": p + "weight"}
+    if convention == "deepseek":
+        return {"weight": p + "weight", "scale": p + "weight_scale_inv"}
+    if convention == "modelopt":
+        return {"weight": p + "weight", "scale": p + "weight_scale", "global_scale": p + "weight_scale_2",
+                "input_scale": p + "input_scale"}
+    if fmt in ("fp8-block", "int8"):
+        return {"weight": p + "weight", "scale": p + "weight_scale"}
+    names = {"weight": p + "weight_packed", "scale": p + "weight_scale"}
+    if fmt == "nvfp4":
+        names.update(global_scale=p + "weight_global_scale", input_scale=p + "input_global_scale")
+    return names
+
+
+def stored_specs(convention: str, fmt: str, module: str, shape: tuple[int, int], src_dtype: torch.dtype):
+    """[(name, dtype, shape)] a module's tensors will have on disk, from its logical [N, K] alone (meta planning)."""
+    n, k = shape
+    names = tensor_names(convention, fmt, module)
+    if fmt == "bf16":
+        return [(names["weight"], src_dtype, (n, k))]
+    scalar = () if convention == "modelopt" else (1,)
+    specs = {
+        "fp8-block": [(torch.float8_e4m3fn, (n, k)), (torch.float32, (-(-n // 128), -(-k // 128)))],
+        "int8": [(torch.int8, (n, k)), (torch.float32, (n, 1))],
+        "nvfp4": [(torch.uint8, (n, k // 2)), (torch.float8_e4m3fn, (n, k // 16)), (torch.float32, scalar),
+                  (torch.float32, scalar)],
+        "mxfp4": [(torch.uint8, (n, k // 2)), (torch.uint8, (n, k // 32))],
+    }[fmt]
+    roles = ("weight", "scale", "global_scale", "input_scale")
+    return [(names[role], dtype, shp) for role, (dtype, shp) in zip(roles, specs)]
+
+
+def write_quantized(module: str, qw: QuantizedWeight, convention: str) -> dict[str, torch.Tensor]:
+    """QuantizedWeight (multiplier scales) -> {on-disk name: tensor} in the convention's names and directions."""
+    names = tensor_names(convention, qw.fmt, module)
+    out = {names["weight"]: qw.q}
+    if qw.fmt == "bf16":
+        return out
+    out[names["scale"]] = qw.scale
+    if qw.fmt == "nvfp4":
+        g = qw.global_scale.float().reshape(())
+        a = (qw.input_scale if qw.input_scale is not None else torch.tensor(DEFAULT_NVFP4_INPUT_SCALE)).float()
+        a = a.reshape(())
+        if convention == "modelopt":
+            out[names["global_scale"]], out[names["input_scale"]] = g, a
+        else:  # compressed-tensors stores the globals as divisors, shape [1]
+            out[names["global_scale"]] = (1.0 / g).reshape(1)
+            out[names["input_scale"]] = (1.0 / a).reshape(1)
+    return out
+
+
+def convention_of(quantization_config: dict | None) -> str | None:
+    """quantization_config (config.json's, or hf_quant_config.json's nested form) -> convention, None = unquantized."""
+    if not quantization_config:
+        return None
+    if "quantization" in quantization_config and "quant_method" not in quantization_config:
+        return "modelopt"  # hf_quant_config.json nested form
+    method = str(quantization_config.get("quant_method", ""))
+    if method == "fp8":
+        return "deepseek"
+    if method.startswith("modelopt"):
+        return "modelopt"
+    if method == "compressed-tensors":
+        return "compressed-tensors"
+    raise ValueError(f"quantization_config quant_method {method!r} is not one dsquant reads; "
+                     f"readable: fp8 (DeepSeek native), modelopt, compressed-tensors")
+
+
+def read_quantized(prefix: str, tensors, quantization_config: dict | None) -> QuantizedWeight:
+    """Stored tensors of module `prefix` -> QuantizedWeight in dsquant's scale directions.
+
+    Args:
+        prefix: module name, e.g. "model.layers.3.mlp.experts.0.gate_proj".
+        tensors: a mapping (or anything with `in` and `[]`) from on-disk names to tensors; only this
+            module's names are looked up, so a lazy mapping over a checkpoint works.
+        quantization_config: config.json's `quantization_config` (or hf_quant_config.json); None for an
+            unquantized checkpoint.
+    The format is told by which tensors exist, so excluded (BF16) modules read back as fmt "bf16".
+    """
+    convention = convention_of(quantization_config)
+    p = prefix + "."
+    if convention == "deepseek" and p + "weight_scale_inv" in tensors:
+        return QuantizedWeight("fp8-block", tensors[p + "weight"], tensors[p + "weight_scale_inv"].float())
+    if convention == "modelopt" and p + "weight_scale_2" in tensors:
+        inp = tensors[p + "input_scale"].float().reshape(()) if p + "input_scale" in tensors else None
+        return QuantizedWeight("nvfp4", tensors[p + "weight"], tensors[p + "weight_scale"],
+                               tensors[p + "weight_scale_2"].float().reshape(()), inp)
+    if convention == "compressed-tensors" and p + "weight_packed" in tensors:
+        packed, scale = tensors[p + "weight_packed"], tensors[p + "weight_scale"]
+        if p + "weight_global_scale" in tensors:
+            inp = None
+            if p + "input_global_scale" in tensors:
+                inp = (1.0 / tensors[p + "input_global_scale"].float()).reshape(())
+            glob = (1.0 / tensors[p + "weight_global_scale"].float()).reshape(())
+            return QuantizedWeight("nvfp4", packed, scale, glob, inp)
+        return QuantizedWeight("mxfp4", packed, scale)
+    if convention == "compressed-tensors" and p + "weight_scale" in tensors:
+        q, scale = tensors[p + "weight"], tensors[p + "weight_scale"].float()
+        if q.dtype == torch.int8:
+            return QuantizedWeight("int8", q, scale)
+        if q.dtype == torch.float8_e4m3fn and tuple(scale.shape) == (-(-q.shape[0] // 128), -(-q.shape[1] // 128)):
+            return QuantizedWeight("fp8-block", q, scale)
+        raise ValueError(f"{prefix}: compressed-tensors weight {q.dtype} {tuple(q.shape)} with scale "
+                         f"{tuple(scale.shape)} is neither int8 channel nor fp8 128x128 block")
+    if p + "weight" not in tensors:
+        raise ValueError(f"{prefix}: no tensor {p}weight (nor a packed weight) in the checkpoint")
+    w = tensors[p + "weight"]
+    if w.element_size() == 1:
+        raise ValueError(f"{prefix}: 1-byte weight {w.dtype} without the scale tensors its convention needs")
+    return QuantizedWeight("bf16", w)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """QuantizedWeight -> dense [N, K] in dtype, with the format's own dequantization (dsquant.formats)."""
+    if qw.fmt == "bf16":
+        return qw.q.to(dtype)
+    if qw.fmt == "fp8-block":
+        return dequantize_fp8_block(qw.q, qw.scale, dtype=dtype)
+    if qw.fmt == "int8":
+        return dequantize_int8(qw.q, qw.scale, dtype)
+    if qw.fmt == "nvfp4":
+        return dequantize_nvfp4(qw.q, qw.scale, qw.global_scale, dtype)
+    if qw.fmt == "mxfp4":
+        return dequantize_mxfp4(qw.q, qw.scale, dtype)
+    raise ValueError(f"unknown format {qw.fmt!r}; known: {FORMATS}")
