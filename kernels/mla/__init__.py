@@ -1,1 +1,47 @@
-"""mla kernels: see reference.py (the spec) and triton.py."""
+"""MLA attention over a paged, optionally FP8-quantized latent KV cache (DeepSeek-V3 absorbed form).
+
+Layouts and allocation: cache.py. Kernels: store.py (quantize-on-store), triton.py (decode and
+chunked prefill, split-KV + LSE merge). Pure-torch twins (the spec): reference.py.
+
+Typical use, per layer and step (CUDA):
+    cache = allocate_kv_cache(num_pages, page_size, "fp8_ds", device="cuda")
+    cache_store(kv_c, k_pe, cache, slot_mapping)                         # new tokens
+    out = mla_decode(q_nope_absorbed, q_pe, cache, block_table, seq_lens, softmax_scale)
+    out = mla_prefill(q_nope_absorbed, q_pe, cache, block_table, seq_lens, query_start_loc, softmax_scale)
+The Triton-backed names load on first use, so the references import without triton.
+"""
+
+from dsquant.kernels.mla.cache import (
+    KV_DTYPES,
+    allocate_kv_cache,
+    dequantize_kv_tokens,
+    kv_cache_bytes_per_token,
+    kv_cache_dtype,
+    slot_mapping_for,
+)
+from dsquant.kernels.mla.reference import cache_store_ref, mla_decode_ref, mla_prefill_ref
+
+_TRITON_NAMES = {"cache_store": "store", "mla_decode": "triton", "mla_prefill": "triton"}
+
+
+def __getattr__(name: str):
+    if name in _TRITON_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"dsquant.kernels.mla.{_TRITON_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = [
+    "KV_DTYPES",
+    "allocate_kv_cache",
+    "kv_cache_bytes_per_token",
+    "kv_cache_dtype",
+    "slot_mapping_for",
+    "dequantize_kv_tokens",
+    "cache_store",
+    "cache_store_ref",
+    "mla_decode",
+    "mla_decode_ref",
+    "mla_prefill",
+    "mla_prefill_ref",
+]

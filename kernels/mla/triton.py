@@ -1,0 +1,296 @@
+"""Triton MLA attention over the paged latent cache: absorbed decode and chunked prefill, split-KV + LSE merge.
+
+One kernel serves both entry points. A *row* is one query token: decode has one row per sequence,
+prefill one per new token, each with its own visible length (causality = a shorter length). A
+program owns (head block, row, KV split): it streams its share of the row's tokens through the
+block table in BLOCK_N tiles, dequantizes each tile once to bf16 in registers (bf16: as is; fp8:
+E4M3 -> bf16 is exact, the per-tensor scale is folded into the logits and the output; fp8_ds:
+q * group scale rounded to bf16, as FlashMLA does) and uses the same tile for Q.K^T and P.V
+(the 512 latent values are both key and value). Online softmax runs in float32 with exp2.
+With several splits each writes a float32 partial output and its log2-sum-exp; a second kernel
+merges them. Head blocks are the fastest grid axis, so programs that read the same KV run together
+and the repeats come from L2.
+
+Split count: from static sizes only (no host sync, CUDA-graph safe): the block table's capacity
+bounds the context, and the split count trades partial-output traffic against SM wave fill.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from dsquant.kernels.mla.cache import KV_LORA_RANK, ROPE_DIM, kv_cache_bytes_per_token
+from dsquant.kernels.mla.store import cache_views
+
+_FMT = {"bf16": 0, "fp8": 1, "fp8_ds": 2}
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mla_attend_kernel(
+    qn_ptr, qp_ptr,  # [R, H, 512], [R, H, 64] bf16
+    val_ptr, sc_ptr, pe_ptr, kv_scale_ptr,  # cache views (store.cache_views), float32 [] for "fp8"
+    bt_ptr, row_seq_ptr, row_len_ptr,  # [B, max_pages] int32, [R] int32 (if HAS_ROW_SEQ), [R] int32
+    o_ptr, lse_ptr,  # SPLIT: float32 [R, H, S, 512] and [R, H, S]; else [R, H, 512] output
+    qk_scale, num_heads, num_splits,
+    stride_qn_r, stride_qn_h, stride_qp_r, stride_qp_h, stride_bt,
+    stride_o_r, stride_o_h, stride_o_s, stride_lse_r, stride_lse_h,
+    PAGE_SIZE: tl.constexpr, KV_FMT: tl.constexpr, HAS_ROW_SEQ: tl.constexpr, SPLIT: tl.constexpr,
+    VAL_W: tl.constexpr, SC_W: tl.constexpr, SC_OFF: tl.constexpr, PE_W: tl.constexpr, PE_OFF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr,
+):
+    hb = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    if HAS_ROW_SEQ:
+        seq = tl.load(row_seq_ptr + row).to(tl.int64)
+    else:
+        seq = row
+    kv_len = tl.load(row_len_ptr + row)
+    # Each split takes a whole number of tiles; trailing splits of a short row may be empty.
+    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, kv_len)
+
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < num_heads
+    d = tl.arange(0, D)
+    r = tl.arange(0, DR)
+    q = tl.load(qn_ptr + row * stride_qn_r + offs_h[:, None] * stride_qn_h + d[None, :], mask=mask_h[:, None], other=0.0)
+    qp = tl.load(qp_ptr + row * stride_qp_r + offs_h[:, None] * stride_qp_h + r[None, :], mask=mask_h[:, None], other=0.0)
+    if KV_FMT == 1:  # per-tensor fp8: scores scale by kv_scale, folded into the logit scale
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    bt_row = bt_ptr + seq * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        # Masked tokens read nothing (other=0): NaN in unused slots or pages never reaches P.V.
+        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        slot = page * PAGE_SIZE + offs_n % PAGE_SIZE
+        if KV_FMT == 2:
+            g = tl.arange(0, D // GROUP)
+            c = tl.arange(0, GROUP)
+            kq = tl.load(val_ptr + slot[:, None, None] * VAL_W + g[None, :, None] * GROUP + c[None, None, :],
+                         mask=mask_n[:, None, None], other=0.0)  # [BLOCK_N, 4, 128] e4m3
+            ks = tl.load(sc_ptr + slot[:, None] * SC_W + SC_OFF + g[None, :], mask=mask_n[:, None], other=0.0)
+            k = tl.reshape(kq.to(tl.float32) * ks[:, :, None], (BLOCK_N, D)).to(tl.bfloat16)
+        else:
+            k = tl.load(val_ptr + slot[:, None] * VAL_W + d[None, :], mask=mask_n[:, None], other=0.0).to(tl.bfloat16)
+        kp = tl.load(pe_ptr + slot[:, None] * PE_W + PE_OFF + r[None, :], mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(qp, tl.trans(kp.to(tl.bfloat16)), s)  # [BLOCK_H, BLOCK_N] float32
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), k)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if KV_FMT == 1:
+        o = o * tl.load(kv_scale_ptr)
+    if SPLIT:
+        o_base = o_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h + split * stride_o_s
+        tl.store(o_base + d[None, :], o, mask=mask_h[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row * stride_lse_r + offs_h * stride_lse_h + split, lse, mask=mask_h)
+    else:
+        o_base = o_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h
+        tl.store(o_base + d[None, :], o.to(o_ptr.dtype.element_ty), mask=mask_h[:, None])
+
+
+@triton.jit
+def _mla_merge_kernel(
+    part_ptr, lse_ptr, out_ptr,  # float32 [R, H, S, 512], float32 [R, H, S] (log2 domain), [R, H, 512]
+    num_splits,
+    stride_p_r, stride_p_h, stride_p_s, stride_lse_r, stride_lse_h, stride_out_r, stride_out_h,
+    BLOCK_S: tl.constexpr, D: tl.constexpr,
+):
+    h = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    mask_s = s < num_splits
+    lse = tl.load(lse_ptr + row * stride_lse_r + h * stride_lse_h + s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+    denom = tl.sum(w, axis=0)
+    d = tl.arange(0, D)
+    part = tl.load(part_ptr + row * stride_p_r + h * stride_p_h + s[:, None] * stride_p_s + d[None, :],
+                   mask=mask_s[:, None], other=0.0)  # [BLOCK_S, 512]
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + row * stride_out_r + h * stride_out_h + d, out.to(out_ptr.dtype.element_ty))
+
+
+class AttendConfig(NamedTuple):
+    """Tile sizes and launch parameters of _mla_attend_kernel."""
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# performance hyper-parameters (H100). Memory-bound (few heads): tiles small enough for 3 stages
+# of KV in flight. h_q >= 64: 64-row head blocks for wgmma, 8 warps to hold the 64x512 accumulator.
+def default_config(num_heads: int, kind: str) -> AttendConfig:
+    block_h = min(64, max(16, triton.next_power_of_2(num_heads)))
+    block_n = 32 if kind == "bf16" else 64
+    if block_h >= 64:
+        return AttendConfig(64, 32, 8, 2)
+    return AttendConfig(block_h, block_n, 4, 3 if kind == "bf16" else 2)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def default_num_splits(rows: int, num_heads: int, max_kv: int, kind: str, block_h: int, n_sms: int) -> int:
+    """Splits per row minimising KV time / wave fill + partial-output traffic (static sizes only).
+
+    Every row is assumed to use the block table's full capacity `max_kv`; a split is worth its
+    float32 partial output (written and read back) only while programs do not fill the SMs.
+    """
+    base = rows * triton.cdiv(num_heads, block_h)
+    kv_bytes = rows * max_kv * kv_cache_bytes_per_token(kind)
+    best, best_cost = 1, float("inf")
+    for splits in range(1, 65):
+        if splits > 1 and max_kv < 256 * splits:
+            break
+        programs = base * splits
+        fill = programs / (math.ceil(programs / n_sms) * n_sms)
+        partial = 0 if splits == 1 else 2 * rows * num_heads * splits * (KV_LORA_RANK + 1) * 4
+        cost = kv_bytes / fill + partial
+        if cost < best_cost * 0.98:  # a split must win clearly to be worth it
+            best, best_cost = splits, cost
+    return best
+
+
+def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale, kv_scale,
+            num_splits, out_dtype, config):
+    kind, val, val_w, sc, sc_w, sc_off, pe, pe_w, pe_off = cache_views(kv_cache)
+    rows, heads = q_nope.shape[0], q_nope.shape[1]
+    assert q_nope.dim() == 3 and q_nope.shape[2] == KV_LORA_RANK, f"q_nope {tuple(q_nope.shape)}: [R, H, 512]"
+    assert q_pe.shape == (rows, heads, ROPE_DIM), f"q_pe {tuple(q_pe.shape)}: [R, H, 64]"
+    assert q_nope.dtype == q_pe.dtype == torch.bfloat16, f"q dtypes {q_nope.dtype}/{q_pe.dtype}: bf16"
+    assert q_nope.stride(2) == 1 and q_pe.stride(2) == 1, "q_nope/q_pe: last dim contiguous"
+    assert block_table.dim() == 2 and block_table.dtype == torch.int32, f"block_table {block_table.dtype}: int32 2-D"
+    assert block_table.stride(1) == 1 and kv_cache.is_contiguous(), "block_table rows / kv_cache contiguous"
+    assert row_len.shape == (rows,) and row_len.dtype == torch.int32, f"lengths {row_len.dtype}: int32 [R]"
+    assert rows <= 65535, f"{rows} query rows: at most 65535 per call"
+    if kind == "fp8":
+        if kv_scale is None:
+            raise ValueError("kv_scale: an fp8 cache needs its float32 per-tensor scale")
+        assert kv_scale.numel() == 1 and kv_scale.dtype == torch.float32, "kv_scale: float32 scalar"
+    page_size = kv_cache.shape[1]
+    cfg = config or default_config(heads, kind)
+    n_hb = triton.cdiv(heads, cfg.block_h)
+    if num_splits is None:
+        num_splits = default_num_splits(rows, heads, block_table.shape[1] * page_size, kind, cfg.block_h,
+                                        _num_sms(q_nope.device))
+    out = torch.empty(rows, heads, KV_LORA_RANK, dtype=out_dtype or q_nope.dtype, device=q_nope.device)
+    if rows == 0:
+        return out
+    split = num_splits > 1
+    if split:
+        o = torch.empty(rows, heads, num_splits, KV_LORA_RANK, dtype=torch.float32, device=q_nope.device)
+        lse = torch.empty(rows, heads, num_splits, dtype=torch.float32, device=q_nope.device)
+        so, slse = (o.stride(0), o.stride(1), o.stride(2)), (lse.stride(0), lse.stride(1))
+    else:
+        o, lse = out, out
+        so, slse = (out.stride(0), out.stride(1), 0), (0, 0)
+    _mla_attend_kernel[(n_hb, rows, num_splits)](
+        q_nope, q_pe, val, sc, pe, kv_scale if kind == "fp8" else val,
+        block_table, row_seq if row_seq is not None else row_len, row_len,
+        o, lse, softmax_scale * _LOG2E, heads, num_splits,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0),
+        *so, *slse,
+        PAGE_SIZE=page_size, KV_FMT=_FMT[kind], HAS_ROW_SEQ=row_seq is not None, SPLIT=split,
+        VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D=KV_LORA_RANK, DR=ROPE_DIM, GROUP=128,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _mla_merge_kernel[(heads, rows)](
+            o, lse, out, num_splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1), BLOCK_S=triton.next_power_of_2(num_splits), D=KV_LORA_RANK, num_warps=4,
+        )
+    return out
+
+
+def mla_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    kv_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: AttendConfig | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode: one new token per sequence over its paged latent cache (see mla_decode_ref).
+
+    Args:
+        q_nope: [B, H, 512] bf16, q_nope already multiplied by wkv_b's K half. q_pe: [B, H, 64] bf16, roped.
+        kv_cache: one layer's pool (cache.py layouts; dtype picks bf16 / fp8 / fp8_ds).
+        block_table: [B, max_pages] int32. seq_lens: [B] int32, tokens cached including the new one
+            (0 gives a zero output row).
+        softmax_scale: logit scale (DeepSeek: qk_head_dim**-0.5 * mscale**2).
+        kv_scale: float32 [] for an "fp8" cache. num_splits: KV splits per sequence (None: heuristic).
+        out_dtype: default q_nope.dtype. config: tile override (benchmarks).
+    Returns:
+        [B, H, 512] latent output; the caller applies wkv_b's V half.
+    """
+    assert seq_lens.shape == (q_nope.shape[0],), f"seq_lens {tuple(seq_lens.shape)} vs batch {q_nope.shape[0]}"
+    assert block_table.shape[0] >= q_nope.shape[0], "block_table has fewer rows than the batch"
+    return _attend(q_nope, q_pe, kv_cache, block_table, None, seq_lens, softmax_scale, kv_scale,
+                   num_splits, out_dtype, config)
+
+
+def mla_prefill(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    softmax_scale: float,
+    kv_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: AttendConfig | None = None,
+) -> torch.Tensor:
+    """Chunked prefill / extend over the paged cache, causal (see mla_prefill_ref). No host sync.
+
+    Args:
+        q_nope: [T, H, 512] bf16, q_pe: [T, H, 64] bf16: the new tokens of all sequences back to back.
+        kv_cache: the pool, already holding each sequence's prefix AND its new tokens (cache_store first).
+        block_table: [B, max_pages] int32. seq_lens: [B] int32, tokens cached including the new ones.
+        query_start_loc: [B + 1] int32 cumulative query counts (sequence b owns rows qsl[b]..qsl[b+1]).
+        softmax_scale, kv_scale, out_dtype, config: as mla_decode.
+    Returns:
+        [T, H, 512] latent output.
+    """
+    t = q_nope.shape[0]
+    b = seq_lens.shape[0]
+    assert query_start_loc.shape == (b + 1,), f"query_start_loc {tuple(query_start_loc.shape)}: [B + 1] for B={b}"
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    row_seq = torch.repeat_interleave(torch.arange(b, device=q_nope.device), q_lens, output_size=t)  # [T]
+    # Row t of sequence b sits at position seq_len - q_len + (t - qsl[b]) and sees that many + 1 tokens.
+    offset = seq_lens.long() - q_lens - query_start_loc[:-1].long()  # [B]
+    row_len = (torch.arange(t, device=q_nope.device) + offset[row_seq] + 1).to(torch.int32)
+    return _attend(q_nope, q_pe, kv_cache, block_table, row_seq.to(torch.int32), row_len, softmax_scale,
+                   kv_scale, None, out_dtype, config)
