@@ -1,0 +1,40 @@
+"""`dsquant inspect --check`: lint a quantized checkpoint against the loading rules of vLLM, SGLang and
+TensorRT-LLM (formats.md section 8). Works on checkpoints made by any tool: only config files and
+safetensors headers are read, plus the few small scale tensors a rule needs.
+
+    findings = check_checkpoint("/models/DeepSeek-R1-NVFP4")
+    errors = [f for f in findings if f.severity == "error"]
+
+Each rule family is one module with `check(view) -> list[Finding]`; RULE_FAMILIES lists them in the
+order their findings are reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsquant.check import config, exclusions, fused, mtp, router, scales, structure
+from dsquant.check.finding import Finding, Severity
+from dsquant.check.view import CheckpointError, CheckpointView
+
+__all__ = ["Finding", "Severity", "CheckpointError", "check_checkpoint", "check_view", "RULE_FAMILIES"]
+
+RULE_FAMILIES = (structure, config, exclusions, fused, scales, router, mtp)
+
+
+def check_view(view: CheckpointView) -> list[Finding]:
+    """Run every rule family on an opened checkpoint; errors first, then warnings, each in family order."""
+    findings: list[Finding] = []
+    for family in RULE_FAMILIES:
+        findings += family.check(view)
+    return sorted(findings, key=lambda f: f.severity != "error")
+
+
+def check_checkpoint(path: str | Path) -> list[Finding]:
+    """Lint the checkpoint directory `path`.
+
+    Raises CheckpointError (a ValueError naming the file) only when `path` cannot be read as a checkpoint
+    at all: not a directory, no safetensors, an index or config that is not JSON. Everything else,
+    including missing or corrupt shards, is reported as a Finding.
+    """
+    return check_view(CheckpointView.open(path))

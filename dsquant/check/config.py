@@ -1,0 +1,185 @@
+"""Config-file rules: config.json / hf_quant_config.json against each other and against the tensors.
+
+- config-missing / not-deepseek: no config.json (error), or an architecture these rules do not know
+  (warning: the tensor-name rules assume DeepSeek naming).
+- stale-quant-config: config.json declares a different format than the tensors hold (an FP8 source
+  config left beside NVFP4 weights), or disagrees with hf_quant_config.json. SGLang reads
+  hf_quant_config.json only when config.json has no quantization_config, vLLM reads config.json,
+  TRT-LLM prefers hf_quant_config.json: the engines would load different formats (formats.md 8.7). Error.
+- missing-quant-config: quantized tensors and no quantization config anywhere, or a config that
+  declares quantization over unquantized tensors. Error.
+- hf-quant-config-keys: `quant_algo`, `group_size`, `kv_cache_quant_algo` and a non-empty
+  `exclude_modules` must be present in hf_quant_config.json (vLLM requires the keys; older SGLang
+  rejects empty or null values). Error, or warning for a null kv_cache_quant_algo.
+- quant-config-keys: `quant_method: fp8` needs `activation_scheme: dynamic` and `weight_block_size`
+  for block weights; compressed-tensors needs `config_groups`. Error.
+"""
+
+from __future__ import annotations
+
+from dsquant.check.finding import Finding
+from dsquant.check.names import is_quantized, module_format
+from dsquant.check.view import CheckpointView
+
+DEEPSEEK_ARCHS = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM")
+HQ = "hf_quant_config.json"
+
+
+def stored_families(view: CheckpointView) -> set[str]:
+    """Format families of the quantized modules: fp8, int8, nvfp4, mxfp4, int-packed, ..."""
+    fams = set()
+    for params in view.modules.values():
+        fmt = module_format(params)
+        if is_quantized(fmt):
+            fams.add(fmt.split("-")[0] if fmt.startswith(("fp8", "int8")) else fmt)
+    return fams
+
+
+def _algo_family(algo: str) -> str | None:
+    algo = algo.upper()
+    if "NVFP4" in algo:
+        return "nvfp4"
+    if "MXFP4" in algo:
+        return "mxfp4"
+    if "FP8" in algo:
+        return "fp8"
+    if "INT8" in algo or "W8A8" in algo:
+        return "int8"
+    return None
+
+
+def _args_family(args: dict) -> str | None:
+    bits, kind, group = args.get("num_bits"), args.get("type"), args.get("group_size")
+    if bits == 4 and kind == "float":
+        return "mxfp4" if group == 32 else "nvfp4"
+    if bits == 8:
+        return "fp8" if kind == "float" else "int8"
+    if bits in (2, 3, 4) and kind == "int":
+        return "int-packed"
+    return None
+
+
+def declared_families(view: CheckpointView) -> tuple[set[str], str] | None:
+    """(families, where) that config.json declares, or that hf_quant_config.json does when config.json is silent."""
+    qc = view.quantization_config
+    if qc is not None:
+        method = str(qc.get("quant_method", ""))
+        if method == "fp8":
+            return {"fp8"}, "config.json"
+        if method in ("blockwise_int8", "w8a8_int8"):
+            return {"int8"}, "config.json"
+        if method == "mxfp4":
+            return {"mxfp4"}, "config.json"
+        if method.startswith("modelopt"):
+            fam = _algo_family(str(qc.get("quant_algo", "")))
+            return ({fam} if fam else set()), "config.json"
+        if method == "compressed-tensors":
+            fams = set()
+            for group in (qc.get("config_groups") or {}).values():
+                fam = _args_family((group or {}).get("weights") or {})
+                fams |= {fam} if fam else set()
+            return fams, "config.json"
+        return set(), "config.json"
+    hq = (view.hf_quant_config or {}).get("quantization")
+    if isinstance(hq, dict):
+        fams = {_algo_family(str(hq.get("quant_algo", "")))}
+        for layer in (hq.get("quantized_layers") or {}).values():
+            fams.add(_algo_family(str((layer or {}).get("quant_algo", ""))))
+        return fams - {None}, HQ
+    return None
+
+
+def check(view: CheckpointView) -> list[Finding]:
+    if view.config is None:
+        return [Finding("config-missing", "error", "no config.json; engines cannot build the model", file="config.json")]
+    findings = []
+    archs = view.config.get("architectures") or []
+    if not any(a in DEEPSEEK_ARCHS for a in archs):
+        findings.append(Finding("not-deepseek", "warning", f"architectures {archs} is not a DeepSeek V2/V3 model; "
+                                "the tensor-name rules assume DeepSeek naming", file="config.json"))
+    findings += _agreement(view)
+    findings += _hq_keys(view)
+    findings += _qc_keys(view)
+    return findings
+
+
+def _agreement(view: CheckpointView) -> list[Finding]:
+    out = []
+    qc, hq = view.quantization_config, view.hf_quant_config
+    method = str((qc or {}).get("quant_method", ""))
+    if hq is not None and qc is not None and not method.startswith("modelopt"):
+        out.append(Finding("stale-quant-config", "error",
+                           f"config.json declares quant_method {method!r} while {HQ} declares ModelOpt "
+                           f"{(hq.get('quantization') or {}).get('quant_algo')!r}: vLLM and SGLang follow config.json, "
+                           "TensorRT-LLM follows hf_quant_config.json", file="config.json"))
+    elif hq is not None and qc is not None:
+        a, b = qc.get("quant_algo"), (hq.get("quantization") or {}).get("quant_algo")
+        if a is not None and b is not None and a != b:
+            out.append(Finding("stale-quant-config", "error", f"config.json quant_algo {a!r} != {HQ} quant_algo {b!r}",
+                               file="config.json"))
+    stored = stored_families(view)
+    declared = declared_families(view)
+    if declared is None:
+        if stored:
+            out.append(Finding("missing-quant-config", "error", f"tensors are stored as {sorted(stored)} but neither "
+                               f"config.json nor {HQ} declares any quantization", file="config.json"))
+        return out
+    fams, where = declared
+    if not stored:
+        out.append(Finding("missing-quant-config", "error", f"{where} declares quantization ({sorted(fams)}) but no "
+                           "tensor is stored quantized", file=where))
+    elif fams and not stored <= fams:
+        out.append(Finding("stale-quant-config", "error", f"{where} declares {sorted(fams)} but tensors are stored as "
+                           f"{sorted(stored)} (a source quantization_config left in place?)", file=where))
+    return out
+
+
+def _hq_keys(view: CheckpointView) -> list[Finding]:
+    hq = view.hf_quant_config
+    if hq is None:
+        return []
+    q = hq.get("quantization")
+    if not isinstance(q, dict):
+        return [Finding("hf-quant-config-keys", "error", "no 'quantization' object", file=HQ)]
+    out = []
+    algo = q.get("quant_algo")
+    if not algo:
+        out.append(Finding("hf-quant-config-keys", "error", "quantization.quant_algo is missing or empty", file=HQ))
+    if "FP4" in str(algo).upper() and not q.get("group_size"):
+        out.append(Finding("hf-quant-config-keys", "error", "quantization.group_size is missing or empty (vLLM "
+                           "requires it for NVFP4; older SGLang rejects it)", file=HQ))
+    if "kv_cache_quant_algo" not in q:
+        out.append(Finding("hf-quant-config-keys", "error", "quantization.kv_cache_quant_algo is missing (vLLM "
+                           "requires the key; write null or \"FP8\")", file=HQ))
+    elif q["kv_cache_quant_algo"] is None:
+        out.append(Finding("hf-quant-config-keys", "warning", "quantization.kv_cache_quant_algo is null; older SGLang "
+                           "versions reject a null value", file=HQ))
+    excl = q.get("exclude_modules")
+    if not isinstance(excl, list) or not excl:
+        what = "missing" if excl is None else "empty" if isinstance(excl, list) else f"not a list ({excl!r})"
+        out.append(Finding("hf-quant-config-keys", "error", f"quantization.exclude_modules is {what}; vLLM requires "
+                           "the key, older SGLang rejects an empty list, and a DeepSeek checkpoint always keeps "
+                           "lm_head and the router unquantized", file=HQ))
+    return out
+
+
+def _qc_keys(view: CheckpointView) -> list[Finding]:
+    qc = view.quantization_config
+    if qc is None:
+        return []
+    method = qc.get("quant_method")
+    out = []
+    if not method:
+        out.append(Finding("quant-config-keys", "error", "quantization_config has no quant_method", file="config.json"))
+    if method in ("fp8", "blockwise_int8"):
+        if qc.get("activation_scheme") != "dynamic":
+            out.append(Finding("quant-config-keys", "error", f"quant_method {method!r} needs activation_scheme "
+                               f"'dynamic' for block weights, found {qc.get('activation_scheme')!r}", file="config.json"))
+        blocky = any((module_format(p) or "").endswith("-block") for p in view.modules.values())
+        if blocky and not qc.get("weight_block_size"):
+            out.append(Finding("quant-config-keys", "error", "block-scaled weights but no weight_block_size "
+                               "(engines would read them as per-tensor FP8)", file="config.json"))
+    if method == "compressed-tensors" and not qc.get("config_groups"):
+        out.append(Finding("quant-config-keys", "error", "compressed-tensors config without config_groups",
+                           file="config.json"))
+    return out

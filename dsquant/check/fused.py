@@ -1,0 +1,71 @@
+"""Fused partners must share one scheme and, for NVFP4, one global scale (formats.md section 8.4).
+
+vLLM and SGLang fuse gate_proj + up_proj (dense, shared expert, every routed expert) and
+q_a_proj + kv_a_proj_with_mqa into one GEMM; TensorRT-LLM concatenates them.
+- fused-scheme: the partners are stored in different formats. vLLM raises "Found a different
+  quantization schemes for [...]"; TRT-LLM cannot concatenate them. Error.
+- fused-global-scale: NVFP4 partners with different weight global scales (`weight_scale_2` /
+  `weight_global_scale`) or activation global scales (`input_scale` / `input_global_scale`).
+  TRT-LLM asserts ("The weight_scale_2 should be same for all the weights"); vLLM and SGLang use
+  one value for both halves and silently corrupt the other (vLLM issue #54974). Error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsquant.check.finding import Finding
+from dsquant.check.names import FUSED_PAIRS, module_format
+from dsquant.check.view import CheckpointView
+
+GLOBAL_PARAMS = (("weight_scale_2", "weight_global_scale"), ("input_scale", "input_global_scale"))
+MAX_LISTED = 3
+
+
+def fused_pairs(view: CheckpointView) -> list[tuple[str, str]]:
+    """(first, second) module names of every fused pair present in the checkpoint."""
+    pairs = []
+    for module in view.modules:
+        parent, _, leaf = module.rpartition(".")
+        for first, second in FUSED_PAIRS:
+            if leaf == first and f"{parent}.{second}" in view.modules:
+                pairs.append((module, f"{parent}.{second}"))
+    return sorted(pairs)
+
+
+def _value(view: CheckpointView, name: str) -> torch.Tensor | None:
+    info = view.tensors.get(name)
+    if info is None or info.nbytes > 64:
+        return None
+    return view.read_tensor(name).float().reshape(-1)
+
+
+def check(view: CheckpointView) -> list[Finding]:
+    scheme_bad: list[str] = []
+    scale_bad: list[str] = []
+    for a, b in fused_pairs(view):
+        fa, fb = module_format(view.modules[a]), module_format(view.modules[b])
+        if fa != fb:
+            scheme_bad.append(f"{a} is {fa} but {b.rsplit('.', 1)[-1]} is {fb}")
+            continue
+        if fa != "nvfp4":
+            continue
+        for names in GLOBAL_PARAMS:
+            for pname in names:
+                va, vb = _value(view, f"{a}.{pname}"), _value(view, f"{b}.{pname}")
+                if va is not None and vb is not None and not torch.equal(va, vb):
+                    scale_bad.append(f"{a}.{pname} = {va.tolist()} vs {b.rsplit('.', 1)[-1]} {vb.tolist()}")
+    findings = []
+    if scheme_bad:
+        findings.append(Finding(
+            "fused-scheme", "error",
+            f"{len(scheme_bad)} fused pair(s) with different schemes (engines fuse them into one layer and require "
+            f"one scheme; exclude both or neither): {'; '.join(scheme_bad[:MAX_LISTED])}",
+            tensor=scheme_bad[0].split()[0]))
+    if scale_bad:
+        findings.append(Finding(
+            "fused-global-scale", "error",
+            f"{len(scale_bad)} fused NVFP4 pair(s) with different global scales (TensorRT-LLM asserts equality; "
+            f"vLLM/SGLang use one value for both and corrupt the other half): {'; '.join(scale_bad[:MAX_LISTED])}",
+            tensor=scale_bad[0].split()[0]))
+    return findings

@@ -1,0 +1,53 @@
+"""The MoE router stays high precision (formats.md 1.2 and 8.10).
+
+- router-dtype: `mlp.gate.weight` stored quantized (error: vLLM builds the router without a quant
+  config) or in a float type other than BF16 (warning).
+- router-bias: `e_score_correction_bias` not float32. BF16 rounds the bias to steps of 2^-6 at
+  DeepSeek's magnitudes (~2-8) while the gaps between experts' scores are far smaller, so top-k
+  selection changes (HF keeps it fp32 through `_keep_in_fp32_modules_strict`). Error. Missing while
+  `topk_method` is `noaux_tc`: engines leave it at zero. Error.
+"""
+
+from __future__ import annotations
+
+from dsquant.check.finding import Finding
+from dsquant.check.names import SCALE_PARAMS, is_quantized, module_format
+from dsquant.check.view import CheckpointView
+
+MAX_LISTED = 3
+
+
+def _finding(rule: str, severity: str, lead: str, names: list[str]) -> Finding:
+    more = f" (and {len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+    return Finding(rule, severity, f"{lead}: {', '.join(names[:MAX_LISTED])}{more}", tensor=names[0])
+
+
+def check(view: CheckpointView) -> list[Finding]:
+    quantized, not_bf16, bias_bad, bias_missing = [], [], [], []
+    noaux = (view.config or {}).get("topk_method") == "noaux_tc"
+    for module, params in view.modules.items():
+        if not module.endswith(".mlp.gate"):
+            continue
+        fmt = module_format(params)
+        if is_quantized(fmt) or any(p in SCALE_PARAMS for p in params):
+            quantized.append(f"{module}.weight ({fmt})")
+        elif fmt is not None and fmt != "bf16":
+            not_bf16.append(f"{module}.weight ({fmt})")
+        bias = params.get("e_score_correction_bias")
+        if bias is not None and bias.dtype != "F32":
+            bias_bad.append(f"{bias.name} ({bias.dtype})")
+        elif bias is None and noaux and fmt is not None:
+            bias_missing.append(f"{module}.e_score_correction_bias")
+    out = []
+    if quantized:
+        out.append(_finding("router-dtype", "error", "router weights stored quantized; engines build the router "
+                            "unquantized (keep mlp.gate BF16 and exclude it with a full name)", quantized))
+    if not_bf16:
+        out.append(_finding("router-dtype", "warning", "router weights not BF16", not_bf16))
+    if bias_bad:
+        out.append(_finding("router-bias", "error", "e_score_correction_bias must stay float32 (lower precision "
+                            "changes which experts are selected)", bias_bad))
+    if bias_missing:
+        out.append(_finding("router-bias", "error", "topk_method is noaux_tc but the routing bias is missing",
+                            bias_missing))
+    return out

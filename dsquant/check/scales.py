@@ -1,0 +1,178 @@
+"""Scale tensors and packed shapes (formats.md sections 2-4 and 8.1-8.3, 8.6, 8.14).
+
+- missing-scale: an FP8/INT8 weight without any scale tensor. Error.
+- scale-name: the scale's name does not match the declared convention (`quant_method: fp8` loads
+  `weight_scale_inv`; compressed-tensors loads `weight_scale`). Error.
+- scale-shape: a block scale that is not [ceil(N/bn), ceil(K/bk)], a channel scale that is not [N, 1],
+  or a global scale that is not one float32 value. Error.
+- swizzled-block-scale: an NVFP4/MXFP4 block scale stored padded/swizzled (the 128x4 layout engines
+  build at load) instead of linear [N, K/16] (or [N, K/32]). Error.
+- packed-shape: a stored weight whose (unpacked) shape disagrees with config.json, including FP4
+  packed along N instead of K. Error.
+- global-scale-value: a global scale that is not finite and positive (error), or whose size says it is
+  stored in the other direction (ModelOpt multipliers are amax/2688, compressed-tensors divisors are
+  2688/amax; mixing them up gives errors of ~2688^2, formats.md section 8.2). Warning.
+- ue8m0-scale: `scale_fmt: ue8m0` declared but block scales are not powers of two. Error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsquant.check.finding import Finding
+from dsquant.check.names import expected_shape, logical_shape, module_format
+from dsquant.check.view import CheckpointView, TensorInfo
+
+MAX_LISTED = 3
+FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str], list[str]] = {}
+        self.first: dict[tuple[str, str], str] = {}
+
+    def add(self, rule: str, severity: str, tensor: str, detail: str) -> None:
+        self.items.setdefault((rule, severity), []).append(detail)
+        self.first.setdefault((rule, severity), tensor)
+
+    def findings(self, lead: dict[str, str]) -> list[Finding]:
+        out = []
+        for (rule, severity), details in self.items.items():
+            more = f" (and {len(details) - MAX_LISTED} more)" if len(details) > MAX_LISTED else ""
+            out.append(Finding(rule, severity, f"{lead[rule]}: {'; '.join(details[:MAX_LISTED])}{more}",
+                               tensor=self.first[(rule, severity)]))
+        return out
+
+
+LEAD = {
+    "missing-scale": "quantized weight(s) without a scale tensor",
+    "scale-name": "scale tensor name does not match the declared convention",
+    "scale-shape": "scale tensor(s) with the wrong shape or dtype",
+    "swizzled-block-scale": "block scales stored swizzled/padded; engines expect them linear [N, K/group] and "
+    "swizzle at load",
+    "packed-shape": "weight shape(s) disagree with config.json",
+    "global-scale-value": "suspicious global scale value(s)",
+    "ue8m0-scale": "scale_fmt is ue8m0 but block scales are not powers of two",
+}
+
+
+def _block_size(view: CheckpointView) -> tuple[int, int]:
+    qc = view.quantization_config or {}
+    bs = qc.get("weight_block_size")
+    if not bs:
+        for group in (qc.get("config_groups") or {}).values():
+            bs = ((group or {}).get("weights") or {}).get("block_structure") or bs
+    if isinstance(bs, (list, tuple)) and len(bs) == 2 and all(isinstance(v, int) and v > 0 for v in bs):
+        return int(bs[0]), int(bs[1])
+    return 128, 128
+
+
+def _is_pow2(x: torch.Tensor) -> bool:
+    x = x.float()
+    m, _ = torch.frexp(x)
+    return bool(((x > 0) & (m == 0.5)).all())
+
+
+def check(view: CheckpointView) -> list[Finding]:
+    out = _Collector()
+    qc = view.quantization_config or {}
+    method = str(qc.get("quant_method", ""))
+    block = _block_size(view)
+    ue8m0 = method == "fp8" and qc.get("scale_fmt") == "ue8m0"
+    for module, params in view.modules.items():
+        fmt = module_format(params)
+        if fmt is None:
+            continue
+        _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0)
+        _check_fp4(out, module, params, fmt)
+        _check_globals(view, out, module, params, fmt)
+        _check_logical(view, out, module, params, fmt)
+    return out.findings(LEAD)
+
+
+def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> None:
+    if not fmt.startswith(("fp8", "int8")):
+        return
+    w = params.get("weight")
+    if fmt.endswith("-noscale"):
+        out.add("missing-scale", "error", w.name, f"{w.name} ({w.dtype}) has no weight_scale_inv / weight_scale")
+        return
+    if method in ("fp8", "blockwise_int8") and "weight_scale_inv" not in params:
+        out.add("scale-name", "error", w.name, f"{module} has weight_scale; quant_method {method!r} loads weight_scale_inv")
+    if method in ("compressed-tensors", "w8a8_int8") and "weight_scale_inv" in params:
+        out.add("scale-name", "error", w.name, f"{module} has weight_scale_inv; {method} loads weight_scale")
+    scale: TensorInfo = params.get("weight_scale_inv") or params["weight_scale"]
+    if len(w.shape) != 2:
+        return
+    n, k = w.shape
+    if fmt.endswith("-block"):
+        want = (math.ceil(n / block[0]), math.ceil(k / block[1]))
+        if scale.shape != want:
+            out.add("scale-shape", "error", scale.name, f"{scale.name} is {list(scale.shape)}, expected {list(want)} "
+                    f"for a [{n}, {k}] weight in {block[0]}x{block[1]} blocks")
+        elif ue8m0 and scale.dtype == "F32" and not _is_pow2(view.read_tensor(scale.name)):
+            out.add("ue8m0-scale", "error", scale.name, scale.name)
+    if fmt.endswith("-channel") and method == "w8a8_int8" and scale.dtype != "F32":
+        out.add("scale-shape", "error", scale.name, f"{scale.name} is {scale.dtype}; SGLang w8a8_int8 needs float32 [N, 1]")
+    if method == "fp8" and scale.dtype != "F32":
+        out.add("scale-shape", "error", scale.name, f"{scale.name} is {scale.dtype}; DeepSeek FP8 scales are float32")
+
+
+def _check_fp4(out, module, params, fmt) -> None:
+    if fmt not in FP4_GROUP:
+        return
+    w = params.get("weight_packed") or params["weight"]
+    scale = params.get("weight_scale")
+    if scale is None or len(w.shape) != 2:
+        if scale is None:
+            out.add("missing-scale", "error", w.name, f"{w.name} (packed FP4) has no weight_scale")
+        return
+    n, k = w.shape[0], w.shape[1] * 2
+    group = FP4_GROUP[fmt]
+    want = (n, k // group)
+    if scale.shape == want:
+        return
+    padded = (-(-n // 128) * 128, -(-(k // group) // 4) * 4)
+    numel = math.prod(scale.shape)
+    if scale.shape == padded or (len(scale.shape) == 1 and numel in (math.prod(padded), math.prod(want))):
+        out.add("swizzled-block-scale", "error", scale.name,
+                f"{scale.name} is {list(scale.shape)}, expected linear {list(want)}")
+    else:
+        out.add("scale-shape", "error", scale.name, f"{scale.name} is {list(scale.shape)}, expected {list(want)} "
+                f"for packed weight {list(w.shape)} ({fmt}, one scale per {group})")
+
+
+def _check_globals(view, out, module, params, fmt) -> None:
+    for pname in ("weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale"):
+        info = params.get(pname)
+        if info is None:
+            continue
+        if info.dtype != "F32" or math.prod(info.shape) != 1:
+            out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype} {list(info.shape)}, "
+                    "expected one float32 value")
+            continue
+        value = float(view.read_tensor(info.name).float().reshape(-1)[0])
+        if not math.isfinite(value) or value <= 0:
+            out.add("global-scale-value", "error", info.name, f"{info.name} = {value}")
+        elif fmt == "nvfp4" and pname.endswith("_global_scale") and value < 1.0:
+            out.add("global-scale-value", "warning", info.name, f"{info.name} = {value:.3g} looks like a ModelOpt "
+                    "multiplier (amax/2688); compressed-tensors stores the divisor 2688/amax")
+        elif fmt == "nvfp4" and pname == "weight_scale_2" and value > 1.0:
+            out.add("global-scale-value", "warning", info.name, f"{info.name} = {value:.3g} looks like a "
+                    "compressed-tensors divisor (2688/amax); ModelOpt stores the multiplier amax/2688")
+
+
+def _check_logical(view, out, module, params, fmt) -> None:
+    want = expected_shape(module, view.config)
+    have = logical_shape(params, fmt)
+    if want is None or have is None or tuple(have) == want:
+        return
+    w = params.get("weight_packed") or params["weight"]
+    hint = ""
+    if fmt in FP4_GROUP and tuple(w.shape) == (want[0] // 2, want[1]):
+        hint = " (packed along N; FP4 packs two elements per byte along K: [N, K/2])"
+    out.add("packed-shape", "error", w.name, f"{w.name} is {w.dtype} {list(w.shape)} ({fmt}), config.json implies "
+            f"[N, K] = {list(want)}{hint}")
