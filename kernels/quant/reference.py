@@ -105,10 +105,13 @@ def silu_mul_bf16_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
 
 
-def silu_mul_quantize_fp8_ref(gate_up: torch.Tensor, group_size: int = 128):
+def silu_mul_quantize_fp8_ref(
+    gate_up: torch.Tensor, group_size: int = 128, ue8m0: bool = False, column_major_scales: bool = False
+):
     """gate_up [M, 2*I] -> (q float8_e4m3fn [M, I]; scale float32 [M, I // group_size]).
 
-    bf16(SiLU(gate) * up in float32) (see silu_mul_bf16_ref), then 1 x group_size FP8 quantization.
+    bf16(SiLU(gate) * up in float32) (see silu_mul_bf16_ref), then 1 x group_size FP8 quantization
+    with the options of quantize_fp8_per_token_group_ref.
     """
     assert gate_up.shape[-1] % 2 == 0, f"gate_up last dim {gate_up.shape[-1]} must be even (gate | up)"
-    return _fp8.quantize_fp8_per_token_group(silu_mul_bf16_ref(gate_up), group_size)
+    return quantize_fp8_per_token_group_ref(silu_mul_bf16_ref(gate_up), group_size, ue8m0, column_major_scales)

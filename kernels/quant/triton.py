@@ -114,7 +114,7 @@ def _quantize_fp8_group_kernel(
 @triton.jit
 def _quantize_per_token_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
     INT8: tl.constexpr, UE8M0: tl.constexpr,
 ):
     """BLOCK_M whole rows: amax over each row, then FP8 (or INT8) codes and one float32 scale per row."""
@@ -123,13 +123,14 @@ def _quantize_per_token_kernel(
     x_row = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     q_row = q_ptr + rows[:, None].to(tl.int64) * stride_qm
     cols = tl.arange(0, BLOCK_K)
-    if SINGLE_TILE:
+    if CHUNKS == 1:
         mask = row_mask[:, None] & (cols[None, :] < K)
         x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
     else:
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for c in range(CHUNKS):
+            k0 = c * BLOCK_K
             mask = row_mask[:, None] & (k0 + cols[None, :] < K)
             x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
@@ -138,11 +139,12 @@ def _quantize_per_token_kernel(
     else:
         scale = _fp8_scale(amax, UE8M0)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
-    if SINGLE_TILE:
+    if CHUNKS == 1:
         q = _cast_int8(x, scale[:, None]) if INT8 else _cast_fp8(x, scale[:, None])
         tl.store(q_row + cols[None, :], q, mask=mask)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for c in range(CHUNKS):
+            k0 = c * BLOCK_K
             mask = row_mask[:, None] & (k0 + cols[None, :] < K)
             x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             q = _cast_int8(x, scale[:, None]) if INT8 else _cast_fp8(x, scale[:, None])
@@ -257,7 +259,7 @@ def _per_token(x: torch.Tensor, int8: bool, ue8m0: bool):
         block_m = max(1, min(triton.next_power_of_2(m), TILE_ELEMS // block_k))
         _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
             x2, q, scale, m, k, x2.stride(0), q.stride(0),
-            BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_TILE=block_k >= k, INT8=int8, UE8M0=ue8m0,
+            BLOCK_M=block_m, BLOCK_K=block_k, CHUNKS=triton.cdiv(k, block_k), INT8=int8, UE8M0=ue8m0,
             num_warps=_warps(block_m * block_k),
         )
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
