@@ -1,0 +1,45 @@
+"""Evaluation and demo-training text: the Python standard library's own source, read at run time.
+
+Every machine with Python has it, so the demo model trains and evaluates with no download. Files are
+the stdlib's `*.py` (sorted by relative path, tests, site-packages and caches excluded); a file is
+held out for evaluation when the first byte of sha1(relative path) is < 16 (about 1 in 16 files), a
+rule that depends only on the path, so the split is the same on every machine and Python version
+(the files themselves differ between versions: the protocol records the version and file count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import sysconfig
+from pathlib import Path
+
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+
+
+def stdlib_files(split: str = "heldout") -> list[Path]:
+    """Sorted stdlib source files of one split ("train" or "heldout")."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if _EXCLUDED_DIRS & set(Path(rel).parts[:-1]):
+            continue
+        held = hashlib.sha1(rel.encode()).digest()[0] < 16
+        if held == (split == "heldout"):
+            out.append(p)
+    return out
+
+
+def stdlib_text(split: str = "heldout") -> tuple[str, dict]:
+    """The split's files concatenated (each preceded by a newline-free header-less join) and a description."""
+    files = stdlib_files(split)
+    text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    info = {
+        "source": f"python{sys.version_info.major}.{sys.version_info.minor} stdlib ({split} split)",
+        "files": len(files),
+        "chars": len(text),
+    }
+    return text, info
