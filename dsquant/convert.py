@@ -1,0 +1,278 @@
+"""`convert`: stream a DeepSeek checkpoint into a quantized one. plan -> validate -> per-shard processing -> finalize.
+
+Memory is bounded by one output shard's worth of work in flight per worker (a source tensor chunk plus one
+module's outputs), whatever the model size: tensors are fetched by name from whichever source shard holds
+them, never by loading a shard. Each output shard is written under a temporary name, fsynced and renamed,
+then recorded with its checksum in the manifest, so a killed run resumes (`resume=True`) to a result that
+is byte-identical to an uninterrupted one. See convert_plan.py (planning), convert_process.py (numbers and
+writing) and convert_config.py (configs and the record of what was done).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsquant.checkpoint.index import write_index, write_json_atomic
+from dsquant.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME, DstLock, Manifest
+from dsquant.checkpoint.reader import Checkpoint
+from dsquant.convert_config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
+from dsquant.convert_plan import Plan, build_plan
+from dsquant.convert_process import select_quantizers, write_shard
+from dsquant.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion did (or, with dry_run, would do)."""
+
+    src: str
+    dst: str
+    recipe: str
+    convention: str
+    source_dtype: str
+    device: str
+    workers: int
+    quantizers: str
+    bytes_in: int
+    bytes_out: int
+    ratio: float
+    seconds: float
+    gb_per_s: float
+    shards: int
+    resumed_shards: int
+    tensors: dict
+    dry_run: bool
+    plan: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(size: str | int) -> int:
+    """"5GB" (decimal, as Hugging Face writes shard sizes), "500MiB", or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"max shard size {size!r} is not a size like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _resolve_source(src) -> tuple[Path, dict]:
+    if src is None:
+        from dsquant.demo import demo_model_dir
+
+        path = demo_model_dir()
+        return path, {"path": str(path)}
+    text = str(src)
+    if text.startswith("hf://"):
+        try:
+            from dsquant.hub import resolve_source
+        except ImportError as e:
+            raise ValueError(f"{text}: Hub sources need the dsquant.hub module, which is not available ({e})") from None
+        repo, _, rev = text[len("hf://"):].partition("@")
+        return Path(resolve_source(text)), {"repo_id": repo, "revision": rev or "main"}
+    path = Path(text)
+    if not path.is_dir():
+        raise ValueError(f"{path}: source checkpoint folder not found")
+    return path, {"path": str(path.resolve())}
+
+
+def _load_calibration(calibration) -> dict[str, float] | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, Path)):
+        try:
+            calibration = json.loads(Path(calibration).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{calibration}: unreadable calibration file ({e})") from None
+    out = {}
+    for module, value in dict(calibration).items():
+        if not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            raise ValueError(f"calibration: input scale of {module!r} must be a positive finite number, got {value!r}")
+        out[str(module)] = float(value)
+    return out
+
+
+def _prepare_dst(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
+    """Check the destination's state; return the manifest to resume from, or None for a fresh start."""
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst}: destination exists and is not a folder")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{dst}: cannot create the destination folder ({e.strerror})") from None
+    if not os.access(dst, os.W_OK | os.X_OK):
+        raise ValueError(f"{dst}: destination folder is not writable")
+    manifest = Manifest.load(dst)
+    if manifest is not None:
+        if not resume:
+            raise ValueError(f"{dst}: holds an unfinished conversion; run the same command with --resume to finish "
+                             f"it, or delete the folder to start again")
+        if manifest.fingerprint != plan.fingerprint:
+            raise ValueError(f"{dst}: the unfinished conversion there used another source, recipe, format or "
+                             f"--max-shard-size; resume with the same settings, or delete the folder")
+        return manifest
+    entries = [p.name for p in dst.iterdir() if p.name != LOCK_NAME]
+    if (dst / RECIPE_FILE).is_file():
+        raise ValueError(f"{dst}: already holds a finished dsquant conversion; choose another destination or "
+                         f"delete it")
+    if entries:
+        raise ValueError(f"{dst}: folder is not empty and is not a dsquant output ({len(entries)} entries, e.g. "
+                         f"{sorted(entries)[0]!r}); choose a new or empty destination")
+    return None
+
+
+def _devices(device: str, workers: int) -> list[torch.device]:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is None:  # one worker per visible GPU
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [dev]
+    if dev.type != "cpu":
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: must be at least 1")
+    return [dev] * workers
+
+
+def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress) -> None:
+    qz = {str(d): select_quantizers(d) for d in set(devices)}
+    total = sum(ckpt.infos[s].nbytes for shard in todo for item in shard.items for job in item for s in job.sources)
+    threads = torch.get_num_threads()
+    if len(devices) > 1 and devices[0].type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
+               smoothing=0.1)
+    try:
+        with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+            futures = [pool.submit(write_shard, ckpt, shard, dst, plan.convention, qz[str(devices[i % len(devices)])],
+                                   devices[i % len(devices)], calibration, manifest, bar)
+                       for i, shard in enumerate(todo)]
+            finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()
+            for f in finished:
+                f.result()
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+
+
+def _finalize(ckpt: Checkpoint, plan: Plan, dst: Path, source: dict, created: str, calibrated: bool,
+              warnings: list[str]) -> int:
+    weight_map = {name: shard.file for shard in plan.shards for name, _, _ in shard.entries}
+    total = sum(math.prod(s) * d.itemsize for shard in plan.shards for _, d, s in shard.entries)
+    write_index(dst, weight_map, total)
+    write_configs(ckpt.config, plan, dst)
+    copy_non_weight_files(ckpt.path, dst)
+    bytes_out = sum((dst / s.file).stat().st_size for s in plan.shards)
+    source = {**source, "architectures": ckpt.config.get("architectures"), "model_type": ckpt.config.get("model_type"),
+              "dtype": plan.source_dtype}
+    write_json_atomic(dst / RECIPE_FILE, recipe_record(plan, source, bytes_out, created, calibrated))
+    try:
+        from dsquant.check import check_checkpoint
+    except ImportError as e:
+        warnings.append(f"dsquant.check is not available ({e}); the engine-loading check was skipped")
+    else:
+        errors = [f for f in check_checkpoint(dst) if f.severity == "error"]
+        if errors:
+            (dst / RECIPE_FILE).unlink(missing_ok=True)  # an output that fails the check must not look complete
+            shown = "; ".join(f"[{f.rule}] {f.message}" for f in errors[:5])
+            raise ValueError(f"{dst}: the converted checkpoint fails {len(errors)} loading check(s): {shown}")
+    try:
+        from dsquant.model_card import write_model_card
+    except ImportError as e:
+        warnings.append(f"dsquant.model_card is not available ({e}); README.md was not written")
+    else:
+        write_model_card(dst)
+    return bytes_out
+
+
+def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: str = "auto", device: str = "cpu",
+            workers: int = 1, max_shard_size: str | int = "5GB", resume: bool = False, dry_run: bool = False,
+            calibration=None, progress: bool = True, push_to_hub: str | None = None) -> ConvertSummary:
+    """Convert checkpoint SRC into DST with a recipe. User errors raise ValueError naming the file or tensor.
+
+    Args:
+        src: checkpoint folder, `hf://org/name[@revision]`, or None for the bundled demo model.
+        dst: output folder; None -> ./<source folder name>-<recipe name>.
+        recipe: a shipped recipe name, a .toml path, or a Recipe.
+        convention: "auto" (the recipe's first) | "deepseek" | "modelopt" | "compressed-tensors".
+        device: "cpu" | "cuda" (one worker per visible GPU) | "cuda:N".
+        workers: parallel output shards on CPU.
+        max_shard_size: output shard bound, e.g. "5GB".
+        resume: finish an interrupted conversion in DST.
+        dry_run: plan and validate only; nothing is written.
+        calibration: {module name: NVFP4 activation global scale (amax / 2688)} or a JSON file of it.
+        progress: show a tqdm bar over source bytes.
+        push_to_hub: "org/name" to upload DST when done (dsquant.hub.push_to_hub).
+    """
+    start = time.perf_counter()
+    src_path, source = _resolve_source(src)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if convention == "auto":
+        convention = rec.conventions[0]
+    elif convention not in rec.conventions:
+        raise ValueError(f"recipe {rec.name} cannot be written as {convention!r}; it supports {list(rec.conventions)}")
+    calib = _load_calibration(calibration)
+    devices = _devices(device, workers)
+    ckpt = Checkpoint(src_path)
+    qc = ckpt.quantization_config
+    if qc and qc.get("quant_method") != "fp8":
+        raise ValueError(f"{src_path / 'config.json'}: source is already quantized (quant_method "
+                         f"{qc.get('quant_method')!r}); dsquant converts BF16 or DeepSeek FP8 checkpoints")
+    plan = build_plan(ckpt, rec, convention, parse_size(max_shard_size))
+    name = source.get("repo_id", str(src_path)).rstrip("/").split("/")[-1]
+    dst_path = Path(dst) if dst is not None else Path.cwd() / f"{name}-{rec.name}"
+    summary = ConvertSummary(str(src_path), str(dst_path), rec.name, convention, plan.source_dtype, device,
+                             len(devices), select_quantizers(devices[0]).kind, plan.bytes_in, plan.bytes_out,
+                             plan.bytes_in / max(plan.bytes_out, 1), 0.0, 0.0, len(plan.shards), 0,
+                             dict(recipe_record(plan, {}, plan.bytes_out, "", False)["tensors"]), dry_run,
+                             plan.table(ckpt))
+    if dry_run:
+        summary.seconds = time.perf_counter() - start
+        return summary
+    manifest = _prepare_dst(dst_path, resume, plan)
+    with DstLock(dst_path):
+        if manifest is None:
+            manifest = Manifest(dst_path, plan.fingerprint, utc_now())
+            manifest.save()
+        done = manifest.verified(dst_path)
+        for stray in dst_path.glob(".*.partial"):
+            stray.unlink()
+        todo = [s for s in plan.shards if s.file not in done]
+        summary.resumed_shards = len(plan.shards) - len(todo)
+        _run_shards(ckpt, plan, dst_path, devices, manifest, todo, calib, progress)
+        summary.bytes_out = _finalize(ckpt, plan, dst_path, source, manifest.created, calib is not None,
+                                      summary.warnings)
+        manifest.remove()
+    for w in summary.warnings:
+        log.warning(w)
+    if push_to_hub:
+        from dsquant.hub import push_to_hub as push
+
+        push(dst_path, push_to_hub)
+    summary.seconds = time.perf_counter() - start
+    summary.ratio = plan.bytes_in / max(summary.bytes_out, 1)
+    summary.gb_per_s = plan.bytes_in / 1e9 / max(summary.seconds, 1e-9)
+    return summary

@@ -1,0 +1,158 @@
+"""The configuration files of a converted checkpoint: quantization_config per convention, hf_quant_config.json,
+dsquant_recipe.json, and the non-weight files copied from the source.
+
+Config contents follow formats.md: DeepSeek native `quant_method: fp8` (section 2.1), ModelOpt's flat form
+in config.json plus the nested form in hf_quant_config.json with a non-empty exclude_modules, explicit
+group_size and kv_cache_quant_algo (section 3.1, pitfall 7), compressed-tensors config_groups (section 4).
+Excluded modules are listed by their full HF names, never as unanchored wildcards (pitfall 8).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dsquant
+from dsquant.checkpoint.index import INDEX_NAME, write_json_atomic
+from dsquant.checkpoint.names import generalize
+from dsquant.convert_plan import Plan
+
+RECIPE_FILE = "dsquant_recipe.json"
+HF_QUANT_CONFIG = "hf_quant_config.json"
+# Never copied: weights (rewritten), the files rewritten here, pickles (never read), and the model card.
+_SKIP = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|" + re.escape(INDEX_NAME) +
+                   r"|config\.json|hf_quant_config\.json|dsquant_recipe\.json|README\.md|\..*")
+
+_CT_ARGS = {
+    "fp8-block": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
+                   "block_structure": [128, 128], "dynamic": False},
+                  {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": 128,
+                   "dynamic": True}, "float-quantized"),
+    "int8": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+             {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+             "int-quantized"),
+    "nvfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+               "dynamic": False},
+              {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+               "dynamic": False}, "nvfp4-pack-quantized"),
+    # weight-only (W4A16): Hopper has no FP4 tensor cores; vLLM and SGLang run MXFP4 experts this way.
+    "mxfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32,
+               "dynamic": False}, None, "mxfp4-pack-quantized"),
+}
+
+
+def _quantized_modules(plan: Plan) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for job in plan.jobs():
+        if job.action == "quant":
+            out.setdefault(job.fmt, []).append(job.module)
+    return out
+
+
+def _ct_targets(groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Targets per format: "Linear" when one format; else anchored regexes over layer/expert indices, falling
+    back to exact names where a regex would also catch another format's modules."""
+    if len(groups) == 1:
+        return {fmt: ["Linear"] for fmt in groups}
+    owner = {m: fmt for fmt, mods in groups.items() for m in mods}
+    targets = {}
+    for fmt, mods in groups.items():
+        pats = {}
+        for m in mods:
+            pats.setdefault(generalize(m), []).append(m)
+        out = []
+        for pat, members in sorted(pats.items()):
+            rx = "^" + re.escape(pat).replace(r"\*", r"\d+") + "$"
+            hits = [m for m in owner if re.match(rx, m)]
+            if all(owner[h] == fmt for h in hits):
+                out.append("re:" + rx)
+            else:
+                out.extend(sorted(members))
+        targets[fmt] = out
+    return targets
+
+
+def quantization_config(plan: Plan) -> dict:
+    """config.json's quantization_config for the plan's convention."""
+    groups = _quantized_modules(plan)
+    ignore = sorted(plan.excluded_modules)
+    if plan.convention == "deepseek":
+        rule = next(j.rule for j in plan.jobs() if j.action == "quant")
+        qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+              "ignored_layers": ignore}
+        if rule.ue8m0:
+            qc["scale_fmt"] = "ue8m0"
+        return qc
+    if plan.convention == "modelopt":
+        args = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+        return {"config_groups": {"group_0": {"input_activations": dict(args), "weights": dict(args),
+                                              "targets": ["Linear"]}},
+                "ignore": ignore, "quant_algo": "NVFP4", "kv_cache_scheme": {"dynamic": False, "num_bits": 8,
+                                                                              "type": "float"},
+                "producer": {"name": "dsquant", "version": dsquant.__version__}, "quant_method": "modelopt"}
+    targets = _ct_targets(groups)
+    config_groups = {}
+    for i, fmt in enumerate(sorted(groups)):
+        weights, inputs, ct_format = _CT_ARGS[fmt]
+        config_groups[f"group_{i}"] = {"targets": targets[fmt], "weights": weights, "input_activations": inputs,
+                                       "output_activations": None, "format": ct_format}
+    formats = {_CT_ARGS[f][2] for f in groups}
+    return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,
+            "kv_cache_scheme": None, "sparsity_config": {}}
+
+
+def hf_quant_config(plan: Plan) -> dict:
+    """hf_quant_config.json (ModelOpt nested form), read by TRT-LLM and by SGLang."""
+    return {"producer": {"name": "dsquant", "version": dsquant.__version__},
+            "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                             # As nvidia/DeepSeek-R1-FP4 and ModelOpt's DeepSeek export: engines then run the MLA
+                             # cache in FP8 with scale 1.0; old SGLang rejects a null value here.
+                             "kv_cache_quant_algo": "FP8",
+                             "exclude_modules": sorted(plan.excluded_modules)}}
+
+
+def write_configs(src_config: dict, plan: Plan, dst: Path) -> None:
+    cfg = {k: v for k, v in src_config.items() if k != "quantization_config"}  # no stale FP8 config
+    cfg["quantization_config"] = quantization_config(plan)
+    write_json_atomic(dst / "config.json", cfg)
+    if plan.convention == "modelopt":
+        write_json_atomic(dst / HF_QUANT_CONFIG, hf_quant_config(plan))
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer, generation config, code and license files at the top of SRC (symlinks followed)."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not _SKIP.fullmatch(path.name):
+            shutil.copyfile(path, dst / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def recipe_record(plan: Plan, source: dict, bytes_out: int, created: str, calibrated: bool) -> dict:
+    """dsquant_recipe.json: what made this checkpoint, from what, and what was left out and why."""
+    kept = set(plan.excluded_modules)
+    counts = Counter(j.fmt if j.action == "quant" else "bf16" for j in plan.jobs()
+                     if j.action == "quant" or j.module in kept)
+    excluded = [{"pattern": i.match, "reason": i.reason} for i in plan.recipe.ignore]
+    excluded += [{"pattern": r.match, "reason": r.reason} for r in plan.recipe.rules if r.format == "bf16"]
+    return {
+        "dsquant_version": dsquant.__version__,
+        "recipe": {"name": plan.recipe.name, "version": plan.recipe.version, "resolved": plan.recipe.to_dict()},
+        "convention": plan.convention,
+        "source": source,
+        "created": created,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": bytes_out,
+        "tensors": dict(sorted(counts.items())),
+        "excluded": excluded,
+        "activation_scales": "calibrated" if calibrated else "default",
+    }
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
