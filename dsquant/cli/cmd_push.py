@@ -1,11 +1,42 @@
-"""`dsquant push`."""
+"""`dsquant push DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--commit-message M] [--dry-run]`."""
 
 from __future__ import annotations
 
-from dsquant.cli.app import app, not_available
+from pathlib import Path
+
+import typer
+
+from dsquant.cli.app import app, fail
 
 
 @app.command("push")
-def push() -> None:
-    """Not available in this version yet (Step 6, Hub publishing)."""
-    not_available("push", "Step 6, Hub publishing")
+def push(
+    folder: Path = typer.Argument(..., help="A finished `dsquant convert` output directory."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Target model repo, ORG/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
+    commit_message: str | None = typer.Option(None, "--commit-message", help="Commit message."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and bytes that would be uploaded."),
+) -> None:
+    """Publish a converted checkpoint to the Hugging Face Hub, refreshing its model card first.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed. Interrupted uploads resume
+    when the same command is run again."""
+    from dsquant.hub import push_to_hub
+    from dsquant.inspect import human_bytes
+
+    try:
+        result = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                             dry_run=dry_run)
+    except ValueError as exc:
+        fail(str(exc))
+    except Exception as exc:  # network/HTTP errors from huggingface_hub: one line, no traceback
+        fail(f"push to {repo_id} failed: {type(exc).__name__}: {exc}")
+    where = f"{repo_id}" + (f" (branch {revision})" if revision else "")
+    if dry_run:
+        for path, size in result.files:
+            typer.echo(f"{size:>15,d}  {path}")
+        typer.echo(f"dry run: would upload {len(result.files)} files, {human_bytes(result.total_bytes)} "
+                   f"({result.total_bytes:,d} bytes) to {where}")
+        return
+    typer.echo(f"pushed {len(result.files)} files, {human_bytes(result.total_bytes)} to {where}: {result.url}")

@@ -1,0 +1,199 @@
+"""Hugging Face Hub: fetch `hf://org/name[@rev]` sources, and publish dsquant outputs with their model card.
+
+Tokens come from huggingface_hub's usual places (HF_TOKEN, then the `hf auth login` cache) and are handed
+to HfApi only: never printed, logged or written. Uploads are resumable: `upload_large_folder` where the
+installed huggingface_hub has it (it caches finished work under DIR/.cache/huggingface), else
+`upload_folder`, which from huggingface_hub 1.x streams through hf_xet in adaptive multi-commit batches
+and resumes by re-running. A `--revision` branch is created first (`create_branch(exist_ok=True)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from dsquant.model_card import CARD_MARKER, RECIPE_FILE, write_model_card
+
+log = logging.getLogger(__name__)
+
+REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+HF_SPEC = re.compile(r"^hf://(?P<repo>[^@\s]+?)(?:@(?P<rev>[^@\s]+))?$")
+# What conversion reads from a source repo: configs (config, generation, tokenizer), weights and their
+# index, tokenizer files (Kimi-K2 ships tiktoken.model and its tokenizer code, copied, never executed),
+# and the model card and license, whose license the output's card copies.
+SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py", "README.md", "LICENSE*"]
+# Never uploaded: the converter's lock/manifest/partial shards, hidden files, huggingface_hub's upload cache.
+UPLOAD_IGNORE = [".*", "*/.*", ".cache/*", "*.partial"]
+PARTIAL_MARKERS = (".dsquant-manifest.json", ".dsquant.lock")
+
+
+@dataclass
+class PushResult:
+    """What push_to_hub did (or, with dry_run, would do)."""
+
+    repo_id: str
+    revision: str | None
+    files: list[tuple[str, int]] = field(default_factory=list)  # (path in repo, bytes), sorted
+    dry_run: bool = False
+    url: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(n for _, n in self.files)
+
+
+def validate_repo_id(repo_id: str) -> str:
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise ValueError(f"repo id {repo_id!r} is not of the form ORG/NAME (letters, digits, '-', '_', '.'; "
+                         "no '--' or '..'; at most 96 characters each)")
+    return repo_id
+
+
+def check_dsquant_output(folder: Path) -> None:
+    """ValueError unless `folder` is a finished dsquant output (config, recipe record, weights; no partial run)."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a directory")
+    for marker in PARTIAL_MARKERS:
+        if (folder / marker).exists():
+            raise ValueError(f"{folder}: unfinished conversion ({marker} present); finish it with "
+                             "`dsquant convert ... --resume` before pushing")
+    missing = [n for n in ("config.json", RECIPE_FILE) if not (folder / n).is_file()]
+    if not any(folder.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise ValueError(f"{folder}: not a dsquant output (missing {', '.join(missing)}); "
+                         "push the directory `dsquant convert` wrote")
+
+
+def upload_plan(folder: Path) -> list[tuple[str, int]]:
+    """(path in repo, bytes) of every file an upload of `folder` sends, sorted by path."""
+    import fnmatch
+
+    out = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatch(rel, pat) for pat in UPLOAD_IGNORE):
+            continue
+        out.append((rel, path.stat().st_size))
+    return out
+
+
+def _refresh_card(folder: Path, repo_id: str) -> None:
+    card = folder / "README.md"
+    if card.is_file() and CARD_MARKER not in card.read_text(errors="replace"):
+        log.info("%s has no dsquant marker (edited by hand?); keeping it as it is", card)
+        return
+    write_model_card(folder, repo_id=repo_id)
+
+
+def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
+                commit_message: str | None = None, dry_run: bool = False, api=None) -> PushResult:
+    """Publish the dsquant output `folder` to the model repo `repo_id`.
+
+    Order: validate -> refresh README.md -> create_repo(exist_ok=True) -> create_branch(revision) when
+    given -> resumable upload. `api` is an HfApi-like object (tests pass a fake); when None, one is built
+    with the token huggingface_hub finds, and a missing token is a ValueError before any network call.
+    """
+    folder = Path(folder)
+    validate_repo_id(repo_id)
+    check_dsquant_output(folder)
+    _refresh_card(folder, repo_id)
+    result = PushResult(repo_id, revision, upload_plan(folder), dry_run=dry_run)
+    if dry_run:
+        return result
+    if api is None:
+        token = get_token()
+        if not token:
+            raise ValueError("no Hugging Face token found: set HF_TOKEN or run `hf auth login` (a token with "
+                             "write access)")
+        api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    large = getattr(api, "upload_large_folder", None)
+    if large is not None and commit_message is None:
+        large(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, ignore_patterns=UPLOAD_IGNORE)
+    else:
+        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                          commit_message=commit_message or f"Upload {folder.name} (dsquant)",
+                          ignore_patterns=UPLOAD_IGNORE)
+    result.url = str(repo_url) if repo_url is not None else f"https://huggingface.co/{repo_id}"
+    return result
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def parse_hf_spec(src: str) -> tuple[str, str | None]:
+    """'hf://org/name@rev' -> ('org/name', 'rev'); ValueError for anything else."""
+    m = HF_SPEC.match(src)
+    if not m:
+        raise ValueError(f"{src!r}: expected hf://ORG/NAME or hf://ORG/NAME@REVISION")
+    repo, rev = m.group("repo"), m.group("rev")
+    try:
+        validate_repo_id(repo)
+    except ValueError as exc:
+        raise ValueError(f"{src!r}: {exc}") from None
+    return repo, rev
+
+
+def resolve_source(src: str) -> Path:
+    """A local checkpoint directory, or `hf://org/name[@rev]` fetched into the Hugging Face cache.
+
+    Only the files conversion needs are downloaded (SOURCE_PATTERNS). HF_HUB_OFFLINE=1 uses the cache
+    only; an interrupted download resumes on the next call (huggingface_hub keeps partial blobs). The
+    snapshot is checked for completeness: every shard its index lists must be present.
+    """
+    if not str(src).startswith("hf://"):
+        path = Path(src)
+        if not path.is_dir():
+            raise ValueError(f"source {src}: not a directory (give a checkpoint directory or hf://ORG/NAME[@REV])")
+        return path
+    repo, rev = parse_hf_spec(str(src))
+    offline = _offline()
+    try:
+        folder = Path(snapshot_download(repo, revision=rev, allow_patterns=SOURCE_PATTERNS, local_files_only=offline))
+    except GatedRepoError:
+        raise ValueError(f"{src}: gated repository; accept its terms on huggingface.co and log in "
+                         "(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{src}: repository {repo} not found (or private: log in with `hf auth login` or "
+                         "HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"{src}: revision {rev!r} not found in {repo}") from None
+    except LocalEntryNotFoundError:
+        if offline:
+            raise ValueError(f"{src}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+                             "once online (or unset HF_HUB_OFFLINE)") from None
+        raise ValueError(f"{src}: cannot reach the Hub and the files are not cached; check the network and "
+                         "rerun: finished files are kept and the download resumes") from None
+    _check_complete(src, folder, offline)
+    return folder
+
+
+def _check_complete(src: str, folder: Path, offline: bool) -> None:
+    import json
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{src}: the snapshot has no config.json (not a model checkpoint, or an incomplete cache)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            how = "rerun without HF_HUB_OFFLINE to finish the download" if offline else "rerun to resume the download"
+            raise ValueError(f"{src}: {len(missing)} shard(s) missing from the snapshot ({missing[0]}, ...); {how}")
+    elif not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{src}: no safetensors weights in the snapshot (only safetensors are read)")

@@ -1,0 +1,163 @@
+"""`dsquant inspect`: what a checkpoint holds, read from config files and safetensors headers only.
+
+summarize_checkpoint(path) works on any DeepSeek-family checkpoint, whoever wrote it: it detects the
+convention (DeepSeek FP8, ModelOpt, compressed-tensors, unquantized) from the config files and the
+tensor names, reports the storage format of each tensor group, and whether the index, config.json and
+the shards agree. format_summary() renders it as the table `dsquant inspect` prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from dsquant.check import structure
+from dsquant.check.config import declared_families, stored_families
+from dsquant.check.names import module_convention, module_format, role
+from dsquant.check.view import CheckpointView
+
+GROUP_ORDER = ("embeddings", "attention", "indexer", "dense MLP", "shared experts", "routed experts", "router",
+               "norms", "lm_head", "mtp", "other")
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def detect_convention(view: CheckpointView) -> str:
+    """deepseek-fp8 | modelopt | compressed-tensors | blockwise_int8 | w8a8_int8 | unquantized | undeclared | <method>."""
+    qc, hq = view.quantization_config, view.hf_quant_config
+    method = str((qc or {}).get("quant_method", ""))
+    if hq is not None and (qc is None or method.startswith("modelopt")):
+        return "modelopt"
+    if method.startswith("modelopt"):
+        return "modelopt"
+    if method == "fp8":
+        return "deepseek-fp8"
+    if method:
+        return method
+    return "undeclared" if stored_families(view) else "unquantized"
+
+
+def _declared(view: CheckpointView) -> dict:
+    qc, hq = view.quantization_config, (view.hf_quant_config or {}).get("quantization")
+    out = {}
+    if qc is not None:
+        out["config.json"] = {k: qc.get(k) for k in ("quant_method", "quant_algo", "format", "scale_fmt",
+                                                      "weight_block_size") if qc.get(k) is not None}
+    if isinstance(hq, dict):
+        out["hf_quant_config.json"] = {k: hq.get(k) for k in ("quant_algo", "group_size", "kv_cache_quant_algo")}
+    fams = declared_families(view)
+    if fams is not None:
+        out["families"] = sorted(fams[0])
+    return out
+
+
+def _groups(view: CheckpointView) -> list[dict]:
+    acc: dict[str, dict] = {}
+    for module, params in view.modules.items():
+        g = acc.setdefault(role(module, view.config), {"formats": Counter(), "modules": 0, "tensors": 0, "bytes": 0})
+        fmt = module_format(params)
+        if fmt is None:  # bias-only or scale-only modules (e.g. KV-cache scales) count under their dtype
+            fmt = next(iter(params.values())).dtype.lower()
+        g["formats"][fmt] += 1
+        g["modules"] += 1
+        g["tensors"] += len(params)
+        g["bytes"] += sum(t.nbytes for t in params.values())
+    order = {name: i for i, name in enumerate(GROUP_ORDER)}
+    return [{"group": name, "formats": dict(sorted(g["formats"].items(), key=lambda kv: -kv[1])),
+             "modules": g["modules"], "tensors": g["tensors"], "bytes": g["bytes"]}
+            for name, g in sorted(acc.items(), key=lambda kv: order.get(kv[0], len(order)))]
+
+
+def _architecture(view: CheckpointView) -> dict:
+    c = view.config or {}
+    archs = c.get("architectures") or []
+    experts = {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in view.tensors if ".mlp.experts." in n}
+    layers = {int(n.split(".")[2]) for n in view.tensors if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    return {
+        "architecture": archs[0] if archs else None,
+        "model_type": c.get("model_type"),
+        "num_hidden_layers": c.get("num_hidden_layers"),
+        "first_k_dense_replace": c.get("first_k_dense_replace"),
+        "num_nextn_predict_layers": c.get("num_nextn_predict_layers"),
+        "n_routed_experts": c.get("n_routed_experts"),
+        "n_shared_experts": c.get("n_shared_experts"),
+        "num_experts_per_tok": c.get("num_experts_per_tok"),
+        "layers_stored": len(layers),
+        "experts_stored": len(experts),
+    }
+
+
+def summarize_checkpoint(path: str | Path) -> dict:
+    """Summary of the checkpoint directory `path` as a JSON-ready dict.
+
+    Keys: path, architecture (config facts and what is stored), convention, declared (quantization
+    configs), module_conventions (naming seen in tensors), groups (per tensor group: formats with module
+    counts, modules, tensors, bytes), tensors, bytes, shards, consistency ({ok, index, total_size,
+    declared_total_size, problems}). Raises CheckpointError (ValueError) if `path` is not a checkpoint.
+    """
+    view = CheckpointView.open(path)
+    return summarize_view(view)
+
+
+def summarize_view(view: CheckpointView) -> dict:
+    problems = structure.check(view)
+    conventions = Counter(c for p in view.modules.values() if (c := module_convention(p)))
+    return {
+        "path": str(view.path),
+        "architecture": _architecture(view),
+        "convention": detect_convention(view),
+        "declared": _declared(view),
+        "module_conventions": dict(conventions),
+        "groups": _groups(view),
+        "tensors": len(view.tensors),
+        "bytes": view.total_bytes,
+        "shards": len(view.shard_files),
+        "consistency": {
+            "ok": not any(f.severity == "error" for f in problems) and view.config is not None,
+            "config": view.config is not None,
+            "index": view.index is not None,
+            "total_size": view.total_bytes,
+            "declared_total_size": view.declared_total_size,
+            "problems": [str(f) for f in problems],
+        },
+    }
+
+
+def format_summary(s: dict) -> str:
+    """The human-readable table `dsquant inspect` prints."""
+    a = s["architecture"]
+    lines = [f"checkpoint    {s['path']}",
+             f"architecture  {a['architecture'] or '? (no config.json)'} ({a['model_type'] or '?'})"]
+    if a["num_hidden_layers"] is not None:
+        dense = f", {a['first_k_dense_replace']} dense" if a["first_k_dense_replace"] is not None else ""
+        mtp = f" + {a['num_nextn_predict_layers']} MTP" if a["num_nextn_predict_layers"] else ""
+        lines.append(f"layers        {a['num_hidden_layers']} decoder{dense}{mtp}; {a['layers_stored']} stored")
+    if a["n_routed_experts"]:
+        lines.append(f"experts       {a['n_routed_experts']} routed (top-{a['num_experts_per_tok']}) + "
+                     f"{a['n_shared_experts'] or 0} shared; {a['experts_stored']} stored per MoE layer")
+    declared = "; ".join(f"{k}: {v}" for k, v in s["declared"].items() if k != "families") or "none"
+    lines += [f"convention    {s['convention']} (declared: {declared})",
+              f"size          {human_bytes(s['bytes'])} in {s['tensors']} tensors, {s['shards']} shard(s)", ""]
+    rows = [("group", "formats (modules)", "tensors", "bytes")]
+    for g in s["groups"]:
+        fmts = ", ".join(f"{f} x{n}" for f, n in g["formats"].items())
+        rows.append((g["group"], fmts, str(g["tensors"]), human_bytes(g["bytes"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}")
+    c = s["consistency"]
+    lines.append("")
+    if c["ok"]:
+        lines.append("index, config and shards agree" + ("" if c["index"] else " (single file, no index)"))
+    else:
+        lines.append("index, config and shards DISAGREE:")
+    lines += [f"  {p}" for p in c["problems"]]
+    return "\n".join(lines)
