@@ -1,0 +1,122 @@
+"""Token/expert alignment (vLLM `moe_align_block_size`) in three Triton kernels, deterministic, no host sync.
+
+The T*k routed slots are cut into chunks of CHUNK slots:
+    1. count:   per chunk histogram [NC, E]; the same programs fill sorted_token_ids with the sentinel.
+    2. scan:    one program: exclusive prefix over chunks (per expert) and over padded experts, giving each
+                (chunk, expert) its first output row, each expert its first block, and the padded total.
+    3. scatter: per chunk, a slot's row = its (chunk, expert) row + its rank among the chunk's earlier slots of the
+                same expert, so slots stay in ascending order within an expert; expert_ids per block.
+The grid depends on T only (sizes from reference.align_sizes), so the call is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsquant.kernels.moe.reference import align_sizes
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, sorted_ptr, numel, num_experts, rows, fill_per_prog,
+                        CHUNK: tl.constexpr, E_PAD: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    m = offs < numel
+    ids = tl.load(ids_ptr + offs, mask=m, other=0)
+    hist = tl.histogram(ids, E_PAD, mask=m)  # [E_PAD] int32
+    e = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + c * num_experts + e, hist, mask=e < num_experts)
+    start = c * fill_per_prog
+    for f in range(0, fill_per_prog, FILL_BLOCK):
+        r = start + f + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ptr + r, tl.full([FILL_BLOCK], numel, tl.int32), mask=(r < rows) & (f + tl.arange(0, FILL_BLOCK) < fill_per_prog))
+
+
+@triton.jit
+def _align_scan_kernel(counts_ptr, chunk_row_ptr, block_start_ptr, total_ptr, n_chunks, num_experts,
+                       BLOCK_M: tl.constexpr, NC_PAD: tl.constexpr, E_TILE: tl.constexpr):
+    c = tl.arange(0, NC_PAD)
+    carry = tl.zeros([], dtype=tl.int32)
+    for e0 in range(0, num_experts, E_TILE):
+        e = e0 + tl.arange(0, E_TILE)
+        msk = (c[:, None] < n_chunks) & (e[None, :] < num_experts)
+        cnt = tl.load(counts_ptr + c[:, None] * num_experts + e[None, :], mask=msk, other=0)  # [NC_PAD, E_TILE]
+        before = tl.cumsum(cnt, 0) - cnt  # this expert's slots in earlier chunks
+        padded = (tl.sum(cnt, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [E_TILE]
+        first_row = carry + tl.cumsum(padded, 0) - padded
+        tl.store(chunk_row_ptr + c[:, None] * num_experts + e[None, :], first_row[None, :] + before, mask=msk)
+        tl.store(block_start_ptr + e, first_row // BLOCK_M, mask=e < num_experts)
+        carry += tl.sum(padded, 0)
+    tl.store(block_start_ptr + num_experts, carry // BLOCK_M)
+    tl.store(total_ptr, carry)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, chunk_row_ptr, sorted_ptr, block_start_ptr, expert_ids_ptr,
+                          numel, num_experts, n_blocks, blocks_per_prog,
+                          CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr, B_TILE: tl.constexpr):
+    c = tl.program_id(0)
+    loc = tl.arange(0, CHUNK)
+    m = c * CHUNK + loc < numel
+    ids = tl.load(ids_ptr + c * CHUNK + loc, mask=m, other=-1)
+    rank = tl.zeros([CHUNK], dtype=tl.int32)
+    for s0 in range(0, CHUNK, SUB):  # rank = earlier slots of this chunk with the same expert
+        sl = s0 + tl.arange(0, SUB)
+        other = tl.load(ids_ptr + c * CHUNK + sl, mask=c * CHUNK + sl < numel, other=-2)
+        same = (ids[:, None] == other[None, :]) & (sl[None, :] < loc[:, None])
+        rank += tl.sum(same.to(tl.int32), 1)
+    row = tl.load(chunk_row_ptr + c * num_experts + ids, mask=m, other=0) + rank
+    tl.store(sorted_ptr + row, c * CHUNK + loc, mask=m)
+
+    e = tl.arange(0, E_PAD)
+    starts = tl.load(block_start_ptr + e, mask=e < num_experts, other=2147483647)  # [E_PAD] non-decreasing
+    used = tl.load(block_start_ptr + num_experts)
+    for b0 in range(0, blocks_per_prog, B_TILE):
+        b = c * blocks_per_prog + b0 + tl.arange(0, B_TILE)
+        # the owner of block b is the last expert starting at or before b (empty experts share the next start)
+        owner = tl.sum((starts[None, :] <= b[:, None]).to(tl.int32), 1) - 1
+        owner = tl.where(b < used, owner, -1)
+        tl.store(expert_ids_ptr + b, owner, mask=(b < n_blocks) & (b0 + tl.arange(0, B_TILE) < blocks_per_prog))
+
+
+def _chunk_size(numel: int) -> int:
+    # performance hyper-parameters: at most 64 chunks so the scan is one tile, at least 128 slots per chunk.
+    return min(max(triton.next_power_of_2(-(-numel // 64)), 128), 1024)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Group routed slots by expert, padded to block_m rows per expert (spec: moe_align_ref).
+
+    Args:
+        topk_ids: int32 [T, k], contiguous, values in [0, num_experts).
+        num_experts: E. block_m: the grouped GEMM's BLOCK_M.
+    Returns:
+        sorted_token_ids int32 [R] (flat slot t*k + j, padding = T*k), expert_ids int32 [R / block_m] (-1 past
+        the end), num_tokens_post_padded int32 [1], with R = align_sizes(T*k, E, block_m)[0].
+    """
+    assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), f"topk_ids: {topk_ids.dtype}, contiguous int32 needed"
+    assert num_experts >= 1 and block_m >= 1, f"{num_experts=} {block_m=}"
+    numel = topk_ids.numel()
+    dev = topk_ids.device
+    rows, n_blocks = align_sizes(numel, num_experts, block_m)
+    sorted_ids = torch.empty(rows, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    if numel == 0:
+        return sorted_ids, expert_ids, total.zero_()
+    chunk = _chunk_size(numel)
+    n_chunks = -(-numel // chunk)
+    counts = torch.empty((n_chunks, num_experts), dtype=torch.int32, device=dev)
+    chunk_row = torch.empty((n_chunks, num_experts), dtype=torch.int32, device=dev)
+    block_start = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    e_pad = triton.next_power_of_2(num_experts)
+    _align_count_kernel[(n_chunks,)](topk_ids, counts, sorted_ids, numel, num_experts, rows, -(-rows // n_chunks),
+                                     CHUNK=chunk, E_PAD=e_pad, FILL_BLOCK=1024, num_warps=4)
+    _align_scan_kernel[(1,)](counts, chunk_row, block_start, total, n_chunks, num_experts, BLOCK_M=block_m,
+                             NC_PAD=max(triton.next_power_of_2(n_chunks), 2), E_TILE=128, num_warps=4)
+    _align_scatter_kernel[(n_chunks,)](topk_ids, chunk_row, sorted_ids, block_start, expert_ids, numel, num_experts,
+                                       n_blocks, -(-n_blocks // n_chunks), CHUNK=chunk, SUB=min(chunk, 64),
+                                       E_PAD=e_pad, B_TILE=64, num_warps=4)
+    return sorted_ids, expert_ids, total

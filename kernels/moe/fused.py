@@ -1,0 +1,307 @@
+"""Grouped expert GEMMs: gate_up with a SiLU*mul (+ FP8 1x128 quant) epilogue, then down with the routing weight.
+
+Rows are the routed slots in moe_align order; every BLOCK_M rows belong to one expert. Per format, the tensor cores
+see (spec: reference.expert_mlp_ref):
+    bf16   bf16 x bf16
+    fp8    x quantized 1x128 inside the gate_up kernel, the activation by the gate_up epilogue (BLOCK_N = 128 is one
+           group); fp8 x fp8 per 128-deep K step, scaled by a_scale x w_scale of the 128x128 block
+    int8   rows pre-quantized per token (x and the activation, _quant_int8_rows); int32 accumulation, scaled at the end
+    nvfp4  W4A16: E2M1 x block scale decoded to bf16 in registers (exact: at most 6 significant bits), global scale
+    mxfp4  on the accumulator; MXFP4 the same with power-of-two scales and no global scale
+Padding rows (slot == T*k) load zeros and are never stored, so a NaN anywhere outside the real rows cannot leak.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsquant.formats.fp8 import FP8_AMAX_FLOOR, FP8_E4M3_MAX
+from dsquant.formats.int8 import INT8_AMAX_FLOOR, INT8_MAX
+from dsquant.kernels.moe.align import moe_align
+from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
+
+_FMT = {"bf16": 0, "fp8": 1, "int8": 2, "nvfp4": 3, "mxfp4": 4}
+# Format constants as Triton globals (defined once in dsquant.formats).
+_FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
+_FP8_FLOOR = tl.constexpr(FP8_AMAX_FLOOR)
+_INT8_MAX = tl.constexpr(float(INT8_MAX))
+_INT8_FLOOR = tl.constexpr(INT8_AMAX_FLOOR)
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + M) - M rounds float32 |x| < 2^22 to an integer, ties to even
+_E8M0_SUBNORMAL = tl.constexpr(5.877471754111438e-39)  # 2^-127, E8M0 byte 0
+
+
+@triton.jit
+def _fp4_tile(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed E2M1 rows (pointer offsets rows_w / rows_s [BLOCK_N]) at K offset k0 -> bf16 [BLOCK_K, BLOCK_N]."""
+    SB: tl.constexpr = 16 if FMT == 3 else 32
+    p = tl.load(w_ptr + rows_w[:, None] + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :])  # [BN, BK/2] uint8
+    codes = tl.reshape(tl.join(p & 0xF, p >> 4), [BLOCK_N, BLOCK_K]).to(tl.int32)  # element 2i = low nibble
+    mag = codes & 7
+    e = mag >> 1
+    normal = (((e + 126) << 23) | ((mag & 1) << 22)).to(tl.float32, bitcast=True)  # (1 + m/2) * 2^(e-1)
+    val = tl.where(e == 0, (mag & 1).to(tl.float32) * 0.5, normal)
+    val = tl.where((codes & 8) != 0, -val, val)
+    s = tl.load(s_ptr + rows_s[:, None] + (k0 // SB + tl.arange(0, BLOCK_K // SB))[None, :])  # [BN, BK/SB]
+    if FMT == 3:
+        sf = s.to(tl.float32)
+    else:  # E8M0: 2^(b - 127); b = 0 is the subnormal 2^-127
+        b = s.to(tl.int32)
+        sf = tl.where(b == 0, _E8M0_SUBNORMAL, (b << 23).to(tl.float32, bitcast=True))
+    val = tl.reshape(tl.reshape(val, [BLOCK_N, BLOCK_K // SB, SB]) * sf[:, :, None], [BLOCK_N, BLOCK_K])
+    return tl.trans(val.to(tl.bfloat16))
+
+
+@triton.jit
+def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w, rows_s, K, FMT: tl.constexpr, QUANT_A: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] = A rows x W rows over K (fp32, int32 for int8), per-block scales applied for fp8."""
+    if FMT == 2:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + rows_a[:, None] + (k0 + offs_k)[None, :], mask=row_ok[:, None], other=0.0)
+        if FMT == 3 or FMT == 4:
+            acc = tl.dot(a, _fp4_tile(w_ptr, s_ptr, rows_w, rows_s, k0, FMT, BLOCK_N, BLOCK_K), acc)
+        else:
+            b = tl.load(w_ptr + rows_w[None, :] + (k0 + offs_k)[:, None])  # [BK, BN]
+            if FMT == 1:
+                if QUANT_A:  # dynamic 1x128 group quant of the bf16 rows (dsquant.formats.fp8, same order)
+                    af = a.to(tl.float32)
+                    a_s = tl.maximum(tl.max(tl.abs(af), 1), _FP8_FLOOR) / _FP8_MAX
+                    a = tl.clamp(af / a_s[:, None], -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+                else:
+                    a_s = tl.load(a_scale_ptr + rows_as + k0 // BLOCK_K, mask=row_ok, other=1.0)
+                w_s = tl.load(s_ptr + rows_s + (k0 // BLOCK_K))  # [BN]: 128x128 block of each column
+                acc += tl.dot(a, b) * (a_s[:, None] * w_s[None, :])
+            elif FMT == 2:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    a_ptr, a_scale_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, out_scale_ptr, sorted_ptr, expert_ids_ptr, total_ptr,
+    numel, n_m_blocks, K, INTER, TOPK,
+    stride_am, stride_asm, stride_we, stride_wn, stride_se, stride_sn, stride_om, stride_osm,
+    FMT: tl.constexpr, QUANT_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid % n_m_blocks
+    pid_n = pid // n_m_blocks
+    if pid_m * BLOCK_M >= tl.load(total_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = slot < numel
+    tok = tl.where(row_ok, slot // TOPK, 0)
+    # one B tile of 2 * BLOCK_N rows: BLOCK_N gate rows, then their BLOCK_N up partners (INTER further)
+    j = tl.arange(0, 2 * BLOCK_N)
+    rows_n = pid_n * BLOCK_N + (j % BLOCK_N) + (j // BLOCK_N) * INTER
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_as = tok * stride_asm
+    expert_s = expert * stride_se
+    rows_s = expert_s + (rows_n // 128) * stride_sn if FMT == 1 else expert_s + rows_n * stride_sn
+    acc = _mainloop(a_ptr, a_scale_ptr, tok * stride_am, rows_as, row_ok, w_ptr, s_ptr,
+                    expert * stride_we + rows_n * stride_wn, rows_s, K, FMT, True, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+    if FMT == 2:
+        acc = acc.to(tl.float32) * tl.load(a_scale_ptr + rows_as, mask=row_ok, other=0.0)[:, None]
+        acc = acc * tl.load(s_ptr + rows_s)[None, :]
+    elif FMT == 3:
+        acc = acc * tl.load(gs_ptr + expert)
+    g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
+    g = g.to(tl.bfloat16).to(tl.float32)
+    u = u.to(tl.bfloat16).to(tl.float32)
+    act = (g * (1.0 / (1.0 + tl.exp(-g))) * u).to(tl.bfloat16)  # [BM, BN]
+    out_rows = slot * stride_om
+    if QUANT_OUT:  # BLOCK_N == 128: this tile is one 1x128 group of every row
+        af = act.to(tl.float32)
+        a_s = tl.maximum(tl.max(tl.abs(af), 1), _FP8_FLOOR) / _FP8_MAX
+        q = tl.clamp(af / a_s[:, None], -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+        tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], q, mask=row_ok[:, None])
+        tl.store(out_scale_ptr + slot * stride_osm + pid_n, a_s, mask=row_ok)
+    else:
+        tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], act, mask=row_ok[:, None])
+
+
+@triton.jit
+def _moe_down_kernel(
+    a_ptr, a_scale_ptr, w_ptr, s_ptr, gs_ptr, topw_ptr, out_ptr, sorted_ptr, expert_ids_ptr, total_ptr,
+    numel, n_m_blocks, K,
+    stride_am, stride_asm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    FMT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid % n_m_blocks
+    pid_n = pid // n_m_blocks
+    if pid_m * BLOCK_M >= tl.load(total_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = slot < numel
+    slot_a = tl.where(row_ok, slot, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_base = expert * stride_se
+    rows_s = s_base + (offs_n // 128) * stride_sn if FMT == 1 else s_base + offs_n * stride_sn
+    acc = _mainloop(a_ptr, a_scale_ptr, slot_a * stride_am, slot_a * stride_asm, row_ok, w_ptr, s_ptr,
+                    expert * stride_we + offs_n * stride_wn, rows_s, K, FMT, False,
+                    BLOCK_M, BLOCK_N, BLOCK_K)
+    if FMT == 2:
+        y = acc.to(tl.float32) * tl.load(a_scale_ptr + slot_a * stride_asm, mask=row_ok, other=0.0)[:, None]
+        y = y * tl.load(s_ptr + rows_s)[None, :]
+    elif FMT == 3:
+        y = acc * tl.load(gs_ptr + expert)
+    else:
+        y = acc
+    if HAS_WEIGHT:
+        y = y * tl.load(topw_ptr + slot_a, mask=row_ok, other=0.0)[:, None]
+    tl.store(out_ptr + (slot * stride_om)[:, None] + offs_n[None, :], y.to(tl.bfloat16), mask=row_ok[:, None])
+
+
+@triton.jit
+def _quant_int8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
+    """One row: scale = max(amax, 1e-10) / 127, q = clamp(rne(x / scale), -127, 127) (dsquant.formats.int8)."""
+    r = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0).to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, 0), _INT8_FLOOR) / _INT8_MAX
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0).to(tl.float32) / scale
+        v = tl.clamp((v + _RNE_MAGIC) - _RNE_MAGIC, -_INT8_MAX, _INT8_MAX)
+        tl.store(q_ptr + r * stride_q + k, v.to(tl.int8), mask=k < K)
+    tl.store(s_ptr + r, scale)
+
+
+def _quant_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] bf16 -> (int8 [M, K], float32 [M, 1]) per row."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _quant_int8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=1024, num_warps=4)
+    return q, s
+
+
+def _tiles(numel: int, num_experts: int, w_bytes: float, fp4: bool) -> dict:
+    """Tile sizes and pipeline depth from the expected rows per expert (performance hyper-parameters).
+
+    Few rows per expert (decode) is weight-streaming: BLOCK_M = 16 (the smallest MMA) and deep pipelining. Many
+    rows (prefill) is compute-bound: 64-row tiles reuse each weight tile from shared memory four times as often.
+    """
+    rows_per_expert = numel / max(min(num_experts, numel), 1)
+    block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
+    if fp4:  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
+        block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8
+    else:  # BLOCK_N = BLOCK_K = 128: one FP8 scale block per tile, one 1x128 activation group per row
+        block_n, block_k, warps = 128, 128, 4
+    stage_bytes = block_m * block_k * 2 + 2 * block_n * block_k * w_bytes  # A (bf16 at worst) + gate and up B
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                num_stages=max(2, min(4, int(200_000 // stage_bytes))))
+
+
+def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, expert_ids, total, tiles) -> torch.Tensor:
+    """Both grouped GEMMs for aligned rows -> bf16 [T*k, H], each slot's expert output times its weight."""
+    t, h = x.shape
+    numel = t * k
+    fmt = _FMT[ew.fmt]
+    dev = x.device
+    a, a_scale = x, x  # a_scale unused unless int8
+    if ew.fmt == "int8":
+        a, a_scale = _quant_int8_rows(x)
+    n_m = expert_ids.numel()
+    bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    quant_out = ew.fmt == "fp8"
+    act = torch.empty((numel, inter), dtype=torch.float8_e4m3fn if quant_out else torch.bfloat16, device=dev)
+    act_scale = torch.empty((numel, inter // 128 if quant_out else 1), dtype=torch.float32, device=dev)
+    s13 = ew.w13_scale if ew.w13_scale is not None else ew.w13
+    gs13 = ew.w13_global_scale.float().reshape(-1) if ew.w13_global_scale is not None else s13
+    _moe_gate_up_kernel[(n_m * (inter // bn),)](
+        a, a_scale, ew.w13, s13, gs13, act, act_scale, sorted_ids, expert_ids, total,
+        numel, n_m, h, inter, k,
+        a.stride(0), a_scale.stride(0), ew.w13.stride(0), ew.w13.stride(1), s13.stride(0), s13.stride(1),
+        act.stride(0), act_scale.stride(0), FMT=fmt, QUANT_OUT=quant_out, **launch)
+    if ew.fmt == "int8":
+        act, act_scale = _quant_int8_rows(act)
+    out = torch.empty((numel, h), dtype=torch.bfloat16, device=dev)
+    s2 = ew.w2_scale if ew.w2_scale is not None else ew.w2
+    gs2 = ew.w2_global_scale.float().reshape(-1) if ew.w2_global_scale is not None else s2
+    has_w = flat_weights is not None
+    _moe_down_kernel[(n_m * (h // bn),)](
+        act, act_scale, ew.w2, s2, gs2, flat_weights if has_w else act_scale, out, sorted_ids, expert_ids, total,
+        numel, n_m, inter,
+        act.stride(0), act_scale.stride(0), ew.w2.stride(0), ew.w2.stride(1), s2.stride(0), s2.stride(1),
+        out.stride(0), FMT=fmt, HAS_WEIGHT=has_w, **launch)
+    return out
+
+
+def _check_inputs(x, topk_weights, topk_ids):
+    if x.dim() != 2 or x.dtype != torch.bfloat16:
+        raise ValueError(f"hidden states: expected bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] % 128:
+        raise ValueError(f"hidden states: H={x.shape[1]} must be a multiple of 128")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)}: "
+                         f"expected [T={x.shape[0]}, k] both")
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    fmt: str = "bf16",
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w13_global_scale: torch.Tensor | None = None,
+    w2_global_scale: torch.Tensor | None = None,
+    shared: ExpertWeights | None = None,
+) -> torch.Tensor:
+    """Routed experts plus the optional shared expert, on CUDA (spec and layouts: reference.fused_moe_ref).
+
+    Args:
+        x: bf16 [T, H], H % 128 == 0. w13: [E, 2I, H] (gate rows, then up rows; packed [E, 2I, H/2] for FP4).
+        w2: [E, H, I] (FP4 [E, H, I/2]); I % 128 == 0.
+        topk_weights: float32 [T, k]; topk_ids: int32 [T, k] in [0, E) (deepseek_route's output).
+        fmt: "bf16" | "fp8" | "int8" | "nvfp4" | "mxfp4"; the scales as in reference.py.
+        shared: the shared expert (weight 1 per token), ExpertWeights in any format.
+    Returns:
+        [T, H] bf16. No host sync: CUDA-graph capturable for a fixed T.
+    """
+    _check_inputs(x, topk_weights, topk_ids)
+    routed = ExpertWeights(w13, w2, fmt, w13_scale, w2_scale, w13_global_scale, w2_global_scale)
+    num_experts, inter = check_expert_weights(routed, x.shape[1], "experts")
+    if inter % 128:
+        raise ValueError(f"experts: intermediate size I={inter} must be a multiple of 128")
+    t, h = x.shape
+    k = topk_ids.shape[1]
+    x = x.contiguous()
+    tiles = _tiles(t * k, num_experts, 2 if fmt == "bf16" else 1, fmt in ("nvfp4", "mxfp4"))
+    sorted_ids, expert_ids, total = moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, tiles["BLOCK_M"])
+    y = _run_stack(x, routed, inter, topk_weights.float().contiguous().view(-1), k, sorted_ids, expert_ids, total,
+                   tiles)
+    out = y.view(t, k, h).sum(dim=1, dtype=torch.float32)  # [T, H] fp32, the weighted combine
+    if shared is not None:
+        sh = _as_stack(shared)
+        _, sh_inter = check_expert_weights(sh, h, "shared expert")
+        if sh_inter % 128:
+            raise ValueError(f"shared expert: intermediate size I={sh_inter} must be a multiple of 128")
+        sh_tiles = _tiles(t, 1, 2 if sh.fmt == "bf16" else 1, sh.fmt in ("nvfp4", "mxfp4"))
+        n_blocks = -(-t // sh_tiles["BLOCK_M"])
+        ids = torch.arange(n_blocks * sh_tiles["BLOCK_M"], dtype=torch.int32, device=x.device)  # >= T: padding
+        zeros = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)
+        total_sh = torch.full((1,), ids.numel(), dtype=torch.int32, device=x.device)
+        out += _run_stack(x, sh, sh_inter, None, 1, ids, zeros, total_sh, sh_tiles).float()
+    return out.to(x.dtype)

@@ -1,0 +1,317 @@
+"""Fused MoE in plain torch, the spec the Triton kernels match: DeepSeek routing, token/expert alignment, expert MLPs.
+
+Routing (DeepSeek-V3 `inference/model.py` Gate; DeepSeek-V2 MoEGate for the softmax methods), all float32:
+    scores = sigmoid(logits) | softmax(logits)                          [T, E]
+    sel    = scores + e_score_correction_bias   (noaux_tc; else scores)
+    groups (noaux_tc, group_limited_greedy, when n_group > 1): group score = sum of the two largest `sel` of the
+           group (noaux_tc) or its max (group_limited_greedy); the topk_group best groups are kept, the experts of
+           the others get -inf
+    ids    = the top_k largest `sel`
+    w      = scores[ids] (unbiased); w /= sum(w) + 1e-20 when norm_topk_prob; w *= routed_scaling_factor
+Ties break towards the lowest index (groups and experts): a stable descending sort. NaN logits are not supported.
+
+Alignment (vLLM `moe_align_block_size`, deterministic): the T*k flat slots `t * k + j` are grouped by expert in
+ascending slot order, each expert's run padded to a multiple of block_m with the sentinel T*k; expert_ids names the
+expert of every block_m rows (-1 past the end); num_tokens_post_padded is the padded total.
+
+Expert MLP for one (token, expert) with weight w (`fmt` picks how weights and activations are stored):
+    a   = x, or its fp8 1x128-group / int8 per-token quantize-dequantize (fp8 / int8)
+    h   = bf16(a @ W13^T)            [2I]  gate = h[:I], up = h[I:]
+    act = bf16(silu(gate) * up)      [I]   (silu in float32), then quantize-dequantized like a
+    y   = act @ W2^T                 [H]   float32
+    out[t] = sum_j w_j * y_j (+ the shared expert's y with weight 1), float32, cast to x.dtype at the end.
+Weights are dequantized with dsquant.formats (W13 [E, 2I, H], gate rows first; W2 [E, H, I]):
+    bf16   w13 bf16;                 no scales
+    fp8    w13 float8_e4m3fn;        w13_scale float32 [E, 2I/128, H/128] (128x128 blocks, multiplies)
+    int8   w13 int8;                 w13_scale float32 [E, 2I, 1] (per output channel)
+    nvfp4  w13 uint8 [E, 2I, H/2];   w13_scale float8_e4m3fn [E, 2I, H/16]; w13_global_scale float32 [E]
+    mxfp4  w13 uint8 [E, 2I, H/2];   w13_scale uint8 E8M0 [E, 2I, H/32]
+and the same for w2 with (H, I) in place of (2I, H). NVFP4/MXFP4 are W4A16: activations stay bf16.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from dsquant.formats.fp8 import dequantize_fp8_block, quantize_fp8_block, quantize_fp8_per_token_group
+from dsquant.formats.int8 import quantize_int8_per_channel, quantize_int8_per_token
+from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+
+SCORING = ("sigmoid", "softmax")
+METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+FORMATS = ("bf16", "fp8", "int8", "nvfp4", "mxfp4")
+RENORM_EPS = 1e-20  # HF DeepseekV3/V2 MoEGate: denominator = sum + 1e-20
+
+
+class ExpertWeights(NamedTuple):
+    """One stack of expert MLP weights in one format (see the module docstring for shapes and dtypes).
+
+    The shared expert is passed as ExpertWeights with E = 1 ([1, 2I, H], ...); 2-D tensors are accepted too.
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    fmt: str = "bf16"
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
+    w13_global_scale: torch.Tensor | None = None
+    w2_global_scale: torch.Tensor | None = None
+
+
+def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """hidden [T, H], router weight [E, H] -> float32 logits [T, E] (the router GEMM stays in torch, in fp32)."""
+    return hidden.float() @ gate_weight.float().t()
+
+
+def check_route_args(logits, bias, n_group, topk_group, top_k, scoring, method) -> None:
+    """ValueError for routing arguments that cannot describe a DeepSeek gate."""
+    if logits.dim() != 2:
+        raise ValueError(f"router logits: expected [T, E], got shape {tuple(logits.shape)}")
+    e = logits.shape[1]
+    if scoring not in SCORING:
+        raise ValueError(f"scoring {scoring!r}: choose one of {SCORING}")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: choose one of {METHODS}")
+    if bias is not None and tuple(bias.shape) != (e,):
+        raise ValueError(f"e_score_correction_bias: expected shape ({e},), got {tuple(bias.shape)}")
+    if method == "greedy":
+        n_group, topk_group = 1, 1
+    if n_group < 1 or e % n_group or not 1 <= topk_group <= n_group:
+        raise ValueError(f"router: {e} experts cannot form n_group={n_group} groups with topk_group={topk_group}")
+    if not 1 <= top_k <= topk_group * (e // n_group):
+        raise ValueError(f"router: top_k={top_k} is not in [1, {topk_group * (e // n_group)}] kept experts")
+
+
+def _top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim, ties to the lowest index (stable descending sort)."""
+    return torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def deepseek_route_ref(
+    logits: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None = None,
+    *,
+    n_group: int = 1,
+    topk_group: int = 1,
+    top_k: int = 8,
+    routed_scaling_factor: float = 1.0,
+    norm_topk_prob: bool = True,
+    scoring: str = "sigmoid",
+    method: str = "noaux_tc",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek router on precomputed logits (see router_logits).
+
+    Args:
+        logits: [T, E] router logits, any float dtype (computed on in float32).
+        e_score_correction_bias: float32 [E], added for selection only (noaux_tc); None means zeros.
+        n_group, topk_group: expert groups and how many are kept (ignored by "greedy").
+        top_k, routed_scaling_factor, norm_topk_prob, scoring, method: the checkpoint's config values.
+    Returns:
+        (topk_weights float32 [T, top_k], topk_ids int32 [T, top_k]), ids in descending selection order.
+    """
+    check_route_args(logits, e_score_correction_bias, n_group, topk_group, top_k, scoring, method)
+    t, e = logits.shape
+    x = logits.float()
+    scores = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)  # [T, E]
+    sel = scores
+    if method == "noaux_tc" and e_score_correction_bias is not None:
+        sel = scores + e_score_correction_bias.float()
+    if method != "greedy" and n_group > 1:
+        grouped = sel.view(t, n_group, e // n_group)  # [T, G, E/G]
+        if method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # values only: ties do not matter
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep = torch.zeros(t, n_group, dtype=torch.bool, device=x.device)
+        keep.scatter_(1, _top_indices(group_score, topk_group), True)
+        sel = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(t, e)
+    ids = _top_indices(sel, top_k)  # [T, k] int64
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def align_sizes(numel: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """(rows of sorted_token_ids, entries of expert_ids) for numel = T*k slots: vLLM's worst-case padding."""
+    rows = numel + min(num_experts, numel) * (block_m - 1)  # each expert hit adds < block_m padding rows
+    return rows, -(-rows // block_m)
+
+
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Group the T*k routed slots by expert, padded per expert to block_m rows.
+
+    Args:
+        topk_ids: int32 [T, k], values in [0, num_experts).
+    Returns:
+        sorted_token_ids int32 [R] (flat slot t*k + j; padding = T*k), expert_ids int32 [R / block_m]
+        (-1 past the end), num_tokens_post_padded int32 [1]; R from align_sizes.
+    """
+    numel = topk_ids.numel()
+    rows, blocks = align_sizes(numel, num_experts, block_m)
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded  # [E] first row of each expert
+    first = torch.cumsum(counts, 0) - counts  # [E] first position of each expert in the stable order
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert, ascending within one
+    e_of = flat[order]
+    sorted_ids = torch.full((rows,), numel, dtype=torch.int32, device=dev)
+    sorted_ids[starts[e_of] + torch.arange(numel, device=dev) - first[e_of]] = order.to(torch.int32)
+    expert_ids = torch.full((blocks,), -1, dtype=torch.int32, device=dev)
+    for ex in torch.nonzero(counts).flatten().tolist():
+        expert_ids[int(starts[ex]) // block_m:int(starts[ex] + padded[ex]) // block_m] = ex
+    total = padded.sum().reshape(1).to(torch.int32)
+    return sorted_ids, expert_ids, total
+
+
+_SCALE_SPECS = {  # fmt -> (weight dtype, packed K divisor, scale dtype, scale columns per K, needs global scale)
+    "bf16": (torch.bfloat16, 1, None, None, False),
+    "fp8": (torch.float8_e4m3fn, 1, torch.float32, 128, False),
+    "int8": (torch.int8, 1, torch.float32, 0, False),
+    "nvfp4": (torch.uint8, 2, torch.float8_e4m3fn, 16, True),
+    "mxfp4": (torch.uint8, 2, torch.uint8, 32, False),
+}
+
+
+def check_expert_weights(ew: ExpertWeights, hidden: int, what: str = "experts") -> tuple[int, int]:
+    """ValueError naming the tensor when a stack does not fit the module docstring; returns (E, I)."""
+    if ew.fmt not in _SCALE_SPECS:
+        raise ValueError(f"{what}: unknown expert format {ew.fmt!r}; choose one of {FORMATS}")
+    wdt, pack, sdt, per_k, needs_gs = _SCALE_SPECS[ew.fmt]
+    if ew.w13.dim() != 3 or ew.w2.dim() != 3:
+        raise ValueError(f"{what}: w13/w2 must be [E, 2I, H] / [E, H, I], got {tuple(ew.w13.shape)} / {tuple(ew.w2.shape)}")
+    e, two_i = ew.w13.shape[:2]
+    inter = two_i // 2
+    for name, w, (n, k) in (("w13", ew.w13, (two_i, hidden)), ("w2", ew.w2, (hidden, inter))):
+        if w.dtype != wdt or tuple(w.shape) != (e, n, k // pack) or k % max(per_k or 1, 1):
+            raise ValueError(f"{what}.{name}: expected {wdt} [{e}, {n}, {k // pack}] with {k} divisible by "
+                             f"{per_k or 1}, got {w.dtype} {tuple(w.shape)}")
+        sc = getattr(ew, f"{name}_scale")
+        if sdt is not None:
+            want = (e, n // 128, k // 128) if ew.fmt == "fp8" else (e, n, k // per_k if per_k else 1)
+            if sc is None or sc.dtype != sdt or tuple(sc.shape) != want:
+                got = None if sc is None else (sc.dtype, tuple(sc.shape))
+                raise ValueError(f"{what}.{name}_scale: expected {sdt} {list(want)}, got {got}")
+        gs = getattr(ew, f"{name}_global_scale")
+        if needs_gs and (gs is None or gs.numel() != e):
+            raise ValueError(f"{what}.{name}_global_scale: expected float32 [{e}], got {None if gs is None else tuple(gs.shape)}")
+    if two_i % 2 or (ew.fmt == "fp8" and inter % 128):
+        raise ValueError(f"{what}: w13 rows {two_i} must be 2 x I (gate then up); fp8 needs I % 128 == 0")
+    return e, inter
+
+
+def _pick(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if t is None else (t[e] if t.dim() > 0 and t.numel() > 1 else t.reshape(()))
+
+
+def dequantize_expert(fmt: str, q: torch.Tensor, scale: torch.Tensor | None,
+                      global_scale: torch.Tensor | None) -> torch.Tensor:
+    """One expert's 2-D weight in `fmt` -> float32 [N, K]."""
+    if fmt == "bf16":
+        return q.float()
+    if fmt == "fp8":
+        return dequantize_fp8_block(q, scale, dtype=torch.float32)
+    if fmt == "int8":
+        return q.float() * scale.float()
+    if fmt == "nvfp4":
+        return dequantize_nvfp4(q, scale, global_scale, dtype=torch.float32)
+    if fmt == "mxfp4":
+        return dequantize_mxfp4(q, scale, dtype=torch.float32)
+    raise ValueError(f"unknown expert format {fmt!r}: choose one of {FORMATS}")
+
+
+def quantize_dequantize_activation(fmt: str, a: torch.Tensor) -> torch.Tensor:
+    """What the kernels feed the tensor cores for activation rows a [M, K]: float32 [M, K]."""
+    if fmt == "fp8":
+        q, s = quantize_fp8_per_token_group(a, 128, name="moe activation")
+        return (q.float().view(*a.shape[:-1], -1, 128) * s.unsqueeze(-1)).view(a.shape)
+    if fmt == "int8":
+        q, s = quantize_int8_per_token(a, name="moe activation")
+        return q.float() * s
+    return a.float()
+
+
+def _as_stack(ew: ExpertWeights) -> ExpertWeights:
+    """Accept 2-D (single expert) tensors by adding the expert dim."""
+    if ew.w13.dim() == 3:
+        return ew
+
+    def up(t):
+        return None if t is None or t.dim() == 0 else t.unsqueeze(0)
+
+    gs13 = None if ew.w13_global_scale is None else ew.w13_global_scale.reshape(1)
+    gs2 = None if ew.w2_global_scale is None else ew.w2_global_scale.reshape(1)
+    return ExpertWeights(ew.w13.unsqueeze(0), ew.w2.unsqueeze(0), ew.fmt, up(ew.w13_scale), up(ew.w2_scale), gs13, gs2)
+
+
+def expert_mlp_ref(x: torch.Tensor, ew: ExpertWeights, e: int) -> torch.Tensor:
+    """Expert e of the stack on rows x [M, H] -> float32 [M, H] (module docstring, "Expert MLP")."""
+    w13 = dequantize_expert(ew.fmt, ew.w13[e], _pick(ew.w13_scale, e), _pick(ew.w13_global_scale, e))
+    w2 = dequantize_expert(ew.fmt, ew.w2[e], _pick(ew.w2_scale, e), _pick(ew.w2_global_scale, e))
+    inter = w2.shape[1]
+    h = (quantize_dequantize_activation(ew.fmt, x) @ w13.t()).to(torch.bfloat16)  # [M, 2I]
+    gate, up = h[:, :inter].float(), h[:, inter:].float()
+    act = (gate * torch.sigmoid(gate) * up).to(torch.bfloat16)  # [M, I]
+    return quantize_dequantize_activation(ew.fmt, act) @ w2.t()  # [M, H] float32
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    fmt: str = "bf16",
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w13_global_scale: torch.Tensor | None = None,
+    w2_global_scale: torch.Tensor | None = None,
+    shared: ExpertWeights | None = None,
+) -> torch.Tensor:
+    """Routed experts (a loop over the experts hit, as DeepSeek-V3 MoE.forward) plus the optional shared expert.
+
+    Args:
+        x: [T, H] bf16 hidden states. w13 [E, 2I, H(/2)], w2 [E, H, I(/2)] and scales: module docstring.
+        topk_weights: float32 [T, k]; topk_ids: int32 [T, k] in [0, E).
+        shared: the shared expert (weight 1 for every token), any format.
+    Returns:
+        [T, H] in x.dtype.
+    """
+    routed = ExpertWeights(w13, w2, fmt, w13_scale, w2_scale, w13_global_scale, w2_global_scale)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
+    for e in torch.unique(topk_ids).tolist():
+        rows, slots = torch.nonzero(topk_ids == e, as_tuple=True)
+        y = expert_mlp_ref(x[rows], routed, e)  # [n, H]
+        out.index_add_(0, rows, y * topk_weights[rows, slots].float().unsqueeze(-1))
+    if shared is not None:
+        out += expert_mlp_ref(x, _as_stack(shared), 0)
+    return out.to(x.dtype)
+
+
+def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, fmt: str) -> ExpertWeights:
+    """Stack high-precision experts w13 [E, 2I, H], w2 [E, H, I] into `fmt` with dsquant.formats, expert by expert.
+
+    NVFP4 gives each expert one global scale for gate and up together (fused partners share it, formats.md).
+    """
+    if fmt == "bf16":
+        return ExpertWeights(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown expert format {fmt!r}: choose one of {FORMATS}")
+    quant = {"fp8": lambda w: quantize_fp8_block(w, name="expert"),
+             "int8": lambda w: quantize_int8_per_channel(w, name="expert"),
+             "nvfp4": lambda w: quantize_nvfp4(w, name="expert"),
+             "mxfp4": lambda w: quantize_mxfp4(w, name="expert")}[fmt]
+    parts = {}
+    for name, w in (("w13", w13), ("w2", w2)):
+        per_expert = [quant(w[e]) for e in range(w.shape[0])]
+        parts[name] = torch.stack([p[0] for p in per_expert])
+        parts[f"{name}_scale"] = torch.stack([p[1] for p in per_expert])
+        if fmt == "nvfp4":
+            parts[f"{name}_global_scale"] = torch.stack([p[2] for p in per_expert]).float()
+    return ExpertWeights(fmt=fmt, **parts)
