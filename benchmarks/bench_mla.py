@@ -1,0 +1,157 @@
+"""MLA decode over the paged latent cache: GB/s on KV bytes (h_q 16/64) and TFLOPS (h_q 128), H100.
+
+Baselines measured in the same run:
+    copy        device-to-device copy bandwidth (bytes read + written), the memory roofline;
+    torch       gather the pages, dequantize to bf16, cuBLAS bmm for Q.K^T and P.V (float32 softmax);
+    torch_attn  the same matmuls on a pre-gathered, pre-dequantized bf16 cache (reads 1152 B/token).
+KV bytes count each cached token once at the cache dtype's size (1152 / 576 / 656 B); FLOPs are
+2 * B * H * ctx * (576 + 512). Besides the default schedule, a few tile configs and split counts
+are timed so the CSV shows what the defaults leave on the table.
+
+    python3 benchmarks/bench_mla.py --out benchmarks/results/mla_h100.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import os
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_per_token, mla_decode
+from dsquant.kernels.mla.cache import dequantize_kv_tokens
+from dsquant.kernels.mla.triton import AttendConfig, default_config, default_num_splits
+
+log = logging.getLogger("bench_mla")
+PAGE = 64
+SCALE = 576**-0.5
+FIELDS = ["date", "gpu", "torch", "triton", "kernel", "kv_dtype", "batch", "heads", "context", "page_size",
+          "config", "num_splits", "time_us", "kv_gbps", "pct_copy_bw", "tflops", "vs_torch"]
+
+
+def _time_ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = _time_ms(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / ms / 1e6
+
+
+def build_cache(kind: str, batch: int, ctx: int):
+    """A fully used cache: pages shuffled so the block table really gathers; filled by cache_store."""
+    n_pages = batch * ctx // PAGE
+    cache = allocate_kv_cache(n_pages, PAGE, kind, device="cuda")
+    bt = torch.randperm(n_pages, device="cuda").to(torch.int32).reshape(batch, ctx // PAGE)
+    kv_scale = torch.tensor(0.05, device="cuda") if kind == "fp8" else None
+    step = 1 << 20
+    slots_all = (bt.long()[:, :, None] * PAGE + torch.arange(PAGE, device="cuda")).reshape(-1)
+    for i in range(0, slots_all.numel(), step):
+        slots = slots_all[i : i + step]
+        kv_c = torch.randn(slots.numel(), 512, device="cuda", dtype=torch.bfloat16)
+        k_pe = torch.randn(slots.numel(), 64, device="cuda", dtype=torch.bfloat16)
+        cache_store(kv_c, k_pe, cache, slots, kv_scale=kv_scale)
+    return cache, bt, kv_scale, slots_all.reshape(batch, ctx)
+
+
+def torch_decode(q, cache, slots, kv_scale):
+    """Baseline: gather + dequantize to bf16, then cuBLAS bmm. q [B, H, 576] bf16 -> [B, H, 512]."""
+    kv_c, k_pe = dequantize_kv_tokens(cache, slots.reshape(-1), kv_scale)
+    k = torch.cat([kv_c, k_pe], dim=-1).to(torch.bfloat16).reshape(slots.shape[0], slots.shape[1], 576)
+    return torch_attend(q, k)
+
+
+def torch_attend(q, k):
+    s = torch.bmm(q, k.transpose(1, 2)).float() * SCALE  # [B, H, ctx]
+    p = torch.softmax(s, dim=-1).to(torch.bfloat16)
+    return torch.bmm(p, k[:, :, :512])
+
+
+def sweep_configs(heads: int, kind: str) -> list[AttendConfig]:
+    base = default_config(heads, kind)
+    if heads >= 128:
+        extra = [AttendConfig(64, 64, 8, 2), AttendConfig(64, 32, 8, 3)]
+    elif heads >= 64:
+        extra = [AttendConfig(32, 64, 4, 2), AttendConfig(32, 32, 4, 3)]
+    else:
+        extra = [AttendConfig(16, 64, 4, 3), AttendConfig(16, 32, 4, 4)]
+    return [base] + [c for c in extra if c != base]
+
+
+def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_scale, slots, sweep):
+    qn = torch.randn(batch, heads, 512, device="cuda", dtype=torch.bfloat16)
+    qp = torch.randn(batch, heads, 64, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    kv_bytes = batch * ctx * kv_cache_bytes_per_token(kind)
+    flops = 2 * batch * heads * ctx * (576 + 512)
+    q = torch.cat([qn, qp], dim=-1)
+    k_bf16 = torch.cat(dequantize_kv_tokens(cache, slots.reshape(-1), kv_scale), -1).to(torch.bfloat16)
+    k_bf16 = k_bf16.reshape(batch, ctx, 576)
+    t_torch = _time_ms(lambda: torch_decode(q, cache, slots, kv_scale))
+    t_attn = _time_ms(lambda: torch_attend(q, k_bf16))
+    del k_bf16
+
+    def row(kernel, config, splits, ms):
+        gbps = kv_bytes / ms / 1e6
+        writer.writerow(dict(meta, kernel=kernel, kv_dtype=kind, batch=batch, heads=heads, context=ctx,
+                             page_size=PAGE, config=config, num_splits=splits, time_us=f"{ms * 1e3:.1f}",
+                             kv_gbps=f"{gbps:.0f}", pct_copy_bw=f"{100 * gbps / copy_bw:.1f}",
+                             tflops=f"{flops / ms / 1e9:.1f}", vs_torch=f"{t_torch / ms:.2f}"))
+        log.info("%-10s %-6s H=%-3d ctx=%-5d %-28s splits=%-3s %8.1f us %6.0f GB/s (%4.1f%% copy) %6.1f TF",
+                 kernel, kind, heads, ctx, config, splits, ms * 1e3, gbps, 100 * gbps / copy_bw, flops / ms / 1e9)
+
+    row("torch", "gather+dequant+bmm", "", t_torch)
+    row("torch_attn", "bmm on bf16 copy", "", t_attn)
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for i, cfg in enumerate(sweep_configs(heads, kind) if sweep else [default_config(heads, kind)]):
+        auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms)
+        for splits in sorted({auto, max(1, auto // 2), auto * 2}) if (sweep and i == 0) else [auto]:
+            try:
+                ms = _time_ms(lambda: mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale,
+                                                 num_splits=splits, config=cfg))
+            except Exception as e:  # a config out of shared memory / registers: record and go on
+                log.warning("%s %s: %s", kind, cfg, str(e).splitlines()[0][:200])
+                continue
+            name = "triton" if (i == 0 and splits == auto) else "triton_sweep"
+            row(name, f"h{cfg.block_h}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}", splits, ms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/mla_h100.csv")
+    parser.add_argument("--no-sweep", action="store_true", help="time the default schedule only")
+    parser.add_argument("--kv-dtypes", default="bf16,fp8,fp8_ds")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=triton.__version__)
+    log.info("%s | torch %s | triton %s", meta["gpu"], meta["torch"], meta["triton"])
+    copy_bw = copy_bandwidth()
+    log.info("device copy: %.0f GB/s", copy_bw)
+    new = not os.path.exists(args.out)
+    with open(args.out, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(dict(meta, kernel="copy", time_us="", kv_gbps=f"{copy_bw:.0f}", pct_copy_bw="100.0"))
+        # 4K first with the sweep (it compiles every config), then 32K on the defaults.
+        for ctx, batch, head_list in ((4096, 64, (16, 64, 128)), (32768, 64, (16, 64))):
+            for kind in args.kv_dtypes.split(","):
+                cache, bt, kv_scale, slots = build_cache(kind, batch, ctx)
+                for heads in head_list:
+                    bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_scale, slots,
+                               sweep=not args.no_sweep and ctx == 4096)
+                    f.flush()
+                del cache, bt, slots
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
