@@ -67,8 +67,8 @@ def _unpack(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _e8m0_to_float(b):
-    """E8M0 byte (int32 0..255) -> float32 2^(b - 127); b = 0 is the subnormal 2^-127 (bits 1 << 21)."""
-    return tl.where(b > 0, b << 23, 1 << 21).to(tl.float32, bitcast=True)
+    """E8M0 byte (int32 0..255) -> float32 2^(b - 127); b = 0 is the subnormal 2^-127 = 2^22 * 2^-149."""
+    return tl.where(b > 0, b << 23, 1 << 22).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -17,8 +17,11 @@ two so that exact ties survive the scaling:
 
 from __future__ import annotations
 
+import os
+
 import ml_dtypes
 import numpy as np
+import pytest
 import torch
 
 from dsquant.formats.fp4 import round_to_e2m1
@@ -85,6 +88,34 @@ def gaussian(m: int, k: int, *, seed: int = 0, dtype: torch.dtype = torch.bfloat
     x = torch.randn(m, k, generator=g)
     x[:, torch.randint(k, (max(1, k // 256),), generator=g)] *= 50
     return x.to(dtype)
+
+
+@pytest.fixture
+def exact_upcasts(monkeypatch):
+    """Under TRITON_INTERPRET=1, make bf16/fp16/e4m3 -> fp32 casts exact for subnormal and NaN inputs.
+
+    The Triton 3.6 interpreter's `_convert_float` rebuilds the exponent of a subnormal input and clamps
+    it at 0 without shifting the significand, so a bf16 subnormal (1e-40) becomes +-0 in float32, and
+    it widens the e4m3 NaN byte 0xFF to -480; the compiled casts are exact. tests/interpreter_fixes.py
+    patches downcasts only; this patches upcasts, for one test at a time. Widening casts are exact, so
+    torch performs them here.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    torch_of = {"bf16": (torch.bfloat16, torch.int16, np.uint16), "fp16": (torch.float16, torch.int16, np.uint16),
+                "fp8e4nv": (torch.float8_e4m3fn, torch.uint8, np.uint8)}
+    inner = interpreter._convert_float
+
+    def convert_float(input, input_dtype, output_dtype, rounding_mode):
+        src = torch_of.get(getattr(input_dtype, "name", None))
+        if src is None or getattr(output_dtype, "name", None) != "fp32":
+            return inner(input, input_dtype, output_dtype, rounding_mode)
+        raw = torch.from_numpy(np.ascontiguousarray(input).view(src[2]).copy()).view(src[1]).view(src[0])
+        return raw.float().view(torch.int32).numpy().view(np.uint32)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert_float)
 
 
 def test_e2m1_rows_hit_every_tie_exactly():
