@@ -1,11 +1,80 @@
-"""`dsquant convert`."""
+"""`dsquant convert [SRC] [DST] --recipe NAME ...`: a thin mapping of options onto dsquant.convert.convert."""
 
 from __future__ import annotations
 
-from dsquant.cli.app import app, not_available
+import json
+import sys
+
+import typer
+
+from dsquant.cli.app import app, fail
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _print_plan(summary) -> None:
+    rows = sorted(summary.plan, key=lambda r: -r["bytes_in"])
+    typer.echo(f"{'tensor pattern':<52} {'rule':<24} {'format':<10} {'count':>6} {'in':>10} {'out':>10}")
+    for r in rows:
+        typer.echo(f"{r['pattern']:<52} {r['rule']:<24} {r['format']:<10} {r['count']:>6} "
+                   f"{_human(r['bytes_in']):>10} {_human(r['bytes_out']):>10}")
+    typer.echo(f"dry run: {summary.src} -> {summary.dst} as {summary.recipe} ({summary.convention}); "
+               f"{_human(summary.bytes_in)} in, {_human(summary.bytes_out)} out in {summary.shards} shard(s), "
+               f"ratio {summary.ratio:.2f}x; plan validated, nothing written")
 
 
 @app.command("convert")
-def convert() -> None:
-    """Not available in this version yet (Step 2, the streaming converter)."""
-    not_available("convert", "Step 2, the streaming converter")
+def convert(
+    src: str = typer.Argument(None, help="Source: a local Hugging Face checkpoint folder, or hf://org/name "
+                                         "(hf://org/name@revision for a branch or commit). Omitted: the demo model."),
+    dst: str = typer.Argument(None, help="Output folder (new or empty). Omitted: ./<model-name>-<recipe>."),
+    recipe: str = typer.Option("nvfp4", "--recipe", "-r",
+                               help="Shipped recipe name (see `dsquant recipes`) or a path to a .toml recipe."),
+    fmt: str = typer.Option("auto", "--format", "-f",
+                            help="On-disk convention: auto (the recipe's first), deepseek, modelopt or "
+                                 "compressed-tensors."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda (one worker per visible GPU) or cuda:N."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Output shards processed in parallel on CPU."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted conversion in DST."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (per tensor pattern: rule, format, count, "
+                                                         "bytes in/out) after validating it; write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or plan) as JSON on stdout."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", help="Upload DST to this Hub repo (ORG/NAME) when done."),
+) -> None:
+    """Convert a DeepSeek-family checkpoint (BF16 or DeepSeek FP8) into a quantized checkpoint that vLLM, SGLang
+    and TensorRT-LLM load as it is.
+
+    Streams tensor by tensor (memory does not grow with model size), checks the result against the engines'
+    loading rules and writes a model card. If interrupted, run the same command with --resume.
+
+    Example: dsquant convert hf://deepseek-ai/DeepSeek-V3 ./V3-nvfp4 --recipe nvfp4 --format modelopt
+    """
+    from dsquant.convert import convert as run_convert
+
+    if fmt not in ("auto", "deepseek", "modelopt", "compressed-tensors"):
+        fail(f"--format {fmt!r}: choose auto, deepseek, modelopt or compressed-tensors")
+    try:
+        summary = run_convert(src, dst, recipe, convention=fmt, device=device, workers=workers,
+                              max_shard_size=max_shard_size, resume=resume, dry_run=dry_run,
+                              progress=sys.stderr.isatty() and not as_json, push_to_hub=push_to_hub)
+    except ValueError as exc:
+        fail(str(exc))
+    except OSError as exc:  # ENOSPC, EROFS, EACCES while writing: one line naming the file
+        fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    elif dry_run:
+        _print_plan(summary)
+    else:
+        typer.echo(f"converted {summary.src} -> {summary.dst} ({summary.recipe}, {summary.convention}): "
+                   f"{_human(summary.bytes_in)} in, {_human(summary.bytes_out)} out (ratio {summary.ratio:.2f}x), "
+                   f"{summary.seconds:.1f} s, {summary.gb_per_s:.2f} GB/s"
+                   + (f", {summary.resumed_shards} shard(s) kept from the interrupted run" if summary.resumed_shards
+                      else ""))
