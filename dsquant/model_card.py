@@ -204,7 +204,8 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
         log.warning("model card: the source has no Hub id; base_model is left out of the metadata")
     yaml = ModelCardData(**meta).to_yaml()
     bytes_in, bytes_out = recipe.get("bytes_in"), recipe.get("bytes_out")
-    title = f"{base.split('/')[-1] if base else config.get('model_type', 'DeepSeek')} · {name}"
+    stem = base.split("/")[-1] if base else Path(str(source.get("path") or config.get("model_type", "model"))).name
+    title = f"{stem} · {name}"
     src_txt = base or source.get("path") or "?"
     rev = f" at revision `{source['revision']}`" if source.get("revision") else ""
     body = [CARD_MARKER, f"# {title}", "",
@@ -222,8 +223,9 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
         body += ["> **Activation scales are the uncalibrated default** (NVFP4 static input scales were not "
                  "calibrated on data). Accuracy can improve after calibration.", ""]
     if bytes_in and bytes_out:
-        body += ["## Size", "", f"{human_bytes(bytes_in)} → {human_bytes(bytes_out)} "
-                 f"({bytes_in / bytes_out:.2f}× smaller).", ""]
+        ratio = bytes_in / bytes_out
+        change = f"{ratio:.2f}× smaller" if ratio >= 1 else f"{1 / ratio:.2f}× larger: the source was already quantized"
+        body += ["## Size", "", f"{human_bytes(bytes_in)} → {human_bytes(bytes_out)} ({change}).", ""]
     body += _eval_section(ev)
     body += ["## Serving", "", serve_commands(repo, str(convention), formats, bytes_out,
                                               kv_fp8=_kv_fp8(dst, config)), ""]

@@ -1,0 +1,423 @@
+"""Each --check rule: a hand-made checkpoint that breaks it, and the unbroken checkpoint that passes.
+
+Fixtures come from tests/check/ckpt_factory.py (written straight from formats.md, not by dsquant's
+converter), so the rules are tested on checkpoints "made by any tool".
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsquant.check import Finding, check_checkpoint
+from dsquant.check.view import CheckpointError
+from dsquant.formats import quantize_fp8_block
+from tests.check.ckpt_factory import MTP, build
+
+KINDS = ["bf16", "deepseek-fp8", "modelopt", "ct-nvfp4", "ct-mxfp4", "ct-int8"]
+L0, L1 = "model.layers.0.", "model.layers.1."
+EXP0 = L1 + "mlp.experts.0."
+
+
+def run(tmp_path, ck, **kw) -> list[Finding]:
+    return check_checkpoint(ck.write(tmp_path / "ckpt", **kw))
+
+
+def hits(findings, rule, severity="error") -> list[Finding]:
+    return [f for f in findings if f.rule == rule and f.severity == severity]
+
+
+def only(findings, rule, severity="error") -> Finding:
+    got = hits(findings, rule, severity)
+    assert len(got) == 1, f"expected one {severity} {rule}, got: {[str(f) for f in findings]}"
+    return got[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_well_formed_checkpoints_pass(tmp_path, kind):
+    assert run(tmp_path, build(kind)) == []
+
+
+# --- structure --------------------------------------------------------------------------------------
+
+
+def test_missing_shard_is_an_error(tmp_path):
+    path = build("modelopt").write(tmp_path / "c")
+    (path / "model-00002-of-00002.safetensors").unlink()
+    f = only(check_checkpoint(path), "index")
+    assert f.file == "model-00002-of-00002.safetensors" and "missing" in f.message
+
+
+def test_corrupt_header_is_an_error(tmp_path):
+    path = build("bf16").write(tmp_path / "c")
+    shard = path / "model-00001-of-00002.safetensors"
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:64])
+    f = only(check_checkpoint(path), "index")
+    assert f.file == shard.name and "header" in f.message
+
+
+def test_truncated_shard_is_an_error(tmp_path):
+    path = build("bf16").write(tmp_path / "c")
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert any("past the end" in f.message for f in hits(check_checkpoint(path), "index"))
+
+
+def test_index_entry_not_in_its_shard_and_stray_tensor(tmp_path):
+    path = build("bf16").write(tmp_path / "c")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    moved = "lm_head.weight"
+    wrong = "model-00002-of-00002.safetensors" if index["weight_map"][moved].startswith("model-00001") else \
+        "model-00001-of-00002.safetensors"
+    index["weight_map"][moved] = wrong
+    stray = next(n for n in index["weight_map"] if n != moved)
+    del index["weight_map"][stray]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    fs = hits(check_checkpoint(path), "index")
+    assert {f.tensor for f in fs} == {moved, stray}, [str(f) for f in fs]
+
+
+def test_index_naming_a_file_outside_the_checkpoint(tmp_path):
+    path = build("bf16").write(tmp_path / "c")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "../x.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert any(f.file == "../x.safetensors" and "outside" in f.message for f in hits(check_checkpoint(path), "index"))
+
+
+def test_total_size_and_unlisted_shard_are_warnings(tmp_path):
+    path = build("bf16").write(tmp_path / "c")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] += 2
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / "model-00009-of-00009.safetensors").write_bytes((path / "model-00001-of-00002.safetensors").read_bytes())
+    fs = check_checkpoint(path)
+    assert only(fs, "index-total-size", "warning").file == "model.safetensors.index.json"
+    assert only(fs, "unlisted-shard", "warning").file == "model-00009-of-00009.safetensors"
+    assert not [f for f in fs if f.severity == "error"]
+
+
+def test_config_layer_and_expert_counts_must_match_tensors(tmp_path):
+    ck = build("bf16")
+    ck.config["num_hidden_layers"] = 1  # layer 1 now looks like the MTP layer and layer 2 is beyond it
+    ck.config["n_routed_experts"] = 8
+    fs = hits(run(tmp_path, ck), "layers")
+    assert any("beyond" in f.message for f in fs) and any("n_routed_experts=8" in f.message for f in fs)
+
+
+def test_not_a_checkpoint_raises(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        check_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
+        check_checkpoint(tmp_path / "empty")
+    path = build("bf16").write(tmp_path / "c")
+    (path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not valid JSON"):
+        check_checkpoint(path)
+
+
+# --- config files -----------------------------------------------------------------------------------
+
+
+def test_missing_config_and_unknown_architecture(tmp_path):
+    path = build("bf16").write(tmp_path / "c")
+    (path / "config.json").unlink()
+    assert only(check_checkpoint(path), "config-missing").file == "config.json"
+    ck = build("bf16")
+    ck.config["architectures"] = ["LlamaForCausalLM"]
+    assert only(run(tmp_path, ck), "not-deepseek", "warning")
+
+
+def test_stale_fp8_config_beside_nvfp4_tensors(tmp_path):
+    ck = build("ct-nvfp4")
+    ck.config["quantization_config"] = build("deepseek-fp8").config["quantization_config"]
+    f = only(run(tmp_path, ck), "stale-quant-config")
+    assert "['fp8']" in f.message and "nvfp4" in f.message
+
+
+def test_config_json_disagrees_with_hf_quant_config(tmp_path):
+    ck = build("modelopt")
+    ck.config["quantization_config"] = build("deepseek-fp8").config["quantization_config"]
+    fs = hits(run(tmp_path, ck), "stale-quant-config")
+    assert any("hf_quant_config.json declares ModelOpt" in f.message for f in fs)
+    ck = build("modelopt")
+    ck.config["quantization_config"]["quant_algo"] = "FP8"
+    assert any("quant_algo 'FP8'" in f.message for f in hits(run(tmp_path / "b", ck), "stale-quant-config"))
+
+
+def test_quantized_tensors_without_any_config_and_config_without_quantized_tensors(tmp_path):
+    ck = build("ct-int8")
+    del ck.config["quantization_config"]
+    assert "int8" in only(run(tmp_path, ck), "missing-quant-config").message
+    ck = build("bf16")
+    ck.config["quantization_config"] = build("deepseek-fp8").config["quantization_config"]
+    assert "no tensor is stored quantized" in only(run(tmp_path / "b", ck), "missing-quant-config").message
+
+
+@pytest.mark.parametrize("key", ["quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules"])
+def test_hf_quant_config_required_keys(tmp_path, key):
+    ck = build("modelopt")
+    del ck.hf_quant_config["quantization"][key]
+    fs = hits(run(tmp_path, ck), "hf-quant-config-keys")
+    assert any(key in f.message and f.file == "hf_quant_config.json" for f in fs), [str(f) for f in fs]
+
+
+def test_hf_quant_config_empty_exclude_and_null_kv(tmp_path):
+    ck = build("modelopt")
+    ck.hf_quant_config["quantization"]["exclude_modules"] = []
+    ck.hf_quant_config["quantization"]["kv_cache_quant_algo"] = None
+    fs = run(tmp_path, ck)
+    assert "exclude_modules is empty" in only(fs, "hf-quant-config-keys").message
+    assert "null" in only(fs, "hf-quant-config-keys", "warning").message
+
+
+def test_fp8_config_keys(tmp_path):
+    ck = build("deepseek-fp8")
+    del ck.config["quantization_config"]["activation_scheme"]
+    del ck.config["quantization_config"]["weight_block_size"]
+    fs = hits(run(tmp_path, ck), "quant-config-keys")
+    assert {("activation_scheme" in f.message) for f in fs} == {True, False} and len(fs) == 2
+    ck = build("ct-int8")
+    ck.config["quantization_config"]["config_groups"] = {}
+    assert "config_groups" in only(run(tmp_path / "b", ck), "quant-config-keys").message
+
+
+# --- exclude/ignore lists ---------------------------------------------------------------------------
+
+
+def test_modelopt_substring_exclude_hits_gate_proj(tmp_path):
+    ck = build("modelopt")
+    ck.hf_quant_config["quantization"]["exclude_modules"] = ck.hf_quant_config["quantization"]["exclude_modules"] + [
+        "mlp.gate"]
+    f = only(run(tmp_path, ck), "exclude-overmatch")
+    assert f.tensor == L0 + "mlp.gate_proj" and "'mlp.gate'" in f.message and f.file == "hf_quant_config.json"
+
+
+def test_compressed_tensors_unanchored_regex_hits_gate_proj(tmp_path):
+    ck = build("ct-nvfp4")
+    ck.config["quantization_config"]["ignore"] = ["lm_head", r"re:.*self_attn\..*", r"re:.*mlp\.gate",
+                                                  rf"re:^model\.layers\.{MTP}\..*"]
+    f = only(run(tmp_path, ck), "exclude-overmatch")
+    assert f.tensor == L0 + "mlp.gate_proj" and "compressed-tensors matching" in f.message
+
+
+def test_overmatch_on_unquantized_modules_is_a_warning(tmp_path):
+    ck = build("ct-nvfp4")
+    ck.config["quantization_config"]["ignore"] += [r"re:.*self_attn\.kv_b"]  # hits kv_b_proj, which is BF16
+    f = only(run(tmp_path, ck), "exclude-overmatch", "warning")
+    assert f.tensor == L0 + "self_attn.kv_b_proj"
+
+
+def test_exclude_entry_matching_nothing_is_a_warning(tmp_path):
+    ck = build("modelopt")
+    ck.hf_quant_config["quantization"]["exclude_modules"] = ck.hf_quant_config["quantization"]["exclude_modules"] + [
+        "model.layers.0.mlp.gate_up_proj"]
+    assert "gate_up_proj" in only(run(tmp_path, ck), "exclude-unmatched", "warning").message
+
+
+def test_scale_tensors_on_an_excluded_module(tmp_path):
+    ck = build("modelopt")
+    ck.tensors["lm_head.input_scale"] = torch.tensor(0.01)
+    assert only(run(tmp_path, ck), "excluded-but-quantized").tensor == "lm_head"
+
+
+def test_quantized_module_not_targeted_by_compressed_tensors(tmp_path):
+    ck = build("ct-int8")
+    ck.config["quantization_config"]["config_groups"]["group_0"]["targets"] = [r"re:.*mlp\.experts\..*"]
+    f = only(run(tmp_path, ck), "quantized-not-declared")
+    assert f.tensor in (L0 + "mlp.down_proj", L0 + "mlp.gate_proj", L0 + "mlp.up_proj")
+
+
+def test_unquantized_linear_not_excluded(tmp_path):
+    ck = build("modelopt")
+    exclude = [e for e in ck.hf_quant_config["quantization"]["exclude_modules"] if "layers.1.self_attn" not in e]
+    ck.hf_quant_config["quantization"]["exclude_modules"] = exclude
+    ck.config["quantization_config"]["ignore"] = exclude
+    f = only(run(tmp_path, ck), "unquantized-not-excluded")
+    assert f.tensor.startswith(L1 + "self_attn.") and "5 module(s)" in f.message
+
+
+# --- fused partners ---------------------------------------------------------------------------------
+
+
+def test_fused_partners_with_different_schemes(tmp_path):
+    ck, ref = build("modelopt"), build("bf16")
+    for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+        del ck.tensors[EXP0 + "up_proj." + suffix]
+    ck.tensors[EXP0 + "up_proj.weight"] = ref.tensors[EXP0 + "up_proj.weight"]
+    ck.hf_quant_config["quantization"]["exclude_modules"].append(EXP0 + "up_proj")
+    f = only(run(tmp_path, ck), "fused-scheme")
+    assert f.tensor == EXP0 + "gate_proj" and "nvfp4" in f.message and "bf16" in f.message
+
+
+@pytest.mark.parametrize("kind,param", [("modelopt", "weight_scale_2"), ("modelopt", "input_scale"),
+                                        ("ct-nvfp4", "weight_global_scale"), ("ct-nvfp4", "input_global_scale")])
+def test_fused_nvfp4_partners_with_different_global_scales(tmp_path, kind, param):
+    ck = build(kind)
+    name = EXP0 + "up_proj." + param
+    ck.tensors[name] = ck.tensors[name] * 1.5
+    f = only(run(tmp_path, ck), "fused-global-scale")
+    assert f.tensor == EXP0 + "gate_proj." + param
+
+
+def test_q_a_and_kv_a_partners_checked_too(tmp_path):
+    ck = build("deepseek-fp8")
+    m = L0 + "self_attn.kv_a_proj_with_mqa"
+    del ck.tensors[m + ".weight_scale_inv"]
+    ck.tensors[m + ".weight"] = build("bf16").tensors[m + ".weight"]
+    ck.config["quantization_config"]["ignored_layers"] = [m]
+    f = only(run(tmp_path, ck), "fused-scheme")
+    assert f.tensor == L0 + "self_attn.q_a_proj"
+
+
+# --- scales and packed shapes -----------------------------------------------------------------------
+
+
+def test_fp8_weight_without_scale(tmp_path):
+    ck = build("deepseek-fp8")
+    del ck.tensors[L0 + "self_attn.o_proj.weight_scale_inv"]
+    assert only(run(tmp_path, ck), "missing-scale").tensor == L0 + "self_attn.o_proj.weight"
+
+
+def test_fp8_scale_under_the_other_conventions_name(tmp_path):
+    ck = build("deepseek-fp8")
+    m = L0 + "self_attn.o_proj."
+    ck.tensors[m + "weight_scale"] = ck.tensors.pop(m + "weight_scale_inv")
+    assert only(run(tmp_path, ck), "scale-name").tensor == m + "weight"
+
+
+def test_fp8_block_scale_with_wrong_shape(tmp_path):
+    ck = build("deepseek-fp8")
+    name = L0 + "mlp.down_proj.weight_scale_inv"
+    ck.tensors[name] = torch.ones(2, 1)
+    assert only(run(tmp_path, ck), "scale-shape").tensor == name
+
+
+def test_global_scale_not_one_float32(tmp_path):
+    ck = build("modelopt")
+    for p in ("gate_proj", "up_proj"):  # both partners, so only the dtype rule fires
+        ck.tensors[EXP0 + p + ".weight_scale_2"] = ck.tensors[EXP0 + p + ".weight_scale_2"].to(torch.bfloat16)
+    f = only(run(tmp_path, ck), "scale-shape")
+    assert "expected one float32 value" in f.message
+
+
+@pytest.mark.parametrize("kind", ["modelopt", "ct-mxfp4"])
+def test_swizzled_block_scale(tmp_path, kind):
+    ck = build(kind)
+    name = L0 + "mlp.down_proj.weight_scale"  # [64, 128/16=8] or [64, 4]: the 128x4 layout pads to [128, 8]/[128, 4]
+    s = ck.tensors[name]
+    padded = torch.zeros(128, -(-s.shape[1] // 4) * 4, dtype=s.dtype)
+    padded[: s.shape[0], : s.shape[1]] = s
+    ck.tensors[name] = padded
+    assert only(run(tmp_path, ck), "swizzled-block-scale").tensor == name
+
+
+def test_fp4_packed_along_n(tmp_path):
+    ck = build("ct-mxfp4")
+    m = L0 + "mlp.up_proj."
+    w = ck.tensors[m + "weight_packed"]  # [128, 32] = [N, K/2]
+    ck.tensors[m + "weight_packed"] = torch.zeros(w.shape[0] // 2, w.shape[1] * 2, dtype=torch.uint8)
+    f = only(run(tmp_path, ck), "packed-shape")
+    assert f.tensor == m + "weight_packed" and "packed along N" in f.message
+
+
+def test_global_scale_stored_in_the_other_direction(tmp_path):
+    ck = build("ct-nvfp4")
+    for p in ("gate_proj", "up_proj"):
+        name = EXP0 + p + ".weight_global_scale"
+        ck.tensors[name] = 1 / ck.tensors[name]  # ModelOpt multiplier written under the CT (divisor) name
+    f = only(run(tmp_path, ck), "global-scale-value", "warning")
+    assert "multiplier" in f.message
+
+
+def test_non_finite_global_scale(tmp_path):
+    ck = build("modelopt")
+    for p in ("gate_proj", "up_proj"):
+        ck.tensors[EXP0 + p + ".input_scale"] = torch.tensor(float("nan"))
+    assert only(run(tmp_path, ck), "global-scale-value").tensor.startswith(EXP0)
+
+
+def test_ue8m0_declared_but_scales_not_powers_of_two(tmp_path):
+    ck = build("deepseek-fp8")
+    ck.config["quantization_config"]["scale_fmt"] = "ue8m0"
+    assert only(run(tmp_path, ck), "ue8m0-scale")
+    ck = build("deepseek-fp8")
+    ck.config["quantization_config"]["scale_fmt"] = "ue8m0"
+    for name in [n for n in ck.tensors if n.endswith(".weight_scale_inv")]:
+        w = build("bf16").tensors[name[: -len("_scale_inv")]]
+        ck.tensors[name[: -len("_scale_inv")]], ck.tensors[name] = quantize_fp8_block(w, ue8m0=True)
+    assert run(tmp_path / "pow2", ck) == []
+
+
+# --- router ----------------------------------------------------------------------------------------
+
+
+def test_quantized_router(tmp_path):
+    ck = build("deepseek-fp8")
+    q, s = quantize_fp8_block(ck.tensors[L1 + "mlp.gate.weight"])
+    ck.tensors[L1 + "mlp.gate.weight"], ck.tensors[L1 + "mlp.gate.weight_scale_inv"] = q, s
+    assert only(run(tmp_path, ck), "router-dtype").tensor == L1 + "mlp.gate.weight (fp8-block)"
+
+
+def test_router_bias_not_float32_or_missing(tmp_path):
+    ck = build("bf16")
+    name = L1 + "mlp.gate.e_score_correction_bias"
+    ck.tensors[name] = ck.tensors[name].to(torch.bfloat16)
+    assert "BF16" in only(run(tmp_path, ck), "router-bias").message
+    ck = build("bf16")
+    del ck.tensors[name]
+    assert "noaux_tc" in only(run(tmp_path / "b", ck), "router-bias").message
+
+
+def test_router_weight_in_float32_is_a_warning(tmp_path):
+    ck = build("bf16")
+    ck.tensors[L1 + "mlp.gate.weight"] = ck.tensors[L1 + "mlp.gate.weight"].float()
+    assert only(run(tmp_path, ck), "router-dtype", "warning")
+
+
+# --- MTP layer -------------------------------------------------------------------------------------
+
+
+def test_mtp_layer_dropped(tmp_path):
+    ck = build("ct-nvfp4")
+    ck.tensors = {n: t for n, t in ck.tensors.items() if not n.startswith(f"model.layers.{MTP}.")}
+    f = only(run(tmp_path, ck), "mtp-missing")
+    assert f.tensor == f"model.layers.{MTP}"
+
+
+def test_mtp_helper_tensors_missing(tmp_path):
+    ck = build("modelopt")
+    del ck.tensors[f"model.layers.{MTP}.enorm.weight"]
+    del ck.tensors[f"model.layers.{MTP}.embed_tokens.weight"]
+    fs = run(tmp_path, ck)
+    assert only(fs, "mtp-missing").tensor == f"model.layers.{MTP}.enorm.weight"
+    assert only(fs, "mtp-missing", "warning").tensor == f"model.layers.{MTP}.embed_tokens.weight"
+
+
+def test_mtp_eh_proj_quantized(tmp_path):
+    ck = build("deepseek-fp8")
+    name = f"model.layers.{MTP}.eh_proj.weight"
+    ck.tensors[name], ck.tensors[name + "_scale_inv"] = quantize_fp8_block(ck.tensors[name])
+    assert only(run(tmp_path, ck), "mtp-eh-proj").tensor == name
+
+
+def test_mtp_quantized_while_excluded(tmp_path):
+    ck, fp8 = build("modelopt"), build("deepseek-fp8")
+    m = f"model.layers.{MTP}.self_attn.o_proj"
+    ck.tensors[m + ".weight"], ck.tensors[m + ".weight_scale_inv"] = fp8.tensors[m + ".weight"], fp8.tensors[
+        m + ".weight_scale_inv"]
+    f = only(run(tmp_path, ck), "mtp-declared")
+    assert f.tensor == m and "declares it excluded" in f.message
+
+
+def test_mtp_bf16_while_declared_quantized(tmp_path):
+    ck, ref = build("deepseek-fp8"), build("bf16")
+    prefix = f"model.layers.{MTP}."
+    for name in [n for n in ck.tensors if n.startswith(prefix) and n.endswith("_scale_inv")]:
+        del ck.tensors[name]
+        ck.tensors[name[: -len("_scale_inv")]] = ref.tensors[name[: -len("_scale_inv")]]
+    f = only(run(tmp_path, ck), "mtp-declared")
+    assert "declares it quantized" in f.message and "re:^model\\.layers\\.2\\..*" in f.message
