@@ -1,0 +1,97 @@
+"""Tile configurations for the GEMM kernels in triton.py, kept beside them and keyed on static dims.
+
+Large M (the persistent kernel): a short autotune list per weight format, keyed on (N, K, format,
+M bucket) so a new sequence length does not re-tune; pruned by shared memory and by M.
+Small M (the swap-AB split-K kernel): a fixed heuristic, since the work is a weight stream whose
+best split only depends on how many tiles N gives and how many SMs there are.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+# Weight formats (the W_FMT constexpr of the kernels).
+FP8_BLOCK, INT8, NVFP4, MXFP4 = 0, 1, 2, 3
+FP4_FORMATS = (NVFP4, MXFP4)
+
+SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream once, MMA N = BLOCK_M)
+SMEM_BYTES = 227 * 1024  # H100/H200 dynamic shared memory per block
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tune_bench(fn, quantiles):
+    """Autotune timing: short runs, since each (N, K) is tuned once per process and DeepSeek has a handful."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: one config for prefill-sized M, one for the M in between."""
+    return 0 if m <= 512 else 1
+
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m), num_warps=warps, num_stages=stages)
+
+
+# FP8 block scaling pins BLOCK_K to the 128-wide scale group; INT8 shares the list.
+_LARGE_M_8BIT = [
+    _cfg(128, 128, 128, 4, 4),
+    _cfg(128, 128, 128, 8, 4),
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(256, 128, 128, 8, 3),
+    _cfg(64, 128, 128, 4, 5),
+]
+# FP4 weights: bf16 activations (2 bytes per K) against packed weights (1/2 byte per K).
+_LARGE_M_FP4 = [
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(64, 128, 128, 4, 4),
+]
+
+
+def large_m_configs(fmt: int) -> list:
+    """The autotune list of the persistent kernel for one weight format."""
+    return _LARGE_M_FP4 if fmt in FP4_FORMATS else _LARGE_M_8BIT
+
+
+def interpreter_config(fmt: int) -> dict:
+    """The interpreter cannot time configs, so it runs the first one: any valid config checks the arithmetic."""
+    cfg = large_m_configs(fmt)[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _smem(cfg: triton.Config, a_bytes: float, b_bytes: float) -> float:
+    k = cfg.kwargs
+    return cfg.num_stages * k["BLOCK_K"] * (k["BLOCK_M"] * a_bytes + k["BLOCK_N"] * b_bytes)
+
+
+def early_prune(configs, named_args, **kwargs):
+    """Autotune pruning: configs fitting shared memory, and no taller than M needs."""
+    a_bytes, b_bytes = (2, 0.5) if kwargs["W_FMT"] in FP4_FORMATS else (1, 1)
+    keep = [c for c in configs if _smem(c, a_bytes, b_bytes) <= SMEM_BYTES]
+    if named_args["M"] <= 128:
+        keep = [c for c in keep if c.kwargs["BLOCK_M"] <= 128] or keep
+    return keep
+
+
+def small_m_config(m: int, n: int, k: int, fmt: int, num_sms: int) -> dict:
+    """Swap-AB split-K launch parameters for M <= SMALL_M_MAX.
+
+    The weight tile is the MMA's M side (BLOCK_N = 128 rows), the tokens its N side (BLOCK_M >= 16).
+    K is split so that about two CTAs per SM stream weights; the splits are summed by a second,
+    deterministic kernel.
+    """
+    block_m = max(16, triton.next_power_of_2(m))
+    block_n = 128
+    block_k = 256 if fmt in FP4_FORMATS else 128
+    n_tiles = triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split = max(1, min(k_tiles, round(2 * num_sms / n_tiles)))
+    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty split
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)

@@ -1,0 +1,335 @@
+"""Triton scaled-mm GEMMs: FP8 block (DeepSeek), INT8 W8A8, and FP4 weights (NVFP4, MXFP4) with bf16 activations.
+
+out[M, N] = x[M, K] @ W[N, K]^T. Two kernels serve every weight format (the W_FMT constexpr):
+- `_gemm_persistent_kernel` (M > 64): one CTA per SM walks the output tiles in grouped order; x and W
+  tiles come through TMA tensor descriptors (`tl.make_tensor_descriptor`). Tiles are autotuned per
+  (N, K, format, M bucket) from configs.py.
+- `_gemm_swap_ab_kernel` (M <= 64): a decode GEMM is a weight stream. The weight tile is the MMA's
+  M side (128 rows) and the few tokens its N side, so no MMA rows are spent on padding tokens; K is
+  split over CTAs to fill the GPU, and `_splitk_reduce_kernel` sums the fp32 partials in a fixed
+  order, so results do not depend on timing.
+Numerics per format:
+- FP8_BLOCK: per 128-K step acc += dot(a, w^T) * a_s[:, None] * w_s[None, :] in fp32 (DeepSeek /
+  DeepGEMM promotion: the tensor core never accumulates across scale groups).
+- INT8: exact int32 dot over all of K, then out = acc * a_s * w_s (+ bias) in fp32.
+- NVFP4 / MXFP4 (W4A16): E2M1 codes decoded in registers and multiplied by their E4M3 / E8M0 block
+  scale, which is exact in bf16 (2 significant bits times 4), then a bf16 MMA; the NVFP4 global
+  scale multiplies in the epilogue. W4A8 and native FP4 live in triton_fp4.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dsquant.kernels.gemm import configs
+
+_FP8_BLOCK = tl.constexpr(configs.FP8_BLOCK)
+_INT8 = tl.constexpr(configs.INT8)
+_NVFP4 = tl.constexpr(configs.NVFP4)
+_MXFP4 = tl.constexpr(configs.MXFP4)
+_TWO_POW_126 = tl.constexpr(2.0**126)
+_SCALE_GROUP = {configs.FP8_BLOCK: 128, configs.INT8: 1, configs.NVFP4: 16, configs.MXFP4: 32}
+
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile index -> (pid_m, pid_n), GROUP_M row-tiles at a time so W tiles are reused from L2."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (tile_id // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile_id % in_group) % size_m, (tile_id % in_group) // size_m
+
+
+@triton.jit
+def _e2m1_decode(packed):
+    """uint8 [R, C], two E2M1 codes per byte -> float32 [R, 2C]; element 2i is the low nibble."""
+    p = packed.to(tl.int32)
+    codes = tl.reshape(tl.join(p & 0xF, p >> 4), (packed.shape[0], 2 * packed.shape[1]))
+    # Code bits e1 e0 m placed at fp32 bits 24..22 read as 2^(e-127) * (1 + m/2), or as the
+    # subnormal m * 2^-127 when e = 0; times 2^126 that is the E2M1 value exactly. Plain fp32
+    # multiplies keep subnormals (no ftz), and the interpreter's numpy does too.
+    bits = ((codes & 7) << 22) | ((codes & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * _TWO_POW_126
+
+
+@triton.jit
+def _load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
+                 W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One weight tile [BLOCK_N, BLOCK_K]: the stored codes for FP8/INT8, bf16 values for FP4."""
+    if W_FMT == _NVFP4 or W_FMT == _MXFP4:
+        vals = _e2m1_decode(w_desc.load([off_n, off_k // 2]))  # [BLOCK_N, BLOCK_K] fp32
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        offs_g = off_k // SCALE_GROUP + tl.arange(0, BLOCK_K // SCALE_GROUP)
+        mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // SCALE_GROUP)
+        s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask)
+        if W_FMT == _NVFP4:
+            scale = s.to(tl.float32)
+        else:  # E8M0 byte b -> 2^(b - 127) by its bits; b = 0 is the subnormal 2^-127
+            e = s.to(tl.int32)
+            scale = tl.where(e > 0, e << 23, 0x400000).to(tl.float32, bitcast=True)
+        scale = tl.where(mask, scale, 0.0)  # past N or K: a masked byte may read as NaN, and NaN * 0 is NaN
+        w = tl.reshape(vals, (BLOCK_N, BLOCK_K // SCALE_GROUP, SCALE_GROUP)) * scale[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)  # exact: E2M1 x (E4M3 or 2^e) fits bf16
+    else:
+        w = w_desc.load([off_n, off_k])
+    return w
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn, global_scale_ptr,
+              W_FMT: tl.constexpr):
+    """Per-format output scaling of an accumulator [BLOCK_M, BLOCK_N] -> float32 (bias excluded)."""
+    if W_FMT == _INT8:
+        a_s = tl.load(a_scale_ptr + offs_m * stride_asm, mask=offs_m < M, other=0.0)
+        w_s = tl.load(w_scale_ptr + offs_n * stride_wsn, mask=offs_n < N, other=0.0)
+        out = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
+    elif W_FMT == _NVFP4:
+        out = acc * tl.load(global_scale_ptr)
+    else:
+        out = acc
+    return out
+
+
+@triton.jit
+def _gemm_persistent_kernel(
+    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, global_scale_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_wn, stride_cm, stride_asm, stride_ask, stride_wsn, stride_wsk,
+    W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, W_PACK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K // W_PACK], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K // W_PACK])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=False):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if W_FMT == _INT8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+            w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
+                             W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
+            if W_FMT == _FP8_BLOCK:
+                a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
+                w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk,
+                              mask=offs_n < N, other=0.0)
+                acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
+            else:
+                acc = tl.dot(a, w.T, acc, out_dtype=acc.dtype)
+        out = _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                        global_scale_ptr, W_FMT)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_TUNE = dict(key=["N", "K", "W_FMT", "M_BUCKET"], prune_configs_by={"early_config_prune": configs.early_prune},
+             do_bench=configs.tune_bench)
+_persistent_8bit = triton.autotune(configs.large_m_configs(configs.FP8_BLOCK), **_TUNE)(_gemm_persistent_kernel)
+_persistent_fp4 = triton.autotune(configs.large_m_configs(configs.NVFP4), **_TUNE)(_gemm_persistent_kernel)
+
+
+@triton.jit
+def _gemm_swap_ab_kernel(
+    a_ptr, w_ptr, c_ptr, part_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, global_scale_ptr,
+    M, N, K, SPLIT_K,
+    stride_am, stride_wn, stride_cm, stride_asm, stride_ask, stride_wsn, stride_wsk,
+    W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, W_PACK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K // W_PACK], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K // W_PACK])
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * per_split
+    k_hi = tl.minimum(k_lo + per_split, k_tiles)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if W_FMT == _INT8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for ki in range(k_lo, k_hi):
+        a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+        w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
+                         W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        if W_FMT == _FP8_BLOCK:
+            a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
+            w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk,
+                          mask=offs_n < N, other=0.0)
+            acc += tl.dot(w, a.T) * (w_s[:, None] * a_s[None, :])
+        else:
+            acc = tl.dot(w, a.T, acc, out_dtype=acc.dtype)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if DIRECT_OUT:
+        out = _epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                        global_scale_ptr, W_FMT)  # [BLOCK_M, BLOCK_N] fp32
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        if W_FMT == _INT8:  # exact int32 partials; the reduce kernel scales their sum, as the reference does
+            part = tl.trans(acc)
+        else:
+            part = _epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                             global_scale_ptr, W_FMT)
+        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], part, mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, MN, N, SPLIT_K, stride_asm, stride_wsn,
+                          INT_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[MN] = sum over splits of part[SPLIT_K, MN], in split order (int32 parts: times a_s[row] * w_s[col]),
+    plus bias[col]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.int32 if INT_PARTS else tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0)
+    out = acc.to(tl.float32)
+    if INT_PARTS:
+        a_s = tl.load(a_scale_ptr + (offs // N) * stride_asm, mask=mask, other=0.0)
+        out = out * a_s * tl.load(w_scale_ptr + (offs % N) * stride_wsn, mask=mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + offs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_TMA_ALLOCATOR_SET = False
+
+
+def _set_tma_allocator() -> None:
+    """Device-side tensor descriptors take a small global scratch per launch; Triton asks this allocator for it."""
+    global _TMA_ALLOCATOR_SET
+    if not _TMA_ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _TMA_ALLOCATOR_SET = True
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few persistent programs still exercise the tile loop
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
+    if t is None:
+        return 0, 0
+    return (t.stride(0), t.stride(1)) if t.dim() == 2 else (t.stride(0), 0)
+
+
+def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, global_scale=None, out=None,
+            small_m: bool | None = None, small_cfg: dict | None = None) -> torch.Tensor:
+    """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` force a path or tile (tests, benchmarks)."""
+    m, k = a.shape
+    n = w.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    assert out.shape == (m, n) and out.stride(1) == 1 and out.device == a.device, \
+        f"out must be [M, N] = {(m, n)} with unit column stride on {a.device}, got {tuple(out.shape)} {out.stride()}"
+    ptrs = [t if t is not None else out for t in (a_scale, w_scale, bias, global_scale)]
+    strides = (a.stride(0), w.stride(0), out.stride(0), *_strides2(a_scale), *_strides2(w_scale))
+    meta = dict(W_FMT=fmt, SCALE_GROUP=_SCALE_GROUP[fmt], W_PACK=2 if fmt in configs.FP4_FORMATS else 1,
+                HAS_BIAS=bias is not None)
+    if not configs.interpreting():
+        _set_tma_allocator()
+    num_sms = _num_sms(a.device)
+    if small_m if small_m is not None else m <= configs.SMALL_M_MAX:
+        cfg = dict(small_cfg or configs.small_m_config(m, n, k, fmt, num_sms))
+        split = cfg.pop("SPLIT_K")
+        part_dtype = torch.int32 if fmt == configs.INT8 else torch.float32
+        part = out if split == 1 else torch.empty((split, m, n), dtype=part_dtype, device=a.device)
+        assert split == 1 or out.is_contiguous(), "split-K writes a contiguous out"
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+        _gemm_swap_ab_kernel[grid](a, w, out, part, *ptrs, m, n, k, split, *strides,
+                                   DIRECT_OUT=split == 1, **meta, **cfg)
+        if split > 1:
+            block = 1024
+            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+                part, out, ptrs[0], ptrs[1], ptrs[2], m * n, n, split, strides[3], strides[5],
+                INT_PARTS=fmt == configs.INT8, HAS_BIAS=bias is not None, BLOCK=block)
+        return out
+
+    def grid(cfg):
+        return (min(num_sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
+
+    args = (a, w, out, *ptrs, m, n, k, configs.m_bucket(m), *strides)
+    if configs.interpreting():
+        _gemm_persistent_kernel[grid](*args, NUM_SMS=num_sms, **meta, **configs.interpreter_config(fmt))
+    else:
+        kernel = _persistent_fp4 if fmt in configs.FP4_FORMATS else _persistent_8bit
+        kernel[grid](*args, NUM_SMS=num_sms, **meta)
+    return out
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """TMA needs a unit inner stride and 16-byte aligned rows; copy only a tensor that lacks them."""
+    aligned = t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t if aligned else t.contiguous()
+
+
+def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek FP8 block GEMM: out = (a * a_scale) @ (b * b_scale)^T, scaled per 128-K step in fp32.
+
+    Args:
+        a: float8_e4m3fn [M, K], K % 128 == 0 (activations quantized per 1x128 group).
+        a_scale: float32 [M, K // 128], row-major or the column-major (transposed-contiguous) view.
+        b: float8_e4m3fn [N, K] (weight; N need not be a multiple of 128, e.g. 2112 or 576).
+        b_scale: float32 [ceil(N / 128), K // 128] (DeepSeek `weight_scale_inv`).
+        out_dtype: bfloat16 (default), float16 or float32.
+        out: optional preallocated [M, N] output (its dtype wins over out_dtype).
+    Returns:
+        out_dtype [M, N].
+    """
+    assert a.dtype == torch.float8_e4m3fn and b.dtype == torch.float8_e4m3fn, f"fp8 operands, got {a.dtype}, {b.dtype}"
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], f"shapes {tuple(a.shape)} x {tuple(b.shape)}"
+    (m, k), n = a.shape, b.shape[0]
+    assert k % 128 == 0, f"K={k} must be a multiple of 128 (the scale group)"
+    assert a_scale.dtype == torch.float32 and tuple(a_scale.shape) == (m, k // 128), \
+        f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
+    assert b_scale.dtype == torch.float32 and tuple(b_scale.shape) == (triton.cdiv(n, 128), k // 128), \
+        f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}, expected float32 {(triton.cdiv(n, 128), k // 128)}"
+    return _launch(_row_major(a), _row_major(b), out_dtype, configs.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale,
+                   out=out)
+
+
+def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 INT8 GEMM with a fused epilogue: out = (a @ b^T) * a_scale * b_scale^T + bias.
+
+    Args:
+        a: int8 [M, K], K % 16 == 0; a_scale: float32 [M, 1] (per token).
+        b: int8 [N, K]; b_scale: float32 [N, 1] (per output channel).
+        bias: optional [N] (float32, bfloat16 or float16).
+        out: optional preallocated [M, N] output.
+    Returns:
+        out_dtype [M, N].
+    """
+    assert a.dtype == torch.int8 and b.dtype == torch.int8, f"int8 operands, got {a.dtype}, {b.dtype}"
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], f"shapes {tuple(a.shape)} x {tuple(b.shape)}"
+    (m, k), n = a.shape, b.shape[0]
+    assert k % 16 == 0, f"K={k} must be a multiple of 16 (16-byte TMA rows)"
+    assert a_scale.dtype == torch.float32 and a_scale.numel() == m, f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}"
+    assert b_scale.dtype == torch.float32 and b_scale.numel() == n, f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}"
+    assert bias is None or (bias.numel() == n and bias.is_contiguous()), f"bias {tuple(bias.shape)} for N={n}"
+    return _launch(_row_major(a), _row_major(b), out_dtype, configs.INT8,
+                   a_scale=a_scale.reshape(m, 1), w_scale=b_scale.reshape(n, 1), bias=bias, out=out)
