@@ -1,0 +1,256 @@
+"""MoE kernels vs their references on CPU (TRITON_INTERPRET=1, small shapes) or GPU: routing, alignment, fused MLPs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dsquant.kernels.moe import (
+    ExpertWeights,
+    deepseek_route,
+    deepseek_route_ref,
+    fused_moe,
+    fused_moe_ref,
+    moe_align,
+    moe_align_ref,
+)
+from dsquant.kernels.moe.reference import quantize_experts
+from dsquant.kernels.testing import assert_close_global, assert_exact, poison_
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _interpreter_scalar_loop_bounds() -> None:
+    """Triton 3.6's interpreter passes scalar kernel arguments as shape-(1,) arrays, which numpy 2 refuses to turn
+    into `range` bounds (int() of a 1-element array). Read the single element instead (interpreter only)."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_dsquant_index_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch
+    interpreter._dsquant_index_patched = True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_scalar_loop_bounds()
+
+# Router configs of the checkpoints served: (E, kwargs).
+ROUTERS = {
+    "v3": (256, dict(n_group=8, topk_group=4, top_k=8, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    "kimi_k2": (384, dict(n_group=1, topk_group=1, top_k=8, routed_scaling_factor=2.827, norm_topk_prob=True)),
+    "v2_lite": (64, dict(top_k=6, routed_scaling_factor=1.0, norm_topk_prob=False, scoring="softmax",
+                         method="greedy")),
+    "v2": (160, dict(n_group=8, topk_group=3, top_k=6, routed_scaling_factor=16.0, norm_topk_prob=False,
+                     scoring="softmax", method="group_limited_greedy")),
+    "sigmoid_no_bias": (64, dict(n_group=4, topk_group=2, top_k=4, routed_scaling_factor=1.0)),
+}
+
+
+def _grid_logits(t: int, e: int, seed: int) -> torch.Tensor:
+    """Logits on a 1/4 grid: many exact ties (lowest index must win), distinct scores far apart (no ulp races)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-12, 13, (t, e), generator=g).float() / 4).to(DEV)
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_deepseek_route_matches_reference(name):
+    e, kw = ROUTERS[name]
+    logits = _grid_logits(16, e, seed=len(name))
+    bias = None
+    if name != "sigmoid_no_bias":
+        bias = (torch.randint(-4, 5, (e,), generator=torch.Generator().manual_seed(1)).float() / 16).to(DEV)
+    w, ids = deepseek_route(logits, bias, **kw)
+    w_ref, ids_ref = deepseek_route_ref(logits, bias, **kw)
+    assert_exact(ids, ids_ref, f"{name} topk_ids")
+    # sigmoid/softmax and the 8-term sum round differently in numpy/CUDA and torch: a few ulp of float32.
+    torch.testing.assert_close(w, w_ref, rtol=2e-6, atol=0, msg=lambda m: f"{name} weights: {m}")
+
+
+@pytest.mark.parametrize("name", ["v3", "kimi_k2"])
+def test_deepseek_route_ties_go_to_lowest_index(name):
+    e, kw = ROUTERS[name]
+    w, ids = deepseek_route(torch.zeros(3, e, device=DEV), torch.zeros(e, device=DEV), **kw)
+    # All scores equal: the first groups, then the first experts, in index order; weights renormalised evenly.
+    assert ids.tolist() == [list(range(8))] * 3
+    torch.testing.assert_close(w.cpu(), torch.full((3, 8), kw["routed_scaling_factor"] / 8))
+
+
+def test_deepseek_route_group_limit_beats_global_top_k():
+    # 4 groups of 2. Group 0 holds the best expert (logit 5) but its top-2 sum sigmoid(5) + sigmoid(-5) = 1.0 loses
+    # to group 1 (2 sigmoid(1) = 1.46) and group 2 (2 sigmoid(0.9) = 1.42); top-2 of those = experts 2 and 3.
+    logits = torch.tensor([[5.0, -5.0, 1.0, 1.0, 0.9, 0.9, -5.0, -5.0]], device=DEV)
+    w, ids = deepseek_route(logits, torch.zeros(8, device=DEV), n_group=4, topk_group=2, top_k=2,
+                            routed_scaling_factor=2.0)
+    assert ids.tolist() == [[2, 3]]
+    torch.testing.assert_close(w.cpu(), torch.tensor([[1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(scoring="tanh"), "scoring"),
+    (dict(method="topk"), "method"),
+    (dict(n_group=3), "n_group=3"),
+    (dict(n_group=8, topk_group=9), "topk_group=9"),
+    (dict(top_k=17, n_group=4, topk_group=1), "top_k=17"),
+])
+def test_deepseek_route_rejects_bad_config(bad, match):
+    kw = dict(n_group=4, topk_group=2, top_k=4) | bad
+    with pytest.raises(ValueError, match=match):
+        deepseek_route(torch.zeros(2, 64, device=DEV), None, **kw)
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        deepseek_route(torch.zeros(2, 64, device=DEV), torch.zeros(63, device=DEV))
+    with pytest.raises(ValueError, match="router logits"):
+        deepseek_route(torch.zeros(64, device=DEV))
+
+
+def _ids(t, e, k, seed, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    if skew:  # most slots on expert 3: runs spanning several chunks
+        ids = torch.where(torch.rand(t, k, generator=g) < 0.8, 3, torch.randint(0, e, (t, k), generator=g))
+    else:
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    return ids.to(torch.int32).to(DEV)
+
+
+ALIGN_CASES = [(1, 8, 2, 16, False), (16, 8, 2, 4, False), (7, 256, 8, 16, False), (300, 64, 6, 16, False),
+               (300, 64, 6, 64, True), (5, 384, 8, 16, False)]
+
+
+@pytest.mark.parametrize("t, e, k, block_m, skew", ALIGN_CASES, ids=lambda v: str(v))
+def test_moe_align_matches_reference(t, e, k, block_m, skew):
+    ids = _ids(t, e, k, seed=t + e, skew=skew)
+    for got, want, what in zip(moe_align(ids, e, block_m), moe_align_ref(ids, e, block_m),
+                               ("sorted_token_ids", "expert_ids", "num_tokens_post_padded")):
+        assert_exact(got, want, f"{what} T={t} E={e} k={k} block_m={block_m}")
+
+
+@pytest.mark.parametrize("t, e, k, block_m, skew", ALIGN_CASES[2:5], ids=lambda v: str(v))
+def test_moe_align_invariants(t, e, k, block_m, skew):
+    """Checked from the definition, independent of the reference."""
+    ids = _ids(t, e, k, seed=7, skew=skew)
+    sorted_ids, expert_ids, total = (v.cpu() for v in moe_align(ids, e, block_m))
+    flat = ids.cpu().flatten().tolist()
+    n = len(flat)
+    used = int(total)
+    counts = [flat.count(x) for x in range(e)]
+    assert used == sum(-(-c // block_m) * block_m for c in counts)
+    real = [s for s in sorted_ids[:used].tolist() if s != n]
+    assert sorted(real) == list(range(n)), "every slot exactly once"
+    assert set(sorted_ids[used:].tolist()) <= {n}, "only the sentinel past the end"
+    for b in range(expert_ids.numel()):
+        rows = [s for s in sorted_ids[b * block_m:(b + 1) * block_m].tolist() if s != n]
+        if b * block_m >= used:
+            assert int(expert_ids[b]) == -1
+            continue
+        assert all(flat[s] == int(expert_ids[b]) for s in rows), f"block {b} mixes experts"
+        assert rows == sorted(rows), f"block {b}: slots not ascending"
+
+
+# Tiny experts: E=8, H=256, I=128 (one 128 block each way), top-2.
+E, H, INTER, TOPK = 8, 256, 128, 2
+FMTS = ["bf16", "fp8", "int8", "nvfp4", "mxfp4"]
+# calc_diff thresholds. Kernel and reference quantize with the same numerics; they differ by fp32 accumulation order,
+# the bf16 rounding of each weighted slot output before the k-way sum (~2^-9 relative: ~4e-6 measured at T=5 on
+# every format), and for fp8/int8 the odd activation code that flips when the bf16 intermediate rounds the other
+# way (one fp8 ulp = 2^-3 relative on that element).
+MAX_DIFF = {"bf16": 2e-5, "nvfp4": 2e-5, "mxfp4": 2e-5, "fp8": 5e-5, "int8": 5e-5}
+
+
+@pytest.fixture(scope="module")
+def master_weights():
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(E, 2 * INTER, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, INTER, generator=g) / INTER**0.5
+    return w13.to(DEV), w2.to(DEV)
+
+
+def _stack_kwargs(ew: ExpertWeights) -> dict:
+    return dict(fmt=ew.fmt, w13_scale=ew.w13_scale, w2_scale=ew.w2_scale, w13_global_scale=ew.w13_global_scale,
+                w2_global_scale=ew.w2_global_scale)
+
+
+def _routing(t, seed):
+    logits = torch.randn(t, E, generator=torch.Generator().manual_seed(seed)).to(DEV)
+    return deepseek_route_ref(logits, top_k=TOPK, routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("t", [1, 13])
+@pytest.mark.parametrize("fmt", FMTS)
+def test_fused_moe_matches_reference(fmt, t, master_weights):
+    ew = quantize_experts(*master_weights, fmt)
+    x = torch.randn(t, H, generator=torch.Generator().manual_seed(t)).to(DEV, torch.bfloat16)
+    w, ids = _routing(t, seed=t)
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    assert out.dtype == torch.bfloat16
+    assert_close_global(out, ref, MAX_DIFF[fmt], f"fused_moe {fmt=} T={t} E={E} H={H} I={INTER}")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_fused_moe_padding_never_leaks_nan(fmt, master_weights, monkeypatch):
+    """Every buffer the kernels allocate starts as NaN/0x7F and x's storage holds NaN after the T real rows (the row
+    a sentinel slot would name): the output must still equal the reference, so only real rows were read."""
+    ew = quantize_experts(*master_weights, fmt)
+    t = 3
+    buf = torch.full((t + 2, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+    buf[:t] = torch.randn(t, H, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16)
+    x = buf[:t]
+    w, ids = _routing(t, seed=11)
+    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        buf = empty(*args, **kwargs)
+        if buf.is_floating_point() and buf.element_size() >= 2:
+            return poison_(buf)
+        buf.view(torch.uint8).fill_(0x7F)  # poison_ itself fails on these ("and t" of a multi-element tensor)
+        return buf
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    monkeypatch.undo()
+    assert not torch.isnan(out).any()
+    assert_close_global(out, ref, MAX_DIFF[fmt], f"poisoned {fmt=}")
+
+
+def test_fused_moe_shared_expert_in_another_format(master_weights):
+    routed = quantize_experts(*master_weights, "mxfp4")
+    w13, w2 = master_weights
+    shared = ExpertWeights(w13[5].to(torch.bfloat16), w2[5].to(torch.bfloat16))  # 2-D: one expert, bf16
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
+    w, ids = _routing(6, seed=3)
+    out = fused_moe(x, routed.w13, routed.w2, w, ids, **_stack_kwargs(routed), shared=shared)
+    ref = fused_moe_ref(x, routed.w13, routed.w2, w, ids, **_stack_kwargs(routed), shared=shared)
+    without = fused_moe_ref(x, routed.w13, routed.w2, w, ids, **_stack_kwargs(routed))
+    assert_close_global(out, ref, MAX_DIFF["mxfp4"], "routed mxfp4 + shared bf16")
+    assert not torch.equal(ref, without), "the shared expert must contribute"
+
+
+def test_fused_moe_rejects_bad_inputs(master_weights):
+    ew = quantize_experts(*master_weights, "fp8")
+    x = torch.zeros(2, H, dtype=torch.bfloat16, device=DEV)
+    w, ids = _routing(2, seed=0)
+    kw = _stack_kwargs(ew)
+    with pytest.raises(ValueError, match="hidden states: expected bf16"):
+        fused_moe(x.float(), ew.w13, ew.w2, w, ids, **kw)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fused_moe(torch.zeros(2, 200, dtype=torch.bfloat16, device=DEV), ew.w13, ew.w2, w, ids, **kw)
+    with pytest.raises(ValueError, match="topk_ids"):
+        fused_moe(x, ew.w13, ew.w2, w[:1], ids[:1], **kw)
+    with pytest.raises(ValueError, match="w13_scale"):
+        fused_moe(x, ew.w13, ew.w2, w, ids, **(kw | dict(w13_scale=ew.w13_scale[:, :1])))
+    with pytest.raises(ValueError, match="experts.w2: expected"):
+        fused_moe(x, ew.w13, ew.w2.to(torch.bfloat16), w, ids, **kw)
+    with pytest.raises(ValueError, match="unknown expert format"):
+        fused_moe(x, ew.w13, ew.w2, w, ids, **(kw | dict(fmt="int4")))
+    nv = quantize_experts(*master_weights, "nvfp4")
+    with pytest.raises(ValueError, match="w2_global_scale"):
+        fused_moe(x, nv.w13, nv.w2, w, ids, **(_stack_kwargs(nv) | dict(w2_global_scale=None)))
