@@ -1,0 +1,91 @@
+"""summarize_checkpoint on hand-made checkpoints of every convention, on converter outputs, and on broken ones."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from dsquant.check import check_checkpoint
+from dsquant.inspect import format_summary, summarize_checkpoint
+from tests.check.ckpt_factory import build
+
+# kind -> (convention, {group: expected dominant stored format})
+EXPECTED = {
+    "bf16": ("unquantized", {"routed experts": "bf16", "attention": "bf16"}),
+    "deepseek-fp8": ("deepseek-fp8", {"routed experts": "fp8-block", "attention": "fp8-block", "router": "bf16"}),
+    "modelopt": ("modelopt", {"routed experts": "nvfp4", "dense MLP": "nvfp4", "attention": "bf16"}),
+    "ct-nvfp4": ("compressed-tensors", {"shared experts": "nvfp4", "attention": "bf16"}),
+    "ct-mxfp4": ("compressed-tensors", {"routed experts": "mxfp4", "lm_head": "bf16"}),
+    "ct-int8": ("compressed-tensors", {"routed experts": "int8-channel", "embeddings": "bf16"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_summary_of_each_convention(tmp_path, kind):
+    ck = build(kind)
+    s = summarize_checkpoint(ck.write(tmp_path / "c"))
+    convention, groups = EXPECTED[kind]
+    assert s["convention"] == convention
+    by_group = {g["group"]: g for g in s["groups"]}
+    for group, fmt in groups.items():
+        assert list(by_group[group]["formats"]) == [fmt], (group, by_group[group])
+    # bytes and counts come from the headers; compare with the tensors the fixture wrote
+    assert s["tensors"] == len(ck.tensors)
+    assert s["bytes"] == sum(t.numel() * t.element_size() for t in ck.tensors.values())
+    assert sum(g["bytes"] for g in s["groups"]) == s["bytes"]
+    assert s["architecture"]["architecture"] == "DeepseekV3ForCausalLM"
+    assert s["architecture"]["experts_stored"] == 4 and s["architecture"]["layers_stored"] == 3
+    assert s["consistency"]["ok"] and s["consistency"]["problems"] == []
+    assert s["consistency"]["declared_total_size"] == s["bytes"]
+    json.dumps(s)  # JSON-ready
+
+
+def test_summary_flags_index_shard_disagreement(tmp_path):
+    path = build("modelopt").write(tmp_path / "c")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = "model-00001-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    s = summarize_checkpoint(path)
+    assert not s["consistency"]["ok"]
+    assert any("model.layers.0.mlp.extra.weight" in p for p in s["consistency"]["problems"])
+    assert "DISAGREE" in format_summary(s)
+
+
+def test_single_file_checkpoint_without_index(tmp_path):
+    s = summarize_checkpoint(build("bf16").write(tmp_path / "c", num_shards=1, index=False))
+    assert s["shards"] == 1 and not s["consistency"]["index"] and s["consistency"]["ok"]
+    assert "single file, no index" in format_summary(s)
+
+
+def test_table_lists_every_group(tmp_path):
+    s = summarize_checkpoint(build("modelopt").write(tmp_path / "c"))
+    text = format_summary(s)
+    for g in s["groups"]:
+        assert g["group"] in text
+    assert "nvfp4 x12" in text  # 4 experts x 3 projections
+    assert "index, config and shards agree" in text
+
+
+@pytest.mark.parametrize("recipe,convention,group_formats", [
+    ("nvfp4", "modelopt", {"routed experts": "nvfp4", "attention": "bf16"}),
+    ("mxfp4", "compressed-tensors", {"routed experts": "mxfp4"}),
+    ("fp8-block", "deepseek", {"attention": "fp8-block"}),
+])
+def test_converter_outputs_inspect_and_check_clean(tmp_path, recipe, convention, group_formats):
+    convert = pytest.importorskip("dsquant.convert").convert
+    synth = pytest.importorskip("dsquant.checkpoint.synth").make_synthetic_checkpoint
+    logging.disable(logging.WARNING)
+    try:
+        src = synth(tmp_path / "src", variant="v3", source="fp8", num_shards=2)
+        convert(src, tmp_path / "out", recipe, convention=convention, progress=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    s = summarize_checkpoint(tmp_path / "out")
+    by_group = {g["group"]: g for g in s["groups"]}
+    for group, fmt in group_formats.items():
+        assert list(by_group[group]["formats"])[0] == fmt
+    assert s["consistency"]["ok"]
+    assert check_checkpoint(tmp_path / "out") == []
+    assert check_checkpoint(src) == []
