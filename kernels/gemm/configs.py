@@ -83,13 +83,15 @@ def early_prune(configs, named_args, **kwargs):
 def small_m_config(m: int, n: int, k: int, fmt: int, num_sms: int) -> dict:
     """Swap-AB split-K launch parameters for M <= SMALL_M_MAX.
 
-    The weight tile is the MMA's M side (BLOCK_N = 128 rows), the tokens its N side (BLOCK_M >= 16).
+    The weight tile is the MMA's M side (BLOCK_N rows), the tokens its N side (BLOCK_M >= 16).
     K is split so that about two CTAs per SM stream weights; the splits are summed by a second,
     deterministic kernel.
     """
     block_m = max(16, triton.next_power_of_2(m))
-    block_n = 128
-    block_k = 256 if fmt in FP4_FORMATS else 128
+    # FP4 tiles are decoded in registers (fp32 values before the bf16 cast): 64 x 128 keeps that at
+    # 64 values per thread for 4 warps.
+    block_n = 64 if fmt in FP4_FORMATS else 128
+    block_k = 128
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split = max(1, min(k_tiles, round(2 * num_sms / n_tiles)))

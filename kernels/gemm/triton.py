@@ -94,7 +94,8 @@ def _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, s
     return out
 
 
-@triton.jit
+# M (and the autotune bucket) vary per call: specializing on M == 1 or M % 16 would only multiply compiles.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _gemm_persistent_kernel(
     a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, global_scale_ptr,
     M, N, K, M_BUCKET,
@@ -142,7 +143,7 @@ _persistent_8bit = triton.autotune(configs.large_m_configs(configs.FP8_BLOCK), *
 _persistent_fp4 = triton.autotune(configs.large_m_configs(configs.NVFP4), **_TUNE)(_gemm_persistent_kernel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def _gemm_swap_ab_kernel(
     a_ptr, w_ptr, c_ptr, part_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, global_scale_ptr,
     M, N, K, SPLIT_K,

@@ -1,0 +1,254 @@
+"""Scaled-mm GEMM benchmark on DeepSeek shapes: dsquant kernels against cuBLAS and the copy ceiling.
+
+Baselines, measured in the same run on the same GPU:
+- torch._scaled_mm with 1x128 x 128x128 block scales (cuBLAS block scaling), for fp8_block_gemm;
+- torch._int_mm followed by the scale/bias epilogue in torch, for int8_scaled_mm (M > 16 only);
+- bf16 torch.matmul, for the FP4 GEMMs; and fp8_block_gemm itself at M >= 2048;
+- device-to-device copy bandwidth (bytes read + written), the ceiling for weight streaming.
+Each CSV row: gpu, torch, triton, date, kernel, M, N, K, us, TFLOPS, GB/s (weight bytes incl. scales
+per second), baseline, ratio (baseline time / kernel time; for baseline "copy_bw", GB/s / copy GB/s).
+
+    python3 benchmarks/bench_gemm.py --out benchmarks/results/gemm_h100.csv [--sweep] [--png FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import math
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from dsquant.kernels.gemm import configs, fp8_block_gemm, fp8_block_gemm_ref, int8_scaled_mm, mxfp4_gemm, nvfp4_gemm
+from dsquant.kernels.gemm.triton import _launch
+from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff
+
+log = logging.getLogger("bench_gemm")
+FIELDS = ["gpu", "torch", "triton", "date", "kernel", "M", "N", "K", "us", "TFLOPS", "GB/s", "baseline", "ratio"]
+
+
+def _ms(fn) -> float:
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / _ms(lambda: dst.copy_(src)) / 1e6
+
+
+# Scale layouts cuBLAS block scaling may accept: activation scales outer-dim-major (a transposed
+# contiguous (K/128, M) buffer viewed as (M, K/128)), weight scales (K/128, N/128). Which strides the
+# weight scales need is checked at start-up on a small case against the reference.
+_SCALE_B_LAYOUTS = {"b_s.t()": lambda b_s: b_s.t(), "b_s.t().contiguous()": lambda b_s: b_s.t().contiguous()}
+
+
+def block_scaled_mm_args(a_s, b_s, layout):
+    return a_s.t().contiguous().t(), _SCALE_B_LAYOUTS[layout](b_s)
+
+
+def block_scaled_mm(a, b, scale_a, scale_b):
+    return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+
+def check_scaled_mm_convention() -> str | None:
+    """The weight-scale layout under which block-scaled _scaled_mm matches the reference, or None."""
+    torch.manual_seed(0)
+    m, n, k = 256, 384, 512
+    a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+    a_s = torch.rand(m, k // 128, device="cuda") + 0.5
+    b_s = torch.rand(n // 128, k // 128, device="cuda") + 0.5
+    want = fp8_block_gemm_ref(a, a_s, b, b_s)
+    for layout in _SCALE_B_LAYOUTS:
+        try:
+            d = calc_diff(block_scaled_mm(a, b, *block_scaled_mm_args(a_s, b_s, layout)), want)
+        except RuntimeError as e:
+            log.warning("torch._scaled_mm block scaling with %s: %s", layout, str(e).splitlines()[0])
+            continue
+        log.info("torch._scaled_mm block scales, weight scales as %s: calc_diff=%.2e", layout, d)
+        if d < 1e-4:
+            return layout
+    return None
+
+
+def make_case(fmt: str, m: int, n: int, k: int) -> dict:
+    """Random operands in each format's stored layout (codes need not come from a quantizer to be timed)."""
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev)
+    if fmt == "fp8":
+        ops = (x.to(torch.float8_e4m3fn), torch.rand(m, k // 128, device=dev) + 0.5,
+               torch.randn(n, k, device=dev).to(torch.float8_e4m3fn),
+               torch.rand(triton.cdiv(n, 128), k // 128, device=dev) + 0.5)
+        return dict(ops=ops, w_bytes=n * k + ops[3].numel() * 4)
+    if fmt == "int8":
+        ops = (torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev), torch.rand(m, 1, device=dev),
+               torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev), torch.rand(n, 1, device=dev),
+               torch.randn(n, device=dev))
+        return dict(ops=ops, w_bytes=n * k + n * 4)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+    if fmt == "nvfp4":
+        scale = (torch.rand(n, k // 16, device=dev) * 8 + 1).to(torch.float8_e4m3fn)
+        ops = (x.bfloat16(), packed, scale, torch.tensor(0.01, device=dev))
+    else:
+        ops = (x.bfloat16(), packed, torch.randint(120, 130, (n, k // 32), dtype=torch.uint8, device=dev))
+    return dict(ops=ops, w_bytes=packed.numel() + ops[2].numel())
+
+
+KERNELS = {"fp8": fp8_block_gemm, "int8": int8_scaled_mm, "nvfp4": nvfp4_gemm, "mxfp4": mxfp4_gemm}
+
+
+class Rows:
+    """Collects CSV rows, written as they come so a run cut short keeps what it measured."""
+
+    def __init__(self, path: str):
+        props = torch.cuda.get_device_properties(0)
+        self.head = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
+                         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M"))
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, FIELDS)
+        self.writer.writeheader()
+        self.rows: list[dict] = []
+
+    def add(self, kernel, m, n, k, ms, w_bytes, baseline="", ratio=None):
+        row = dict(self.head, kernel=kernel, M=m, N=n, K=k, us=round(ms * 1e3, 2),
+                   TFLOPS=round(2 * m * n * k / ms / 1e9, 1), **{"GB/s": round(w_bytes / ms / 1e6, 1)},
+                   baseline=baseline, ratio="" if ratio is None else round(ratio, 3))
+        self.writer.writerow(row)
+        self.file.flush()
+        self.rows.append(row)
+        log.info("%-24s M=%-5d N=%-6d K=%-6d %9.1f us %7.1f TFLOPS %7.1f GB/s %s %s", kernel, m, n, k, ms * 1e3,
+                 row["TFLOPS"], row["GB/s"], baseline, row["ratio"])
+
+
+def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, block_mm_layout: str | None,
+                fp8_ms: dict):
+    case = make_case(fmt, m, n, k)
+    ops, wb = case["ops"], case["w_bytes"]
+    ms = _ms(lambda: KERNELS[fmt](*ops))
+    name = {"fp8": "fp8_block_gemm", "int8": "int8_scaled_mm", "nvfp4": "nvfp4_gemm", "mxfp4": "mxfp4_gemm"}[fmt]
+    rows.add(name, m, n, k, ms, wb, "copy_bw", wb / ms / 1e6 / copy_gbs)
+    if fmt == "fp8":
+        fp8_ms[(m, n, k)] = ms
+        if block_mm_layout:
+            scales = block_scaled_mm_args(ops[1], ops[3], block_mm_layout)
+            base = _ms(lambda: block_scaled_mm(ops[0], ops[2], *scales))
+            rows.add("torch_scaled_mm_block", m, n, k, base, wb)
+            rows.add(name, m, n, k, ms, wb, "torch_scaled_mm_block", base / ms)
+    elif fmt == "int8" and m > 16:  # cuBLAS int8 needs M > 16
+        a, a_s, b, b_s, bias = ops
+        bt = b.t()
+        base = _ms(lambda: (torch._int_mm(a, bt).float() * a_s * b_s.t() + bias).bfloat16())
+        rows.add("torch_int_mm+epilogue", m, n, k, base, wb)
+        rows.add(name, m, n, k, ms, wb, "torch_int_mm+epilogue", base / ms)
+    elif fmt in ("nvfp4", "mxfp4"):
+        xb, wt = ops[0], torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        base = _ms(lambda: xb @ wt.t())
+        rows.add("torch_bf16_matmul", m, n, k, base, 2 * n * k)
+        rows.add(name, m, n, k, ms, wb, "torch_bf16_matmul", base / ms)
+        if (m, n, k) in fp8_ms:
+            rows.add(name, m, n, k, ms, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / ms)
+
+
+def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
+    """Swap-AB split-K tiles around the heuristic, at decode M; rows named kernel[variant]."""
+    for fmt in ("fp8", "nvfp4"):
+        fmt_id = configs.FP8_BLOCK if fmt == "fp8" else configs.NVFP4
+        for n, k in ((2112, 7168), (7168, 2048), (4096, 7168)):
+            m = 16
+            case = make_case(fmt, m, n, k)
+            ops = case["ops"]
+            if fmt == "fp8":
+                a, w, kw = ops[0], ops[2], dict(a_scale=ops[1], w_scale=ops[3])
+            else:
+                a, w, kw = ops[0], ops[1], dict(w_scale=ops[2], global_scale=ops[3].reshape(1))
+            base = configs.small_m_config(m, n, k, fmt_id, num_sms)
+            k_tiles = triton.cdiv(k, base["BLOCK_K"])
+            other = dict(BLOCK_N=64) if fmt == "fp8" else dict(BLOCK_N=128)
+            for name, change in (("heur", {}), ("split/2", dict(SPLIT_K=max(1, base["SPLIT_K"] // 2))),
+                                 ("split*2", dict(SPLIT_K=min(k_tiles, base["SPLIT_K"] * 2))),
+                                 ("stages3", dict(num_stages=3)), (f"bn{other['BLOCK_N']}", other)):
+                cfg = dict(base, **change)
+                ms = _ms(lambda: _launch(a, w, torch.bfloat16, fmt_id, small_m=True, small_cfg=cfg, **kw))
+                rows.add(f"{fmt}_small[{name} s{cfg['SPLIT_K']}]", m, n, k, ms, case["w_bytes"], "copy_bw",
+                         case["w_bytes"] / ms / 1e6 / copy_gbs)
+
+
+def roofline_png(rows: list[dict], copy_gbs: float, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no roofline plot")
+        return
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for kernel in sorted({r["kernel"] for r in rows if "[" not in r["kernel"]}):
+        pts = [r for r in rows if r["kernel"] == kernel and r["baseline"] in ("", "copy_bw")]
+        ai = [2 * r["M"] * r["N"] * r["K"] / (r["GB/s"] * r["us"] * 1e3) for r in pts]  # FLOP per weight byte
+        ax.scatter(ai, [r["TFLOPS"] for r in pts], label=kernel, s=12)
+    xs = [10 ** (i / 10) for i in range(0, 50)]
+    ax.plot(xs, [copy_gbs * x / 1e3 for x in xs], "k--", label=f"copy {copy_gbs:.0f} GB/s x FLOP/B")
+    ax.set(xscale="log", yscale="log", xlabel="FLOP per weight byte", ylabel="TFLOPS", title=rows[0]["gpu"])
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/gemm_h100.csv")
+    p.add_argument("--m", default="1,16,64,128,2048,4096", help="comma-separated M values")
+    p.add_argument("--formats", default="fp8,int8,nvfp4,mxfp4")
+    p.add_argument("--sweep", action="store_true", help="also sweep swap-AB split-K tiles at M=16")
+    p.add_argument("--png", default=None, help="roofline plot path")
+    p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.time()
+    rows = Rows(args.out)
+    log.info("%s | torch %s | triton %s | %s", rows.head["gpu"], rows.head["torch"], rows.head["triton"],
+             rows.head["date"])
+    copy_gbs = copy_bandwidth()
+    log.info("device copy bandwidth: %.0f GB/s", copy_gbs)
+    block_mm_layout = check_scaled_mm_convention()
+    if args.sweep:
+        sweep_small_m(rows, copy_gbs, torch.cuda.get_device_properties(0).multi_processor_count)
+    fp8_ms: dict = {}
+    ms_list = [int(v) for v in args.m.split(",")]
+    for fmt in args.formats.split(","):
+        for n, k in DEEPSEEK_V3_NK:
+            for m in ms_list:
+                if time.time() - start > args.budget_s:
+                    log.warning("time budget reached: stopping before %s M=%d N=%d K=%d", fmt, m, n, k)
+                    break
+                try:
+                    bench_shape(rows, fmt, m, n, k, copy_gbs, block_mm_layout, fp8_ms)
+                except Exception as e:  # one failing shape should not lose the others' figures
+                    log.error("%s M=%d N=%d K=%d failed: %s", fmt, m, n, k, e)
+                torch.cuda.empty_cache()
+    _summary(rows.rows, copy_gbs)
+    if args.png:
+        roofline_png(rows.rows, copy_gbs, args.png)
+
+
+def _summary(rows: list[dict], copy_gbs: float) -> None:
+    """Geometric-mean ratios per (kernel, baseline, M regime), the figures the targets are stated in."""
+    groups: dict = {}
+    for r in rows:
+        if r["baseline"] and "[" not in r["kernel"]:
+            regime = "M<=16" if r["M"] <= 16 else "M<=64" if r["M"] <= 64 else "M<2048" if r["M"] < 2048 else "M>=2048"
+            groups.setdefault((r["kernel"], r["baseline"], regime), []).append(r["ratio"])
+    for (kernel, base, regime), vals in sorted(groups.items()):
+        geo = math.exp(sum(math.log(max(v, 1e-9)) for v in vals) / len(vals))
+        log.info("SUMMARY %-16s vs %-22s %-8s geomean %.3f (n=%d, min %.3f)", kernel, base, regime, geo, len(vals),
+                 min(vals))
+
+
+if __name__ == "__main__":
+    main()
