@@ -1,0 +1,28 @@
+"""Synthetic checkpoints shared by the converter tests (built once per session, read-only afterwards)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsquant.checkpoint.synth import make_synthetic_checkpoint
+
+# Fewer experts than the generator's default keep the recipe x convention matrix quick on 2 CPU cores;
+# every layer kind, the MTP layer and the cross-shard partners are still there.
+SMALL = {"n_routed_experts": 4}
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """synth(variant, source) -> path of a cached synthetic checkpoint (do not modify it)."""
+    cache = {}
+
+    def get(variant: str = "v3", source: str = "bf16", num_shards: int = 3):
+        key = (variant, source, num_shards)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"src-{variant}-{source}")
+            overrides = dict(SMALL) if variant != "kimi-k2" else {"n_routed_experts": 6}
+            cache[key] = make_synthetic_checkpoint(path, variant=variant, source=source, num_shards=num_shards,
+                                                   **overrides)
+        return cache[key]
+
+    return get
