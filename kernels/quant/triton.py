@@ -82,7 +82,7 @@ def _silu_mul_bf16(gate, up, EXACT_EXP: tl.constexpr):
     return (tl.div_rn(gate, 1.0 + e) * up).to(tl.bfloat16).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_sm", "stride_sg"])  # one compile for every batch size
 def _quantize_fp8_group_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sg,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -111,7 +111,7 @@ def _quantize_fp8_group_kernel(
     tl.store(scale_ptr + s_rows.to(tl.int64) * stride_sm + s_cols * stride_sg, scale, mask=s_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _quantize_per_token_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,

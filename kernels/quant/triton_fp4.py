@@ -100,7 +100,7 @@ def _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride
     tl.store(s_ptr + s_offs, tl.reshape(scale, (BLOCK_M, BLOCK_K // BLOCK)), mask=s_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _quantize_nvfp4_kernel(
     x_ptr, p_ptr, s_ptr, gs_ptr, gs_out_ptr, M, K, stride_xm, stride_pm, stride_sm,
     AMAX_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -124,7 +124,7 @@ def _quantize_nvfp4_kernel(
     _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _quantize_mxfp4_kernel(x_ptr, p_ptr, s_ptr, M, K, stride_xm, stride_pm, stride_sm,
                            CEIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
     _, _, x_offs, x_mask = _tile(M, K, stride_xm, BLOCK_M, BLOCK_K)
@@ -139,7 +139,7 @@ def _quantize_mxfp4_kernel(x_ptr, p_ptr, s_ptr, M, K, stride_xm, stride_pm, stri
     _store_packed_and_scales(codes, b.to(tl.uint8), p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _dequantize_fp4_kernel(p_ptr, s_ptr, gs_ptr, out_ptr, M, K, stride_pm, stride_sm, stride_om,
                            NVFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
     """E2M1 value * scale in float32, then one rounding to the output dtype (NVFP4: scale = e4m3 * global)."""
