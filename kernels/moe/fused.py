@@ -54,7 +54,18 @@ def _fp4_tile(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w, rows_s, K, FMT: tl.constexpr, QUANT_A: tl.constexpr,
+def _tile_ids(n_m_blocks, n_n_tiles, GROUP_M: tl.constexpr):
+    """Program -> (m block, n tile), GROUP_M m blocks at a time so a wave shares A rows and one expert's W in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * n_n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_m_blocks - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
+def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w, rows_s, K,
+              FMT: tl.constexpr, QUANT_A: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] = A rows x W rows over K (fp32, int32 for int8), per-block scales applied for fp8."""
     if FMT == 2:
@@ -89,12 +100,10 @@ def _moe_gate_up_kernel(
     a_ptr, a_scale_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, out_scale_ptr, sorted_ptr, expert_ids_ptr, total_ptr,
     numel, n_m_blocks, K, INTER, TOPK,
     stride_am, stride_asm, stride_we, stride_wn, stride_se, stride_sn, stride_om, stride_osm,
-    FMT: tl.constexpr, QUANT_OUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FMT: tl.constexpr, QUANT_A: tl.constexpr, QUANT_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid % n_m_blocks
-    pid_n = pid // n_m_blocks
+    pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -109,7 +118,7 @@ def _moe_gate_up_kernel(
     expert_s = expert * stride_se
     rows_s = expert_s + (rows_n // 128) * stride_sn if FMT == 1 else expert_s + rows_n * stride_sn
     acc = _mainloop(a_ptr, a_scale_ptr, tok * stride_am, rows_as, row_ok, w_ptr, s_ptr,
-                    expert * stride_we + rows_n * stride_wn, rows_s, K, FMT, True, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+                    expert * stride_we + rows_n * stride_wn, rows_s, K, FMT, QUANT_A, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
     if FMT == 2:
         acc = acc.to(tl.float32) * tl.load(a_scale_ptr + rows_as, mask=row_ok, other=0.0)[:, None]
         acc = acc * tl.load(s_ptr + rows_s)[None, :]
@@ -136,11 +145,9 @@ def _moe_down_kernel(
     numel, n_m_blocks, K,
     stride_am, stride_asm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     FMT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid % n_m_blocks
-    pid_n = pid // n_m_blocks
+    pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -163,6 +170,20 @@ def _moe_down_kernel(
     if HAS_WEIGHT:
         y = y * tl.load(topw_ptr + slot_a, mask=row_ok, other=0.0)[:, None]
     tl.store(out_ptr + (slot * stride_om)[:, None] + offs_n[None, :], y.to(tl.bfloat16), mask=row_ok[:, None])
+
+
+@triton.jit
+def _quant_fp8_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s, G_PAD: tl.constexpr):
+    """One row, all its 1x128 groups: scale = max(amax, 1e-4) / 448, q = clamp(x / scale) (dsquant.formats.fp8)."""
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    offs = g[:, None] * 128 + tl.arange(0, 128)[None, :]
+    m = g[:, None] < K // 128
+    x = tl.load(x_ptr + r * stride_x + offs, mask=m, other=0.0).to(tl.float32)  # [G_PAD, 128]
+    scale = tl.maximum(tl.max(tl.abs(x), 1), _FP8_FLOOR) / _FP8_MAX
+    q = tl.clamp(x / scale[:, None], -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+    tl.store(q_ptr + r * stride_q + offs, q, mask=m)
+    tl.store(s_ptr + r * stride_s + g, scale, mask=g < K // 128)
 
 
 @triton.jit
@@ -192,6 +213,17 @@ def _quant_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def _quant_fp8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] bf16 -> (float8_e4m3fn [M, K], float32 [M, K / 128]) in 1x128 groups."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, k // 128), dtype=torch.float32, device=x.device)
+    if m:
+        _quant_fp8_groups_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
+                                       G_PAD=triton.next_power_of_2(k // 128), num_warps=4)
+    return q, s
+
+
 def _tiles(numel: int, num_experts: int, w_bytes: float, fp4: bool) -> dict:
     """Tile sizes and pipeline depth from the expected rows per expert (performance hyper-parameters).
 
@@ -205,8 +237,9 @@ def _tiles(numel: int, num_experts: int, w_bytes: float, fp4: bool) -> dict:
     else:  # BLOCK_N = BLOCK_K = 128: one FP8 scale block per tile, one 1x128 activation group per row
         block_n, block_k, warps = 128, 128, 4
     stage_bytes = block_m * block_k * 2 + 2 * block_n * block_k * w_bytes  # A (bf16 at worst) + gate and up B
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                num_stages=max(2, min(4, int(200_000 // stage_bytes))))
+    # fp8 x is quantized once up front when each row block meets many N tiles (prefill), in-kernel otherwise.
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
+                num_stages=max(2, min(4, int(200_000 // stage_bytes))), prequant=rows_per_expert > 64)
 
 
 def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, expert_ids, total, tiles) -> torch.Tensor:
@@ -215,12 +248,15 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
     numel = t * k
     fmt = _FMT[ew.fmt]
     dev = x.device
-    a, a_scale = x, x  # a_scale unused unless int8
+    a, a_scale = x, x  # a_scale unused for bf16 / FP4 and for fp8 quantized in the kernel
     if ew.fmt == "int8":
         a, a_scale = _quant_int8_rows(x)
+    quant_a = ew.fmt == "fp8" and not tiles["prequant"]
+    if ew.fmt == "fp8" and tiles["prequant"]:
+        a, a_scale = _quant_fp8_groups(x)
     n_m = expert_ids.numel()
-    bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    launch = {key: tiles[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
     quant_out = ew.fmt == "fp8"
     act = torch.empty((numel, inter), dtype=torch.float8_e4m3fn if quant_out else torch.bfloat16, device=dev)
     act_scale = torch.empty((numel, inter // 128 if quant_out else 1), dtype=torch.float32, device=dev)
@@ -230,7 +266,7 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
         a, a_scale, ew.w13, s13, gs13, act, act_scale, sorted_ids, expert_ids, total,
         numel, n_m, h, inter, k,
         a.stride(0), a_scale.stride(0), ew.w13.stride(0), ew.w13.stride(1), s13.stride(0), s13.stride(1),
-        act.stride(0), act_scale.stride(0), FMT=fmt, QUANT_OUT=quant_out, **launch)
+        act.stride(0), act_scale.stride(0), FMT=fmt, QUANT_A=quant_a, QUANT_OUT=quant_out, **launch)
     if ew.fmt == "int8":
         act, act_scale = _quant_int8_rows(act)
     out = torch.empty((numel, h), dtype=torch.bfloat16, device=dev)
@@ -268,6 +304,7 @@ def fused_moe(
     w13_global_scale: torch.Tensor | None = None,
     w2_global_scale: torch.Tensor | None = None,
     shared: ExpertWeights | None = None,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """Routed experts plus the optional shared expert, on CUDA (spec and layouts: reference.fused_moe_ref).
 
@@ -277,6 +314,7 @@ def fused_moe(
         topk_weights: float32 [T, k]; topk_ids: int32 [T, k] in [0, E) (deepseek_route's output).
         fmt: "bf16" | "fp8" | "int8" | "nvfp4" | "mxfp4"; the scales as in reference.py.
         shared: the shared expert (weight 1 per token), ExpertWeights in any format.
+        tiles: overrides of the routed experts' tile choice (keys of _tiles; benchmarks sweep them).
     Returns:
         [T, H] bf16. No host sync: CUDA-graph capturable for a fixed T.
     """
@@ -288,7 +326,7 @@ def fused_moe(
     t, h = x.shape
     k = topk_ids.shape[1]
     x = x.contiguous()
-    tiles = _tiles(t * k, num_experts, 2 if fmt == "bf16" else 1, fmt in ("nvfp4", "mxfp4"))
+    tiles = _tiles(t * k, num_experts, 2 if fmt == "bf16" else 1, fmt in ("nvfp4", "mxfp4")) | (tiles or {})
     sorted_ids, expert_ids, total = moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, tiles["BLOCK_M"])
     y = _run_stack(x, routed, inter, topk_weights.float().contiguous().view(-1), k, sorted_ids, expert_ids, total,
                    tiles)

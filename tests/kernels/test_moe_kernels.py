@@ -254,3 +254,28 @@ def test_fused_moe_rejects_bad_inputs(master_weights):
     nv = quantize_experts(*master_weights, "nvfp4")
     with pytest.raises(ValueError, match="w2_global_scale"):
         fused_moe(x, nv.w13, nv.w2, w, ids, **(_stack_kwargs(nv) | dict(w2_global_scale=None)))
+
+
+def test_fused_moe_fp8_prequantized_rows_give_the_same_bits(master_weights):
+    """x quantized up front (prefill tiles) or inside the gate_up kernel (decode tiles): same codes, same output;
+    small GROUP_M and BLOCK_M = 32 also walk the grouped program order over a ragged last group."""
+    ew = quantize_experts(*master_weights, "fp8")
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(9)).to(DEV, torch.bfloat16)
+    w, ids = _routing(9, seed=9)
+    outs = [fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew), tiles=dict(prequant=p, BLOCK_M=32, GROUP_M=3))
+            for p in (False, True)]
+    assert_exact(outs[1], outs[0], "prequant vs in-kernel quant")
+
+
+def test_fused_moe_kimi_k2_expert_count():
+    """E = 384 (Kimi-K2), top-8: expert ids above 255 route to the right weights."""
+    e, t = 384, 4
+    g = torch.Generator().manual_seed(4)
+    ew = quantize_experts(torch.randn(e, 2 * INTER, H, generator=g) / H**0.5,
+                          torch.randn(e, H, INTER, generator=g) / INTER**0.5, "fp8")
+    ew = ExpertWeights(*(v.to(DEV) if isinstance(v, torch.Tensor) else v for v in ew))
+    x = torch.randn(t, H, generator=g).to(DEV, torch.bfloat16)
+    w, ids = deepseek_route_ref(torch.randn(t, e, generator=g).to(DEV), top_k=8, routed_scaling_factor=2.827)
+    assert int(ids.max()) > 255
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    assert_close_global(out, fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew)), MAX_DIFF["fp8"], "E=384")
