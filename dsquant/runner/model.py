@@ -68,8 +68,8 @@ class MLA(nn.Module):
         return w.view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
 
     def forward(self, x: torch.Tensor, start_pos: int, rope, cache=None) -> torch.Tensor:
-        """x [B, S, D] -> [B, S, D]; cache (cache.LayerCache) stores this window's latent rows and
-        returns every row so far (quantized and read back when the cache is FP8)."""
+        """x [B, S, D] -> [B, S, D]; with a cache (cache.LayerCache) the latent rows of positions
+        start_pos.. are stored (quantized for FP8) and attention reads every cached row back."""
         a = self.args
         b, s, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if a.q_lora_rank else self.q_proj(x)
@@ -83,8 +83,11 @@ class MLA(nn.Module):
         self.ops.apply_rope(q_pe.view(b * s, a.n_heads, -1), k_pe.view(b * s, -1), cos, sin, positions)
         wkv_b = self.kv_b_weight().to(x.device)  # [H, nope + v, C]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), wkv_b[:, : a.qk_nope_head_dim])
-        kv_all, pe_all = (kv_c, k_pe) if cache is None else cache.update(kv_c, k_pe, start_pos)
-        o = self.ops.mla_attention(q_lat, q_pe, kv_all, pe_all, a.softmax_scale, start_pos)  # [B, S, H, C]
+        if cache is None:  # one window, no cache: attend over this window's fresh latents
+            o = self.ops.mla_attention(q_lat, q_pe, kv_c, k_pe, a.softmax_scale, start_pos)  # [B, S, H, C]
+        else:
+            cache.store(kv_c, k_pe, start_pos)
+            o = cache.attend(q_lat, q_pe, start_pos, a.softmax_scale)
         o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, a.qk_nope_head_dim :])
         return self.o_proj(o.flatten(2).to(x.dtype))
 

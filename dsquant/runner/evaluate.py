@@ -1,0 +1,118 @@
+"""`dsquant eval` as a library call: text -> windows -> one pass over the model(s) -> metrics.
+
+evaluate(ckpt, base=..., ...) returns the eval_results.json structure:
+    {"protocol": {...}, "results": [{"name", "ppl", "delta_ppl_pct", "kld", "top1", "tokens", "kv_cache"}],
+     "base": {"name", "ppl", "tokens", "kv_cache"} or None}
+The base model always runs with a BF16 latent cache, so --kv-cache fp8 measures the cache's cost too.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dsquant.runner.data import stdlib_text
+from dsquant.runner.load import load_model
+from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
+from dsquant.runner.perplexity import Accumulator, make_windows
+from dsquant.runner.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1/test-00000-of-00001.parquet")
+
+
+def load_text(text_file: str | Path | None = None, dataset: str | None = None) -> tuple[str, dict]:
+    """The evaluation text and its description: a local file, wikitext-2 (raw test split), or the
+    held-out Python stdlib split (the default, present on every machine)."""
+    if text_file is not None and dataset is not None:
+        raise ValueError("give either --text-file or --dataset, not both")
+    if text_file is not None:
+        p = Path(text_file)
+        if not p.is_file():
+            raise ValueError(f"--text-file {p}: no such file")
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise ValueError(f"--text-file {p}: the file is empty")
+        return text, {"source": str(p), "chars": len(text)}
+    if dataset is None:
+        return stdlib_text("heldout")
+    if dataset != "wikitext2":
+        raise ValueError(f"--dataset {dataset!r}: only 'wikitext2' is known (or use --text-file)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("--dataset wikitext2 reads a parquet file and needs pyarrow; or pass --text-file") from None
+    file = hf_hub_download(WIKITEXT2[0], WIKITEXT2[1], repo_type="dataset")
+    text = "".join(pq.read_table(file).column("text").to_pylist())  # lines keep their own "\n"
+    return text, {"source": f"{WIKITEXT2[0]} {WIKITEXT2[1]}", "chars": len(text)}
+
+
+def _name(path) -> str:
+    return Path(path).resolve().name
+
+
+def evaluate(
+    ckpt: str | Path, *, base: str | Path | None = None, text: str, text_info: dict, seq_len: int = 2048,
+    max_tokens: int | None = None, kv_cache: str = "bf16", device: str = "cpu", offload: str | None = None,
+    tokenizer: str | Path | None = None, batch_size: int = 4, stats: StreamStats | None = None,
+) -> dict:  # fmt: skip
+    """Perplexity of ckpt (and KLD / top-1 / delta against base) on `text`; see perplexity.py for the protocol."""
+    if offload not in (None, "none", "layer"):
+        raise ValueError(f"--offload {offload!r}: choose 'layer' (or leave it out)")
+    tok = load_tokenizer(ckpt, tokenizer)
+    ids = tok.encode(text, add_special_tokens=False).ids
+    from dsquant.runner.load import CheckpointReader
+
+    bos = CheckpointReader(ckpt).args.bos_token_id
+    if bos is not None:
+        ids = [bos] + ids
+    windows = make_windows(ids, seq_len, max_tokens)
+    impl = "triton" if str(device).startswith("cuda") else "reference"
+    t0 = time.perf_counter()
+    acc = Accumulator()
+    stats = stats if stats is not None else StreamStats()
+    if offload == "layer":
+        base_logits = {}
+        if base is not None:
+            for i, lg in stream_logits(base, windows, impl=impl, device=device, batch_size=batch_size):
+                base_logits[i] = lg.cpu()
+        for i, lg in stream_logits(ckpt, windows, impl=impl, device=device, kv_cache=kv_cache,
+                                   batch_size=batch_size, stats=stats):  # fmt: skip
+            acc.add(lg.cpu(), windows[i : i + lg.shape[0]], base_logits.get(i))
+    else:
+        model, _ = load_model(ckpt, impl=impl, device=device)
+        base_model = load_model(base, impl=impl, device=device)[0] if base is not None else None
+        batches = resident_logits(model, windows, kv_cache=kv_cache, batch_size=batch_size, device=device)
+        base_batches = (
+            resident_logits(base_model, windows, batch_size=batch_size, device=device) if base_model else None
+        )
+        for i, lg in batches:
+            blg = next(base_batches)[1] if base_batches is not None else None
+            acc.add(lg, windows[i : i + lg.shape[0]], blg)
+    seconds = time.perf_counter() - t0
+    protocol = {
+        "metric": "token-level perplexity",
+        "windows": int(windows.shape[0]), "seq_len": seq_len, "overlap": 0,
+        "scored_per_window": seq_len - 1, "tokens_scored": acc.tokens,
+        "bos": "one at the start of the stream" if bos is not None else "none",
+        "text": text_info, "tokenizer": str(tokenizer or Path(ckpt) / "tokenizer.json"),
+        "device": str(device), "impl": impl, "offload": offload or "none", "seconds": round(seconds, 2),
+        "torch": torch.__version__, "python": platform.python_version(),
+    }  # fmt: skip
+    result = {"name": _name(ckpt), "ppl": acc.ppl, "delta_ppl_pct": None, "kld": None, "top1": None,
+              "tokens": acc.tokens, "kv_cache": kv_cache}  # fmt: skip
+    base_entry = None
+    if base is not None:
+        result.update(acc.comparison())
+        base_entry = {"name": _name(base), "ppl": acc.base_ppl, "tokens": acc.tokens, "kv_cache": "bf16"}
+    out = {"protocol": protocol, "results": [result], "base": base_entry}
+    if offload == "layer":
+        out["streaming"] = stats.as_dict()
+    return out
