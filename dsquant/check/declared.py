@@ -17,6 +17,7 @@ or starts inside a component (`mlp.gate` in `mlp.gate_proj`) is an over-match.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -87,6 +88,58 @@ class ExcludeList:
     def excludes(self, name: str) -> bool:
         return any(self.matches(e, name) for e in self.entries)
 
+    def hits(self, entry: str, index: ModuleIndex) -> list[str]:
+        """Modules of `index` that `entry` matches: `matches()` over all of them, computed without
+        trying every pair (a 671B checkpoint has ~47k modules, and exclude lists of ~1k full names)."""
+        if self.semantics == "compressed-tensors":
+            if entry.startswith("re:"):
+                rx = _regex(entry[3:])
+                return [m for m in index.modules if rx.match(m)] if rx else []
+            return [entry] if entry in index.names else []
+        if self.semantics == "modelopt":
+            if not _WILDCARD.search(entry):
+                return index.containing(entry)
+            found = set(fnmatch.filter(index.modules, entry))
+            core = entry.rstrip("*")
+            if core and not _WILDCARD.search(core):
+                found.update(index.containing(core))
+            return sorted(found)
+        if _PLAIN.fullmatch(entry):  # transformers: start-anchored up to a boundary, or a plain suffix
+            return sorted(set(index.by_prefix.get(entry, ())) | set(index.ending_with(entry)))
+        return [m for m in index.modules if self.matches(entry, m)]
+
+
+_PLAIN = re.compile(r"[\w\-]+(?:\.[\w\-]+)*")
+
+
+class ModuleIndex:
+    """Module names prepared for fast substring / suffix / dotted-prefix lookups."""
+
+    def __init__(self, modules) -> None:
+        self.modules = sorted(modules)
+        self.names = set(self.modules)
+        self.text = "\n".join(self.modules) + "\n"
+        self.starts = []
+        pos = 0
+        for m in self.modules:
+            self.starts.append(pos)
+            pos += len(m) + 1
+        self.by_prefix: dict[str, list[str]] = {}
+        for m in self.modules:
+            for p in _dotted_prefixes(m):
+                self.by_prefix.setdefault(p, []).append(m)
+
+    def containing(self, sub: str) -> list[str]:
+        out, i = [], self.text.find(sub)
+        while i >= 0:
+            k = bisect.bisect_right(self.starts, i) - 1
+            out.append(self.modules[k])
+            i = self.text.find(sub, self.starts[k + 1] if k + 1 < len(self.starts) else len(self.text))
+        return out
+
+    def ending_with(self, suffix: str) -> list[str]:
+        return [m for m in self.containing(suffix + "\n") if m.endswith(suffix)]
+
 
 def exclude_lists(view: CheckpointView) -> list[ExcludeList]:
     """Every exclude/ignore list the config files declare, with the semantics its readers apply."""
@@ -111,14 +164,36 @@ def exclude_lists(view: CheckpointView) -> list[ExcludeList]:
     return out
 
 
-def declared_quantized(view: CheckpointView, module: str, lists: list[ExcludeList] | None = None) -> bool | None:
-    """Whether the configs say `module` (a linear layer) is quantized; None when nothing is declared."""
+@dataclass
+class Exclusions:
+    """Every exclude list of a checkpoint, with each entry's hits among its weight modules."""
+
+    lists: list[ExcludeList]
+    hits: list[dict[str, list[str]]]  # per list: entry -> modules it matches
+    excluded: set[str]  # modules any entry matches
+
+
+def exclusions(view: CheckpointView) -> Exclusions:
+    """Computed once per view (the rule families share it)."""
+    cached = view.cache.get("exclusions")
+    if cached is None:
+        from dsquant.check.names import module_format
+
+        index = ModuleIndex(m for m, params in view.modules.items() if module_format(params) is not None)
+        lists = exclude_lists(view)
+        hits = [{e: lst.hits(e, index) for e in lst.entries} for lst in lists]
+        cached = Exclusions(lists, hits, {m for per in hits for ms in per.values() for m in ms})
+        view.cache["exclusions"] = cached
+    return cached
+
+
+def declared_quantized(view: CheckpointView, module: str) -> bool | None:
+    """Whether the configs say the weight module `module` is quantized; None when nothing is declared."""
     qc = view.quantization_config
     hq = (view.hf_quant_config or {}).get("quantization")
     if qc is None and not isinstance(hq, dict):
         return None
-    lists = exclude_lists(view) if lists is None else lists
-    if any(lst.excludes(module) for lst in lists):
+    if module in exclusions(view).excluded:
         return False
     if qc is not None and qc.get("quant_method") == "compressed-tensors":
         return _ct_targeted(qc, module)

@@ -14,7 +14,7 @@ MTP-layer modules are left to mtp.py, which words the same problems for that lay
 
 from __future__ import annotations
 
-from dsquant.check.declared import declared_quantized, exclude_lists
+from dsquant.check.declared import declared_quantized, exclusions
 from dsquant.check.finding import Finding
 from dsquant.check.names import SCALE_PARAMS, is_decoder_linear, is_mtp, is_quantized, module_format
 from dsquant.check.view import CheckpointView
@@ -40,11 +40,10 @@ def weight_modules(view: CheckpointView) -> dict[str, str]:
 def check(view: CheckpointView) -> list[Finding]:
     findings: list[Finding] = []
     modules = weight_modules(view)
-    lists = exclude_lists(view)
+    excl = exclusions(view)
     overmatched: set[str] = set()
-    for lst in lists:
-        for entry in lst.entries:
-            hits = [m for m in modules if lst.matches(entry, m)]
+    for lst, entry_hits in zip(excl.lists, excl.hits):
+        for entry, hits in entry_hits.items():
             if not hits:
                 findings.append(Finding(
                     "exclude-unmatched", "warning",
@@ -71,25 +70,25 @@ def check(view: CheckpointView) -> list[Finding]:
                     f"{lst.source} entry {entry!r} also matches {_examples(over)} ({lst.semantics} matching); "
                     f"they are stored unquantized so it loads, but {hint}",
                     tensor=over[0], file=lst.source.split()[0]))
-    findings += _stored_vs_declared(view, modules, lists, overmatched)
+    findings += _stored_vs_declared(view, modules, excl.excluded, overmatched)
     return findings
 
 
-def _stored_vs_declared(view, modules, lists, overmatched) -> list[Finding]:
+def _stored_vs_declared(view, modules, excluded_set, overmatched) -> list[Finding]:
     findings = []
     bad: dict[str, list[str]] = {"excluded-but-quantized": [], "quantized-not-declared": [],
                                  "unquantized-not-excluded": []}
     for module, fmt in modules.items():
         if is_mtp(module, view.config) or module in overmatched:
             continue
-        excluded = any(lst.excludes(module) for lst in lists)
+        excluded = module in excluded_set
         scales = [p for p in view.modules[module] if p in SCALE_PARAMS]
         if excluded and (is_quantized(fmt) or scales):
             bad["excluded-but-quantized"].append(module)
             continue
         if not is_decoder_linear(module):
             continue
-        declared = declared_quantized(view, module, lists)
+        declared = declared_quantized(view, module)
         if declared is None:
             if is_quantized(fmt):
                 bad["quantized-not-declared"].append(module)

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dsquant.check.declared import declared_quantized, exclude_lists
+from dsquant.check.declared import declared_quantized
 from dsquant.check.finding import Finding
 from dsquant.check.names import SCALE_PARAMS, is_decoder_linear, is_quantized, module_format, num_layers
 from dsquant.check.view import CheckpointView
@@ -27,13 +27,12 @@ def check(view: CheckpointView) -> list[Finding]:
     if n_layers is None or not isinstance(n_mtp, int) or n_mtp <= 0:
         return []
     findings = []
-    lists = exclude_lists(view)
     for layer in range(n_layers, n_layers + n_mtp):
-        findings += _check_layer(view, f"model.layers.{layer}", lists)
+        findings += _check_layer(view, f"model.layers.{layer}")
     return findings
 
 
-def _check_layer(view: CheckpointView, prefix: str, lists) -> list[Finding]:
+def _check_layer(view: CheckpointView, prefix: str) -> list[Finding]:
     names = [n for n in view.tensors if n.startswith(prefix + ".")]
     if not names:
         return [Finding("mtp-missing", "error", f"config.json declares num_nextn_predict_layers but no {prefix}.* "
@@ -61,7 +60,7 @@ def _check_layer(view: CheckpointView, prefix: str, lists) -> list[Finding]:
         if not module.startswith(prefix + ".") or not is_decoder_linear(module):
             continue
         fmt = module_format(params)
-        declared = declared_quantized(view, module, lists)
+        declared = declared_quantized(view, module)
         if declared is None:
             if is_quantized(fmt):
                 wrong.append(f"{module} is {fmt} but nothing declares quantization")

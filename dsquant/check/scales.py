@@ -154,7 +154,7 @@ def _check_globals(view, out, module, params, fmt) -> None:
             out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype} {list(info.shape)}, "
                     "expected one float32 value")
             continue
-        value = float(view.read_tensor(info.name).float().reshape(-1)[0])
+        value = view.read_scalar(info.name)
         if not math.isfinite(value) or value <= 0:
             out.add("global-scale-value", "error", info.name, f"{info.name} = {value}")
         elif fmt == "nvfp4" and pname.endswith("_global_scale") and value < 1.0:

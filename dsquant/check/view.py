@@ -12,6 +12,7 @@ to module `model.layers.3.mlp.experts.7.up_proj` with parameter `weight_scale`.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -119,6 +120,8 @@ class CheckpointView:
     problems: list[ShardProblem] = field(default_factory=list)
     shard_files: list[str] = field(default_factory=list)
     _data_start: dict[str, int] = field(default_factory=dict, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # results the rule families share
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> CheckpointView:
@@ -225,13 +228,34 @@ class CheckpointView:
     def read_tensor(self, name: str) -> torch.Tensor:
         """The tensor's data (meant for small tensors: scales), read from its byte range."""
         info = self.tensors[name]
-        start = self._data_start[info.file] + info.offsets[0]
-        with (self.path / info.file).open("rb") as fh:
-            fh.seek(start)
-            raw = bytearray(fh.read(info.offsets[1] - info.offsets[0]))
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise ValueError(f"{name}: dtype {info.dtype} cannot be read")
+        fd = self._fds.get(info.file)
+        if fd is None:  # one descriptor per shard: rules read tens of thousands of scalars
+            fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+        n = info.offsets[1] - info.offsets[0]
+        raw = bytearray(os.pread(fd, n, self._data_start[info.file] + info.offsets[0]))
+        if len(raw) != n:
+            raise ValueError(f"{info.file}: {name} is truncated")
         if not raw:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+    def read_scalar(self, name: str) -> float:
+        """A one-element tensor's value as a Python float (struct for float32: rules read ~90k of them)."""
+        info = self.tensors[name]
+        if info.dtype == "F32" and info.offsets[1] - info.offsets[0] == 4:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+            return struct.unpack("<f", os.pread(fd, 4, self._data_start[info.file] + info.offsets[0]))[0]
+        return float(self.read_tensor(name).float().reshape(-1)[0])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
