@@ -108,7 +108,10 @@ def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> Non
     if len(w.shape) != 2:
         return
     n, k = w.shape
-    if fmt.endswith("-block"):
+    if fmt.endswith("-block") and scale.shape == (n,):
+        out.add("scale-shape", "error", scale.name, f"{scale.name} is [{n}]; engines expect per-channel scales as "
+                f"[{n}, 1] (SGLang's MLA path broadcasts them)")
+    elif fmt.endswith("-block"):
         want = (math.ceil(n / block[0]), math.ceil(k / block[1]))
         if scale.shape != want:
             out.add("scale-shape", "error", scale.name, f"{scale.name} is {list(scale.shape)}, expected {list(want)} "

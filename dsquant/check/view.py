@@ -141,6 +141,9 @@ class CheckpointView:
             wm = self.index.get("weight_map")
             if not isinstance(wm, dict):
                 raise CheckpointError(f"{INDEX_NAME}: has no 'weight_map' object")
+            bad = [k for k, v in wm.items() if not isinstance(v, str) or not v]
+            if bad:
+                raise CheckpointError(f"{INDEX_NAME}: weight_map entry {bad[0]!r} does not name a file")
             return sorted(set(wm.values()))
         found = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not found:

@@ -18,7 +18,8 @@ def inspect(
                                "exit 1 on any error."),
 ) -> None:
     """Summarise a checkpoint: architecture, format per tensor group, bytes, and whether index, config and
-    shards agree. With --check, also list what would make vLLM, SGLang or TensorRT-LLM refuse it."""
+    shards agree (exit 1 if they do not). With --check, also list what would make vLLM, SGLang or
+    TensorRT-LLM refuse it (exit 1 on any error)."""
     from dsquant.check import check_view
     from dsquant.check.view import CheckpointError, CheckpointView
     from dsquant.inspect import format_summary, summarize_view
@@ -42,5 +43,5 @@ def inspect(
                 typer.echo(str(f))
             warnings = len(findings) - errors
             typer.echo(f"check: {errors} error(s), {warnings} warning(s)" if findings else "check: no problems found")
-    if errors or (not summary["consistency"]["ok"] and check):
+    if errors or not summary["consistency"]["ok"]:  # a checkpoint whose index and shards disagree is broken input
         raise typer.Exit(1)

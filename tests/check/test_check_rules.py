@@ -421,3 +421,20 @@ def test_mtp_bf16_while_declared_quantized(tmp_path):
         ck.tensors[name[: -len("_scale_inv")]] = ref.tensors[name[: -len("_scale_inv")]]
     f = only(run(tmp_path, ck), "mtp-declared")
     assert "declares it quantized" in f.message and "re:^model\\.layers\\.2\\..*" in f.message
+
+
+def test_int8_channel_scale_must_be_two_dimensional(tmp_path):
+    ck = build("ct-int8")
+    name = L0 + "mlp.up_proj.weight_scale"
+    ck.tensors[name] = ck.tensors[name].reshape(-1)
+    f = only(run(tmp_path, ck), "scale-shape")
+    assert f.tensor == name and "[128, 1]" in f.message
+
+
+def test_index_value_that_is_not_a_file_name(tmp_path):
+    path = build("bf16").write(tmp_path / "c")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = 3
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="'lm_head.weight' does not name a file"):
+        check_checkpoint(path)

@@ -64,7 +64,8 @@ def test_missing_shard_exits_one_under_check(tmp_path):
     (path / "model-00001-of-00002.safetensors").unlink()
     result = runner.invoke(app, ["inspect", str(path), "--check"])
     assert result.exit_code == 1 and "model-00001-of-00002.safetensors: listed in the index but missing" in result.output
-    assert "DISAGREE" in runner.invoke(app, ["inspect", str(path)]).output
+    plain = runner.invoke(app, ["inspect", str(path)])
+    assert plain.exit_code == 1 and "DISAGREE" in plain.output
 
 
 def test_not_a_directory(tmp_path):
