@@ -1,0 +1,72 @@
+"""convert's CPU quantizers are bit-identical to the format references (dsquant.formats), codes and scales."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsquant.convert_cpuquant as fast
+from dsquant import formats
+from dsquant.formats.fp4 import round_to_e2m1
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def test_e2m1_codes_match_reference_on_ties_and_random_bits():
+    ties = torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e30, 1e-45, 2.0, 4.0])
+    up, down = torch.full_like(ties, 100.0), torch.full_like(ties, -100.0)
+    near = torch.cat([ties, torch.nextafter(ties, up), torch.nextafter(ties, down)])
+    x = torch.cat([near, -near, torch.tensor([-0.0]), torch.linspace(-8, 8, 40001)])
+    assert torch.equal(fast.e2m1_codes(x), round_to_e2m1(x))
+    gen = torch.Generator().manual_seed(1)
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), dtype=torch.int32, generator=gen).view(torch.float32)
+    bits = bits[torch.isfinite(bits)]  # every finite float32 class: subnormals, huge, both zeros
+    assert torch.equal(fast.e2m1_codes(bits), round_to_e2m1(bits))
+
+
+def _weights(n: int, k: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    w = (0.02 * torch.exp(torch.randn(n, 1, generator=gen)) * torch.randn(n, k, generator=gen)).bfloat16().float()
+    w[1, :32] = 0.0  # all-zero blocks
+    w[2, 32:64] = -0.0
+    w[3, 5] = 1e-30  # a value far below its block's scale
+    w[4, :16] = torch.tensor([6.0, -5.0, 2.5, 0.25] * 4)  # exact E2M1 ties at unit scale
+    return w
+
+
+@pytest.mark.parametrize("n,k", [(256, 512), (128, 1024), (384, 256)])
+@pytest.mark.parametrize("fmt", ["fp8-block", "fp8-block-ue8m0", "int8", "nvfp4", "nvfp4-global", "mxfp4-ocp",
+                                 "mxfp4-ceil"])
+def test_cpu_quantizers_bit_identical(fmt, n, k):
+    w = _weights(n, k)
+    calls = {
+        "fp8-block": (fast.quantize_fp8_block, formats.quantize_fp8_block, {}),
+        "fp8-block-ue8m0": (fast.quantize_fp8_block, formats.quantize_fp8_block, {"ue8m0": True}),
+        "int8": (fast.quantize_int8_per_token, formats.quantize_int8_per_token, {}),
+        "nvfp4": (fast.quantize_nvfp4, formats.quantize_nvfp4, {}),
+        "nvfp4-global": (fast.quantize_nvfp4, formats.quantize_nvfp4, {"global_scale": torch.tensor(3e-6)}),
+        "mxfp4-ocp": (fast.quantize_mxfp4, formats.quantize_mxfp4, {"scale_rule": "ocp"}),
+        "mxfp4-ceil": (fast.quantize_mxfp4, formats.quantize_mxfp4, {"scale_rule": "ceil"}),
+    }
+    ours, ref, kwargs = calls[fmt]
+    for a, b in zip(ours(w, **kwargs), ref(w, **kwargs)):
+        assert a.dtype == b.dtype and a.shape == b.shape, fmt
+        assert torch.equal(_bytes(a), _bytes(b)), f"{fmt} {n}x{k}: {int((_bytes(a) != _bytes(b)).sum())} differ"
+
+
+def test_cpu_quantizers_ragged_shapes_fall_back_exactly():
+    w = _weights(192, 256)  # 1.5 row blocks, as kv_a_proj_with_mqa
+    for a, b in zip(fast.quantize_fp8_block(w), formats.quantize_fp8_block(w)):
+        assert torch.equal(_bytes(a), _bytes(b))
+
+
+@pytest.mark.parametrize("fn", [fast.quantize_fp8_block, fast.quantize_int8_per_token, fast.quantize_nvfp4,
+                                fast.quantize_mxfp4])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cpu_quantizers_refuse_nan_inf_with_the_tensor_name(fn, bad):
+    w = _weights(128, 256)
+    w[7, 9] = bad
+    with pytest.raises(ValueError, match=r"layers\.3\.mlp\.up_proj\.weight: holds"):
+        fn(w, name="model.layers.3.mlp.up_proj.weight")
