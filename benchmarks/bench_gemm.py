@@ -18,15 +18,21 @@ import csv
 import datetime
 import logging
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from dsquant.kernels.gemm import configs, fp8_block_gemm, fp8_block_gemm_ref, int8_scaled_mm, mxfp4_gemm, nvfp4_gemm
-from dsquant.kernels.gemm.triton import _launch
-from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff
+if __package__ in (None, ""):  # run as a script from a checkout: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsquant.kernels.gemm import configs, fp8_block_gemm  # noqa: E402, fp8_block_gemm_ref, int8_scaled_mm, mxfp4_gemm, nvfp4_gemm
+from dsquant.kernels.gemm.triton import _launch  # noqa: E402
+from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8  # noqa: E402
+from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff  # noqa: E402
 
 log = logging.getLogger("bench_gemm")
 FIELDS = ["gpu", "torch", "triton", "date", "kernel", "M", "N", "K", "us", "TFLOPS", "GB/s", "baseline", "ratio"]
@@ -154,6 +160,15 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
         rows.add(name, m, n, k, ms, wb, "torch_bf16_matmul", base / ms)
         if (m, n, k) in fp8_ms:
             rows.add(name, m, n, k, ms, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / ms)
+        if fmt == "mxfp4" and m >= 128:  # both large-M paths, to place configs.W4A8_MIN_M
+            paths = {"mxfp4_w4a8": lambda: mxfp4_gemm_w4a8(*ops),
+                     "mxfp4_w4a16": lambda: _launch(ops[0], ops[1], torch.bfloat16, configs.MXFP4, w_scale=ops[2],
+                                                    small_m=False)}
+            for path, fn in paths.items():
+                t = _ms(fn)
+                rows.add(path, m, n, k, t, wb, "torch_bf16_matmul", base / t)
+                if (m, n, k) in fp8_ms:
+                    rows.add(path, m, n, k, t, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / t)
 
 
 def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):

@@ -13,8 +13,10 @@ import os
 import triton
 
 # Weight formats (the W_FMT constexpr of the kernels).
-FP8_BLOCK, INT8, NVFP4, MXFP4 = 0, 1, 2, 3
-FP4_FORMATS = (NVFP4, MXFP4)
+FP8_BLOCK, INT8, NVFP4, MXFP4, MXFP4_W4A8 = 0, 1, 2, 3, 4
+FP4_FORMATS = (NVFP4, MXFP4)  # decoded to bf16 (W4A16)
+PACKED_FORMATS = (NVFP4, MXFP4, MXFP4_W4A8)  # two E2M1 codes per stored byte
+W4A8_MIN_M = 2048  # mxfp4_gemm takes the FP8 tensor-core path (W4A8) from this M on
 
 SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream once, MMA N = BLOCK_M)
 SMEM_BYTES = 227 * 1024  # H100/H200 dynamic shared memory per block
@@ -73,7 +75,8 @@ def _smem(cfg: triton.Config, a_bytes: float, b_bytes: float) -> float:
 
 def early_prune(configs, named_args, **kwargs):
     """Autotune pruning: configs fitting shared memory, and no taller than M needs."""
-    a_bytes, b_bytes = (2, 0.5) if kwargs["W_FMT"] in FP4_FORMATS else (1, 1)
+    a_bytes = 2 if kwargs["W_FMT"] in FP4_FORMATS else 1
+    b_bytes = 0.5 if kwargs["W_FMT"] in PACKED_FORMATS else 1
     keep = [c for c in configs if _smem(c, a_bytes, b_bytes) <= SMEM_BYTES]
     if named_args["M"] <= 128:
         keep = [c for c in keep if c.kwargs["BLOCK_M"] <= 128] or keep

@@ -31,8 +31,9 @@ _FP8_BLOCK = tl.constexpr(configs.FP8_BLOCK)
 _INT8 = tl.constexpr(configs.INT8)
 _NVFP4 = tl.constexpr(configs.NVFP4)
 _MXFP4 = tl.constexpr(configs.MXFP4)
+_MXFP4_W4A8 = tl.constexpr(configs.MXFP4_W4A8)
 _TWO_POW_126 = tl.constexpr(2.0**126)
-_SCALE_GROUP = {configs.FP8_BLOCK: 128, configs.INT8: 1, configs.NVFP4: 16, configs.MXFP4: 32}
+_SCALE_GROUP = {configs.FP8_BLOCK: 128, configs.INT8: 1, configs.NVFP4: 16, configs.MXFP4: 32, configs.MXFP4_W4A8: 32}
 
 
 @triton.jit
@@ -80,6 +81,29 @@ def _load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
 
 
 @triton.jit
+def _load_mxfp4_as_fp8(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """MXFP4 tile -> (float8e4nv values [BLOCK_N, BLOCK_K], float32 row scale [BLOCK_N]), tile = values * scale.
+
+    Each 32-wide block's E8M0 exponent is taken relative to the largest of the row's BLOCK_K / 32 and
+    folded into the E4M3 value: E2M1 times 2^-d is exact in E4M3 for d <= 8 (its subnormals reach 2^-9);
+    a block more than 2^8 below its row's largest is rounded to that grid.
+    """
+    vals = _e2m1_decode(w_desc.load([off_n, off_k // 2]))  # [BLOCK_N, BLOCK_K] fp32
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    offs_g = off_k // 32 + tl.arange(0, BLOCK_K // 32)
+    mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // 32)
+    e = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask, other=0)
+    e = e.to(tl.int32)
+    e_max = tl.max(e, axis=1)  # [BLOCK_N]
+    d = e - e_max[:, None]  # <= 0
+    rel = tl.where(d > -127, (d + 127) << 23, 0).to(tl.float32, bitcast=True)  # 2^d
+    w = tl.reshape(vals, (BLOCK_N, BLOCK_K // 32, 32)) * rel[:, :, None]
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.float8e4nv)
+    return w, tl.where(e_max > 0, e_max << 23, 0x400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn, global_scale_ptr,
               W_FMT: tl.constexpr):
     """Per-format output scaling of an accumulator [BLOCK_M, BLOCK_N] -> float32 (bias excluded)."""
@@ -120,12 +144,17 @@ def _gemm_persistent_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
-            w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
-                             W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
+            if W_FMT == _MXFP4_W4A8:
+                w, w_s = _load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
+                                            ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
+            else:
+                w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
+                                 W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
             if W_FMT == _FP8_BLOCK:
-                a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
                 w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk,
                               mask=offs_n < N, other=0.0)
+            if W_FMT == _FP8_BLOCK or W_FMT == _MXFP4_W4A8:  # promote every 128-K step into fp32
+                a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
                 acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
             else:
                 acc = tl.dot(a, w.T, acc, out_dtype=acc.dtype)
@@ -247,12 +276,13 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
         f"out must be [M, N] = {(m, n)} with unit column stride on {a.device}, got {tuple(out.shape)} {out.stride()}"
     ptrs = [t if t is not None else out for t in (a_scale, w_scale, bias, global_scale)]
     strides = (a.stride(0), w.stride(0), out.stride(0), *_strides2(a_scale), *_strides2(w_scale))
-    meta = dict(W_FMT=fmt, SCALE_GROUP=_SCALE_GROUP[fmt], W_PACK=2 if fmt in configs.FP4_FORMATS else 1,
+    meta = dict(W_FMT=fmt, SCALE_GROUP=_SCALE_GROUP[fmt], W_PACK=2 if fmt in configs.PACKED_FORMATS else 1,
                 HAS_BIAS=bias is not None)
     if not configs.interpreting():
         _set_tma_allocator()
     num_sms = _num_sms(a.device)
     if small_m if small_m is not None else m <= configs.SMALL_M_MAX:
+        assert fmt != configs.MXFP4_W4A8, "W4A8 runs only in the persistent kernel"
         cfg = dict(small_cfg or configs.small_m_config(m, n, k, fmt, num_sms))
         split = cfg.pop("SPLIT_K")
         part_dtype = torch.int32 if fmt == configs.INT8 else torch.float32

@@ -1,8 +1,18 @@
 """FP4-weight GEMMs on Hopper-class GPUs: NVFP4 and MXFP4 weights times bf16 activations.
 
-Hopper has no FP4 tensor cores, so the weights are decoded in registers:
-- W4A16 (every M, triton.py kernels): E2M1 codes times the block scale become bf16 exactly, then a
-  bf16 MMA. At M <= 64 the swap-AB split-K kernel streams the packed bytes.
+Hopper has no FP4 tensor cores, so the weights are decoded in registers (kernels in triton.py):
+- W4A16 (NVFP4 at every M, MXFP4 below W4A8_MIN_M): E2M1 codes times the block scale are exact in
+  bf16, then a bf16 MMA. At M <= 64 the swap-AB split-K kernel streams the packed bytes.
+- W4A8 (MXFP4 from configs.W4A8_MIN_M rows on): activations are quantized per 1x128 group to FP8
+  (dsquant.kernels.quant), the E2M1 codes are expanded to E4M3 with each 32-block's exponent taken
+  relative to the largest in its 128-K group, and the FP8 MMA is promoted into fp32 every 128 K with
+  a_s * 2^e_max, as in fp8_block_gemm. Its result differs from the bf16-activation reference by the
+  activation's FP8 rounding (calc_diff ~4e-4, the FP8 class), and an Inf activation turns its row to
+  NaN (its group scale becomes Inf).
+- NVFP4 has no W4A8 path: its E4M3 block scale times an E2M1 value needs 6 significant bits, more
+  than E4M3 holds, so the scale would have to be applied per 16-K sub-block, below the K = 32 of an
+  FP8 MMA instruction; it is dequantized to bf16 instead.
+Native FP4 (`tl.dot_scaled` on sm_100+) is not used: it cannot be tested on the Hopper GPUs here.
 """
 
 from __future__ import annotations
@@ -57,4 +67,34 @@ def mxfp4_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale_e8m0: torch.Tens
     m, n, k = _check_fp4_operands(x, w_packed)
     assert w_scale_e8m0.dtype == torch.uint8 and tuple(w_scale_e8m0.shape) == (n, k // 32), \
         f"w_scale_e8m0 {w_scale_e8m0.dtype} {tuple(w_scale_e8m0.shape)}, expected uint8 {(n, k // 32)}"
+    if m >= configs.W4A8_MIN_M and k % 128 == 0 and x.is_cuda:
+        return mxfp4_gemm_w4a8(x, w_packed, w_scale_e8m0, out_dtype, out)
     return _launch(_row_major(x), _row_major(w_packed), out_dtype, configs.MXFP4, w_scale=w_scale_e8m0, out=out)
+
+
+def mxfp4_gemm_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale_e8m0: torch.Tensor,
+                    out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """mxfp4_gemm through FP8 tensor cores at any M (mxfp4_gemm picks it from configs.W4A8_MIN_M rows).
+
+    Same arguments as mxfp4_gemm; K % 128 == 0. The activations are quantized per 1x128 group first.
+    """
+    from dsquant.kernels.quant import quantize_fp8_per_token_group
+
+    m, n, k = _check_fp4_operands(x, w_packed)
+    assert k % 128 == 0, f"K={k} must be a multiple of 128 for the FP8 activation groups"
+    a, a_scale = quantize_fp8_per_token_group(x, 128, column_major_scales=True)
+    return mxfp4_gemm_w4a8_quantized(a, a_scale, w_packed, w_scale_e8m0, out_dtype, out)
+
+
+def mxfp4_gemm_w4a8_quantized(a: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor,
+                              w_scale_e8m0: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A8 MXFP4 GEMM on activations already in FP8: a float8_e4m3fn [M, K], a_scale float32 [M, K // 128]."""
+    assert a.dtype == torch.float8_e4m3fn and a.dim() == 2, f"a must be float8_e4m3fn [M, K], got {a.dtype}"
+    (m, k), n = a.shape, w_packed.shape[0]
+    assert tuple(a_scale.shape) == (m, k // 128) and a_scale.dtype == torch.float32, \
+        f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
+    assert w_packed.shape[1] * 2 == k and tuple(w_scale_e8m0.shape) == (n, k // 32), \
+        f"w_packed {tuple(w_packed.shape)} / w_scale_e8m0 {tuple(w_scale_e8m0.shape)} do not fit K={k}"
+    return _launch(_row_major(a), _row_major(w_packed), out_dtype, configs.MXFP4_W4A8, a_scale=a_scale,
+                   w_scale=w_scale_e8m0, out=out, small_m=False)

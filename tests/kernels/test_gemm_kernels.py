@@ -9,6 +9,10 @@ accumulation order and the output cast:
   half-ulp up to 2^-8). Even if they disagreed by that on every element, calc_diff ~ E[d^2] / 2
   <= 2^-16 / 6 ~ 2.5e-6; 1e-5 leaves 4x. A wrong scale group, a dropped K tile or a wrong nibble
   order measured 1e-3 .. 1 here.
+- W4A8_MAX_DIFF = 1e-3: mxfp4_gemm from configs.W4A8_MIN_M rows on rounds the bf16 activations to
+  FP8 (1x128 groups) before the MMA, which the bf16-activation reference does not. E4M3 keeps 4
+  significant bits: relative error uniform within half an ulp, E[d^2] ~ 2^-8 * 0.54 / 3 ~ 7e-4
+  (log-uniform mantissas), so calc_diff ~ E[d^2] / 2 ~ 3.5e-4; 1e-3 is DeepGEMM's FP8 bound too.
 - FP32_OUT_MAX_DIFF = 1e-6: no output rounding; what is left is fp32 accumulation and, on Hopper,
   the FP8 MMA's truncated in-MMA accumulation (about 14 bits, DeepSeek-V3 report sec. 3.3.2), i.e.
   d <~ 2^-14 and calc_diff <~ 2^-28 / 2 ~ 2e-9 per 128-K group; 1e-6 leaves a wide margin while
@@ -23,6 +27,8 @@ import pytest
 import torch
 
 from dsquant.formats import (
+    dequantize_fp8_per_token_group,
+    dequantize_mxfp4,
     quantize_fp8_block,
     quantize_fp8_per_token_group,
     quantize_int8_per_channel,
@@ -33,6 +39,7 @@ from dsquant.formats import (
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_close_global, calc_diff, poison_
 
 BF16_OUT_MAX_DIFF = 1e-5
+W4A8_MAX_DIFF = 1e-3
 FP32_OUT_MAX_DIFF = 1e-6
 FORMATS = ("fp8", "int8", "nvfp4", "mxfp4")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,6 +78,7 @@ from dsquant.kernels.gemm import (  # noqa: E402  (after the interpreter fix)
     nvfp4_gemm_ref,
 )
 from dsquant.kernels.gemm.triton import _launch  # noqa: E402
+from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8, mxfp4_gemm_w4a8_quantized  # noqa: E402
 
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
 KERNELS = {
@@ -180,6 +188,19 @@ def test_fp8_block_gemm_column_major_scale():
         assert_close_global(got, fp8_block_gemm_ref(a, a_s, b, b_s), BF16_OUT_MAX_DIFF, f"small_m={m_path}")
 
 
+@pytest.mark.parametrize("m", [3, 70], ids=lambda m: f"M{m}")
+def test_mxfp4_gemm_w4a8_matches_reference(m):
+    # The W4A8 path sees FP8 activations: against the reference on those same dequantized activations
+    # it is as tight as the other kernels (only weight blocks 2^8 below their 128-K group's largest
+    # would round, and this data has none).
+    x, w, s = operands("mxfp4", m, 192, 384)
+    a, a_s = quantize_fp8_per_token_group(x)
+    x_fp8 = dequantize_fp8_per_token_group(a, a_s, dtype=torch.float32)
+    want = (x_fp8.double() @ dequantize_mxfp4(w, s, dtype=torch.float32).double().T).float()
+    got = mxfp4_gemm_w4a8_quantized(a, a_s, w, s, out_dtype=torch.float32)
+    assert_close_global(got, want, FP32_OUT_MAX_DIFF, f"w4a8 {m=}")
+
+
 def _poison_inputs(fmt: str, ops: tuple) -> tuple:
     """NaN in one activation row and one weight row (or their scales / bias), +inf in a bf16 activation."""
     ops = [t.clone() for t in ops]
@@ -262,6 +283,23 @@ def test_gemm_deepseek_shapes_gpu(fmt, n, k, m):
     ops = operands(fmt, m, n, k, device="cuda", weight=_WEIGHTS[(fmt, n, k)])
     torch.empty(64 << 20, device="cuda").fill_(float("nan"))  # freed NaN memory: workspaces start dirty
     got, want = _run(fmt, ops)
-    _gpu_check(got, want, BF16_OUT_MAX_DIFF, f"{fmt} {m=} {n=} {k=}")
+    w4a8 = fmt == "mxfp4" and m >= configs.W4A8_MIN_M
+    _gpu_check(got, want, W4A8_MAX_DIFF if w4a8 else BF16_OUT_MAX_DIFF, f"{fmt} {m=} {n=} {k=}")
     if m <= configs.SMALL_M_MAX:  # split-K sums in a fixed order: repeated calls agree bit for bit
         assert torch.equal(got, KERNELS[fmt][0](*ops)), f"{fmt} {m=} {n=} {k=}: not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (128, 2048), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("n,k", GPU_SHAPES["mxfp4"], ids=str)
+def test_mxfp4_gemm_w4a8_deepseek_shapes_gpu(n, k, m):
+    # The W4A8 kernel against the reference on its own FP8 activations (tight, see the CPU twin), then
+    # the whole path with the dsquant.kernels.quant activation quantizer against the bf16 reference.
+    torch.manual_seed(2)
+    x, w, s = operands("mxfp4", m, n, k, device="cuda")
+    a, a_s = quantize_fp8_per_token_group(x)
+    x_fp8 = dequantize_fp8_per_token_group(a, a_s, dtype=torch.float32)
+    want = (x_fp8.double() @ dequantize_mxfp4(w, s, dtype=torch.float32).double().T).float()
+    _gpu_check(mxfp4_gemm_w4a8_quantized(a, a_s, w, s, out_dtype=torch.float32), want, FP32_OUT_MAX_DIFF,
+               f"w4a8 {m=} {n=} {k=}")
+    _gpu_check(mxfp4_gemm_w4a8(x, w, s), mxfp4_gemm_ref(x, w, s), W4A8_MAX_DIFF, f"w4a8+quant {m=} {n=} {k=}")
