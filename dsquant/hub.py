@@ -27,7 +27,8 @@ from dsquant.model_card import CARD_MARKER, RECIPE_FILE, write_model_card
 
 log = logging.getLogger(__name__)
 
-REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 HF_SPEC = re.compile(r"^hf://(?P<repo>[^@\s]+?)(?:@(?P<rev>[^@\s]+))?$")
 # What conversion reads from a source repo: configs (config, generation, tokenizer), weights and their
 # index, tokenizer files (Kimi-K2 ships tiktoken.model and its tokenizer code, copied, never executed),

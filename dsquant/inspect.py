@@ -31,7 +31,8 @@ def human_bytes(n: int | float | None) -> str:
 
 
 def detect_convention(view: CheckpointView) -> str:
-    """deepseek-fp8 | modelopt | compressed-tensors | blockwise_int8 | w8a8_int8 | unquantized | undeclared | <method>."""
+    """deepseek-fp8 | modelopt | compressed-tensors | blockwise_int8 | w8a8_int8 | unquantized | undeclared
+    (quantized tensors, no config) | any other quant_method as it is."""
     qc, hq = view.quantization_config, view.hf_quant_config
     method = str((qc or {}).get("quant_method", ""))
     if hq is not None and (qc is None or method.startswith("modelopt")):

@@ -100,7 +100,8 @@ def serve_commands(repo: str, convention: str, formats: list[str], bytes_out: in
              "# SGLang", f"python -m sglang.launch_server --model-path {repo} --tp {tp}{sq}"
              f"{' --kv-cache-dtype fp8_e4m3' if kv_fp8 else ''}"]
     if convention == "modelopt":
-        lines += ["", "# TensorRT-LLM (PyTorch backend; reads hf_quant_config.json)", f"trtllm-serve {repo} --tp_size {tp}"]
+        lines += ["", "# TensorRT-LLM (PyTorch backend; reads hf_quant_config.json)",
+                  f"trtllm-serve {repo} --tp_size {tp}"]
     lines.append("```")
     notes = []
     if convention == "w8a8_int8":
@@ -136,7 +137,8 @@ def _eval_section(ev: dict) -> list[str]:
         out += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in protocol.items()) + "."]
     base = ev.get("base")
     if base:
-        out += [f"Δ and KLD are measured against the source model ({base if isinstance(base, str) else json.dumps(base)})."]
+        base_txt = base if isinstance(base, str) else json.dumps(base)
+        out += [f"Δ and KLD are measured against the source model ({base_txt})."]
     return out + [""]
 
 
@@ -196,7 +198,8 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
     repo = repo_id or (f"<your-org>/{dst.name}")
     meta = dict(library_name="transformers" if convention in ("compressed-tensors", "deepseek", "fp8") else "vllm",
                 pipeline_tag="text-generation",
-                tags=sorted({"dsquant", "quantized", *formats, str(convention), str(config.get("model_type", "deepseek"))}),
+                tags=sorted({"dsquant", "quantized", *formats, str(convention),
+                             str(config.get("model_type", "deepseek"))}),
                 **source_license(source))
     if base:
         meta.update(base_model=base, base_model_relation="quantized")

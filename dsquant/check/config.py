@@ -91,7 +91,8 @@ def declared_families(view: CheckpointView) -> tuple[set[str], str] | None:
 
 def check(view: CheckpointView) -> list[Finding]:
     if view.config is None:
-        return [Finding("config-missing", "error", "no config.json; engines cannot build the model", file="config.json")]
+        return [Finding("config-missing", "error", "no config.json; engines cannot build the model",
+                        file="config.json")]
     findings = []
     archs = view.config.get("architectures") or []
     if not any(a in DEEPSEEK_ARCHS for a in archs):
@@ -174,7 +175,8 @@ def _qc_keys(view: CheckpointView) -> list[Finding]:
     if method in ("fp8", "blockwise_int8"):
         if qc.get("activation_scheme") != "dynamic":
             out.append(Finding("quant-config-keys", "error", f"quant_method {method!r} needs activation_scheme "
-                               f"'dynamic' for block weights, found {qc.get('activation_scheme')!r}", file="config.json"))
+                               f"'dynamic' for block weights, found {qc.get('activation_scheme')!r}",
+                               file="config.json"))
         blocky = any((module_format(p) or "").endswith("-block") for p in view.modules.values())
         if blocky and not qc.get("weight_block_size"):
             out.append(Finding("quant-config-keys", "error", "block-scaled weights but no weight_block_size "

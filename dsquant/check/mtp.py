@@ -45,7 +45,8 @@ def _check_layer(view: CheckpointView, prefix: str) -> list[Finding]:
     if not any(n.startswith(f"{prefix}.mlp.") for n in names):
         missing.append("mlp.*")
     if missing:
-        out.append(Finding("mtp-missing", "error", f"MTP layer lacks {', '.join(missing)}", tensor=f"{prefix}.{missing[0]}"))
+        out.append(Finding("mtp-missing", "error", f"MTP layer lacks {', '.join(missing)}",
+                           tensor=f"{prefix}.{missing[0]}"))
     copies = [s for s in SHARED_COPIES if f"{prefix}.{s}" not in view.tensors]
     if copies:
         out.append(Finding("mtp-missing", "warning", f"MTP layer lacks its copies of {', '.join(copies)} "

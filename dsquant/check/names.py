@@ -90,7 +90,8 @@ def module_format(params: dict[str, TensorInfo]) -> str | None:
     if w.dtype == "U8":
         if scale is not None and scale.dtype in ("U8", "F8_E8M0"):
             return "mxfp4"
-        if scale is not None and scale.dtype == "F8_E4M3" or "weight_scale_2" in params or "weight_global_scale" in params:
+        e4m3_scale = scale is not None and scale.dtype == "F8_E4M3"
+        if e4m3_scale or "weight_scale_2" in params or "weight_global_scale" in params:
             return "nvfp4"
         return "uint8"
     if w.dtype == "I32" and "weight_packed" in params:

@@ -101,7 +101,8 @@ def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> Non
         out.add("missing-scale", "error", w.name, f"{w.name} ({w.dtype}) has no weight_scale_inv / weight_scale")
         return
     if method in ("fp8", "blockwise_int8") and "weight_scale_inv" not in params:
-        out.add("scale-name", "error", w.name, f"{module} has weight_scale; quant_method {method!r} loads weight_scale_inv")
+        out.add("scale-name", "error", w.name,
+                f"{module} has weight_scale; quant_method {method!r} loads weight_scale_inv")
     if method in ("compressed-tensors", "w8a8_int8") and "weight_scale_inv" in params:
         out.add("scale-name", "error", w.name, f"{module} has weight_scale_inv; {method} loads weight_scale")
     scale: TensorInfo = params.get("weight_scale_inv") or params["weight_scale"]
@@ -119,7 +120,8 @@ def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> Non
         elif ue8m0 and scale.dtype == "F32" and not _is_pow2(view.read_tensor(scale.name)):
             out.add("ue8m0-scale", "error", scale.name, scale.name)
     if fmt.endswith("-channel") and method == "w8a8_int8" and scale.dtype != "F32":
-        out.add("scale-shape", "error", scale.name, f"{scale.name} is {scale.dtype}; SGLang w8a8_int8 needs float32 [N, 1]")
+        out.add("scale-shape", "error", scale.name,
+                f"{scale.name} is {scale.dtype}; SGLang w8a8_int8 needs float32 [N, 1]")
     if method == "fp8" and scale.dtype != "F32":
         out.add("scale-shape", "error", scale.name, f"{scale.name} is {scale.dtype}; DeepSeek FP8 scales are float32")
 

@@ -155,7 +155,8 @@ class CheckpointView:
         for name in self._shard_list():
             file = (self.path / name).resolve()
             if not file.is_relative_to(root) or Path(name).is_absolute():
-                self.problems.append(ShardProblem("outside-dir", name, f"index names a file outside the checkpoint: {name!r}"))
+                self.problems.append(
+                    ShardProblem("outside-dir", name, f"index names a file outside the checkpoint: {name!r}"))
                 continue
             if not file.is_file():
                 self.problems.append(ShardProblem("missing-shard", name, f"{name}: listed in the index but missing"))
@@ -171,8 +172,9 @@ class CheckpointView:
             for tname, meta in header.items():
                 try:
                     info = TensorInfo(tname, meta["dtype"], tuple(meta["shape"]), name, tuple(meta["data_offsets"]))
-                except (KeyError, TypeError) as exc:
-                    self.problems.append(ShardProblem("corrupt-header", name, f"{name}: entry {tname!r} malformed", tname))
+                except (KeyError, TypeError, ValueError) as exc:
+                    self.problems.append(
+                        ShardProblem("corrupt-header", name, f"{name}: entry {tname!r} malformed ({exc})", tname))
                     continue
                 if info.offsets[1] > data_len:
                     self.problems.append(

@@ -66,8 +66,8 @@ def bf16_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     c, g = CONFIG, torch.Generator().manual_seed(seed)
     h, heads = c["hidden_size"], c["num_attention_heads"]
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-    t = {"model.embed_tokens.weight": _w(g, c["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-         "lm_head.weight": _w(g, c["vocab_size"], h)}
+    t = {"model.embed_tokens.weight": _w(g, c["vocab_size"], h), "lm_head.weight": _w(g, c["vocab_size"], h),
+         "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
     for layer in range(c["num_hidden_layers"] + 1):
         p = f"model.layers.{layer}."
         t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
@@ -77,7 +77,8 @@ def bf16_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
         t[p + "self_attn.q_b_proj.weight"] = _w(g, heads * qk, c["q_lora_rank"])
         t[p + "self_attn.kv_a_proj_with_mqa.weight"] = _w(g, c["kv_lora_rank"] + c["qk_rope_head_dim"], h)
         t[p + "self_attn.kv_a_layernorm.weight"] = torch.ones(c["kv_lora_rank"], dtype=torch.bfloat16)
-        t[p + "self_attn.kv_b_proj.weight"] = _w(g, heads * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])
+        kv_b_rows = heads * (c["qk_nope_head_dim"] + c["v_head_dim"])
+        t[p + "self_attn.kv_b_proj.weight"] = _w(g, kv_b_rows, c["kv_lora_rank"])
         t[p + "self_attn.o_proj.weight"] = _w(g, h, heads * c["v_head_dim"])
         if layer < c["first_k_dense_replace"]:
             mlps = [(p + "mlp.", c["intermediate_size"])]
@@ -175,7 +176,8 @@ def build(kind: str = "modelopt", seed: int = 0) -> Ckpt:
                 t.update({m + ".weight": q, m + ".weight_scale": bs, m + ".weight_scale_2": g, m + ".input_scale": act})
             else:
                 t.update({m + ".weight_packed": q, m + ".weight_scale": bs,
-                          m + ".weight_global_scale": (1 / g).reshape(1), m + ".input_global_scale": (1 / act).reshape(1)})
+                          m + ".weight_global_scale": (1 / g).reshape(1),
+                          m + ".input_global_scale": (1 / act).reshape(1)})
     elif kind == "ct-mxfp4":
         for m in mlps:
             q, s = quantize_mxfp4(t.pop(m + ".weight"))
@@ -190,7 +192,8 @@ def build(kind: str = "modelopt", seed: int = 0) -> Ckpt:
         exclude = ["lm_head", "model.layers.0.self_attn*", "model.layers.1.self_attn*", f"model.layers.{MTP}*"]
         cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": exclude,
                                       "producer": {"name": "modelopt", "version": "0.0"},
-                                      "config_groups": {"group_0": {"weights": NVFP4_ARGS, "input_activations": NVFP4_ARGS,
+                                      "config_groups": {"group_0": {"weights": NVFP4_ARGS,
+                                                                    "input_activations": NVFP4_ARGS,
                                                                     "targets": ["Linear"]}},
                                       "kv_cache_scheme": {"num_bits": 8, "type": "float", "dynamic": False}}
         hq = {"producer": {"name": "modelopt", "version": "0.0"},

@@ -63,7 +63,8 @@ def test_missing_shard_exits_one_under_check(tmp_path):
     path = build("bf16").write(tmp_path / "c")
     (path / "model-00001-of-00002.safetensors").unlink()
     result = runner.invoke(app, ["inspect", str(path), "--check"])
-    assert result.exit_code == 1 and "model-00001-of-00002.safetensors: listed in the index but missing" in result.output
+    assert result.exit_code == 1
+    assert "model-00001-of-00002.safetensors: listed in the index but missing" in result.output
     plain = runner.invoke(app, ["inspect", str(path)])
     assert plain.exit_code == 1 and "DISAGREE" in plain.output
 

@@ -35,8 +35,9 @@ class RecordingApi:
 
 def output_dir(tmp_path):
     out = build("ct-nvfp4").write(tmp_path / "out")
-    (out / "dsquant_recipe.json").write_text(json.dumps({"recipe": {"name": "nvfp4"}, "convention": "compressed-tensors",
-                                                        "source": {"repo_id": "deepseek-ai/DeepSeek-V3"}}))
+    recipe = {"recipe": {"name": "nvfp4"}, "convention": "compressed-tensors",
+              "source": {"repo_id": "deepseek-ai/DeepSeek-V3"}}
+    (out / "dsquant_recipe.json").write_text(json.dumps(recipe))
     return out
 
 
