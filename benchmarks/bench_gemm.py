@@ -29,7 +29,14 @@ from triton.testing import do_bench
 if __package__ in (None, ""):  # run as a script from a checkout: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsquant.kernels.gemm import configs, fp8_block_gemm  # noqa: E402, fp8_block_gemm_ref, int8_scaled_mm, mxfp4_gemm, nvfp4_gemm
+from dsquant.kernels.gemm import (  # noqa: E402
+    configs,
+    fp8_block_gemm,
+    fp8_block_gemm_ref,
+    int8_scaled_mm,
+    mxfp4_gemm,
+    nvfp4_gemm,
+)
 from dsquant.kernels.gemm.triton import _launch  # noqa: E402
 from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8  # noqa: E402
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff  # noqa: E402
