@@ -114,10 +114,18 @@ def _agreement(view: CheckpointView) -> list[Finding]:
                            f"{(hq.get('quantization') or {}).get('quant_algo')!r}: vLLM and SGLang follow config.json, "
                            "TensorRT-LLM follows hf_quant_config.json", file="config.json"))
     elif hq is not None and qc is not None:
-        a, b = qc.get("quant_algo"), (hq.get("quantization") or {}).get("quant_algo")
+        nested = hq.get("quantization") or {}
+        a, b = qc.get("quant_algo"), nested.get("quant_algo")
         if a is not None and b is not None and a != b:
             out.append(Finding("stale-quant-config", "error", f"config.json quant_algo {a!r} != {HQ} quant_algo {b!r}",
                                file="config.json"))
+        flat, deep = qc.get("ignore", qc.get("exclude_modules")), nested.get("exclude_modules")
+        if isinstance(flat, list) and isinstance(deep, list) and sorted(map(str, flat)) != sorted(map(str, deep)):
+            only_flat = sorted(set(map(str, flat)) - set(map(str, deep)))
+            only_deep = sorted(set(map(str, deep)) - set(map(str, flat)))
+            out.append(Finding("stale-quant-config", "warning", "config.json's exclude list differs from "
+                               f"{HQ}'s (vLLM reads the first, TensorRT-LLM the second): only in config.json "
+                               f"{only_flat[:3]}, only in {HQ} {only_deep[:3]}", file="config.json"))
     stored = stored_families(view)
     declared = declared_families(view)
     if declared is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from dsquant.check.finding import Finding
-from dsquant.check.names import FUSED_PAIRS, module_format
+from dsquant.check.names import FUSED_PAIRS, expert_index, layer_index, module_format
 from dsquant.check.view import CheckpointView
 
 GLOBAL_PARAMS = (("weight_scale_2", "weight_global_scale"), ("input_scale", "input_global_scale"))
@@ -55,7 +55,7 @@ def check(view: CheckpointView) -> list[Finding]:
                 va, vb = _value(view, f"{a}.{pname}"), _value(view, f"{b}.{pname}")
                 if va is not None and vb is not None and va != vb and not (math.isnan(va) and math.isnan(vb)):
                     scale_bad.append(f"{a}.{pname} = {va:.6g} vs {b.rsplit('.', 1)[-1]} {vb:.6g}")
-    findings = []
+    findings = _moe_uniform(view)
     if scheme_bad:
         findings.append(Finding(
             "fused-scheme", "error",
@@ -69,3 +69,21 @@ def check(view: CheckpointView) -> list[Finding]:
             f"vLLM/SGLang use one value for both and corrupt the other half): {'; '.join(scale_bad[:MAX_LISTED])}",
             tensor=scale_bad[0].split()[0]))
     return findings
+
+
+def _moe_uniform(view: CheckpointView) -> list[Finding]:
+    per_layer: dict[int, dict[str, list[str]]] = {}
+    for module, params in view.modules.items():
+        if expert_index(module) is None:
+            continue
+        fmt = module_format(params)
+        if fmt is not None:
+            per_layer.setdefault(layer_index(module), {}).setdefault(fmt, []).append(module)
+    mixed = [(layer, fmts) for layer, fmts in sorted(per_layer.items(), key=lambda kv: kv[0] or 0) if len(fmts) > 1]
+    if not mixed:
+        return []
+    layer, fmts = mixed[0]
+    counts = ", ".join(f"{len(ms)} {f} (e.g. {ms[0]})" for f, ms in sorted(fmts.items(), key=lambda kv: -len(kv[1])))
+    rarest = min(fmts.values(), key=len)[0]
+    return [Finding("moe-uniform", "error", f"{len(mixed)} MoE layer(s) mix expert formats; engines build one fused "
+                    f"MoE with one scheme per layer. Layer {layer}: {counts}", tensor=rarest)]

@@ -23,8 +23,10 @@ FUSED_PAIRS = (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+# Projections engines build with the checkpoint's quant config (the V3.2 indexer's wq_b and wk too; its
+# weights_proj is built unquantized, like the router).
 _LINEAR_TAIL = re.compile(
-    r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|indexer\.wq_b|indexer\.wk)"
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))$"
 )
 
@@ -161,6 +163,8 @@ def expected_shape(module: str, config: dict | None) -> tuple[int, int] | None:
         "gate_proj": lambda: (inter(), h),
         "up_proj": lambda: (inter(), h),
         "down_proj": lambda: (h, inter()),
+        "wq_b": lambda: (c["index_n_heads"] * c["index_head_dim"], q_rank),
+        "wk": lambda: (c["index_head_dim"], h),
     }
     if tail not in table:
         return None

@@ -13,6 +13,9 @@
   stored in the other direction (ModelOpt multipliers are amax/2688, compressed-tensors divisors are
   2688/amax; mixing them up gives errors of ~2688^2, formats.md section 8.2). Warning.
 - ue8m0-scale: `scale_fmt: ue8m0` declared but block scales are not powers of two. Error.
+- activation-scale: an NVFP4 module without the static activation global scale its W4A4 config needs
+  (ModelOpt `input_scale`, compressed-tensors `input_global_scale`), or with one that a weight-only
+  (W4A16) config has no parameter for. Error.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ LEAD = {
     "packed-shape": "weight shape(s) disagree with config.json",
     "global-scale-value": "suspicious global scale value(s)",
     "ue8m0-scale": "scale_fmt is ue8m0 but block scales are not powers of two",
+    "activation-scale": "NVFP4 activation global scales disagree with the declared scheme",
 }
 
 
@@ -82,10 +86,13 @@ def check(view: CheckpointView) -> list[Finding]:
     method = str(qc.get("quant_method", ""))
     block = _block_size(view)
     ue8m0 = method == "fp8" and qc.get("scale_fmt") == "ue8m0"
+    w4a4 = _nvfp4_activations_declared(view)
     for module, params in view.modules.items():
         fmt = module_format(params)
         if fmt is None:
             continue
+        if fmt == "nvfp4" and w4a4 is not None:
+            _check_activation_scale(out, module, params, w4a4)
         _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0)
         _check_fp4(out, module, params, fmt)
         _check_globals(view, out, module, params, fmt)
@@ -181,3 +188,30 @@ def _check_logical(view, out, module, params, fmt) -> None:
         hint = " (packed along N; FP4 packs two elements per byte along K: [N, K/2])"
     out.add("packed-shape", "error", w.name, f"{w.name} is {w.dtype} {list(w.shape)} ({fmt}), config.json implies "
             f"[N, K] = {list(want)}{hint}")
+
+
+def _nvfp4_activations_declared(view: CheckpointView) -> bool | None:
+    """True if the config declares NVFP4 W4A4 (static activation scales), False for W4A16, None if unknown."""
+    hq = (view.hf_quant_config or {}).get("quantization") or {}
+    qc = view.quantization_config or {}
+    algo = str(hq.get("quant_algo") or qc.get("quant_algo") or "").upper()
+    if algo:
+        return None if "NVFP4" not in algo else not algo.startswith("W4A16")
+    if qc.get("quant_method") != "compressed-tensors":
+        return None
+    for group in (qc.get("config_groups") or {}).values():
+        weights = (group or {}).get("weights") or {}
+        if weights.get("num_bits") == 4 and weights.get("type") == "float" and weights.get("group_size") == 16:
+            return bool((group or {}).get("input_activations"))
+    return None
+
+
+def _check_activation_scale(out, module, params, w4a4: bool) -> None:
+    have = [p for p in ("input_scale", "input_global_scale") if p in params]
+    w = params.get("weight_packed") or params["weight"]
+    if w4a4 and not have:
+        out.add("activation-scale", "error", w.name, f"{module} has no input_scale / input_global_scale (W4A4 "
+                "declared)")
+    elif not w4a4 and have:
+        out.add("activation-scale", "error", params[have[0]].name, f"{module}.{have[0]} is stored but the config "
+                "declares weight-only NVFP4 (W4A16), which has no parameter for it")

@@ -202,10 +202,12 @@ def build(kind: str = "modelopt", seed: int = 0) -> Ckpt:
         return Ckpt(t, cfg, hq)
     weights = {"ct-nvfp4": NVFP4_ARGS, "ct-mxfp4": MXFP4_ARGS,
                "ct-int8": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}}
+    inputs = {"ct-nvfp4": {**NVFP4_ARGS, "dynamic": "local"}}  # W4A4: static global, local per-16 scales
     fmt = {"ct-nvfp4": "nvfp4-pack-quantized", "ct-mxfp4": "mxfp4-pack-quantized", "ct-int8": "int-quantized"}[kind]
     cfg["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-        "config_groups": {"group_0": {"weights": weights[kind], "input_activations": None, "targets": ["Linear"]}},
+        "config_groups": {"group_0": {"weights": weights[kind], "input_activations": inputs.get(kind),
+                                      "targets": ["Linear"]}},
         "ignore": ["lm_head", r"re:.*self_attn\..*", r"re:.*mlp\.gate$", rf"re:^model\.layers\.{MTP}\..*"],
     }
     return Ckpt(t, cfg)

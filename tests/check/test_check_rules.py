@@ -438,3 +438,35 @@ def test_index_value_that_is_not_a_file_name(tmp_path):
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="'lm_head.weight' does not name a file"):
         check_checkpoint(path)
+
+
+def test_experts_of_one_layer_in_mixed_formats(tmp_path):
+    ck, fp8 = build("modelopt"), build("deepseek-fp8")
+    e = L1 + "mlp.experts.3."
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+            del ck.tensors[e + p + "." + suffix]
+        ck.tensors[e + p + ".weight"] = fp8.tensors[e + p + ".weight"]
+        ck.tensors[e + p + ".weight_scale"] = fp8.tensors[e + p + ".weight_scale_inv"]
+    fs = run(tmp_path, ck)
+    f = only(fs, "moe-uniform")
+    assert f.tensor.startswith(e) and "9 nvfp4" in f.message and "3 fp8" in f.message
+
+
+def test_nvfp4_activation_scale_missing_or_unexpected(tmp_path):
+    ck = build("modelopt")
+    for p in ("gate_proj", "up_proj"):
+        del ck.tensors[EXP0 + p + ".input_scale"]
+    assert only(run(tmp_path, ck), "activation-scale").tensor == EXP0 + "gate_proj.weight"
+    ck = build("ct-nvfp4")
+    ck.config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = None  # W4A16
+    f = only(run(tmp_path / "b", ck), "activation-scale")
+    assert f.tensor.endswith(".input_global_scale") and "W4A16" in f.message
+
+
+def test_exclude_lists_of_config_json_and_hf_quant_config_differ(tmp_path):
+    ck = build("modelopt")
+    qc = ck.config["quantization_config"]
+    qc["ignore"] = qc["ignore"] + ["model.layers.1.mlp.gate"]
+    f = only(run(tmp_path, ck), "stale-quant-config", "warning")
+    assert "model.layers.1.mlp.gate" in f.message
