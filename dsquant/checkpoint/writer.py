@@ -60,7 +60,11 @@ class ShardWriter:
         self._tmp = partial_name(self.path)
         self._file = open(self._tmp, "wb")
         self.bytes_written = 0
-        self._put(build_header(self.entries, metadata or {"format": "pt"}))
+        try:
+            self._put(build_header(self.entries, metadata or {"format": "pt"}))
+        except BaseException:
+            self.abort()
+            raise
 
     def _put(self, data) -> None:
         try:
