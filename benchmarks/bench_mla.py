@@ -23,15 +23,17 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_per_token, mla_decode
+from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_per_token, mla_decode, mla_prefill
 from dsquant.kernels.mla.cache import dequantize_kv_tokens
+from dsquant.kernels.testing import calc_diff
 from dsquant.kernels.mla.triton import AttendConfig, default_config, default_num_splits
 
 log = logging.getLogger("bench_mla")
 PAGE = 64
+DEVICE = "cuda"
 SCALE = 576**-0.5
 FIELDS = ["date", "gpu", "torch", "triton", "kernel", "kv_dtype", "batch", "heads", "context", "page_size",
-          "config", "num_splits", "time_us", "kv_gbps", "pct_copy_bw", "tflops", "vs_torch"]
+          "config", "num_splits", "time_us", "kv_gbps", "pct_copy_bw", "tflops", "vs_torch", "diff_vs_torch"]
 
 
 def _time_ms(fn) -> float:
@@ -39,7 +41,7 @@ def _time_ms(fn) -> float:
 
 
 def copy_bandwidth() -> float:
-    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    x = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE)  # 1 GiB
     y = torch.empty_like(x)
     ms = _time_ms(lambda: y.copy_(x))
     return 2 * x.numel() * 4 / ms / 1e6
@@ -48,15 +50,15 @@ def copy_bandwidth() -> float:
 def build_cache(kind: str, batch: int, ctx: int):
     """A fully used cache: pages shuffled so the block table really gathers; filled by cache_store."""
     n_pages = batch * ctx // PAGE
-    cache = allocate_kv_cache(n_pages, PAGE, kind, device="cuda")
-    bt = torch.randperm(n_pages, device="cuda").to(torch.int32).reshape(batch, ctx // PAGE)
-    kv_scale = torch.tensor(0.05, device="cuda") if kind == "fp8" else None
+    cache = allocate_kv_cache(n_pages, PAGE, kind, device=DEVICE)
+    bt = torch.randperm(n_pages, device=DEVICE).to(torch.int32).reshape(batch, ctx // PAGE)
+    kv_scale = torch.tensor(0.05, device=DEVICE) if kind == "fp8" else None
     step = 1 << 20
-    slots_all = (bt.long()[:, :, None] * PAGE + torch.arange(PAGE, device="cuda")).reshape(-1)
+    slots_all = (bt.long()[:, :, None] * PAGE + torch.arange(PAGE, device=DEVICE)).reshape(-1)
     for i in range(0, slots_all.numel(), step):
         slots = slots_all[i : i + step]
-        kv_c = torch.randn(slots.numel(), 512, device="cuda", dtype=torch.bfloat16)
-        k_pe = torch.randn(slots.numel(), 64, device="cuda", dtype=torch.bfloat16)
+        kv_c = torch.randn(slots.numel(), 512, device=DEVICE, dtype=torch.bfloat16)
+        k_pe = torch.randn(slots.numel(), 64, device=DEVICE, dtype=torch.bfloat16)
         cache_store(kv_c, k_pe, cache, slots, kv_scale=kv_scale)
     return cache, bt, kv_scale, slots_all.reshape(batch, ctx)
 
@@ -74,21 +76,57 @@ def torch_attend(q, k):
     return torch.bmm(p, k[:, :, :512])
 
 
-def sweep_configs(heads: int, kind: str) -> list[AttendConfig]:
-    base = default_config(heads, kind)
-    if heads >= 128:
-        extra = [AttendConfig(64, 64, 8, 2), AttendConfig(64, 32, 8, 3)]
-    elif heads >= 64:
-        extra = [AttendConfig(32, 64, 4, 2), AttendConfig(32, 32, 4, 3)]
-    else:
-        extra = [AttendConfig(16, 64, 4, 3), AttendConfig(16, 32, 4, 4)]
+def sweep_configs(heads: int) -> list[AttendConfig]:
+    """The default tile config first, then the alternatives worth timing at this head count."""
+    extra = {
+        16: [AttendConfig(16, 64, 8, 3), AttendConfig(16, 32, 4, 3), AttendConfig(16, 16, 4, 4)],
+        64: [AttendConfig(32, 32, 8, 3), AttendConfig(16, 32, 8, 3), AttendConfig(64, 16, 8, 3)],
+        128: [AttendConfig(64, 32, 16, 2), AttendConfig(64, 16, 8, 3)],
+    }[heads]
+    base = default_config(heads)
     return [base] + [c for c in extra if c != base]
 
 
+def _precompile_one(job) -> str:
+    """Run one (kind, heads, config, split, page, prefill) combination at a tiny size to fill the
+    on-disk Triton cache; the specializations match full-size calls (sizes are not specialized)."""
+    kind, heads, cfg, splits, page, prefill = job
+    cache = allocate_kv_cache(4, page, kind, device=DEVICE)
+    kv_scale = torch.tensor(1.0, device=DEVICE) if kind == "fp8" else None
+    bt = torch.arange(4, dtype=torch.int32, device=DEVICE).reshape(2, 2)
+    lens = torch.tensor([page, 2 * page], dtype=torch.int32, device=DEVICE)
+    rows = 3 if prefill else 2
+    qn = torch.zeros(rows, heads, 512, device=DEVICE, dtype=torch.bfloat16)
+    qp = torch.zeros(rows, heads, 64, device=DEVICE, dtype=torch.bfloat16)
+    if prefill:
+        qsl = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
+        mla_prefill(qn, qp, cache, bt, lens, qsl, SCALE, kv_scale=kv_scale, config=cfg)
+    else:
+        mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=splits, config=cfg)
+    torch.cuda.synchronize()
+    return f"{kind} H{heads} {cfg} splits={splits} page={page} prefill={prefill}"
+
+
+def precompile(workers: int) -> None:
+    """Compile every kernel variant the GPU tests and this benchmark use, in parallel processes."""
+    import multiprocessing as mp
+
+    jobs = []
+    for kind in ("bf16", "fp8", "fp8_ds"):
+        for heads in (16, 64, 128):
+            for cfg in sweep_configs(heads):
+                jobs += [(kind, heads, cfg, 1, PAGE, False), (kind, heads, cfg, 2, PAGE, False)]
+        jobs.append((kind, 128, default_config(128), 1, PAGE, True))  # GPU prefill test
+    jobs.append(("fp8_ds", 64, default_config(64), 2, 16, False))  # GPU page-16 test
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for done in pool.imap_unordered(_precompile_one, jobs):
+            log.info("compiled %s", done)
+
+
 def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_scale, slots, sweep):
-    qn = torch.randn(batch, heads, 512, device="cuda", dtype=torch.bfloat16)
-    qp = torch.randn(batch, heads, 64, device="cuda", dtype=torch.bfloat16)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    qn = torch.randn(batch, heads, 512, device=DEVICE, dtype=torch.bfloat16)
+    qp = torch.randn(batch, heads, 64, device=DEVICE, dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
     kv_bytes = batch * ctx * kv_cache_bytes_per_token(kind)
     flops = 2 * batch * heads * ctx * (576 + 512)
     q = torch.cat([qn, qp], dim=-1)
@@ -96,6 +134,8 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
     k_bf16 = k_bf16.reshape(batch, ctx, 576)
     t_torch = _time_ms(lambda: torch_decode(q, cache, slots, kv_scale))
     t_attn = _time_ms(lambda: torch_attend(q, k_bf16))
+    # Full-size agreement with the baseline (bf16 P and bf16 K in the baseline: ~1e-5 expected).
+    check = calc_diff(mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale), torch_attend(q, k_bf16))
     del k_bf16
 
     def row(kernel, config, splits, ms):
@@ -103,14 +143,15 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
         writer.writerow(dict(meta, kernel=kernel, kv_dtype=kind, batch=batch, heads=heads, context=ctx,
                              page_size=PAGE, config=config, num_splits=splits, time_us=f"{ms * 1e3:.1f}",
                              kv_gbps=f"{gbps:.0f}", pct_copy_bw=f"{100 * gbps / copy_bw:.1f}",
-                             tflops=f"{flops / ms / 1e9:.1f}", vs_torch=f"{t_torch / ms:.2f}"))
+                             tflops=f"{flops / ms / 1e9:.1f}", vs_torch=f"{t_torch / ms:.2f}",
+                             diff_vs_torch=f"{check:.1e}"))
         log.info("%-10s %-6s H=%-3d ctx=%-5d %-28s splits=%-3s %8.1f us %6.0f GB/s (%4.1f%% copy) %6.1f TF",
                  kernel, kind, heads, ctx, config, splits, ms * 1e3, gbps, 100 * gbps / copy_bw, flops / ms / 1e9)
 
     row("torch", "gather+dequant+bmm", "", t_torch)
     row("torch_attn", "bmm on bf16 copy", "", t_attn)
-    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for i, cfg in enumerate(sweep_configs(heads, kind) if sweep else [default_config(heads, kind)]):
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
+    for i, cfg in enumerate(sweep_configs(heads) if sweep else [default_config(heads)]):
         auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms)
         for splits in sorted({auto, max(1, auto // 2), auto * 2}) if (sweep and i == 0) else [auto]:
             try:
@@ -128,8 +169,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/mla_h100.csv")
     parser.add_argument("--no-sweep", action="store_true", help="time the default schedule only")
     parser.add_argument("--kv-dtypes", default="bf16,fp8,fp8_ds")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--contexts", default="4096,32768", help="first: h_q 16/64/128 with the sweep; others: 16/64")
+    parser.add_argument("--precompile", type=int, default=0, metavar="N",
+                        help="only compile every variant the GPU tests and this benchmark use, with N processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.precompile:
+        precompile(args.precompile)
+        return
     meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__)
     log.info("%s | torch %s | triton %s", meta["gpu"], meta["torch"], meta["triton"])
@@ -141,13 +189,15 @@ def main() -> None:
         if new:
             writer.writeheader()
         writer.writerow(dict(meta, kernel="copy", time_us="", kv_gbps=f"{copy_bw:.0f}", pct_copy_bw="100.0"))
-        # 4K first with the sweep (it compiles every config), then 32K on the defaults.
-        for ctx, batch, head_list in ((4096, 64, (16, 64, 128)), (32768, 64, (16, 64))):
+        # The first context with the sweep, the longer ones on the default schedule.
+        contexts = [int(c) for c in args.contexts.split(",")]
+        for ctx in contexts:
+            batch, head_list = args.batch, (16, 64, 128) if ctx == contexts[0] else (16, 64)
             for kind in args.kv_dtypes.split(","):
                 cache, bt, kv_scale, slots = build_cache(kind, batch, ctx)
                 for heads in head_list:
                     bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_scale, slots,
-                               sweep=not args.no_sweep and ctx == 4096)
+                               sweep=not args.no_sweep and ctx == contexts[0])
                     f.flush()
                 del cache, bt, slots
                 torch.cuda.empty_cache()

@@ -188,3 +188,53 @@ def test_mla_attention_errors():
         qsl = torch.tensor([0, 9], dtype=torch.int32, device=DEV)
         q9n, q9p = _q(9, 16)
         mla_prefill_ref(q9n, q9p, cache, bt, lens, qsl, SCALE, kv_scale=kv_scale)
+
+
+# ---- GPU: DeepSeek-V3 shapes (kv_lora_rank 512, rope 64; h_q 16/64/128 = TP8 / Kimi-K2 / TP1), page 64.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("heads", [16, 128], ids=["H16", "H128"])
+def test_mla_decode_v3_shapes_gpu(kind, heads):
+    g = torch.Generator().manual_seed(heads)
+    lens = torch.randint(1, 4097, (16,), generator=g).tolist()
+    lens[0], lens[1] = 1, 4096
+    cache, bt, lens_t, kv_scale, _ = make_cache(kind, lens, page_size=64)
+    qn, qp = _q(16, heads)
+    got = mla_decode(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale)
+    want = mla_decode_ref(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
+    assert_close_global(got, want, MAX_DIFF, f"decode {kind=} {heads=}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_mla_decode_long_context_gpu(kind):
+    # >= 32K tokens: many splits per sequence and the LSE merge over them; a short row beside it.
+    cache, bt, lens_t, kv_scale, _ = make_cache(kind, [32768 + 77, 1500], page_size=64)
+    qn, qp = _q(2, 64)
+    got = mla_decode(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale)
+    want = mla_decode_ref(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
+    assert_close_global(got, want, MAX_DIFF, f"decode 32K {kind=}")
+
+
+@pytest.mark.gpu
+def test_mla_decode_page16_gpu():
+    cache, bt, lens_t, kv_scale, _ = make_cache("fp8_ds", [3000, 17, 1024, 2049], page_size=16)
+    qn, qp = _q(4, 64)
+    got = mla_decode(qn, qp, cache, bt, lens_t, SCALE)
+    want = mla_decode_ref(qn, qp, cache, bt, lens_t, SCALE, out_dtype=torch.float32)
+    assert_close_global(got, want, MAX_DIFF, "decode page 16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_mla_prefill_v3_shapes_gpu(kind):
+    # Extend 256 tokens after a 1000-token prefix, plus a fresh 300-token prompt, 128 heads.
+    lens, q_lens = [1256, 300], [256, 300]
+    cache, bt, lens_t, kv_scale, _ = make_cache(kind, lens, page_size=64)
+    qsl = torch.tensor([0, 256, 556], dtype=torch.int32, device=DEV)
+    qn, qp = _q(556, 128)
+    got = mla_prefill(qn, qp, cache, bt, lens_t, qsl, SCALE, kv_scale=kv_scale)
+    want = mla_prefill_ref(qn, qp, cache, bt, lens_t, qsl, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
+    assert_close_global(got, want, MAX_DIFF, f"prefill {kind=}")
