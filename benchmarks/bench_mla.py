@@ -8,7 +8,8 @@ KV bytes count each cached token once at the cache dtype's size (1152 / 576 / 65
 2 * B * H * ctx * (576 + 512). Besides the default schedule, a few tile configs and split counts
 are timed so the CSV shows what the defaults leave on the table.
 
-    python3 benchmarks/bench_mla.py --out benchmarks/results/mla_h100.csv
+    PYTHONPATH=. python3 benchmarks/bench_mla.py --precompile 16   # optional: compile all variants in parallel
+    PYTHONPATH=. python3 benchmarks/bench_mla.py --out benchmarks/results/mla_h100.csv
 """
 
 from __future__ import annotations
