@@ -114,10 +114,14 @@ def serve_commands(repo: str, convention: str, formats: list[str], bytes_out: in
 
 
 def _eval_section(ev: dict) -> list[str]:
+    """The accuracy table from `dsquant eval --save` (source model first when it was measured)."""
     rows = [r for r in ev.get("results") or [] if isinstance(r, dict)]
     if not rows:
         return []
-    cols = [("name", "run", "{}"), ("ppl", "perplexity", "{:.4f}"), ("delta_ppl_pct", "Δ ppl", "{:+.2f}%"),
+    base = ev.get("base")
+    if isinstance(base, dict):
+        rows = [{**base, "name": f"{base.get('name', 'source')} (source)"}] + rows
+    cols = [("name", "model", "{}"), ("ppl", "perplexity", "{:.4f}"), ("delta_ppl_pct", "Δ ppl", "{:+.2f}%"),
             ("kld", "KLD", "{:.5f}"), ("top1", "top-1 agreement", "{:.2%}"), ("tokens", "tokens", "{:,}"),
             ("kv_cache", "KV cache", "{}")]
 
@@ -134,11 +138,11 @@ def _eval_section(ev: dict) -> list[str]:
     out += ["| " + " | ".join(cell(r, k, f) for k, _, f in cols) + " |" for r in rows]
     protocol = ev.get("protocol") or {}
     if protocol:
-        out += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in protocol.items()) + "."]
-    base = ev.get("base")
-    if base:
-        base_txt = base if isinstance(base, str) else json.dumps(base)
-        out += [f"Δ and KLD are measured against the source model ({base_txt})."]
+        def value(v) -> str:
+            return ", ".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+
+        out += ["", "Measured with `dsquant eval` (Δ ppl, KLD and top-1 agreement against the source model):", ""]
+        out += [f"- {k}: {value(v)}" for k, v in protocol.items()]
     return out + [""]
 
 
@@ -196,6 +200,8 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
     formats = _formats(recipe)
     base = base_model_id(source)
     repo = repo_id or (f"<your-org>/{dst.name}")
+    # transformers loads DeepSeek FP8 and compressed-tensors checkpoints, but has no ModelOpt NVFP4 loader:
+    # those are for the serving engines.
     meta = dict(library_name="transformers" if convention in ("compressed-tensors", "deepseek", "fp8") else "vllm",
                 pipeline_tag="text-generation",
                 tags=sorted({"dsquant", "quantized", *formats, str(convention),

@@ -24,11 +24,12 @@ RECIPE = {
                  {"pattern": "lm_head", "reason": "the output head"}],
     "activation_scales": "default",
 }
-EVAL = {"protocol": {"dataset": "wikitext-2", "seq_len": 2048, "windows": "non-overlapping"},
+EVAL = {"protocol": {"metric": "token-level perplexity", "seq_len": 2048, "overlap": 0,
+                     "text": {"source": "wiki.test.raw", "chars": 1_000_000}},
         "results": [{"name": "nvfp4", "ppl": 3.4567, "delta_ppl_pct": 1.23, "kld": 0.0123, "top1": 0.9512,
                      "tokens": 290_000, "kv_cache": "fp8"},
                     {"name": "partial"}],
-        "base": "deepseek-ai/DeepSeek-R1"}
+        "base": {"name": "DeepSeek-R1", "ppl": 3.415, "tokens": 290_000, "kv_cache": "bf16"}}
 
 
 def make(tmp_path, kind="modelopt", recipe=None, eval_results=None):
@@ -66,7 +67,9 @@ def test_eval_table_tolerates_missing_fields(tmp_path):
     text = write_model_card(make(tmp_path, eval_results=EVAL)).read_text()
     assert "| nvfp4 | 3.4567 | +1.23% | 0.01230 | 95.12% | 290,000 | fp8 |" in text
     assert "| partial | – | – | – | – | – | – |" in text
-    assert "dataset = wikitext-2" in text and "seq_len = 2048" in text
+    assert "| DeepSeek-R1 (source) | 3.4150 | – | – | – | 290,000 | bf16 |" in text
+    assert text.index("DeepSeek-R1 (source)") < text.index("| nvfp4 |")
+    assert "- seq_len: 2048" in text and "- text: source=wiki.test.raw, chars=1000000" in text
 
 
 def test_calibrated_scales_are_not_called_default(tmp_path):
