@@ -30,8 +30,10 @@ def push(
                              dry_run=dry_run)
     except ValueError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"push to {repo_id} interrupted; run the same command again to resume the upload", code=130)
     except Exception as exc:  # network/HTTP errors from huggingface_hub: one line, no traceback
-        fail(f"push to {repo_id} failed: {type(exc).__name__}: {exc}")
+        fail(f"push to {repo_id} failed: {type(exc).__name__}: {exc} (run the same command again to resume)")
     where = f"{repo_id}" + (f" (branch {revision})" if revision else "")
     if dry_run:
         for path, size in result.files:

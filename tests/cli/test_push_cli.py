@@ -97,5 +97,16 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HfApi", Failing)
     result = runner.invoke(app, ["push", str(output_dir(tmp_path)), "--repo-id", "me/tiny"])
     assert result.exit_code == 1
-    assert "push to me/tiny failed: ConnectionError: network unreachable" in result.output
+    assert "push to me/tiny failed: ConnectionError: network unreachable (run the same command again" in result.output
     assert "Traceback" not in result.output and FAKE_TOKEN not in result.output
+
+
+def test_interrupted_push_says_how_to_resume(tmp_path, monkeypatch):
+    class Interrupted(RecordingApi):
+        def upload_folder(self, **kw):
+            raise KeyboardInterrupt
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(hub, "HfApi", Interrupted)
+    result = runner.invoke(app, ["push", str(output_dir(tmp_path)), "--repo-id", "me/tiny"])
+    assert result.exit_code == 130 and "run the same command again to resume" in result.output
