@@ -141,7 +141,10 @@ def _prepare_dst(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
 
 
 def _devices(device: str, workers: int) -> list[torch.device]:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
