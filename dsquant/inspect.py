@@ -96,6 +96,44 @@ def _architecture(view: CheckpointView) -> dict:
     }
 
 
+# Tensor-parallel sharding of DeepSeek projections in vLLM/SGLang: column-parallel layers split N, row-parallel
+# layers split K (q_a/kv_a and the router are replicated). MoE experts split their intermediate size the same
+# way unless expert parallelism is used.
+COLUMN_PARALLEL = ("q_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+TP_SIZES = (1, 2, 4, 8, 16)
+
+
+def block_tp_limit(view: CheckpointView) -> dict | None:
+    """Largest TP size whose shards keep whole 128x128 scale blocks (vLLM `validate_fp8_block_shape`).
+
+    Returns {"max_tp", "block", "limited_by"} for checkpoints with block-scaled weights, else None;
+    limited_by is the first module that the next TP size would cut inside a block (None past TP 16).
+    """
+    block = ((view.quantization_config or {}).get("weight_block_size") or [128, 128])[0]
+    dims = []
+    for module, params in view.modules.items():
+        fmt = module_format(params) or ""
+        w = params.get("weight")
+        if not fmt.endswith("-block") or w is None or len(w.shape) != 2:
+            continue
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in COLUMN_PARALLEL:
+            dims.append((w.shape[0], module))
+        elif leaf in ROW_PARALLEL:
+            dims.append((w.shape[1], module))
+    if not dims:
+        return None
+    best, limited_by = 1, None
+    for tp in TP_SIZES:
+        bad = next((m for d, m in dims if d % (tp * block)), None)
+        if bad is not None:
+            limited_by = bad
+            break
+        best = tp
+    return {"max_tp": best, "block": block, "limited_by": limited_by}
+
+
 def summarize_checkpoint(path: str | Path) -> dict:
     """Summary of the checkpoint directory `path` as a JSON-ready dict.
 
@@ -121,6 +159,7 @@ def summarize_view(view: CheckpointView) -> dict:
         "tensors": len(view.tensors),
         "bytes": view.total_bytes,
         "shards": len(view.shard_files),
+        "block_tp_limit": block_tp_limit(view),
         "consistency": {
             "ok": not any(f.severity == "error" for f in problems) and view.config is not None,
             "config": view.config is not None,
@@ -146,7 +185,13 @@ def format_summary(s: dict) -> str:
                      f"{a['n_shared_experts'] or 0} shared; {a['experts_stored']} stored per MoE layer")
     declared = "; ".join(f"{k}: {v}" for k, v in s["declared"].items() if k != "families") or "none"
     lines += [f"convention    {s['convention']} (declared: {declared})",
-              f"size          {human_bytes(s['bytes'])} in {s['tensors']} tensors, {s['shards']} shard(s)", ""]
+              f"size          {human_bytes(s['bytes'])} in {s['tensors']} tensors, {s['shards']} shard(s)"]
+    tp = s.get("block_tp_limit")
+    if tp:
+        why = (f" (TP {tp['max_tp'] * 2} would cut {tp['limited_by']} inside a {tp['block']}-block)"
+               if tp["limited_by"] else "")
+        lines.append(f"tensor par.   block-scaled weights shard up to TP {tp['max_tp']}{why}")
+    lines.append("")
     rows = [("group", "formats (modules)", "tensors", "bytes")]
     for g in s["groups"]:
         fmts = ", ".join(f"{f} x{n}" for f, n in g["formats"].items())

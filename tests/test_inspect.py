@@ -8,7 +8,8 @@ import logging
 import pytest
 
 from dsquant.check import check_checkpoint
-from dsquant.inspect import format_summary, summarize_checkpoint
+from dsquant.check.view import CheckpointView, TensorInfo
+from dsquant.inspect import block_tp_limit, format_summary, summarize_checkpoint
 from tests.check.ckpt_factory import build
 
 # kind -> (convention, {group: expected dominant stored format})
@@ -89,3 +90,29 @@ def test_converter_outputs_inspect_and_check_clean(tmp_path, recipe, convention,
     assert s["consistency"]["ok"]
     assert check_checkpoint(tmp_path / "out") == []
     assert check_checkpoint(src) == []
+
+
+def _header_only_view(tmp_path, shapes: dict[str, tuple[int, int]]) -> CheckpointView:
+    """A view over headers alone: fp8 weights with block scales, at real DeepSeek shapes."""
+    view = CheckpointView(path=tmp_path, config={"quantization_config": {"weight_block_size": [128, 128]}})
+    for module, (n, k) in shapes.items():
+        view.tensors[module + ".weight"] = TensorInfo(module + ".weight", "F8_E4M3", (n, k), "x", (0, 0))
+        scale = (-(-n // 128), -(-k // 128))
+        view.tensors[module + ".weight_scale_inv"] = TensorInfo(module + ".weight_scale_inv", "F32", scale, "x", (0, 0))
+    return view
+
+
+def test_block_tp_limit_at_deepseek_shapes(tmp_path):
+    p = "model.layers.3."
+    v3 = {p + "self_attn.q_a_proj": (1536, 7168), p + "self_attn.kv_a_proj_with_mqa": (576, 7168),
+          p + "self_attn.q_b_proj": (24576, 1536), p + "self_attn.kv_b_proj": (32768, 512),
+          p + "self_attn.o_proj": (7168, 16384), p + "mlp.experts.0.gate_proj": (2048, 7168),
+          p + "mlp.experts.0.down_proj": (7168, 2048)}
+    assert block_tp_limit(_header_only_view(tmp_path, v3)) == {"max_tp": 16, "block": 128, "limited_by": None}
+    # V2-Lite: moe_intermediate_size 1408 = 11 x 128, so no TP > 1 keeps whole blocks (EP is the way out)
+    lite = {p + "mlp.experts.0.gate_proj": (1408, 2048), p + "mlp.experts.0.down_proj": (2048, 1408)}
+    got = block_tp_limit(_header_only_view(tmp_path, lite))
+    assert got["max_tp"] == 1 and got["limited_by"] in lite
+    text = format_summary(summarize_checkpoint(build("deepseek-fp8").write(tmp_path / "c")))
+    assert "shard up to TP 1 (TP 2 would cut" in text
+    assert block_tp_limit(_header_only_view(tmp_path, {})) is None

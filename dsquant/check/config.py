@@ -13,6 +13,8 @@
   rejects empty or null values). Error, or warning for a null kv_cache_quant_algo.
 - quant-config-keys: `quant_method: fp8` needs `activation_scheme: dynamic` and `weight_block_size`
   for block weights; compressed-tensors needs `config_groups`. Error.
+- tokenizer-missing: no tokenizer file beside the weights; engines fail at start-up unless given
+  `--tokenizer`. Warning.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dsquant.check.names import is_quantized, module_format
 from dsquant.check.view import CheckpointView
 
 DEEPSEEK_ARCHS = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tokenizer_config.json")
 HQ = "hf_quant_config.json"
 
 
@@ -98,6 +101,9 @@ def check(view: CheckpointView) -> list[Finding]:
     if not any(a in DEEPSEEK_ARCHS for a in archs):
         findings.append(Finding("not-deepseek", "warning", f"architectures {archs} is not a DeepSeek V2/V3 model; "
                                 "the tensor-name rules assume DeepSeek naming", file="config.json"))
+    if not any((view.path / name).is_file() for name in TOKENIZER_FILES):
+        findings.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
+                                "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
     findings += _agreement(view)
     findings += _hq_keys(view)
     findings += _qc_keys(view)

@@ -50,6 +50,7 @@ CONFIG = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
+TOKENIZER = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>"}
 MTP = 2  # layer id of the MTP layer (= num_hidden_layers)
 NVFP4_ARGS = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
               "dynamic": False}
@@ -114,7 +115,7 @@ class Ckpt:
     tensors: dict[str, torch.Tensor]
     config: dict
     hf_quant_config: dict | None = None
-    extra_files: dict[str, str] = field(default_factory=dict)
+    extra_files: dict[str, str] = field(default_factory=lambda: {"tokenizer_config.json": json.dumps(TOKENIZER)})
 
     def write(self, path: Path, num_shards: int = 2, index: bool = True) -> Path:
         path.mkdir(parents=True, exist_ok=True)

@@ -131,6 +131,12 @@ def test_missing_config_and_unknown_architecture(tmp_path):
     assert only(run(tmp_path, ck), "not-deepseek", "warning")
 
 
+def test_missing_tokenizer_is_a_warning(tmp_path):
+    ck = build("bf16")
+    ck.extra_files = {}
+    assert "tokenizer" in only(run(tmp_path, ck), "tokenizer-missing", "warning").message
+
+
 def test_stale_fp8_config_beside_nvfp4_tensors(tmp_path):
     ck = build("ct-nvfp4")
     ck.config["quantization_config"] = build("deepseek-fp8").config["quantization_config"]

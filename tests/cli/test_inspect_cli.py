@@ -40,16 +40,17 @@ def test_check_passes_with_exit_zero(tmp_path):
 
 def test_check_errors_exit_one_with_severity_and_rule(tmp_path):
     ck = build("modelopt")
-    ck.hf_quant_config["quantization"]["exclude_modules"] = ck.hf_quant_config["quantization"]["exclude_modules"] + [
-        "mlp.gate", "model.layers.0.mlp.gate_up_proj"]
+    exclude = ck.hf_quant_config["quantization"]["exclude_modules"] + ["mlp.gate", "model.layers.0.mlp.gate_up_proj"]
+    ck.hf_quant_config["quantization"]["exclude_modules"] = ck.config["quantization_config"]["ignore"] = exclude
     result = runner.invoke(app, ["inspect", str(ck.write(tmp_path / "c")), "--check"])
     assert result.exit_code == 1
     assert "ERROR [exclude-overmatch] model.layers.0.mlp.gate_proj:" in result.output
     assert "WARNING [exclude-unmatched]" in result.output
-    assert "check: 1 error(s), 1 warning(s)" in result.output
+    assert "check: 2 error(s), 2 warning(s)" in result.output  # each list (config.json, hf_quant_config.json)
     data = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "c"), "--check", "--json"]).output)
-    assert {(f["rule"], f["severity"]) for f in data["findings"]} == {("exclude-overmatch", "error"),
-                                                                       ("exclude-unmatched", "warning")}
+    assert sorted((f["rule"], f["severity"], f["file"]) for f in data["findings"]) == [
+        ("exclude-overmatch", "error", "config.json"), ("exclude-overmatch", "error", "hf_quant_config.json"),
+        ("exclude-unmatched", "warning", "config.json"), ("exclude-unmatched", "warning", "hf_quant_config.json")]
 
 
 def test_warnings_alone_exit_zero(tmp_path):
