@@ -1,11 +1,82 @@
-"""`dsquant demo`."""
+"""`dsquant demo`: convert the bundled demo model with every shipped recipe and evaluate each against it."""
 
 from __future__ import annotations
 
-from dsquant.cli.app import app, not_available
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import typer
+
+from dsquant.cli.app import app, fail
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int, max_tokens: int, device: str) -> dict:
+    """Convert the demo model with each recipe into out_dir/<recipe>, then one eval pass over all of them."""
+    from dsquant.convert import convert
+    from dsquant.demo import demo_model_dir
+    from dsquant.runner.evaluate import evaluate, load_text
+
+    src = demo_model_dir()
+    dsts = []
+    for recipe in recipes:
+        dst = out_dir / recipe
+        convert(src, dst, recipe, device=device, progress=False)
+        dsts.append(dst)
+    text, info = load_text()
+    out = evaluate(dsts, base=src, text=text, text_info=info, seq_len=seq_len, max_tokens=max_tokens,
+                   device=device)  # fmt: skip
+    for row, recipe, dst in zip(out["results"], recipes, dsts):
+        row.update(name=recipe, bytes=_size(dst))
+    out["base"].update(name="source (fp8, DeepSeek native)", bytes=_size(Path(src)))
+    return out
+
+
+def print_demo_table(out: dict) -> None:
+    typer.echo(f"{'recipe':<22} {'size':>8} {'ppl':>8} {'delta':>8} {'KLD':>9} {'top-1':>7}")
+    b = out["base"]
+    typer.echo(f"{b['name'][:22]:<22} {b['bytes'] / 1e6:>6.2f}MB {b['ppl']:>8.4f} {'-':>8} {'-':>9} {'-':>7}")
+    for r in out["results"]:
+        typer.echo(f"{r['name']:<22} {r['bytes'] / 1e6:>6.2f}MB {r['ppl']:>8.4f} {r['delta_ppl_pct']:>+7.2f}% "
+                   f"{r['kld']:>9.5f} {100 * r['top1']:>6.2f}%")  # fmt: skip
 
 
 @app.command("demo")
-def demo() -> None:
-    """Not available in this version yet (Step 5, the bundled demo model)."""
-    not_available("demo", "Step 5, the bundled demo model")
+def demo(
+    out: Path = typer.Option(None, "--out", help="Keep the converted checkpoints here (default: a temporary folder)."),
+    recipe: list[str] = typer.Option(None, "--recipe", "-r", help="Recipes to run (repeatable; default: all shipped)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per evaluation window."),
+    max_tokens: int = typer.Option(16384, "--max-tokens", help="Evaluation tokens (held-out stdlib source)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Convert the bundled demo model (a small DeepSeek-V3 trained on the Python stdlib source, shipped in FP8)
+    with every shipped recipe, evaluate each against the source, and print one table: recipe, size,
+    perplexity, delta perplexity, KL divergence and top-1 agreement."""
+    from dsquant.recipe_files import shipped_recipes
+
+    names = recipe or [name for name, _ in shipped_recipes()]
+    logging.getLogger("dsquant.model_card").setLevel(logging.ERROR)  # the demo has no Hub id to cite
+    try:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if any(out.iterdir()):
+                fail(f"--out {out}: folder is not empty")
+            result = run_demo(out, names, seq_len=seq_len, max_tokens=max_tokens, device=device)
+        else:
+            with tempfile.TemporaryDirectory(prefix="dsquant-demo-") as tmp:
+                result = run_demo(Path(tmp), names, seq_len=seq_len, max_tokens=max_tokens, device=device)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    p = result["protocol"]
+    typer.echo(f"demo: {p['tokens_scored']} tokens of {p['text']['source']} ({p['windows']} windows x "
+               f"{p['seq_len']}), each recipe against the FP8 source, {p['impl']} on {p['device']}")  # fmt: skip
+    print_demo_table(result)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dsquant.runner.data import stdlib_text
-from dsquant.runner.load import load_model
+from dsquant.runner.load import CheckpointReader, load_model
 from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import Accumulator, make_windows
 from dsquant.runner.tokenizer import load_tokenizer
@@ -59,60 +59,67 @@ def _name(path) -> str:
 
 
 def evaluate(
-    ckpt: str | Path, *, base: str | Path | None = None, text: str, text_info: dict, seq_len: int = 2048,
+    ckpt: str | Path | list, *, base: str | Path | None = None, text: str, text_info: dict, seq_len: int = 2048,
     max_tokens: int | None = None, kv_cache: str = "bf16", device: str = "cpu", offload: str | None = None,
     tokenizer: str | Path | None = None, batch_size: int = 4, stats: StreamStats | None = None,
 ) -> dict:  # fmt: skip
-    """Perplexity of ckpt (and KLD / top-1 / delta against base) on `text`; see perplexity.py for the protocol."""
+    """Perplexity of ckpt (and KLD / top-1 / delta against base) on `text`; see perplexity.py for the protocol.
+
+    ckpt may be a list: every checkpoint is compared with the same base logits (computed once per batch),
+    one result row each. The tokenizer is the first checkpoint's (or --tokenizer).
+    """
     if offload not in (None, "none", "layer"):
         raise ValueError(f"--offload {offload!r}: choose 'layer' (or leave it out)")
-    tok = load_tokenizer(ckpt, tokenizer)
+    ckpts = list(ckpt) if isinstance(ckpt, (list, tuple)) else [ckpt]
+    tok = load_tokenizer(ckpts[0], tokenizer)
     ids = tok.encode(text, add_special_tokens=False).ids
-    from dsquant.runner.load import CheckpointReader
-
-    bos = CheckpointReader(ckpt).args.bos_token_id
+    bos = CheckpointReader(ckpts[0]).args.bos_token_id
     if bos is not None:
         ids = [bos] + ids
     windows = make_windows(ids, seq_len, max_tokens)
     impl = "triton" if str(device).startswith("cuda") else "reference"
     t0 = time.perf_counter()
-    acc = Accumulator()
+    accs = [Accumulator() for _ in ckpts]
     stats = stats if stats is not None else StreamStats()
     if offload == "layer":
         base_logits = {}
         if base is not None:
             for i, lg in stream_logits(base, windows, impl=impl, device=device, batch_size=batch_size):
                 base_logits[i] = lg.cpu()
-        for i, lg in stream_logits(ckpt, windows, impl=impl, device=device, kv_cache=kv_cache,
-                                   batch_size=batch_size, stats=stats):  # fmt: skip
-            acc.add(lg.cpu(), windows[i : i + lg.shape[0]], base_logits.get(i))
+        for acc, path in zip(accs, ckpts):
+            for i, lg in stream_logits(path, windows, impl=impl, device=device, kv_cache=kv_cache,
+                                       batch_size=batch_size, stats=stats):  # fmt: skip
+                acc.add(lg.cpu(), windows[i : i + lg.shape[0]], base_logits.get(i))
     else:
-        model, _ = load_model(ckpt, impl=impl, device=device)
+        models = [load_model(p, impl=impl, device=device)[0] for p in ckpts]
         base_model = load_model(base, impl=impl, device=device)[0] if base is not None else None
-        batches = resident_logits(model, windows, kv_cache=kv_cache, batch_size=batch_size, device=device)
-        base_batches = (
-            resident_logits(base_model, windows, batch_size=batch_size, device=device) if base_model else None
-        )
-        for i, lg in batches:
-            blg = next(base_batches)[1] if base_batches is not None else None
-            acc.add(lg, windows[i : i + lg.shape[0]], blg)
+        runs = [resident_logits(m, windows, kv_cache=kv_cache, batch_size=batch_size, device=device) for m in models]
+        base_run = resident_logits(base_model, windows, batch_size=batch_size, device=device) if base_model else None
+        for batches in zip(*runs):
+            blg = next(base_run)[1] if base_run is not None else None
+            for acc, (i, lg) in zip(accs, batches):
+                acc.add(lg, windows[i : i + lg.shape[0]], blg)
     seconds = time.perf_counter() - t0
     protocol = {
         "metric": "token-level perplexity",
         "windows": int(windows.shape[0]), "seq_len": seq_len, "overlap": 0,
-        "scored_per_window": seq_len - 1, "tokens_scored": acc.tokens,
+        "scored_per_window": seq_len - 1, "tokens_scored": accs[0].tokens,
         "bos": "one at the start of the stream" if bos is not None else "none",
-        "text": text_info, "tokenizer": str(tokenizer or Path(ckpt) / "tokenizer.json"),
+        "text": text_info, "tokenizer": str(tokenizer or Path(ckpts[0]) / "tokenizer.json"),
         "device": str(device), "impl": impl, "offload": offload or "none", "seconds": round(seconds, 2),
         "torch": torch.__version__, "python": platform.python_version(),
     }  # fmt: skip
-    result = {"name": _name(ckpt), "ppl": acc.ppl, "delta_ppl_pct": None, "kld": None, "top1": None,
-              "tokens": acc.tokens, "kv_cache": kv_cache}  # fmt: skip
+    results = []
+    for acc, path in zip(accs, ckpts):
+        row = {"name": _name(path), "ppl": acc.ppl, "delta_ppl_pct": None, "kld": None, "top1": None,
+               "tokens": acc.tokens, "kv_cache": kv_cache}  # fmt: skip
+        if base is not None:
+            row.update(acc.comparison())
+        results.append(row)
     base_entry = None
     if base is not None:
-        result.update(acc.comparison())
-        base_entry = {"name": _name(base), "ppl": acc.base_ppl, "tokens": acc.tokens, "kv_cache": "bf16"}
-    out = {"protocol": protocol, "results": [result], "base": base_entry}
+        base_entry = {"name": _name(base), "ppl": accs[0].base_ppl, "tokens": accs[0].tokens, "kv_cache": "bf16"}
+    out = {"protocol": protocol, "results": results, "base": base_entry}
     if offload == "layer":
         out["streaming"] = stats.as_dict()
     return out
