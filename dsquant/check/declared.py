@@ -30,7 +30,8 @@ _WILDCARD = re.compile(r"[*?\[]")
 
 
 @lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern | None:
+def compile_or_none(pattern: str) -> re.Pattern | None:
+    """The compiled pattern, or None when it is not a valid regular expression."""
     try:
         return re.compile(pattern)
     except re.error:
@@ -57,7 +58,7 @@ class ExcludeList:
     def matches(self, entry: str, name: str) -> bool:
         if self.semantics == "compressed-tensors":
             if entry.startswith("re:"):
-                rx = _regex(entry[3:])
+                rx = compile_or_none(entry[3:])
                 return bool(rx and rx.match(name))
             return entry == name
         if self.semantics == "modelopt":
@@ -65,24 +66,24 @@ class ExcludeList:
                 core = entry.rstrip("*")
                 return fnmatch.fnmatchcase(name, entry) or (bool(core) and not _WILDCARD.search(core) and core in name)
             return entry in name
-        rx = _regex(rf"(?:{entry}){_BOUNDARY}")
+        rx = compile_or_none(rf"(?:{entry}){_BOUNDARY}")
         return entry == name or bool(rx and rx.match(name)) or name.endswith(entry)
 
     def clean(self, entry: str, name: str) -> bool:
         """True when `entry` covers whole dotted components of `name` (see module docstring)."""
         if self.semantics == "compressed-tensors" and entry.startswith("re:"):
-            rx = _regex(entry[3:])
+            rx = compile_or_none(entry[3:])
             return bool(rx) and any(rx.fullmatch(p) for p in _dotted_prefixes(name))
         if self.semantics == "compressed-tensors":
             return entry == name
         if self.semantics == "transformers":
             if name == entry or name.startswith(entry + ".") or name.endswith("." + entry):
                 return True
-            rx = _regex(entry)
+            rx = compile_or_none(entry)
             return bool(rx) and any(rx.fullmatch(p) for p in _dotted_prefixes(name))
         core = entry.strip("*")
         body = _glob_regex(core) if self.semantics == "modelopt" else core
-        rx = _regex(rf"(?:^|\.){body}(?:\.|$)")
+        rx = compile_or_none(rf"(?:^|\.){body}(?:\.|$)")
         return bool(rx and rx.search(name))
 
     def excludes(self, name: str) -> bool:
@@ -93,7 +94,7 @@ class ExcludeList:
         trying every pair (a 671B checkpoint has ~47k modules, and exclude lists of ~1k full names)."""
         if self.semantics == "compressed-tensors":
             if entry.startswith("re:"):
-                rx = _regex(entry[3:])
+                rx = compile_or_none(entry[3:])
                 return [m for m in index.modules if rx.match(m)] if rx else []
             return [entry] if entry in index.names else []
         if self.semantics == "modelopt":
@@ -210,6 +211,6 @@ def _ct_targeted(qc: dict, module: str) -> bool:
             target = str(target)
             if target in ("Linear", "LinearBase", module):
                 return True
-            if target.startswith("re:") and (rx := _regex(target[3:])) and rx.match(module):
+            if target.startswith("re:") and (rx := compile_or_none(target[3:])) and rx.match(module):
                 return True
     return False

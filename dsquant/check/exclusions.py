@@ -3,6 +3,8 @@
 - exclude-overmatch: an entry also matches modules its author did not mean (`mlp.gate` hits
   `mlp.gate_proj` under ModelOpt substring matching). Error when such a module is stored quantized:
   the engine builds it unquantized and then has no parameter for its scales.
+- exclude-invalid: a compressed-tensors `re:` entry that is not a valid regular expression (vLLM raises
+  re.error while loading). Error.
 - exclude-unmatched: an entry matches no module in the file (often an engine-internal fused name such
   as `gate_up_proj`, or a CT exact entry naming a parent module). Warning.
 - excluded-but-quantized: a module the config excludes carries quantized weights or scale tensors
@@ -14,7 +16,7 @@ MTP-layer modules are left to mtp.py, which words the same problems for that lay
 
 from __future__ import annotations
 
-from dsquant.check.declared import declared_quantized, exclusions
+from dsquant.check.declared import compile_or_none, declared_quantized, exclusions
 from dsquant.check.finding import Finding
 from dsquant.check.names import SCALE_PARAMS, is_decoder_linear, is_mtp, is_quantized, module_format
 from dsquant.check.view import CheckpointView
@@ -44,6 +46,10 @@ def check(view: CheckpointView) -> list[Finding]:
     overmatched: set[str] = set()
     for lst, entry_hits in zip(excl.lists, excl.hits):
         for entry, hits in entry_hits.items():
+            if lst.semantics == "compressed-tensors" and entry.startswith("re:") and compile_or_none(entry[3:]) is None:
+                findings.append(Finding("exclude-invalid", "error", f"{lst.source} entry {entry!r} is not a valid "
+                                        "regular expression", file=lst.source.split()[0]))
+                continue
             if not hits:
                 findings.append(Finding(
                     "exclude-unmatched", "warning",

@@ -476,3 +476,10 @@ def test_exclude_lists_of_config_json_and_hf_quant_config_differ(tmp_path):
     qc["ignore"] = qc["ignore"] + ["model.layers.1.mlp.gate"]
     f = only(run(tmp_path, ck), "stale-quant-config", "warning")
     assert "model.layers.1.mlp.gate" in f.message
+
+
+def test_invalid_regex_in_a_compressed_tensors_ignore_entry(tmp_path):
+    ck = build("ct-mxfp4")
+    ck.config["quantization_config"]["ignore"] += ["re:model.layers.[0"]
+    f = only(run(tmp_path, ck), "exclude-invalid")
+    assert "re:model.layers.[0" in f.message and f.file == "config.json"
