@@ -29,12 +29,14 @@ _INT8_FLOOR = tl.constexpr(INT8_AMAX_FLOOR)
 # 1.5 * 2^23: adding it to |y| < 2^22 leaves no fraction bits, so the float32 add itself rounds y to
 # an integer with ties-to-even (torch.round); subtracting it back is exact.
 _RINT_MAGIC = tl.constexpr(12582912.0)
+_SIGN_BIT = tl.constexpr(-(2**31))  # 0x80000000 as int32
 
 # performance hyper-parameters
-TILE_ELEMS = 8192  # elements per program in the row-tiled kernels: 16 KiB of bf16 in flight per CTA
-MAX_BLOCK_K = 1024  # widest column tile of the group kernels (1 x 128 groups: 8 groups per row)
+TILE_ELEMS = 8192  # elements per program in the row-tiled kernels (here and FP4): 16 KiB of bf16 per CTA
+MAX_BLOCK_K = 1024  # widest column tile of the row-tiled kernels (1 x 128 groups: 8 groups per row)
 ROW_TILE_MAX = 16384  # per-token kernels hold a whole row up to this width, else read it twice (2nd from L2)
 WEIGHT_BLOCK_WARPS = 8  # 128 x 128 weight tile = 64 elements per thread
+FAST_DIVISION = True  # div_rn_shared instead of tl.div_rn per element (same bits, a third of the instructions)
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -45,8 +47,8 @@ def _interpreting() -> bool:
 
 
 def _warps(tile_elems: int) -> int:
-    """4 warps for small tiles, 8 from 4096 elements: 16-32 elements (2-4 16-byte loads) per thread."""
-    return 8 if tile_elems >= 4096 else 4
+    """About 32 elements (four 16-byte bf16 loads) per thread, 4 to 16 warps."""
+    return max(4, min(16, tile_elems // 1024))
 
 
 @triton.jit
@@ -61,13 +63,42 @@ def _fp8_scale(amax, UE8M0: tl.constexpr):
 
 
 @triton.jit
-def _cast_fp8(x, scale):
-    return tl.clamp(tl.div_rn(x, scale), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+def div_rn_shared(x, d, r):
+    """tl.div_rn(x, d) for a divisor d shared by many x, given its reciprocal r = tl.div_rn(1.0, d).
+
+    The correction step of the fast path of div.rn.f32 itself (Markstein): q0 = x * r, e = x - d * q0
+    (exact in one fma), q = q0 + e * r rounds once to the correctly rounded quotient. Three FMA-pipe
+    instructions per element instead of div.rn's eleven and a branch; r costs one division per group.
+    Valid where div.rn's own fast path is: normal d with 1/d normal and no overflow of x * r; the
+    callers guarantee that (FP8/INT8 scales are floored) or fall back to tl.div_rn (NVFP4).
+    Quotients that fall into the float32 subnormal range may differ from div.rn in the last place; every
+    caller maps those to a zero code. The sign of x is copied onto the result (one LOP3): it is q's sign
+    anyway except for x = -0, where the fma sum gives +0 and div.rn gives -0.
+    """
+    q0 = x * r
+    q = tl.fma(tl.fma(-q0, d, x), r, q0)
+    return (q.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & _SIGN_BIT)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _cast_int8(x, scale):
-    y = tl.div_rn(x, scale)
+def _divide(x, d, r, FAST_DIV: tl.constexpr):
+    if FAST_DIV:
+        return div_rn_shared(x, d, r)
+    else:
+        return tl.div_rn(x, d)
+
+
+@triton.jit
+def _cast_fp8(x, scale, rcp, FAST_DIV: tl.constexpr):
+    """clamp(x / scale, -448, 448) -> e4m3: the float32 -> e4m3 cast is cvt.rn.satfinite, which clamps to
+    +-448 itself (and the interpreter fix mirrors it), so the clamp costs no instructions here. Codes
+    depend on the quotient only where |x / scale| >= 2^-10 (below, e4m3 keeps just the sign of x)."""
+    return _divide(x, scale, rcp, FAST_DIV).to(tl.float8e4nv)
+
+
+@triton.jit
+def _cast_int8(x, scale, rcp, FAST_DIV: tl.constexpr):
+    y = _divide(x, scale, rcp, FAST_DIV)
     y = (y + _RINT_MAGIC) - _RINT_MAGIC
     return tl.clamp(y, -_INT8_MAX, _INT8_MAX).to(tl.int8)
 
@@ -86,7 +117,7 @@ def _silu_mul_bf16(gate, up, EXACT_EXP: tl.constexpr):
 def _quantize_fp8_group_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sg,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    UE8M0: tl.constexpr, SILU_MUL: tl.constexpr, EXACT_EXP: tl.constexpr,
+    UE8M0: tl.constexpr, SILU_MUL: tl.constexpr, EXACT_EXP: tl.constexpr, FAST_DIV: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_K] tile of x (or of SiLU(gate) * up, the up half K columns to the right)."""
     pid_m = tl.program_id(0)
@@ -102,7 +133,8 @@ def _quantize_fp8_group_kernel(
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     xg = tl.reshape(x, (BLOCK_M * GROUPS, GROUP))  # one row per 1 x GROUP group
     scale = _fp8_scale(tl.max(tl.abs(xg), axis=1), UE8M0)  # [BLOCK_M * GROUPS]
-    q = tl.reshape(_cast_fp8(xg, scale[:, None]), (BLOCK_M, BLOCK_K))
+    rcp = tl.div_rn(1.0, scale)[:, None]  # one exact division per group
+    q = tl.reshape(_cast_fp8(xg, scale[:, None], rcp, FAST_DIV), (BLOCK_M, BLOCK_K))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
     g = tl.arange(0, BLOCK_M * GROUPS)
     s_rows = pid_m * BLOCK_M + g // GROUPS
@@ -115,7 +147,7 @@ def _quantize_fp8_group_kernel(
 def _quantize_per_token_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
-    INT8: tl.constexpr, UE8M0: tl.constexpr,
+    INT8: tl.constexpr, UE8M0: tl.constexpr, FAST_DIV: tl.constexpr,
 ):
     """BLOCK_M whole rows: amax over each row, then FP8 (or INT8) codes and one float32 scale per row."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,21 +171,23 @@ def _quantize_per_token_kernel(
     else:
         scale = _fp8_scale(amax, UE8M0)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
+    rcp = tl.div_rn(1.0, scale)[:, None]
+    s = scale[:, None]
     if CHUNKS == 1:
-        q = _cast_int8(x, scale[:, None]) if INT8 else _cast_fp8(x, scale[:, None])
+        q = _cast_int8(x, s, rcp, FAST_DIV) if INT8 else _cast_fp8(x, s, rcp, FAST_DIV)
         tl.store(q_row + cols[None, :], q, mask=mask)
     else:
         for c in range(CHUNKS):
             k0 = c * BLOCK_K
             mask = row_mask[:, None] & (k0 + cols[None, :] < K)
             x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            q = _cast_int8(x, scale[:, None]) if INT8 else _cast_fp8(x, scale[:, None])
+            q = _cast_int8(x, s, rcp, FAST_DIV) if INT8 else _cast_fp8(x, s, rcp, FAST_DIV)
             tl.store(q_row + k0 + cols[None, :], q, mask=mask)
 
 
 @triton.jit
 def _quantize_fp8_block_kernel(w_ptr, q_ptr, scale_ptr, N, K, stride_wn, stride_qn,
-                               BLOCK: tl.constexpr, UE8M0: tl.constexpr):
+                               BLOCK: tl.constexpr, UE8M0: tl.constexpr, FAST_DIV: tl.constexpr):
     """One BLOCK x BLOCK weight block; ragged edge blocks read as zero-padded (amax over real elements)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -163,7 +197,8 @@ def _quantize_fp8_block_kernel(w_ptr, q_ptr, scale_ptr, N, K, stride_wn, stride_
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :], mask=mask, other=0.0)
     w = w.to(tl.float32)
     scale = _fp8_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), UE8M0)
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qn + cols[None, :], _cast_fp8(w, scale), mask=mask)
+    q = _cast_fp8(w, scale, tl.div_rn(1.0, scale), FAST_DIV)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qn + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + pid_n * tl.num_programs(1) + pid_k, scale)
 
 
@@ -188,15 +223,23 @@ def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def row_tiles(m: int, k: int, block: int):
+    """(grid, BLOCK_M, BLOCK_K, num_warps) to walk an [m, k] tensor in tiles of whole `block`-wide groups.
+
+    Up to MAX_BLOCK_K columns and TILE_ELEMS elements per program; the NVFP4/MXFP4 kernels use it too.
+    """
+    block_k = max(block, min(triton.next_power_of_2(k), MAX_BLOCK_K))
+    block_m = max(1, min(triton.next_power_of_2(m), TILE_ELEMS // block_k))
+    return (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), block_m, block_k, _warps(block_m * block_k)
+
+
 def _group_launch(x2, q, scale, k, group_size, ue8m0, silu_mul):
     m = x2.shape[0]
-    block_k = max(group_size, min(triton.next_power_of_2(k), MAX_BLOCK_K))
-    block_m = max(1, min(triton.next_power_of_2(m), TILE_ELEMS // block_k))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+    grid, block_m, block_k, warps = row_tiles(m, k, group_size)
     _quantize_fp8_group_kernel[grid](
         x2, q, scale, m, k, x2.stride(0), q.stride(0), scale.stride(0), scale.stride(1),
         GROUP=group_size, BLOCK_M=block_m, BLOCK_K=block_k, UE8M0=ue8m0, SILU_MUL=silu_mul,
-        EXACT_EXP=not _interpreting(), num_warps=_warps(block_m * block_k),
+        EXACT_EXP=not _interpreting(), FAST_DIV=FAST_DIVISION, num_warps=warps,
     )
 
 
@@ -260,7 +303,7 @@ def _per_token(x: torch.Tensor, int8: bool, ue8m0: bool):
         _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
             x2, q, scale, m, k, x2.stride(0), q.stride(0),
             BLOCK_M=block_m, BLOCK_K=block_k, CHUNKS=triton.cdiv(k, block_k), INT8=int8, UE8M0=ue8m0,
-            num_warps=_warps(block_m * block_k),
+            FAST_DIV=FAST_DIVISION, num_warps=_warps(block_m * block_k),
         )
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
@@ -291,7 +334,8 @@ def quantize_fp8_block(w: torch.Tensor, ue8m0: bool = False):
     scale = torch.empty((triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK)), dtype=torch.float32, device=w.device)
     if q.numel() > 0:
         _quantize_fp8_block_kernel[scale.shape](w, q, scale, n, k, w.stride(0), q.stride(0),
-                                                BLOCK=FP8_BLOCK, UE8M0=ue8m0, num_warps=WEIGHT_BLOCK_WARPS)
+                                                BLOCK=FP8_BLOCK, UE8M0=ue8m0, FAST_DIV=FAST_DIVISION,
+                                                num_warps=WEIGHT_BLOCK_WARPS)
     return q, scale
 
 

@@ -18,15 +18,15 @@ from dsquant.formats.fp4 import FP4_E2M1_MAX
 from dsquant.formats.fp8 import FP8_E4M3_MAX
 from dsquant.formats.mxfp4 import E8M0_BIAS, MXFP4_BLOCK, MXFP4_SCALE_RULES
 from dsquant.formats.nvfp4 import NVFP4_BLOCK, NVFP4_GLOBAL_DIVISOR
+from dsquant.kernels.quant import triton as _fp8k
+from dsquant.kernels.quant.triton import div_rn_shared, row_tiles
 
 _E2M1_MAX = tl.constexpr(FP4_E2M1_MAX)
 _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
 _NV_DIVISOR = tl.constexpr(NVFP4_GLOBAL_DIVISOR)
 _E8M0_BIAS = tl.constexpr(E8M0_BIAS)
 
-# performance hyper-parameters
-TILE_ELEMS = 8192  # input elements per program: 16 KiB of bf16 in flight per CTA
-MAX_BLOCK_K = 1024  # widest column tile
+# performance hyper-parameters (tile sizes: row_tiles in triton.py)
 AMAX_BLOCK = 4096  # elements per step of the global-amax pre-pass
 AMAX_STEPS = 8  # steps per program (32 Ki elements): keeps the one-address atomic count low
 
@@ -36,11 +36,26 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def _round_to_e2m1(x):
-    """float32 (already divided by its scale) -> uint8 E2M1 codes 0..15 (fp4.round_to_e2m1)."""
-    a = tl.abs(x)
-    mag = (a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
-    mag += (a >= 1.75).to(tl.uint8) + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8)
-    return mag | ((x < 0).to(tl.uint8) << 3)
+    """float32 (already divided by its scale) -> int32 E2M1 codes 0..15, equal to fp4.round_to_e2m1.
+
+    Two bit tricks replace the seven threshold compares (about a third of the instructions):
+      |x| < 1: the grid is 0, 0.5, 1 (step 0.5), so the code is rint(2|x|), read from the bits of
+               2|x| + 2^23 (at 2^23 the float32 step is 1: the add itself rounds, ties to even);
+      |x| >= 1: E2M1 values are float32 values with one mantissa bit, so adding 2^21 - 1 plus the kept
+               bit (bit 22) to the bits rounds the mantissa to one bit, ties to even, carrying into the
+               exponent; (bits >> 22) - 252 is then the code (1.0 -> 2), saturated at 7 (6.0).
+    Sign from x < 0: -0.0 stays code 0, a negative that rounds to zero is code 8.
+    """
+    return _e2m1_magnitude(tl.abs(x)) | ((x < 0).to(tl.int32) << 3)
+
+
+@triton.jit
+def _e2m1_magnitude(a):
+    """|x| (float32, >= 0) -> E2M1 magnitude code 0..7 (see _round_to_e2m1)."""
+    bits = a.to(tl.int32, bitcast=True)
+    small = (a * 2.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    big = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
+    return tl.minimum(tl.where(a < 1.0, small, big), 7)
 
 
 @triton.jit
@@ -54,9 +69,9 @@ def _e2m1_to_float(codes):
 
 @triton.jit
 def _pack(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """uint8 codes [ROWS, COLS] -> [ROWS, COLS // 2], element 2i in the low nibble."""
+    """int32 codes [ROWS, COLS] -> uint8 [ROWS, COLS // 2], element 2i in the low nibble."""
     lo, hi = tl.split(tl.reshape(codes, (ROWS, COLS // 2, 2)))
-    return lo | (hi << 4)
+    return (lo | (hi << 4)).to(tl.uint8)
 
 
 @triton.jit
@@ -69,6 +84,37 @@ def _unpack(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
 def _e8m0_to_float(b):
     """E8M0 byte (int32 0..255) -> float32 2^(b - 127); b = 0 is the subnormal 2^-127 = 2^22 * 2^-149."""
     return tl.where(b > 0, b << 23, 1 << 22).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_reciprocal(b):
+    """E8M0 byte (int32 0..254) -> float32 2^(127 - b), exact; b = 254 gives the subnormal 2^-127."""
+    return tl.where(b < 254, (254 - b) << 23, 1 << 22).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_codes_of_quotient(xb, d, block_amax, FAST_DIV: tl.constexpr):
+    """E2M1 codes of xb / d (xb [B, 16] float32, d [B] > 0), exactly as round_to_e2m1(tl.div_rn(xb, d)).
+
+    FAST_DIV: one exact division per block and div_rn_shared per element, when the whole tile is in its
+    valid range (2^-70 <= d <= 2^100, block amax / d <= 2^64; a uniform branch, else tl.div_rn). The
+    magnitude only needs the quotient where it is >= 0.25 (normal range, where div_rn_shared is exact);
+    the sign bit needs to know whether the quotient rounds to a non-zero negative, i.e. x < 0 and
+    |x| / d > 2^-150, tested exactly as |x| * 2^100 > d * 2^-50 (both products exact or +inf).
+    """
+    if FAST_DIV:
+        r = tl.div_rn(1.0, d)
+        ok = (d >= 2.0**-70) & (d <= 2.0**100) & (block_amax * r <= 2.0**64)
+        if tl.min(ok.to(tl.int32), axis=0) == 1:
+            a = tl.abs(xb)
+            mag = _e2m1_magnitude(tl.abs(div_rn_shared(xb, d[:, None], r[:, None])))
+            neg = (xb < 0) & (a * 2.0**100 > d[:, None] * 2.0**-50)
+            codes = mag | (neg.to(tl.int32) << 3)
+        else:
+            codes = _round_to_e2m1(tl.div_rn(xb, d[:, None]))
+    else:
+        codes = _round_to_e2m1(tl.div_rn(xb, d[:, None]))
+    return codes
 
 
 @triton.jit
@@ -104,6 +150,7 @@ def _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride
 def _quantize_nvfp4_kernel(
     x_ptr, p_ptr, s_ptr, gs_ptr, gs_out_ptr, M, K, stride_xm, stride_pm, stride_sm,
     AMAX_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+    FAST_DIV: tl.constexpr,
 ):
     """gs_ptr holds the global scale, or (AMAX_GIVEN) the tensor amax bits, turned into amax / 2688 here."""
     if AMAX_GIVEN:
@@ -118,9 +165,10 @@ def _quantize_nvfp4_kernel(
     xb = tl.reshape(x, (BLOCK_M * BLOCK_K // BLOCK, BLOCK))
     block_amax = tl.max(tl.abs(xb), axis=1)
     scale = tl.minimum(tl.div_rn(tl.div_rn(block_amax, _E2M1_MAX), gs), _FP8_MAX).to(tl.float8e4nv)
-    denom = (scale.to(tl.float32) * gs)[:, None]
-    safe = tl.where(denom > 0, denom, 1.0)  # a block whose e4m3 scale underflows to 0 gets code 0
-    codes = _round_to_e2m1(tl.where(denom > 0, tl.div_rn(xb, safe), 0.0))
+    denom = scale.to(tl.float32) * gs  # [BLOCK_M * BLOCK_K / 16]
+    d = tl.where(denom > 0, denom, 1.0)  # a block whose e4m3 scale underflows to 0 gets code 0 (below)
+    codes = _e2m1_codes_of_quotient(xb, d, block_amax, FAST_DIV)
+    codes = tl.where(denom[:, None] > 0, codes, 0)
     _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
 
 
@@ -135,7 +183,8 @@ def _quantize_mxfp4_kernel(x_ptr, p_ptr, s_ptr, M, K, stride_xm, stride_pm, stri
     if CEIL:
         e += ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # mantissa > 1.5: the max would clip at 6
     b = tl.minimum(tl.maximum(e, -_E8M0_BIAS), _E8M0_BIAS) + _E8M0_BIAS
-    codes = _round_to_e2m1(tl.div_rn(xb, _e8m0_to_float(b)[:, None]))
+    # x / 2^e == x * 2^-e bit for bit: 2^-e is exact, so both are the one rounding of the same real number
+    codes = _round_to_e2m1(xb * _e8m0_reciprocal(b)[:, None])
     _store_packed_and_scales(codes, b.to(tl.uint8), p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
 
 
@@ -153,14 +202,6 @@ def _dequantize_fp4_kernel(p_ptr, s_ptr, gs_ptr, out_ptr, M, K, stride_pm, strid
     vb = tl.reshape(values, (BLOCK_M * BLOCK_K // BLOCK, BLOCK)) * tl.reshape(s, (BLOCK_M * BLOCK_K // BLOCK,))[:, None]
     _, _, o_offs, o_mask = _tile(M, K, stride_om, BLOCK_M, BLOCK_K)
     tl.store(out_ptr + o_offs, tl.reshape(vb, (BLOCK_M, BLOCK_K)).to(out_ptr.dtype.element_ty), mask=o_mask)
-
-
-def _tiles(m: int, k: int, block: int):
-    """(grid, BLOCK_M, BLOCK_K, num_warps) for a [m, k] element tile walk."""
-    block_k = max(block, min(triton.next_power_of_2(k), MAX_BLOCK_K))
-    block_m = max(1, min(triton.next_power_of_2(m), TILE_ELEMS // block_k))
-    warps = 8 if block_m * block_k >= 4096 else 4
-    return (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), block_m, block_k, warps
 
 
 def _rows(x: torch.Tensor, block: int, what: str) -> torch.Tensor:
@@ -195,10 +236,11 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None):
         assert global_scale.device == x.device, f"global_scale on {global_scale.device}, x on {x.device}"
         gs_in = gs_out = global_scale.float().reshape(()).contiguous()
     if x2.numel() > 0:
-        grid, block_m, block_k, warps = _tiles(m, k, NVFP4_BLOCK)
+        grid, block_m, block_k, warps = row_tiles(m, k, NVFP4_BLOCK)
         _quantize_nvfp4_kernel[grid](
             x2, packed, scale, gs_in.view(torch.int32) if global_scale is None else gs_in, gs_out, m, k, x2.stride(0), packed.stride(0), scale.stride(0),
-            AMAX_GIVEN=global_scale is None, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=NVFP4_BLOCK, num_warps=warps,
+            AMAX_GIVEN=global_scale is None, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=NVFP4_BLOCK,
+            FAST_DIV=_fp8k.FAST_DIVISION, num_warps=warps,
         )
     lead = x.shape[:-1]
     return packed.reshape(*lead, k // 2), scale.reshape(*lead, k // NVFP4_BLOCK), gs_out
@@ -220,7 +262,7 @@ def quantize_mxfp4(x: torch.Tensor, scale_rule: str = "ocp"):
     packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((m, k // MXFP4_BLOCK), dtype=torch.uint8, device=x.device)
     if x2.numel() > 0:
-        grid, block_m, block_k, warps = _tiles(m, k, MXFP4_BLOCK)
+        grid, block_m, block_k, warps = row_tiles(m, k, MXFP4_BLOCK)
         _quantize_mxfp4_kernel[grid](x2, packed, scale, m, k, x2.stride(0), packed.stride(0), scale.stride(0),
                                      CEIL=scale_rule == "ceil", BLOCK_M=block_m, BLOCK_K=block_k,
                                      BLOCK=MXFP4_BLOCK, num_warps=warps)
@@ -240,7 +282,7 @@ def _dequantize(packed, scale, global_scale, dtype, block, what):
     m = p2.shape[0]
     out = torch.empty((m, k), dtype=dtype, device=packed.device)
     if out.numel() > 0:
-        grid, block_m, block_k, warps = _tiles(m, k, block)
+        grid, block_m, block_k, warps = row_tiles(m, k, block)
         gs = s2 if global_scale is None else global_scale.float().reshape(()).contiguous()  # unused for MXFP4
         _dequantize_fp4_kernel[grid](p2, s2, gs, out, m, k, p2.stride(0), s2.stride(0), out.stride(0),
                                      NVFP4=global_scale is not None, BLOCK_M=block_m, BLOCK_K=block_k,

@@ -23,10 +23,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from dsquant.formats.fp4 import round_to_e2m1
+from dsquant.kernels.quant.triton import div_rn_shared
 
 ROW_KINDS = ("gauss", "e2m1_ties", "e4m3_ties", "int8_ties", "zeros", "sparse", "tiny", "huge", "mixed")
+TAME_KINDS = tuple(kind for kind in ROW_KINDS if kind != "huge")
 E2M1_TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _E2M1_PICKS = torch.tensor([0.0, -0.0, 0.1, -0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, *E2M1_TIES])
 
@@ -71,12 +75,18 @@ def _row(kind: str, k: int, g: torch.Generator) -> torch.Tensor:
     return torch.randn(k, generator=g) * mags.repeat_interleave(16)[:k]
 
 
-def adversarial(m: int, k: int, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """[m, k] rows cycling through ROW_KINDS, each times 2^p (p uniform in [-12, 12]); finite in bf16."""
+def adversarial(
+    m: int, k: int, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, kinds: tuple[str, ...] = ROW_KINDS
+) -> torch.Tensor:
+    """[m, k] rows cycling through `kinds`, each times 2^p (p uniform in [-12, 12]); finite in bf16.
+
+    Leave out "huge" where one tensor-wide scale (NVFP4's global scale) would otherwise flush every
+    other row to zero codes.
+    """
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(m):
-        kind = ROW_KINDS[i % len(ROW_KINDS)]
+        kind = kinds[i % len(kinds)]
         p = int(torch.randint(-12, 13, (1,), generator=g)) if kind not in ("tiny", "huge") else 0
         rows.append(_row(kind, k, g) * 2.0**p)
     return torch.stack(rows).to(dtype)
@@ -90,15 +100,32 @@ def gaussian(m: int, k: int, *, seed: int = 0, dtype: torch.dtype = torch.bfloat
     return x.to(dtype)
 
 
-@pytest.fixture
-def exact_upcasts(monkeypatch):
-    """Under TRITON_INTERPRET=1, make bf16/fp16/e4m3 -> fp32 casts exact for subnormal and NaN inputs.
+def fma_float32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 x * y + z (one rounding), as the GPU's fma: float64 holds the product
+    exactly; the sum's float64 rounding error (two-sum) decides the rare float32 midpoint cases."""
+    x64, y64, z64 = (np.asarray(v, dtype=np.float32).astype(np.float64) for v in (x, y, z))
+    with np.errstate(all="ignore"):
+        p = x64 * y64
+        s = p + z64
+        bp = s - p
+        err = (p - (s - bp)) + (z64 - bp)  # p + z == s + err exactly (finite inputs)
+        r = s.astype(np.float32)
+        toward = np.nextafter(r, np.where(s > r.astype(np.float64), np.float32(np.inf), np.float32(-np.inf)))
+        mid = (r.astype(np.float64) + toward.astype(np.float64)) / 2
+        fix = (s == mid) & (err != 0) & np.isfinite(s) & (np.sign(err) == np.sign(mid - r.astype(np.float64)))
+    return np.where(fix, toward, r)
 
-    The Triton 3.6 interpreter's `_convert_float` rebuilds the exponent of a subnormal input and clamps
-    it at 0 without shifting the significand, so a bf16 subnormal (1e-40) becomes +-0 in float32, and
-    it widens the e4m3 NaN byte 0xFF to -480; the compiled casts are exact. tests/interpreter_fixes.py
-    patches downcasts only; this patches upcasts, for one test at a time. Widening casts are exact, so
-    torch performs them here.
+
+@pytest.fixture
+def exact_interpreter(monkeypatch):
+    """Under TRITON_INTERPRET=1, make two interpreter operations exact, as they are when compiled.
+
+    - Widening casts: the Triton 3.6 interpreter's `_convert_float` rebuilds the exponent of a
+      subnormal input and clamps it at 0 without shifting the significand, so a bf16 subnormal
+      (1e-40) becomes +-0 in float32, and it widens the e4m3 NaN byte 0xFF to -480. torch widens here.
+    - tl.fma: the interpreter computes x * y + z with two float32 roundings; the GPU rounds once.
+    tests/interpreter_fixes.py patches downcasts and bf16 dots only; this fixture patches these two,
+    for one test at a time.
     """
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
@@ -115,7 +142,80 @@ def exact_upcasts(monkeypatch):
         raw = torch.from_numpy(np.ascontiguousarray(input).view(src[2]).copy()).view(src[1]).view(src[0])
         return raw.float().view(torch.int32).numpy().view(np.uint32)
 
+    inner_fma = interpreter.InterpreterBuilder.create_fma
+
+    def create_fma(self, x, y, z):
+        if z.data.dtype != np.float32:
+            return inner_fma(self, x, y, z)
+        return interpreter.TensorHandle(fma_float32(x.data, y.data, z.data), z.dtype.scalar)
+
     monkeypatch.setattr(interpreter, "_convert_float", convert_float)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fma", create_fma)
+
+
+def division_cases(n: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, d) float32 pairs, d > 0, for checking div_rn_shared against tl.div_rn: random bit patterns over
+    2^-60..2^60, divisors with mantissas near 2 (reciprocal at the bottom of its binade, the hardest case),
+    dividends whose mantissa is near the divisor's (quotient just under a power of two), exact quotients
+    (x = d * small integer or E2M1/E4M3 midpoints, all exactly representable), and signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+
+    def floats(exp_lo, exp_hi, size):
+        mant = torch.randint(0, 1 << 23, (size,), generator=g, dtype=torch.int64)
+        exp = torch.randint(exp_lo + 127, exp_hi + 128, (size,), generator=g, dtype=torch.int64)
+        return ((exp << 23) | mant).to(torch.int32).view(torch.float32)
+
+    q = n // 4
+    d = floats(-60, 60, n)
+    top = torch.randint(0, 1 << 8, (q,), generator=g).to(torch.int32)  # mantissa 0x7FFFxx: d ~ 2^e * 1.99998
+    d[:q] = (((d[:q].view(torch.int32) >> 23) << 23) | (0x7FFF00 | top)).view(torch.float32)
+    x = floats(-60, 60, n)
+    near = x[q : 2 * q].view(torch.int32)  # x's mantissa = d's mantissa +- a few ulps
+    x[q : 2 * q] = ((near >> 23 << 23) | ((d[q : 2 * q].view(torch.int32) & 0x7FFFFF) + torch.randint(
+        -4, 5, (q,), generator=g).to(torch.int32)).clamp(0, 0x7FFFFF)).view(torch.float32)
+    grid = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 1.0625, 3.0, 7.0, 448.0, 127.5, 126.5])
+    exact = grid[torch.randint(len(grid), (q,), generator=g)]
+    x[2 * q : 3 * q] = (d[2 * q : 3 * q].double() * exact.double()).float()  # exact when it fits 24 bits
+    x = x * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    x[-8:] = torch.tensor([0.0, -0.0] * 4)
+    return x, d
+
+
+@triton.jit
+def _division_kernel(x_ptr, d_ptr, fast_ptr, exact_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=1.0)
+    d = tl.load(d_ptr + offs, mask=mask, other=1.0)
+    tl.store(fast_ptr + offs, div_rn_shared(x, d, tl.div_rn(1.0, d)), mask=mask)
+    tl.store(exact_ptr + offs, tl.div_rn(x, d), mask=mask)
+
+
+def check_div_rn_shared(x: torch.Tensor, d: torch.Tensor) -> None:
+    """div_rn_shared == tl.div_rn bit for bit wherever the quotient is a normal float32 (or zero)."""
+    fast, exact = torch.empty_like(x), torch.empty_like(x)
+    _division_kernel[(triton.cdiv(x.numel(), 1024),)](x, d, fast, exact, x.numel(), BLOCK=1024)
+    assert torch.equal(exact, (x.double() / d.double()).float()), "tl.div_rn is not IEEE here"
+    normal = (exact.abs() >= 2.0**-126) | (exact == 0)
+    bad = normal & (fast.view(torch.int32) != exact.view(torch.int32))
+    assert not bool(bad.any()), f"{int(bad.sum())} of {int(normal.sum())} quotients differ, e.g. x={x[bad][:3]} d={d[bad][:3]}"
+
+
+@pytest.mark.usefixtures("exact_interpreter")
+def test_div_rn_shared_matches_div_rn():
+    x, d = division_cases(1 << 14, seed=3)
+    check_div_rn_shared(x, d)
+
+
+def test_fma_float32_rounds_once():
+    """Cases where two roundings differ from one: the product's low bits decide a float32 tie."""
+    x = np.float32(1 + 2.0**-12)
+    got = fma_float32(np.array([x]), np.array([x]), np.array([np.float32(-1)]))  # 2^-11 + 2^-24 exactly
+    assert got[0] == np.float32(2.0**-11 + 2.0**-24)
+    assert np.float32(x * x) - np.float32(1) != got[0]  # the two-rounding result loses the 2^-24
+    a, b = np.float32(1 + 2.0**-23), np.float32(1 - 2.0**-24)
+    # a * b = 1 + 2^-24 - 2^-47: a float64 sum rounds it to the float32 midpoint 1 + 2^-24; one rounding gives 1
+    assert fma_float32(np.array([a]), np.array([b]), np.array([np.float32(0)]))[0] == np.float32(1)
 
 
 def test_e2m1_rows_hit_every_tie_exactly():

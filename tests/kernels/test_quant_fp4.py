@@ -12,10 +12,10 @@ from dsquant.formats.fp4 import E2M1_VALUES, pack_fp4, unpack_fp4
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.testing import assert_exact
-from tests.kernels.test_quant_data import E2M1_TIES, ROW_KINDS, adversarial, exact_upcasts, gaussian
+from tests.kernels.test_quant_data import E2M1_TIES, ROW_KINDS, TAME_KINDS, adversarial, exact_interpreter, gaussian
 
-# The adversarial rows hold bf16 subnormals, which the interpreter widens wrongly (see exact_upcasts).
-pytestmark = pytest.mark.usefixtures(exact_upcasts.__name__)
+# Subnormal widening and tl.fma are inexact in the interpreter (see exact_interpreter).
+pytestmark = pytest.mark.usefixtures(exact_interpreter.__name__)
 
 SHAPES = [(1, 16), (7, 96), (18, 256), (3, 1024 + 64)]
 
@@ -40,6 +40,7 @@ def _mxfp4(x, rule="ocp"):
 @pytest.mark.parametrize("m,k", SHAPES, ids=lambda v: str(v))
 def test_quantize_nvfp4_computed_global_scale_matches_reference(m, k):
     _nvfp4(adversarial(m, k, seed=m + k))
+    _nvfp4(adversarial(m, k, seed=m + k, kinds=TAME_KINDS))  # without 1e35 rows flushing the rest to 0
     _nvfp4(gaussian(m, k, seed=m + k))
 
 
@@ -47,8 +48,9 @@ def test_quantize_nvfp4_computed_global_scale_matches_reference(m, k):
 def test_quantize_nvfp4_given_global_scale_matches_reference(gs):
     """Powers of two keep the E2M1 rows' ties exact after scaling; 0.37 and 3e-3 are arbitrary floats."""
     x = adversarial(2 * len(ROW_KINDS), 128, seed=21)
-    _nvfp4(x, torch.tensor(gs))
+    _nvfp4(x, torch.tensor(gs))  # 1e35 rows saturate their block scales: this tile takes the tl.div_rn path
     _nvfp4(x, torch.tensor([gs]))  # a [1] tensor, as compressed-tensors stores it
+    _nvfp4(adversarial(2 * len(TAME_KINDS), 128, seed=21, kinds=TAME_KINDS), torch.tensor(gs))
 
 
 def test_quantize_nvfp4_ties_and_signs_at_unit_scale():
@@ -170,3 +172,14 @@ def test_round_trip_through_kernels_is_exact_on_the_grid():
     grid[:, ::32] = 6.0  # block amax 6: scale 2^0 under both rules
     x = (grid * 2.0 ** torch.randint(-20, 20, (8, 1), generator=g)).to(torch.bfloat16)
     assert_exact(quant.dequantize_mxfp4(*quant.quantize_mxfp4(x)), x + 0.0)  # + 0.0: -0.0 encodes as code 0
+
+
+def test_quantize_nvfp4_per_element_division_path(monkeypatch):
+    """FAST_DIVISION = False (tl.div_rn per element) gives the same bits; the fast path's range fallback
+    (block scales saturated by a small given global scale) is covered by the given-scale tests above."""
+    from dsquant.kernels.quant import triton as kernels
+
+    monkeypatch.setattr(kernels, "FAST_DIVISION", False)
+    x = adversarial(18, 128, seed=26)
+    _nvfp4(x)
+    _nvfp4(x, torch.tensor(0.37))

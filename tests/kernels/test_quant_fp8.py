@@ -11,10 +11,10 @@ import torch
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.testing import assert_exact
-from tests.kernels.test_quant_data import adversarial, exact_upcasts, gaussian
+from tests.kernels.test_quant_data import adversarial, exact_interpreter, gaussian
 
-# The adversarial rows hold bf16 subnormals, which the interpreter widens wrongly (see exact_upcasts).
-pytestmark = pytest.mark.usefixtures(exact_upcasts.__name__)
+# Subnormal widening and tl.fma are inexact in the interpreter (see exact_interpreter).
+pytestmark = pytest.mark.usefixtures(exact_interpreter.__name__)
 
 SHAPES = [(1, 128), (7, 384), (18, 256), (3, 1024 + 128)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -174,3 +174,15 @@ def test_silu_mul_quantize_fp8_options_and_layout():
     assert q.shape == (10, 256) and scale.stride() == (1, 10)
     with pytest.raises(AssertionError, match="even"):
         quant.silu_mul_quantize_fp8(torch.ones(2, 257, dtype=torch.bfloat16))
+
+
+def test_per_element_division_path_matches_reference(monkeypatch):
+    """FAST_DIVISION = False: tl.div_rn per element, the path kept for comparison and as a fallback."""
+    from dsquant.kernels.quant import triton as kernels
+
+    monkeypatch.setattr(kernels, "FAST_DIVISION", False)
+    x = adversarial(18, 384, seed=13)
+    _check("quantize_fp8_per_token_group", (x,))
+    _check("quantize_fp8_per_token", (x,))
+    _check("quantize_int8_per_token", (x,))
+    _check("quantize_fp8_block", (x,))

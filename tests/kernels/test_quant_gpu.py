@@ -13,7 +13,9 @@ import torch
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_exact
-from tests.kernels.test_quant_data import adversarial, gaussian
+from tests.kernels.test_quant_data import (
+    ROW_KINDS, TAME_KINDS, adversarial, check_div_rn_shared, division_cases, gaussian,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -27,17 +29,20 @@ def _exact(got, want, what):
         assert_exact(a.reshape(-1) if a.dim() == 0 else a, e.reshape(-1) if e.dim() == 0 else e, f"{what} output {i}")
 
 
-def _activations(m: int, k: int = HIDDEN, seed: int = 0) -> torch.Tensor:
+def _activations(m: int, k: int = HIDDEN, seed: int = 0, kinds=None) -> torch.Tensor:
     """Adversarial rows first (every kind appears once m >= 9), Gaussian activations with outliers after."""
     n_adv = min(m, 72)
-    x = torch.cat([adversarial(n_adv, k, seed=seed), gaussian(m - n_adv, k, seed=seed)])
-    return x.to(DEVICE)
+    adv = adversarial(n_adv, k, seed=seed) if kinds is None else adversarial(n_adv, k, seed=seed, kinds=kinds)
+    return torch.cat([adv, gaussian(m - n_adv, k, seed=seed)]).to(DEVICE)
 
 
-def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    """N(0, 0.02) weights with the first 144 rows adversarial (ragged edge blocks stay in the Gaussian part)."""
+def _weight(n: int, k: int, seed: int = 0, kinds=TAME_KINDS) -> torch.Tensor:
+    """N(0, 0.02) weights with the first 144 rows adversarial (ragged edge blocks stay in the Gaussian part).
+
+    No 1e35 rows by default: they would set NVFP4's global scale and flush the rest to zero codes.
+    """
     w = gaussian(n, k, seed=seed, dtype=torch.float32) * 0.02
-    w[:144] = adversarial(144, k, seed=seed).float()
+    w[:144] = adversarial(144, k, seed=seed, kinds=kinds).float()
     return w.to(torch.bfloat16).to(DEVICE)
 
 
@@ -55,6 +60,8 @@ def test_fp8_and_int8_activation_quant_gpu(m):
 def test_fp4_activation_quant_gpu(m):
     x = _activations(m, seed=m + 1)
     _exact(quant.quantize_nvfp4(x), ref.quantize_nvfp4_ref(x), f"nvfp4 computed global scale M={m}")
+    tame = _activations(m, seed=m + 2, kinds=TAME_KINDS)  # no 1e35 rows to flush the rest to zero codes
+    _exact(quant.quantize_nvfp4(tame), ref.quantize_nvfp4_ref(tame), f"nvfp4 computed global scale, tame M={m}")
     gs = torch.tensor(2.0**-3, device=DEVICE)
     _exact(quant.quantize_nvfp4(x, gs), ref.quantize_nvfp4_ref(x, gs), f"nvfp4 given global scale M={m}")
     for rule in ("ocp", "ceil"):
@@ -98,8 +105,14 @@ def test_weight_quant_gpu(n, k):
     _exact(quant.quantize_int8_per_token(w), ref.quantize_int8_per_token_ref(w), f"int8 channel {(n, k)}")
 
 
+def test_div_rn_shared_matches_div_rn_gpu():
+    """The division every quantizer uses, against div.rn.f32, on 2^26 hard and random pairs."""
+    x, d = division_cases(1 << 26, seed=8)
+    check_div_rn_shared(x.to(DEVICE), d.to(DEVICE))
+
+
 def test_fp8_block_ue8m0_and_fp32_weights_gpu():
-    w = _weight(576, HIDDEN, seed=6)
+    w = _weight(576, HIDDEN, seed=6, kinds=ROW_KINDS)  # with the 1e35 rows
     _exact(quant.quantize_fp8_block(w, ue8m0=True), ref.quantize_fp8_block_ref(w, ue8m0=True), "fp8 block ue8m0")
     _exact(quant.quantize_fp8_block(w.float()), ref.quantize_fp8_block_ref(w.float()), "fp8 block fp32 input")
 
