@@ -13,12 +13,15 @@
   rejects empty or null values). Error, or warning for a null kv_cache_quant_algo.
 - quant-config-keys: `quant_method: fp8` needs `activation_scheme: dynamic` and `weight_block_size`
   for block weights; compressed-tensors needs `config_groups`. Error.
+- declared-format: a module stored in another format family than the config group (compressed-tensors)
+  or per-layer entry (ModelOpt MIXED_PRECISION `quantized_layers`) that applies to it. Error.
 - tokenizer-missing: no tokenizer file beside the weights; engines fail at start-up unless given
   `--tokenizer`. Warning.
 """
 
 from __future__ import annotations
 
+from dsquant.check.declared import ct_group
 from dsquant.check.finding import Finding
 from dsquant.check.names import is_quantized, module_format
 from dsquant.check.view import CheckpointView
@@ -105,6 +108,7 @@ def check(view: CheckpointView) -> list[Finding]:
         findings.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
                                 "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
     findings += _agreement(view)
+    findings += _per_module(view)
     findings += _hq_keys(view)
     findings += _qc_keys(view)
     return findings
@@ -199,3 +203,34 @@ def _qc_keys(view: CheckpointView) -> list[Finding]:
         out.append(Finding("quant-config-keys", "error", "compressed-tensors config without config_groups",
                            file="config.json"))
     return out
+
+
+def _family(fmt: str) -> str:
+    return fmt.split("-")[0] if fmt.startswith(("fp8", "int8")) else fmt
+
+
+def _per_module(view: CheckpointView) -> list[Finding]:
+    qc = view.quantization_config or {}
+    layers = ((view.hf_quant_config or {}).get("quantization") or {}).get("quantized_layers") or \
+        qc.get("quantized_layers")
+    ct = qc.get("quant_method") == "compressed-tensors"
+    if not ct and not isinstance(layers, dict):
+        return []
+    bad = []
+    for module, params in view.modules.items():
+        fmt = module_format(params)
+        if not is_quantized(fmt):
+            continue
+        if ct:
+            group = ct_group(qc, module)
+            want = _args_family((group or {}).get("weights") or {}) if group else None
+        else:
+            want = _algo_family(str((layers.get(module) or {}).get("quant_algo", ""))) if module in layers else None
+        if want is not None and want != _family(fmt):
+            bad.append((module, fmt, want))
+    if not bad:
+        return []
+    listed = "; ".join(f"{m} is {f} but declared {w}" for m, f, w in bad[:3])
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    return [Finding("declared-format", "error", f"{len(bad)} module(s) stored in another format than the config "
+                    f"declares for them: {listed}{more}", tensor=bad[0][0], file="config.json")]

@@ -205,12 +205,25 @@ def declared_quantized(view: CheckpointView, module: str) -> bool | None:
 
 
 def _ct_targeted(qc: dict, module: str) -> bool:
+    return ct_group(qc, module) is not None
+
+
+def ct_group(qc: dict, module: str) -> dict | None:
+    """The compressed-tensors config group that applies to `module`: an exact-name target wins over a
+    `re:` target, which wins over a class target (`Linear`), as in vLLM's scheme lookup."""
     groups = qc.get("config_groups") or {}
+    best, rank = None, 3
     for group in groups.values() if isinstance(groups, dict) else ():
         for target in (group or {}).get("targets", []):
             target = str(target)
-            if target in ("Linear", "LinearBase", module):
-                return True
-            if target.startswith("re:") and (rx := compile_or_none(target[3:])) and rx.match(module):
-                return True
-    return False
+            if target == module:
+                r = 0
+            elif target.startswith("re:") and (rx := compile_or_none(target[3:])) and rx.match(module):
+                r = 1
+            elif target in ("Linear", "LinearBase"):
+                r = 2
+            else:
+                continue
+            if r < rank:
+                best, rank = group, r
+    return best

@@ -483,3 +483,18 @@ def test_invalid_regex_in_a_compressed_tensors_ignore_entry(tmp_path):
     ck.config["quantization_config"]["ignore"] += ["re:model.layers.[0"]
     f = only(run(tmp_path, ck), "exclude-invalid")
     assert "re:model.layers.[0" in f.message and f.file == "config.json"
+
+
+def test_module_stored_in_another_format_than_its_config_group(tmp_path):
+    ck, mx = build("ct-nvfp4"), build("ct-mxfp4")
+    qc = ck.config["quantization_config"]
+    mx_weights = mx.config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    qc["config_groups"]["group_1"] = {"weights": mx_weights, "input_activations": None,
+                                      "targets": [r"re:.*mlp\.experts\..*"]}
+    f = only(run(tmp_path, ck), "declared-format")
+    assert f.tensor.startswith(L1 + "mlp.experts.") and "is nvfp4 but declared mxfp4" in f.message
+    ck.tensors.update({n: t for n, t in mx.tensors.items() if ".mlp.experts." in n})
+    for n in [n for n in ck.tensors if ".mlp.experts." in n and n.rsplit(".", 1)[1] in ("weight_global_scale",
+                                                                                          "input_global_scale")]:
+        del ck.tensors[n]
+    assert run(tmp_path / "fixed", ck) == []  # experts MXFP4 by the regex group, the rest NVFP4 by `Linear`
