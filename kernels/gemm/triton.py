@@ -24,7 +24,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
 from dsquant.kernels.gemm import configs
 
 _FP8_BLOCK = tl.constexpr(configs.FP8_BLOCK)
@@ -316,6 +315,13 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if aligned else t.contiguous()
 
 
+def _check_operands(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[int, int, int]:
+    """a [M, K] and b [N, K], both of `dtype` -> (M, N, K)."""
+    assert a.dtype == dtype and b.dtype == dtype, f"{dtype} operands expected, got {a.dtype} and {b.dtype}"
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], f"shapes {tuple(a.shape)} x {tuple(b.shape)}"
+    return a.shape[0], b.shape[0], a.shape[1]
+
+
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek FP8 block GEMM: out = (a * a_scale) @ (b * b_scale)^T, scaled per 128-K step in fp32.
@@ -330,9 +336,7 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     Returns:
         out_dtype [M, N].
     """
-    assert a.dtype == torch.float8_e4m3fn and b.dtype == torch.float8_e4m3fn, f"fp8 operands, got {a.dtype}, {b.dtype}"
-    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], f"shapes {tuple(a.shape)} x {tuple(b.shape)}"
-    (m, k), n = a.shape, b.shape[0]
+    m, n, k = _check_operands(a, b, torch.float8_e4m3fn)
     assert k % 128 == 0, f"K={k} must be a multiple of 128 (the scale group)"
     assert a_scale.dtype == torch.float32 and tuple(a_scale.shape) == (m, k // 128), \
         f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
@@ -355,9 +359,7 @@ def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     Returns:
         out_dtype [M, N].
     """
-    assert a.dtype == torch.int8 and b.dtype == torch.int8, f"int8 operands, got {a.dtype}, {b.dtype}"
-    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], f"shapes {tuple(a.shape)} x {tuple(b.shape)}"
-    (m, k), n = a.shape, b.shape[0]
+    m, n, k = _check_operands(a, b, torch.int8)
     assert k % 16 == 0, f"K={k} must be a multiple of 16 (16-byte TMA rows)"
     assert a_scale.dtype == torch.float32 and a_scale.numel() == m, f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}"
     assert b_scale.dtype == torch.float32 and b_scale.numel() == n, f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}"

@@ -18,14 +18,14 @@ Native FP4 (`tl.dot_scaled` on sm_100+) is not used: it cannot be tested on the 
 from __future__ import annotations
 
 import torch
-
 from dsquant.kernels.gemm import configs
 from dsquant.kernels.gemm.triton import _launch, _row_major
 
 
 def _check_fp4_operands(x: torch.Tensor, w_packed: torch.Tensor) -> tuple[int, int, int]:
     assert x.dtype == torch.bfloat16 and x.dim() == 2, f"x must be bfloat16 [M, K], got {x.dtype} {tuple(x.shape)}"
-    assert w_packed.dtype == torch.uint8 and w_packed.dim() == 2, f"w_packed must be uint8 [N, K/2], got {w_packed.dtype}"
+    assert w_packed.dtype == torch.uint8 and w_packed.dim() == 2, \
+        f"w_packed must be uint8 [N, K/2], got {w_packed.dtype}"
     (m, k), n = x.shape, w_packed.shape[0]
     assert w_packed.shape[1] * 2 == k, f"w_packed {tuple(w_packed.shape)} does not hold K={k} codes per row"
     assert k % 32 == 0, f"K={k} must be a multiple of 32 (16-byte TMA rows of packed FP4)"

@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_close_global, calc_diff, poison_
 
 from dsquant.formats import (
     dequantize_fp8_per_token_group,
@@ -36,7 +37,6 @@ from dsquant.formats import (
     quantize_mxfp4,
     quantize_nvfp4,
 )
-from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_close_global, calc_diff, poison_
 
 BF16_OUT_MAX_DIFF = 1e-5
 W4A8_MAX_DIFF = 1e-3
