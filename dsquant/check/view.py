@@ -69,7 +69,7 @@ class TensorInfo:
 class ShardProblem:
     """A shard that could not be read, or tensors the index and shards disagree on."""
 
-    kind: str  # "missing-shard" | "corrupt-header" | "truncated" | "not-in-shard" | "stray" | "outside-dir"
+    kind: str  # missing-shard | corrupt-header | truncated | not-in-shard | stray | outside-dir | duplicate
     file: str
     message: str
     tensor: str | None = None
@@ -176,6 +176,9 @@ class CheckpointView:
                     self.problems.append(
                         ShardProblem("corrupt-header", name, f"{name}: entry {tname!r} malformed ({exc})", tname))
                     continue
+                if tname in self.tensors:
+                    self.problems.append(ShardProblem(
+                        "duplicate", name, f"{tname} is stored in both {self.tensors[tname].file} and {name}", tname))
                 if info.offsets[1] > data_len:
                     self.problems.append(
                         ShardProblem("truncated", name, f"{name}: tensor {tname} ends past the end of the file", tname)

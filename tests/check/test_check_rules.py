@@ -498,3 +498,12 @@ def test_module_stored_in_another_format_than_its_config_group(tmp_path):
                                                                                           "input_global_scale")]:
         del ck.tensors[n]
     assert run(tmp_path / "fixed", ck) == []  # experts MXFP4 by the regex group, the rest NVFP4 by `Linear`
+
+
+def test_tensor_stored_in_two_shards(tmp_path):
+    from safetensors.torch import save_file
+
+    path = build("bf16").write(tmp_path / "c", index=False, num_shards=1)
+    save_file({"lm_head.weight": torch.zeros(2, 2, dtype=torch.bfloat16)}, str(path / "extra.safetensors"))
+    f = only(check_checkpoint(path), "index")
+    assert f.tensor == "lm_head.weight" and "both" in f.message
