@@ -99,16 +99,26 @@ def _refresh_card(folder: Path, repo_id: str) -> None:
 
 
 def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, dry_run: bool = False, api=None) -> PushResult:
+                commit_message: str | None = None, dry_run: bool = False, api=None,
+                check: bool = True) -> PushResult:
     """Publish the dsquant output `folder` to the model repo `repo_id`.
 
-    Order: validate -> refresh README.md -> create_repo(exist_ok=True) -> create_branch(revision) when
-    given -> resumable upload. `api` is an HfApi-like object (tests pass a fake); when None, one is built
-    with the token huggingface_hub finds, and a missing token is a ValueError before any network call.
+    Order: validate -> `dsquant inspect --check` rules (errors refuse the push unless check=False) ->
+    refresh README.md -> create_repo(exist_ok=True) -> create_branch(revision) when given -> resumable
+    upload. `api` is an HfApi-like object (tests pass a fake); when None, one is built with the token
+    huggingface_hub finds, and a missing token is a ValueError before any network call.
     """
     folder = Path(folder)
     validate_repo_id(repo_id)
     check_dsquant_output(folder)
+    if check:
+        from dsquant.check import check_checkpoint
+
+        errors = [f for f in check_checkpoint(folder) if f.severity == "error"]
+        if errors:
+            shown = "; ".join(str(f) for f in errors[:3])
+            raise ValueError(f"{folder}: fails {len(errors)} engine loading check(s), not pushing: {shown}. "
+                             f"See `dsquant inspect {folder} --check` (or push anyway with --no-check)")
     _refresh_card(folder, repo_id)
     result = PushResult(repo_id, revision, upload_plan(folder), dry_run=dry_run)
     if dry_run:

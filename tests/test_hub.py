@@ -226,3 +226,17 @@ def test_hf_source_errors_from_the_hub_are_named(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=text):
             hub.resolve_source("hf://org/name@r")
     assert os.environ.get("HF_HUB_OFFLINE") is None
+
+
+def test_refuses_a_checkpoint_that_fails_the_loading_checks(tmp_path):
+    out = make_output(tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}  # a stale source config beside NVFP4 weights
+    (out / "config.json").write_text(json.dumps(cfg))
+    api = FakeApi()
+    with pytest.raises(ValueError, match="fails .* engine loading check.*stale-quant-config.*--no-check"):
+        hub.push_to_hub(out, "me/model", api=api)
+    assert api.calls == []
+    hub.push_to_hub(out, "me/model", api=api, check=False)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]

@@ -17,8 +17,10 @@ def push(
     revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
     commit_message: str | None = typer.Option(None, "--commit-message", help="Commit message."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and bytes that would be uploaded."),
+    no_check: bool = typer.Option(False, "--no-check", help="Push even if `dsquant inspect --check` finds errors."),
 ) -> None:
-    """Publish a converted checkpoint to the Hugging Face Hub, refreshing its model card first.
+    """Publish a converted checkpoint to the Hugging Face Hub, refreshing its model card first. A checkpoint
+    that fails the engine loading checks (`dsquant inspect DIR --check`) is not pushed.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed. Interrupted uploads resume
     when the same command is run again."""
@@ -27,7 +29,7 @@ def push(
 
     try:
         result = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-                             dry_run=dry_run)
+                             dry_run=dry_run, check=not no_check)
     except ValueError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

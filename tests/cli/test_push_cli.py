@@ -110,3 +110,15 @@ def test_interrupted_push_says_how_to_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HfApi", Interrupted)
     result = runner.invoke(app, ["push", str(output_dir(tmp_path)), "--repo-id", "me/tiny"])
     assert result.exit_code == 130 and "run the same command again to resume" in result.output
+
+
+def test_failing_checkpoint_is_not_pushed_without_no_check(tmp_path, monkeypatch):
+    out = output_dir(tmp_path)
+    (out / "model-00001-of-00002.safetensors").unlink()
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    RecordingApi.last = None
+    result = runner.invoke(app, ["push", str(out), "--repo-id", "me/tiny"])
+    assert result.exit_code == 1 and "engine loading check" in result.output and RecordingApi.last is None
+    forced = runner.invoke(app, ["push", str(out), "--repo-id", "me/tiny", "--no-check"])
+    assert forced.exit_code == 0 and RecordingApi.last.calls[-1] == "upload_folder"
