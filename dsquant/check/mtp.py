@@ -1,9 +1,10 @@
 """The MTP (next-token prediction) layer, id num_hidden_layers on DeepSeek-V3 (formats.md 1.2, 8.9, 8.12).
 
-- mtp-missing: config.json declares num_nextn_predict_layers but the layer, or one of its required
-  tensors (enorm, hnorm, eh_proj, shared_head.norm, attention, MLP), is absent: transformers-based
-  quantizers drop layer 61 on load. Error; a missing embed_tokens / shared_head.head copy is a
-  warning (SGLang skips them, vLLM loads embed_tokens from the MTP layer).
+- mtp-missing: config.json declares num_nextn_predict_layers but the layer is absent (transformers-based
+  quantizers drop layer 61 on load): the main model loads, MTP speculative decoding cannot. Warning.
+  A layer that is there but lacks a required tensor (enorm, hnorm, eh_proj, shared_head.norm,
+  attention, MLP) is an error: engines fail as soon as MTP is enabled. A missing embed_tokens /
+  shared_head.head copy is a warning (SGLang skips them, vLLM loads embed_tokens from the MTP layer).
 - mtp-eh-proj: eh_proj stored quantized; vLLM builds it as a plain nn.Linear and TRT-LLM excludes it. Error.
 - mtp-declared: an MTP projection stored in a format the config does not declare for it: quantized
   while listed in exclude_modules/ignore, or BF16 while the config quantizes it (shape errors such as
@@ -35,9 +36,9 @@ def check(view: CheckpointView) -> list[Finding]:
 def _check_layer(view: CheckpointView, prefix: str) -> list[Finding]:
     names = [n for n in view.tensors if n.startswith(prefix + ".")]
     if not names:
-        return [Finding("mtp-missing", "error", f"config.json declares num_nextn_predict_layers but no {prefix}.* "
-                        "tensor is stored; MTP speculative decoding cannot load (transformers-based tools drop this "
-                        "layer: copy it through from the source)", tensor=prefix)]
+        return [Finding("mtp-missing", "warning", f"config.json declares num_nextn_predict_layers but no {prefix}.* "
+                        "tensor is stored: the model serves, but MTP speculative decoding cannot be enabled "
+                        "(transformers-based tools drop this layer; copy it through from the source)", tensor=prefix)]
     out = []
     missing = [s for s in REQUIRED if f"{prefix}.{s}" not in view.tensors]
     if not any(n.startswith(f"{prefix}.self_attn.") for n in names):
