@@ -14,6 +14,7 @@ import torch
 
 from dsquant.kernels.norm.reference import fused_add_rms_norm_ref, rms_norm_ref
 from dsquant.kernels.rope.reference import apply_rope_ref
+from dsquant.kernels.sample.reference import top_k_top_p_sample_ref
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +78,7 @@ class KernelOps:
 
     def mla_attention(self, q_lat, q_pe, kv, pe, scale: float, start_pos: int) -> torch.Tensor:
         return mla_attention_ref(q_lat, q_pe, kv, pe, scale, start_pos)
+
+    def sample(self, probs, top_k, top_p, uniform) -> torch.Tensor:
+        fn = self._kernel("sample", "top_k_top_p_sample", probs)
+        return (fn or top_k_top_p_sample_ref)(probs, top_k, top_p, uniform)

@@ -1,1 +1,1 @@
-"""sample kernels: see reference.py (the spec) and triton.py."""
+"""sample kernels: top-k / top-p sampling from probabilities (reference.py is the spec, triton.py the kernel)."""
