@@ -1,14 +1,34 @@
 """Scaled-mm GEMMs: out[M, N] = x[M, K] @ W[N, K]^T with quantized operands.
 
-reference.py holds the pure-torch spec (`*_ref`, importable without a GPU); triton.py and
-triton_fp4.py the kernels. Importing this package imports Triton.
+    fp8_block_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, out=None)
+    int8_scaled_mm(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16, out=None)
+    nvfp4_gemm(x, w_packed, w_block_scale, w_global_scale, out_dtype=torch.bfloat16, out=None)
+    mxfp4_gemm(x, w_packed, w_scale_e8m0, out_dtype=torch.bfloat16, out=None)
+
+Each has a pure-torch twin `<name>_ref` (reference.py, the spec). The kernels are imported on first
+use, so the references stay importable where Triton is not installed. Notes and H100 figures: README.md.
 """
 
-from dsquant.kernels.gemm.reference import fp8_block_gemm_ref, int8_scaled_mm_ref, mxfp4_gemm_ref, nvfp4_gemm_ref
-from dsquant.kernels.gemm.triton import fp8_block_gemm, int8_scaled_mm
-from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm, nvfp4_gemm
+from __future__ import annotations
 
-__all__ = [
-    "fp8_block_gemm", "int8_scaled_mm", "nvfp4_gemm", "mxfp4_gemm",
-    "fp8_block_gemm_ref", "int8_scaled_mm_ref", "nvfp4_gemm_ref", "mxfp4_gemm_ref",
-]
+import importlib
+
+_HOME = {
+    "fp8_block_gemm": "triton",
+    "int8_scaled_mm": "triton",
+    "nvfp4_gemm": "triton_fp4",
+    "mxfp4_gemm": "triton_fp4",
+    "fp8_block_gemm_ref": "reference",
+    "int8_scaled_mm_ref": "reference",
+    "nvfp4_gemm_ref": "reference",
+    "mxfp4_gemm_ref": "reference",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
