@@ -103,6 +103,22 @@ def _load_mxfp4_as_fp8(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, 
 
 
 @triton.jit
+def _dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a @ W^T with W read as packed E2M1 codes and E8M0 scales by FP4 tensor cores (sm_100+).
+
+    Compiled only where `_launch` finds compute capability >= 10; Triton emulates `tl.dot_scaled`
+    elsewhere. Not run on an sm_100 GPU: none was available to test it.
+    """
+    packed = w_desc.load([off_n, off_k // 2])  # [BLOCK_N, BLOCK_K // 2] uint8
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    offs_g = off_k // 32 + tl.arange(0, BLOCK_K // 32)
+    mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // 32)
+    s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask, other=0)
+    return tl.dot_scaled(a, None, "bf16", packed.T, s, "e2m1", acc)
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn, global_scale_ptr,
               W_FMT: tl.constexpr):
     """Per-format output scaling of an accumulator [BLOCK_M, BLOCK_N] -> float32 (bias excluded)."""
@@ -124,7 +140,7 @@ def _gemm_persistent_kernel(
     M, N, K, M_BUCKET,
     stride_am, stride_wn, stride_cm, stride_asm, stride_ask, stride_wsn, stride_wsk,
     W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, W_PACK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NUM_SMS: tl.constexpr,
+    NUM_SMS: tl.constexpr, NATIVE_FP4: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -146,7 +162,7 @@ def _gemm_persistent_kernel(
             if W_FMT == _MXFP4_W4A8:
                 w, w_s = _load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
                                             ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
-            else:
+            elif not NATIVE_FP4:
                 w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
                                  W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
             if W_FMT == _FP8_BLOCK:
@@ -155,6 +171,9 @@ def _gemm_persistent_kernel(
             if W_FMT == _FP8_BLOCK or W_FMT == _MXFP4_W4A8:  # promote every 128-K step into fp32
                 a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
                 acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
+            elif NATIVE_FP4:
+                acc = _dot_scaled_mxfp4(acc, a, w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
+                                        ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
             else:
                 acc = tl.dot(a, w.T, acc, out_dtype=acc.dtype)
         out = _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
@@ -265,8 +284,9 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
 
 
 def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, global_scale=None, out=None,
-            small_m: bool | None = None, small_cfg: dict | None = None) -> torch.Tensor:
-    """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` force a path or tile (tests, benchmarks)."""
+            small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None) -> torch.Tensor:
+    """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` / `native_fp4` force a path or tile
+    (tests, benchmarks). MXFP4 at M > 64 uses `tl.dot_scaled` on compute capability >= 10."""
     m, k = a.shape
     n = w.shape[0]
     if out is None:
@@ -300,6 +320,10 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
     def grid(cfg):
         return (min(num_sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
 
+    if native_fp4 is None:
+        native_fp4 = fmt == configs.MXFP4 and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 10
+    assert not native_fp4 or fmt == configs.MXFP4, "tl.dot_scaled serves MXFP4 (E8M0 scales) only"
+    meta["NATIVE_FP4"] = native_fp4
     args = (a, w, out, *ptrs, m, n, k, configs.m_bucket(m), *strides)
     if configs.interpreting():
         _gemm_persistent_kernel[grid](*args, NUM_SMS=num_sms, **meta, **configs.interpreter_config(fmt))

@@ -12,7 +12,9 @@ Hopper has no FP4 tensor cores, so the weights are decoded in registers (kernels
 - NVFP4 has no W4A8 path: its E4M3 block scale times an E2M1 value needs 6 significant bits, more
   than E4M3 holds, so the scale would have to be applied per 16-K sub-block, below the K = 32 of an
   FP8 MMA instruction; it is dequantized to bf16 instead.
-Native FP4 (`tl.dot_scaled` on sm_100+) is not used: it cannot be tested on the Hopper GPUs here.
+- Native FP4: on compute capability >= 10, MXFP4 at M > 64 goes to `tl.dot_scaled` (packed codes
+  and E8M0 scales straight into FP4 tensor cores) instead of W4A16/W4A8. It has not run on such a
+  GPU (none was available); on Hopper Triton emulates it, which test_gemm_kernels.py can force.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def mxfp4_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale_e8m0: torch.Tens
     m, n, k = _check_fp4_operands(x, w_packed)
     assert w_scale_e8m0.dtype == torch.uint8 and tuple(w_scale_e8m0.shape) == (n, k // 32), \
         f"w_scale_e8m0 {w_scale_e8m0.dtype} {tuple(w_scale_e8m0.shape)}, expected uint8 {(n, k // 32)}"
-    if m >= configs.W4A8_MIN_M and k % 128 == 0 and x.is_cuda:
+    native_fp4 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 10
+    if m >= configs.W4A8_MIN_M and k % 128 == 0 and x.is_cuda and not native_fp4:
         return mxfp4_gemm_w4a8(x, w_packed, w_scale_e8m0, out_dtype, out)
     return _launch(_row_major(x), _row_major(w_packed), out_dtype, configs.MXFP4, w_scale=w_scale_e8m0, out=out)
 

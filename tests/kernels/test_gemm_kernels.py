@@ -303,3 +303,13 @@ def test_mxfp4_gemm_w4a8_deepseek_shapes_gpu(n, k, m):
     _gpu_check(mxfp4_gemm_w4a8_quantized(a, a_s, w, s, out_dtype=torch.float32), want, FP32_OUT_MAX_DIFF,
                f"w4a8 {m=} {n=} {k=}")
     _gpu_check(mxfp4_gemm_w4a8(x, w, s), mxfp4_gemm_ref(x, w, s), W4A8_MAX_DIFF, f"w4a8+quant {m=} {n=} {k=}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (128, 2048), ids=lambda m: f"M{m}")
+def test_mxfp4_gemm_dot_scaled_gpu(m):
+    # The sm_100 tl.dot_scaled path, forced: on Hopper Triton emulates it (upcast to bf16), which
+    # checks the operand layout (packed codes transposed, scales [N, K/32]) even without FP4 hardware.
+    x, w, s = operands("mxfp4", m, 2112, 7168, device="cuda")
+    got = _launch(x, w, torch.float32, configs.MXFP4, w_scale=s, small_m=False, native_fp4=True)
+    _gpu_check(got, mxfp4_gemm_ref(x, w, s, out_dtype=torch.float32), FP32_OUT_MAX_DIFF, f"dot_scaled {m=}")
