@@ -49,6 +49,38 @@ def _ms(fn) -> float:
     return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
+def _ms_graph(fn, reps: int = 20) -> float:
+    """Kernel-only ms per call: a CUDA graph of reps x (256 MB L2 flush + fn) minus one of reps x flush,
+    so neither host launch overhead nor an L2-resident weight counts."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+    def body():
+        flush.zero_()
+        fn()
+
+    def replay_ms(step) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compile / autotune / warm the allocator outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(5):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[2]
+
+    return max(replay_ms(body) - replay_ms(flush.zero_), 0.0) / reps
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -120,7 +152,8 @@ KERNELS = {"fp8": fp8_block_gemm, "int8": int8_scaled_mm, "nvfp4": nvfp4_gemm, "
 class Rows:
     """Collects CSV rows, written as they come so a run cut short keeps what it measured."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, cuda_graph: bool = False):
+        self.cuda_graph = cuda_graph
         props = torch.cuda.get_device_properties(0)
         self.head = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
                          date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M"))
@@ -128,6 +161,15 @@ class Rows:
         self.writer = csv.DictWriter(self.file, FIELDS)
         self.writer.writeheader()
         self.rows: list[dict] = []
+
+    def ms(self, fn) -> float:
+        """Median ms per call: do_bench (L2 flushed), or CUDA-graph replay when asked (falls back to do_bench)."""
+        if self.cuda_graph:
+            try:
+                return _ms_graph(fn)
+            except RuntimeError as e:
+                log.warning("CUDA-graph timing failed (%s): do_bench instead", str(e).splitlines()[0])
+        return _ms(fn)
 
     def add(self, kernel, m, n, k, ms, w_bytes, baseline="", ratio=None):
         row = dict(self.head, kernel=kernel, M=m, N=n, K=k, us=round(ms * 1e3, 2),
@@ -144,25 +186,25 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
                 fp8_ms: dict):
     case = make_case(fmt, m, n, k)
     ops, wb = case["ops"], case["w_bytes"]
-    ms = _ms(lambda: KERNELS[fmt](*ops))
+    ms = rows.ms(lambda: KERNELS[fmt](*ops))
     name = {"fp8": "fp8_block_gemm", "int8": "int8_scaled_mm", "nvfp4": "nvfp4_gemm", "mxfp4": "mxfp4_gemm"}[fmt]
     rows.add(name, m, n, k, ms, wb, "copy_bw", wb / ms / 1e6 / copy_gbs)
     if fmt == "fp8":
         fp8_ms[(m, n, k)] = ms
         if block_mm_layout:
             scales = block_scaled_mm_args(ops[1], ops[3], block_mm_layout)
-            base = _ms(lambda: block_scaled_mm(ops[0], ops[2], *scales))
+            base = rows.ms(lambda: block_scaled_mm(ops[0], ops[2], *scales))
             rows.add("torch_scaled_mm_block", m, n, k, base, wb)
             rows.add(name, m, n, k, ms, wb, "torch_scaled_mm_block", base / ms)
     elif fmt == "int8" and m > 16:  # cuBLAS int8 needs M > 16
         a, a_s, b, b_s, bias = ops
         bt = b.t()
-        base = _ms(lambda: (torch._int_mm(a, bt).float() * a_s * b_s.t() + bias).bfloat16())
+        base = rows.ms(lambda: (torch._int_mm(a, bt).float() * a_s * b_s.t() + bias).bfloat16())
         rows.add("torch_int_mm+epilogue", m, n, k, base, wb)
         rows.add(name, m, n, k, ms, wb, "torch_int_mm+epilogue", base / ms)
     elif fmt in ("nvfp4", "mxfp4"):
         xb, wt = ops[0], torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        base = _ms(lambda: xb @ wt.t())
+        base = rows.ms(lambda: xb @ wt.t())
         rows.add("torch_bf16_matmul", m, n, k, base, 2 * n * k)
         rows.add(name, m, n, k, ms, wb, "torch_bf16_matmul", base / ms)
         if (m, n, k) in fp8_ms:
@@ -172,7 +214,7 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
                      "mxfp4_w4a16": lambda: _launch(ops[0], ops[1], torch.bfloat16, configs.MXFP4, w_scale=ops[2],
                                                     small_m=False)}
             for path, fn in paths.items():
-                t = _ms(fn)
+                t = rows.ms(fn)
                 rows.add(path, m, n, k, t, wb, "torch_bf16_matmul", base / t)
                 if (m, n, k) in fp8_ms:
                     rows.add(path, m, n, k, t, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / t)
@@ -197,7 +239,7 @@ def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
                                  ("split*2", dict(SPLIT_K=min(k_tiles, base["SPLIT_K"] * 2))),
                                  ("stages3", dict(num_stages=3)), (f"bn{other['BLOCK_N']}", other)):
                 cfg = dict(base, **change)
-                ms = _ms(lambda: _launch(a, w, torch.bfloat16, fmt_id, small_m=True, small_cfg=cfg, **kw))
+                ms = rows.ms(lambda: _launch(a, w, torch.bfloat16, fmt_id, small_m=True, small_cfg=cfg, **kw))
                 rows.add(f"{fmt}_small[{name} s{cfg['SPLIT_K']}]", m, n, k, ms, case["w_bytes"], "copy_bw",
                          case["w_bytes"] / ms / 1e6 / copy_gbs)
 
@@ -230,10 +272,12 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also sweep swap-AB split-K tiles at M=16")
     p.add_argument("--png", default=None, help="roofline plot path")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time CUDA-graph replays (kernel-only, L2 flushed) instead of do_bench's launched calls")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.time()
-    rows = Rows(args.out)
+    rows = Rows(args.out, cuda_graph=args.cuda_graph)
     log.info("%s | torch %s | triton %s | %s", rows.head["gpu"], rows.head["torch"], rows.head["triton"],
              rows.head["date"])
     copy_gbs = copy_bandwidth()
