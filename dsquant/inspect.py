@@ -134,23 +134,45 @@ def block_tp_limit(view: CheckpointView) -> dict | None:
     return {"max_tp": best, "block": block, "limited_by": limited_by}
 
 
+def open_checkpoint(spec: str | Path, api=None) -> CheckpointView:
+    """A local checkpoint directory, or `hf://org/name[@rev]` read through header range requests (no weights
+    are downloaded). ValueError (CheckpointError for local paths) names what could not be read."""
+    if not str(spec).startswith("hf://"):
+        return CheckpointView.open(spec)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from dsquant.hub import parse_hf_spec
+
+    repo, rev = parse_hf_spec(str(spec))
+    try:
+        return CheckpointView.from_hub(repo, rev, api=api)
+    except GatedRepoError:
+        raise ValueError(f"{spec}: gated repository; accept its terms on huggingface.co and log in") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{spec}: repository {repo} not found (or private: log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"{spec}: revision {rev!r} not found in {repo}") from None
+    except (HfHubHTTPError, OSError) as exc:  # network down, HF_HUB_OFFLINE set, ...
+        raise ValueError(f"{spec}: cannot read the checkpoint's headers from the Hub ({type(exc).__name__}: "
+                         f"{exc})") from None
+
+
 def summarize_checkpoint(path: str | Path) -> dict:
-    """Summary of the checkpoint directory `path` as a JSON-ready dict.
+    """Summary of the checkpoint `path` (a directory, or hf://org/name[@rev]) as a JSON-ready dict.
 
     Keys: path, architecture (config facts and what is stored), convention, declared (quantization
     configs), module_conventions (naming seen in tensors), groups (per tensor group: formats with module
     counts, modules, tensors, bytes), tensors, bytes, shards, consistency ({ok, index, total_size,
-    declared_total_size, problems}). Raises CheckpointError (ValueError) if `path` is not a checkpoint.
+    declared_total_size, problems}). Raises ValueError (CheckpointError) if `path` is not a checkpoint.
     """
-    view = CheckpointView.open(path)
-    return summarize_view(view)
+    return summarize_view(open_checkpoint(path))
 
 
 def summarize_view(view: CheckpointView) -> dict:
     problems = structure.check(view)
     conventions = Counter(c for p in view.modules.values() if (c := module_convention(p)))
     return {
-        "path": str(view.path),
+        "path": view.location,
         "architecture": _architecture(view),
         "convention": detect_convention(view),
         "declared": _declared(view),

@@ -116,3 +116,78 @@ def test_block_tp_limit_at_deepseek_shapes(tmp_path):
     text = format_summary(summarize_checkpoint(build("deepseek-fp8").write(tmp_path / "c")))
     assert "shard up to TP 1 (TP 2 would cut" in text
     assert block_tp_limit(_header_only_view(tmp_path, {})) is None
+
+
+class FakeHub:
+    """Serves a local checkpoint folder the way HfApi does: file list, JSON downloads, header metadata."""
+
+    def __init__(self, folder):
+        self.folder, self.downloaded = folder, []
+
+    def list_repo_files(self, repo_id, revision=None):
+        return sorted(p.name for p in self.folder.iterdir())
+
+    def hf_hub_download(self, repo_id, filename, revision=None):
+        self.downloaded.append(filename)
+        return str(self.folder / filename)
+
+    def get_safetensors_metadata(self, repo_id, revision=None):
+        from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
+        from huggingface_hub.utils import TensorInfo as HubTensorInfo
+
+        from dsquant.check.view import read_header
+
+        files = {}
+        for shard in sorted(self.folder.glob("*.safetensors")):
+            header, _ = read_header(shard)
+            files[shard.name] = SafetensorsFileMetadata(metadata={}, tensors={
+                n: HubTensorInfo(dtype=m["dtype"], shape=m["shape"], data_offsets=tuple(m["data_offsets"]))
+                for n, m in header.items()})
+        weight_map = {n: f for f, meta in files.items() for n in meta.tensors}
+        return SafetensorsRepoMetadata(metadata=None, sharded=len(files) > 1, weight_map=weight_map,
+                                       files_metadata=files)
+
+
+def test_remote_checkpoint_is_read_from_headers_only(tmp_path):
+    from dsquant.check import check_view
+    from dsquant.inspect import open_checkpoint, summarize_view
+
+    path = build("modelopt").write(tmp_path / "c")
+    local = summarize_checkpoint(path)
+    hub = FakeHub(path)
+    view = open_checkpoint("hf://nvidia/Tiny-FP4@v1", api=hub)
+    remote = summarize_view(view)
+    assert remote["groups"] == local["groups"] and remote["convention"] == "modelopt" and remote["consistency"]["ok"]
+    assert not any(f.endswith(".safetensors") for f in hub.downloaded)  # only JSON files were fetched
+    findings = check_view(view)
+    assert [f.rule for f in findings] == ["values-not-read"] and findings[0].severity == "warning"
+
+
+def test_remote_checkpoint_rules_that_need_no_values_still_fire(tmp_path):
+    from dsquant.check import check_view
+    from dsquant.inspect import open_checkpoint
+
+    ck = build("modelopt")
+    ck.hf_quant_config["quantization"]["exclude_modules"] = ck.config["quantization_config"]["ignore"] = \
+        ck.hf_quant_config["quantization"]["exclude_modules"] + ["mlp.gate"]
+    path = ck.write(tmp_path / "c")
+    (path / "model-00002-of-00002.safetensors").rename(path / "elsewhere.bin")
+    rules = {(f.rule, f.severity) for f in check_view(open_checkpoint("hf://org/name", api=FakeHub(path)))}
+    assert {("exclude-overmatch", "error"), ("index", "error")} <= rules
+
+
+def test_remote_errors_are_named(monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from dsquant.inspect import open_checkpoint
+
+    class Missing(FakeHub):
+        def list_repo_files(self, repo_id, revision=None):
+            raise RepositoryNotFoundError("nope", response=SimpleNamespace(headers={}, status_code=404, request=None))
+
+    with pytest.raises(ValueError, match="repository org/absent not found"):
+        open_checkpoint("hf://org/absent", api=Missing(None))
+    with pytest.raises(ValueError, match="expected hf://ORG/NAME"):
+        open_checkpoint("hf://just-a-name@")

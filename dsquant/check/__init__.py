@@ -27,6 +27,10 @@ def check_view(view: CheckpointView) -> list[Finding]:
     findings: list[Finding] = []
     for family in RULE_FAMILIES:
         findings += family.check(view)
+    if not view.can_read_values:
+        findings.append(Finding("values-not-read", "warning", f"{view.remote}: checked from headers only; the rules "
+                                "that read scale values (fused global scales, global-scale values, UE8M0 scales) "
+                                "did not run. Download the checkpoint and check it locally for those"))
     return sorted(findings, key=lambda f: f.severity != "error")
 
 

@@ -104,7 +104,7 @@ def check(view: CheckpointView) -> list[Finding]:
     if not any(a in DEEPSEEK_ARCHS for a in archs):
         findings.append(Finding("not-deepseek", "warning", f"architectures {archs} is not a DeepSeek V2/V3 model; "
                                 "the tensor-name rules assume DeepSeek naming", file="config.json"))
-    if not any((view.path / name).is_file() for name in TOKENIZER_FILES):
+    if not set(TOKENIZER_FILES) & view.files():
         findings.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
                                 "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
     findings += _agreement(view)

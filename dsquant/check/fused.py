@@ -48,7 +48,7 @@ def check(view: CheckpointView) -> list[Finding]:
         if fa != fb:
             scheme_bad.append(f"{a} is {fa} but {b.rsplit('.', 1)[-1]} is {fb}")
             continue
-        if fa != "nvfp4":
+        if fa != "nvfp4" or not view.can_read_values:
             continue
         for names in GLOBAL_PARAMS:
             for pname in names:

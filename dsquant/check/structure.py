@@ -29,7 +29,7 @@ def check(view: CheckpointView) -> list[Finding]:
                            f"{actual} bytes", file=INDEX_NAME))
     if view.index is not None:
         listed = set(view.index["weight_map"].values())
-        extra = sorted(p.name for p in view.path.glob("*.safetensors") if p.name not in listed)
+        extra = sorted(f for f in view.files() if f.endswith(".safetensors") and f not in listed)
         if extra:
             out.append(Finding("unlisted-shard", "warning", f"{len(extra)} shard file(s) not listed in the index: "
                                f"{', '.join(extra[:MAX_LISTED])}", file=extra[0]))

@@ -121,7 +121,25 @@ class CheckpointView:
     shard_files: list[str] = field(default_factory=list)
     _data_start: dict[str, int] = field(default_factory=dict, repr=False)
     cache: dict = field(default_factory=dict, repr=False)  # results the rule families share
+    remote: str | None = None  # "org/name@rev" for a Hub checkpoint read through header range requests
+    remote_files: frozenset[str] = frozenset()
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def location(self) -> str:
+        """The directory, or hf://org/name@rev for a remote view."""
+        return f"hf://{self.remote}" if self.remote is not None else str(self.path)
+
+    @property
+    def can_read_values(self) -> bool:
+        """Tensor data is readable (local checkpoints); remote views hold headers only."""
+        return self.remote is None
+
+    def files(self) -> set[str]:
+        """Names of the files at the checkpoint's top level."""
+        if self.remote is not None:
+            return {f for f in self.remote_files if "/" not in f}
+        return {p.name for p in self.path.iterdir() if p.is_file()}
 
     @classmethod
     def open(cls, path: str | Path) -> CheckpointView:
@@ -134,6 +152,39 @@ class CheckpointView:
         view.recipe = _read_json(path / "dsquant_recipe.json")
         view.index = _read_json(path / INDEX_NAME)
         view._load_shards()
+        return view
+
+    @classmethod
+    def from_hub(cls, repo_id: str, revision: str | None = None, api=None) -> CheckpointView:
+        """Headers of a Hub checkpoint without downloading its weights: the JSON files are fetched, and
+        the safetensors headers come from HTTP range requests (HfApi.get_safetensors_metadata)."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import EntryNotFoundError
+
+        api = api or HfApi()
+        files = frozenset(api.list_repo_files(repo_id, revision=revision))
+        view = cls(path=Path(f"hf://{repo_id}"), remote=f"{repo_id}@{revision or 'main'}", remote_files=files)
+        for attr, name in (("config", "config.json"), ("hf_quant_config", "hf_quant_config.json"),
+                           ("recipe", "dsquant_recipe.json"), ("index", INDEX_NAME)):
+            if name in files:
+                try:
+                    setattr(view, attr, _read_json(Path(api.hf_hub_download(repo_id, name, revision=revision))))
+                except EntryNotFoundError:
+                    pass
+        if not any(f.endswith(".safetensors") for f in files):
+            raise CheckpointError(f"hf://{repo_id}: no *.safetensors file in the repository")
+        meta = api.get_safetensors_metadata(repo_id, revision=revision)
+        for file, fmeta in meta.files_metadata.items():
+            view.shard_files.append(file)
+            for tname, t in fmeta.tensors.items():
+                if tname in view.tensors:
+                    view.problems.append(ShardProblem(
+                        "duplicate", file, f"{tname} is stored in both {view.tensors[tname].file} and {file}", tname))
+                view.tensors[tname] = TensorInfo(tname, t.dtype, tuple(t.shape), file, tuple(t.data_offsets))
+        if view.index is not None:
+            for name in sorted(set(view.index.get("weight_map", {}).values()) - set(view.shard_files)):
+                view.problems.append(ShardProblem("missing-shard", name, f"{name}: listed in the index but missing"))
+        view._check_index_agrees()
         return view
 
     def _shard_list(self) -> list[str]:
@@ -235,6 +286,8 @@ class CheckpointView:
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """The tensor's data (meant for small tensors: scales), read from its byte range."""
+        if self.remote is not None:
+            raise ValueError(f"{name}: tensor data is not read from remote checkpoints")
         info = self.tensors[name]
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
@@ -253,7 +306,7 @@ class CheckpointView:
     def read_scalar(self, name: str) -> float:
         """A one-element tensor's value as a Python float (struct for float32: rules read ~90k of them)."""
         info = self.tensors[name]
-        if info.dtype == "F32" and info.offsets[1] - info.offsets[0] == 4:
+        if self.remote is None and info.dtype == "F32" and info.offsets[1] - info.offsets[0] == 4:
             fd = self._fds.get(info.file)
             if fd is None:
                 fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)

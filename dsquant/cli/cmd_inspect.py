@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
@@ -12,7 +11,8 @@ from dsquant.cli.app import app, fail
 
 @app.command("inspect")
 def inspect(
-    ckpt: Path = typer.Argument(..., help="Checkpoint directory (config.json + safetensors), made by any tool."),
+    ckpt: str = typer.Argument(..., help="Checkpoint directory (config.json + safetensors), made by any tool, or "
+                               "hf://ORG/NAME[@REV] (headers only: no weights are downloaded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (and findings) as JSON."),
     check: bool = typer.Option(False, "--check", help="Lint against vLLM / SGLang / TensorRT-LLM loading rules; "
                                "exit 1 on any error."),
@@ -21,12 +21,11 @@ def inspect(
     shards agree (exit 1 if they do not). With --check, also list what would make vLLM, SGLang or
     TensorRT-LLM refuse it (exit 1 on any error)."""
     from dsquant.check import check_view
-    from dsquant.check.view import CheckpointError, CheckpointView
-    from dsquant.inspect import format_summary, summarize_view
+    from dsquant.inspect import format_summary, open_checkpoint, summarize_view
 
     try:
-        view = CheckpointView.open(ckpt)
-    except CheckpointError as exc:
+        view = open_checkpoint(ckpt)
+    except ValueError as exc:
         fail(str(exc) if str(ckpt) in str(exc) else f"{ckpt}: {exc}")
     summary = summarize_view(view)
     findings = check_view(view) if check else []

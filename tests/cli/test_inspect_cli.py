@@ -85,3 +85,22 @@ def test_config_that_is_not_json(tmp_path):
     (path / "config.json").write_text("{oops")
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 1 and "config.json: not valid JSON" in result.output
+
+
+def test_inspect_a_hub_checkpoint_without_downloading_weights(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from tests.test_inspect import FakeHub
+
+    hub = FakeHub(build("ct-mxfp4").write(tmp_path / "c"))
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    result = runner.invoke(app, ["inspect", "hf://org/tiny-mxfp4@main", "--check"])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint    hf://org/tiny-mxfp4@main" in result.output and "mxfp4 x12" in result.output
+    assert "WARNING [values-not-read] org/tiny-mxfp4@main: checked from headers only" in result.output
+    assert hub.downloaded and all(f.endswith(".json") for f in hub.downloaded)
+
+
+def test_bad_hub_spec(tmp_path):
+    result = runner.invoke(app, ["inspect", "hf://a/b/c"])
+    assert result.exit_code == 1 and "not of the form ORG/NAME" in result.output
