@@ -4,8 +4,9 @@ Measured in one run on one GPU, each figure beside its baseline:
 - route+align: deepseek_route + moe_align, CUDA-graph time per layer (target <= 10 us, 1..4096 tokens);
 - decode (1-64 tokens): GB/s on the expert weight bytes actually touched (weights + scales of the experts hit) vs
   the device copy bandwidth (bytes read + written; target >= 65%);
-- prefill (16384 tokens, balanced: 512 rows per expert): TFLOPS vs a torch loop over experts with cuBLAS (bf16 matmul; for fp8
-  torch._scaled_mm with 1x128 x 128x128 block scales), and vs fp8_block_gemm on one dense GEMM of the same FLOPs.
+- prefill (16384 tokens, balanced: 512 rows per expert): TFLOPS vs a torch loop over experts with cuBLAS (bf16
+  matmul; for fp8 torch._scaled_mm with 1x128 x 128x128 block scales); and fp8_block_gemm on one dense GEMM of the
+  same FLOPs (the "dense_gemm" row).
 Kernel times are CUDA-graph replays (no launch overhead); the torch loop is timed eagerly, as it runs.
 CSV columns: gpu, torch, triton, date, bench, fmt, T, us, TFLOPS, GB/s, baseline, baseline_us, ratio, note.
 
@@ -24,12 +25,11 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
-
 from dsquant.kernels.moe import deepseek_route, fused_moe, moe_align
 from dsquant.kernels.moe.fused import _quant_fp8_groups, _tiles
 from dsquant.kernels.moe.reference import ExpertWeights
 from dsquant.kernels.testing import DEEPSEEK_V3_MOE
+from triton.testing import do_bench, do_bench_cudagraph
 
 log = logging.getLogger("bench_moe")
 H, INTER, E, TOPK = (DEEPSEEK_V3_MOE[k] for k in ("hidden", "inter", "experts", "topk"))
@@ -117,7 +117,7 @@ def routed(t: int, seed: int = 0):
 def bench_routing(rows: Rows, tokens: list[int]):
     for t in tokens:
         logits, bias, *_ = routed(t)
-        block_m = _tiles(t * TOPK, E, 1, False)["BLOCK_M"]
+        block_m = _tiles(t * TOPK, E, "fp8")["BLOCK_M"]
 
         def step():
             _, ids = deepseek_route(logits, bias, **V3_ROUTER)

@@ -2,8 +2,9 @@
 
 The T*k routed slots are cut into chunks of CHUNK slots:
     1. count:   per chunk histogram [NC, E]; the same programs fill sorted_token_ids with the sentinel.
-    2. scan:    one program: exclusive prefix over chunks (per expert) and over padded experts, giving each
-                (chunk, expert) its first output row, each expert its first block, and the padded total.
+    2. scan:    one program, expert tile by expert tile: exclusive prefix over chunks (per expert) and over
+                padded experts, giving each (chunk, expert) its first output row, each expert its first block,
+                and the padded total.
     3. scatter: per chunk, a slot's row = its (chunk, expert) row + its rank among the chunk's earlier slots of the
                 same expert, so slots stay in ascending order within an expert; expert_ids per block.
 The grid depends on T only (sizes from reference.align_sizes), so the call is CUDA-graph capturable.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from dsquant.kernels.moe.reference import align_sizes
 
 
@@ -31,7 +31,8 @@ def _align_count_kernel(ids_ptr, counts_ptr, sorted_ptr, numel, num_experts, row
     start = c * fill_per_prog
     for f in range(0, fill_per_prog, FILL_BLOCK):
         r = start + f + tl.arange(0, FILL_BLOCK)
-        tl.store(sorted_ptr + r, tl.full([FILL_BLOCK], numel, tl.int32), mask=(r < rows) & (f + tl.arange(0, FILL_BLOCK) < fill_per_prog))
+        in_part = f + tl.arange(0, FILL_BLOCK) < fill_per_prog
+        tl.store(sorted_ptr + r, tl.full([FILL_BLOCK], numel, tl.int32), mask=(r < rows) & in_part)
 
 
 @triton.jit
@@ -81,9 +82,12 @@ def _align_scatter_kernel(ids_ptr, chunk_row_ptr, sorted_ptr, block_start_ptr, e
         tl.store(expert_ids_ptr + b, owner, mask=(b < n_blocks) & (b0 + tl.arange(0, B_TILE) < blocks_per_prog))
 
 
-def _chunk_size(numel: int) -> int:
-    # performance hyper-parameters: at most 64 chunks so the scan is one tile, at least 128 slots per chunk.
-    return min(max(triton.next_power_of_2(-(-numel // 64)), 128), 1024)
+# performance hyper-parameters. NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25): route +
+# align took 17.8 us at 8192 slots with 128-slot chunks, but 156 us at 256-slot and 1160 us at 512-slot chunks
+# (the [CHUNK, SUB] rank compare outgrows the registers). Chunks stay at 128 slots; the scan tile stays near
+# 8K elements by narrowing its expert tile as the chunk count grows.
+CHUNK = 128
+SCAN_TILE_ELEMS = 8192
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -96,7 +100,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         sorted_token_ids int32 [R] (flat slot t*k + j, padding = T*k), expert_ids int32 [R / block_m] (-1 past
         the end), num_tokens_post_padded int32 [1], with R = align_sizes(T*k, E, block_m)[0].
     """
-    assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), f"topk_ids: {topk_ids.dtype}, contiguous int32 needed"
+    assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), f"topk_ids: {topk_ids.dtype}, want int32"
     assert num_experts >= 1 and block_m >= 1, f"{num_experts=} {block_m=}"
     numel = topk_ids.numel()
     dev = topk_ids.device
@@ -106,17 +110,17 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     total = torch.empty(1, dtype=torch.int32, device=dev)
     if numel == 0:
         return sorted_ids, expert_ids, total.zero_()
-    chunk = _chunk_size(numel)
-    n_chunks = -(-numel // chunk)
+    n_chunks = -(-numel // CHUNK)
+    nc_pad = max(triton.next_power_of_2(n_chunks), 2)
     counts = torch.empty((n_chunks, num_experts), dtype=torch.int32, device=dev)
     chunk_row = torch.empty((n_chunks, num_experts), dtype=torch.int32, device=dev)
     block_start = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(num_experts)
     _align_count_kernel[(n_chunks,)](topk_ids, counts, sorted_ids, numel, num_experts, rows, -(-rows // n_chunks),
-                                     CHUNK=chunk, E_PAD=e_pad, FILL_BLOCK=1024, num_warps=4)
+                                     CHUNK=CHUNK, E_PAD=e_pad, FILL_BLOCK=1024, num_warps=4)
     _align_scan_kernel[(1,)](counts, chunk_row, block_start, total, n_chunks, num_experts, BLOCK_M=block_m,
-                             NC_PAD=max(triton.next_power_of_2(n_chunks), 2), E_TILE=128, num_warps=4)
+                             NC_PAD=nc_pad, E_TILE=max(8, min(128, SCAN_TILE_ELEMS // nc_pad)), num_warps=4)
     _align_scatter_kernel[(n_chunks,)](topk_ids, chunk_row, sorted_ids, block_start, expert_ids, numel, num_experts,
-                                       n_blocks, -(-n_blocks // n_chunks), CHUNK=chunk, SUB=min(chunk, 64),
+                                       n_blocks, -(-n_blocks // n_chunks), CHUNK=CHUNK, SUB=64,
                                        E_PAD=e_pad, B_TILE=64, num_warps=4)
     return sorted_ids, expert_ids, total

@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels.moe.align import moe_align
+from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
 
 from dsquant.formats.fp8 import FP8_AMAX_FLOOR, FP8_E4M3_MAX
 from dsquant.formats.int8 import INT8_AMAX_FLOOR, INT8_MAX
-from dsquant.kernels.moe.align import moe_align
-from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
 
 _FMT = {"bf16": 0, "fp8": 1, "int8": 2, "nvfp4": 3, "mxfp4": 4}
 # Format constants as Triton globals (defined once in dsquant.formats).
@@ -104,7 +104,7 @@ def _moe_gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(total_ptr):
+    if pid_m * BLOCK_M >= tl.load(total_ptr):  # past the padded total: read nothing
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -148,7 +148,7 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(total_ptr):
+    if pid_m * BLOCK_M >= tl.load(total_ptr):  # past the padded total: read nothing
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -224,18 +224,24 @@ def _quant_fp8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _tiles(numel: int, num_experts: int, w_bytes: float, fp4: bool) -> dict:
+def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
     """Tile sizes and pipeline depth from the expected rows per expert (performance hyper-parameters).
 
     Few rows per expert (decode) is weight-streaming: BLOCK_M = 16 (the smallest MMA) and deep pipelining. Many
     rows (prefill) is compute-bound: 64-row tiles reuse each weight tile from shared memory four times as often.
+    NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25) with these tiles: decode at 1-64 tokens
+    reads the touched expert bytes at 75-94% (fp8, int8) and 90-101% (bf16) of copy bandwidth; prefill at 512 rows
+    per expert runs int8 at 544 TFLOPS but fp8 at only 151 with 4 warps, whose per-K-step block scaling keeps the
+    dot result beside a 64 x 256 fp32 accumulator (2 x 128 registers per thread); fp8 prefill tiles therefore use
+    8 warps (2 x 64 registers), a choice made after that run and not yet timed.
     """
     rows_per_expert = numel / max(min(num_experts, numel), 1)
     block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
-    if fp4:  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
+    if fmt in ("nvfp4", "mxfp4"):  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
         block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8
     else:  # BLOCK_N = BLOCK_K = 128: one FP8 scale block per tile, one 1x128 activation group per row
-        block_n, block_k, warps = 128, 128, 4
+        block_n, block_k, w_bytes = 128, 128, 2 if fmt == "bf16" else 1
+        warps = 8 if fmt == "fp8" and block_m >= 64 else 4
     stage_bytes = block_m * block_k * 2 + 2 * block_n * block_k * w_bytes  # A (bf16 at worst) + gate and up B
     # fp8 x is quantized once up front when each row block meets many N tiles (prefill), in-kernel otherwise.
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
@@ -255,7 +261,7 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
     if ew.fmt == "fp8" and tiles["prequant"]:
         a, a_scale = _quant_fp8_groups(x)
     n_m = expert_ids.numel()
-    bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    bn = tiles["BLOCK_N"]
     launch = {key: tiles[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
     quant_out = ew.fmt == "fp8"
     act = torch.empty((numel, inter), dtype=torch.float8_e4m3fn if quant_out else torch.bfloat16, device=dev)
@@ -326,7 +332,7 @@ def fused_moe(
     t, h = x.shape
     k = topk_ids.shape[1]
     x = x.contiguous()
-    tiles = _tiles(t * k, num_experts, 2 if fmt == "bf16" else 1, fmt in ("nvfp4", "mxfp4")) | (tiles or {})
+    tiles = _tiles(t * k, num_experts, fmt) | (tiles or {})
     sorted_ids, expert_ids, total = moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, tiles["BLOCK_M"])
     y = _run_stack(x, routed, inter, topk_weights.float().contiguous().view(-1), k, sorted_ids, expert_ids, total,
                    tiles)
@@ -336,7 +342,7 @@ def fused_moe(
         _, sh_inter = check_expert_weights(sh, h, "shared expert")
         if sh_inter % 128:
             raise ValueError(f"shared expert: intermediate size I={sh_inter} must be a multiple of 128")
-        sh_tiles = _tiles(t, 1, 2 if sh.fmt == "bf16" else 1, sh.fmt in ("nvfp4", "mxfp4"))
+        sh_tiles = _tiles(t, 1, sh.fmt)
         n_blocks = -(-t // sh_tiles["BLOCK_M"])
         ids = torch.arange(n_blocks * sh_tiles["BLOCK_M"], dtype=torch.int32, device=x.device)  # >= T: padding
         zeros = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)

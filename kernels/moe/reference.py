@@ -184,7 +184,8 @@ def check_expert_weights(ew: ExpertWeights, hidden: int, what: str = "experts") 
         raise ValueError(f"{what}: unknown expert format {ew.fmt!r}; choose one of {FORMATS}")
     wdt, pack, sdt, per_k, needs_gs = _SCALE_SPECS[ew.fmt]
     if ew.w13.dim() != 3 or ew.w2.dim() != 3:
-        raise ValueError(f"{what}: w13/w2 must be [E, 2I, H] / [E, H, I], got {tuple(ew.w13.shape)} / {tuple(ew.w2.shape)}")
+        raise ValueError(f"{what}: w13/w2 must be [E, 2I, H] / [E, H, I], got {tuple(ew.w13.shape)} / "
+                         f"{tuple(ew.w2.shape)}")
     e, two_i = ew.w13.shape[:2]
     inter = two_i // 2
     for name, w, (n, k) in (("w13", ew.w13, (two_i, hidden)), ("w2", ew.w2, (hidden, inter))):
@@ -199,7 +200,8 @@ def check_expert_weights(ew: ExpertWeights, hidden: int, what: str = "experts") 
                 raise ValueError(f"{what}.{name}_scale: expected {sdt} {list(want)}, got {got}")
         gs = getattr(ew, f"{name}_global_scale")
         if needs_gs and (gs is None or gs.numel() != e):
-            raise ValueError(f"{what}.{name}_global_scale: expected float32 [{e}], got {None if gs is None else tuple(gs.shape)}")
+            got = None if gs is None else tuple(gs.shape)
+            raise ValueError(f"{what}.{name}_global_scale: expected float32 [{e}], got {got}")
     if two_i % 2 or (ew.fmt == "fp8" and inter % 128):
         raise ValueError(f"{what}: w13 rows {two_i} must be 2 x I (gate then up); fp8 needs I % 128 == 0")
     return e, inter

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from dsquant.kernels.moe.reference import METHODS, RENORM_EPS, check_route_args
 
 _GROUP_NONE, _GROUP_TOP2_SUM, _GROUP_MAX = 0, 1, 2

@@ -1,10 +1,9 @@
-"""MoE kernels at DeepSeek-V3 shapes on a GPU (H=7168, I=2048, E=256, top-8 in 8 groups of which 4 kept; Kimi-K2 E=384)."""
+"""MoE kernels at DeepSeek-V3 shapes on a GPU (H=7168, I=2048, E=256, top-8 from 4 of 8 groups; Kimi-K2 E=384)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from dsquant.kernels.moe import (
     deepseek_route,
     deepseek_route_ref,
@@ -15,6 +14,7 @@ from dsquant.kernels.moe import (
 )
 from dsquant.kernels.moe.reference import quantize_experts
 from dsquant.kernels.testing import DEEPSEEK_V3_MOE, assert_close_global, assert_exact, poison_
+
 from tests.kernels.test_moe_kernels import FMTS, MAX_DIFF, ROUTERS
 
 pytestmark = pytest.mark.gpu
@@ -54,7 +54,8 @@ def test_deepseek_route_at_scale(name):
 def test_moe_align_at_scale(e, t, block_m):
     g = torch.Generator(device="cuda").manual_seed(t)
     ids = torch.rand(t, e, device="cuda", generator=g).topk(TOPK, dim=1).indices.to(torch.int32)
-    for got, want, what in zip(moe_align(ids, e, block_m), moe_align_ref(ids, e, block_m), ("sorted", "experts", "total")):
+    pairs = zip(moe_align(ids, e, block_m), moe_align_ref(ids, e, block_m), ("sorted", "experts", "total"))
+    for got, want, what in pairs:
         assert_exact(got, want, f"{what} E={e} T={t} block_m={block_m}")
 
 
