@@ -186,6 +186,23 @@ def _words(summary: dict | None, recipe: dict, formats: list[str]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def _check_section(dst: Path) -> list[str]:
+    """What the engine loading checks (`dsquant inspect --check`) found, so readers know it was linted."""
+    from dsquant.check import check_checkpoint
+
+    try:
+        findings = check_checkpoint(dst)
+    except ValueError as exc:
+        log.warning("model card: cannot check %s (%s)", dst, exc)
+        return []
+    errors = [f for f in findings if f.severity == "error"]
+    warnings = [f for f in findings if f.severity == "warning"]
+    verdict = ("no errors" if not errors else f"{len(errors)} error(s): " + ", ".join(sorted({f.rule for f in errors})))
+    notes = f"; {len(warnings)} warning(s): " + ", ".join(sorted({f.rule for f in warnings})) if warnings else ""
+    return ["## Loading check", "", f"`dsquant inspect --check` (the vLLM, SGLang and TensorRT-LLM loading rules "
+            f"dsquant knows): {verdict}{notes}.", ""]
+
+
 def render_model_card(dst: Path, repo_id: str | None = None) -> str:
     """The card's full text (front matter + body) for the dsquant output directory `dst`."""
     dst = Path(dst)
@@ -236,6 +253,7 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
         change = f"{ratio:.2f}× smaller" if ratio >= 1 else f"{1 / ratio:.2f}× larger: the source was already quantized"
         body += ["## Size", "", f"{human_bytes(bytes_in)} → {human_bytes(bytes_out)} ({change}).", ""]
     body += _eval_section(ev)
+    body += _check_section(dst)
     body += ["## Serving", "", serve_commands(repo, str(convention), formats, bytes_out,
                                               kv_fp8=_kv_fp8(dst, config)), ""]
     body += ["## Recipe in full", "", "```json", json.dumps(r.get("resolved", r), indent=2, default=str), "```", "",

@@ -61,6 +61,8 @@ def test_body_has_recipe_exclusions_size_serving_and_default_scales(tmp_path):
     assert "vllm serve" in text and "sglang.launch_server" in text and "--quantization modelopt_fp4" in text
     assert '"format": "nvfp4"' in text  # the recipe in full
     assert "## Accuracy" not in text  # no eval_results.json, no table
+    assert "`dsquant inspect --check` (the vLLM, SGLang and TensorRT-LLM loading rules dsquant knows): no errors." \
+        in text
 
 
 def test_eval_table_tolerates_missing_fields(tmp_path):
@@ -110,3 +112,10 @@ def test_not_a_dsquant_output(tmp_path):
     out = build("bf16").write(tmp_path / "plain")
     with pytest.raises(ValueError, match="no dsquant_recipe.json; not a dsquant output"):
         write_model_card(out)
+
+
+def test_card_reports_loading_check_findings(tmp_path):
+    out = make(tmp_path)
+    (out / "tokenizer_config.json").unlink()
+    text = write_model_card(out).read_text()
+    assert "no errors; 1 warning(s): tokenizer-missing." in text
