@@ -80,9 +80,10 @@ def torch_attend(q, k):
 def sweep_configs(heads: int) -> list[AttendConfig]:
     """The default tile config first, then the alternatives worth timing at this head count."""
     extra = {
-        16: [AttendConfig(16, 64, 8, 3), AttendConfig(16, 32, 4, 3), AttendConfig(16, 16, 4, 4)],
-        64: [AttendConfig(32, 32, 8, 3), AttendConfig(16, 32, 8, 3), AttendConfig(64, 16, 8, 3)],
-        128: [AttendConfig(64, 32, 16, 2), AttendConfig(64, 16, 8, 3)],
+        16: [AttendConfig(16, 64, 8, 3), AttendConfig(16, 32, 8, 3), AttendConfig(16, 32, 4, 3),
+             AttendConfig(16, 64, 4, 2), AttendConfig(64, 32, 8, 2)],
+        64: [AttendConfig(64, 32, 8, 2), AttendConfig(64, 64, 8, 2), AttendConfig(64, 32, 8, 3)],
+        128: [AttendConfig(64, 32, 8, 2), AttendConfig(64, 64, 8, 2), AttendConfig(64, 32, 8, 3)],
     }[heads]
     base = default_config(heads)
     return [base] + [c for c in extra if c != base]
@@ -154,7 +155,7 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
     for i, cfg in enumerate(sweep_configs(heads) if sweep else [default_config(heads)]):
         auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms)
-        for splits in sorted({auto, max(1, auto // 2), auto * 2}) if (sweep and i == 0) else [auto]:
+        for splits in sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto}) if (sweep and i == 0) else [auto]:
             try:
                 ms = _time_ms(lambda: mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale,
                                                  num_splits=splits, config=cfg))

@@ -31,6 +31,25 @@ _FMT = {"bf16": 0, "fp8": 1, "fp8_ds": 2}
 _LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, SC_W: tl.constexpr,
+                   SC_OFF: tl.constexpr, KV_FMT: tl.constexpr, GROUP: tl.constexpr):
+    """Latent values [G*128, (G+1)*128) of BLOCK_N tokens as bf16 [BLOCK_N, 128] (masked tokens read 0)."""
+    c = tl.arange(0, GROUP)
+    kq = tl.load(val_ptr + slot[:, None] * VAL_W + G * GROUP + c[None, :], mask=mask_n[:, None], other=0.0)
+    if KV_FMT == 2:
+        ks = tl.load(sc_ptr + slot * SC_W + SC_OFF + G, mask=mask_n, other=0.0)
+        return (kq.to(tl.float32) * ks[:, None]).to(tl.bfloat16)
+    else:
+        return kq.to(tl.bfloat16)
+
+
+@triton.jit
+def _store_out_chunk(o_base, o, mask_h, G: tl.constexpr, GROUP: tl.constexpr):
+    c = tl.arange(0, GROUP)
+    tl.store(o_base + G * GROUP + c[None, :], o.to(o_base.dtype.element_ty), mask=mask_h[:, None])
+
+
 # Sizes that vary per call are not specialized on (divisibility / == 1): one compile per tile config.
 @triton.jit(do_not_specialize=["num_heads", "num_splits", "stride_bt", "stride_lse_r", "stride_lse_h"])
 def _mla_attend_kernel(
@@ -43,8 +62,11 @@ def _mla_attend_kernel(
     stride_o_r, stride_o_h, stride_o_s, stride_lse_r, stride_lse_h,
     PAGE_SIZE: tl.constexpr, KV_FMT: tl.constexpr, HAS_ROW_SEQ: tl.constexpr, SPLIT: tl.constexpr,
     VAL_W: tl.constexpr, SC_W: tl.constexpr, SC_OFF: tl.constexpr, PE_W: tl.constexpr, PE_OFF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr,
 ):
+    # The 512 latent dims are handled as four 128-wide chunks (the fp8_ds scale groups): Q.K^T becomes
+    # five independent MMA chains instead of one 36-step dependent chain, which is what bounds the
+    # small-head (mma.sync) case, and each fp8_ds chunk needs a single per-token scale.
     hb = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -60,16 +82,23 @@ def _mla_attend_kernel(
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < num_heads
-    d = tl.arange(0, D)
+    c = tl.arange(0, GROUP)
     r = tl.arange(0, DR)
-    q = tl.load(qn_ptr + row * stride_qn_r + offs_h[:, None] * stride_qn_h + d[None, :], mask=mask_h[:, None], other=0.0)
+    q_base = qn_ptr + row * stride_qn_r + offs_h[:, None] * stride_qn_h + c[None, :]
+    q0 = tl.load(q_base, mask=mask_h[:, None], other=0.0)
+    q1 = tl.load(q_base + GROUP, mask=mask_h[:, None], other=0.0)
+    q2 = tl.load(q_base + 2 * GROUP, mask=mask_h[:, None], other=0.0)
+    q3 = tl.load(q_base + 3 * GROUP, mask=mask_h[:, None], other=0.0)
     qp = tl.load(qp_ptr + row * stride_qp_r + offs_h[:, None] * stride_qp_h + r[None, :], mask=mask_h[:, None], other=0.0)
     if KV_FMT == 1:  # per-tensor fp8: scores scale by kv_scale, folded into the logit scale
         qk_scale = qk_scale * tl.load(kv_scale_ptr)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    a0 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    a1 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    a2 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    a3 = tl.zeros([BLOCK_H, GROUP], tl.float32)
     bt_row = bt_ptr + seq * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -77,40 +106,39 @@ def _mla_attend_kernel(
         # Masked tokens read nothing (other=0): NaN in unused slots or pages never reaches P.V.
         page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = page * PAGE_SIZE + offs_n % PAGE_SIZE
-        # Loaded as [BLOCK_N, 4, 128] for every dtype: for fp8 this layout needs ~25% fewer registers than
-        # a [BLOCK_N, 512] load (ptxas -v, sm_90: 128 vs 174 at BLOCK_H=16, BLOCK_N=32, 8 warps).
-        g = tl.arange(0, D // GROUP)
-        c = tl.arange(0, GROUP)
-        kq = tl.load(val_ptr + slot[:, None, None] * VAL_W + g[None, :, None] * GROUP + c[None, None, :],
-                     mask=mask_n[:, None, None], other=0.0)
-        if KV_FMT == 2:
-            ks = tl.load(sc_ptr + slot[:, None] * SC_W + SC_OFF + g[None, :], mask=mask_n[:, None], other=0.0)
-            k = tl.reshape(kq.to(tl.float32) * ks[:, :, None], (BLOCK_N, D)).to(tl.bfloat16)
-        else:
-            k = tl.reshape(kq, (BLOCK_N, D)).to(tl.bfloat16)
+        k0 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 0, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
+        k1 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 1, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
+        k2 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 2, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
+        k3 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 3, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
         kp = tl.load(pe_ptr + slot[:, None] * PE_W + PE_OFF + r[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        s = tl.dot(qp, tl.trans(kp.to(tl.bfloat16)), s)  # [BLOCK_H, BLOCK_N] float32
+        s = (tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))) + (tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3)))
+        s = s + tl.dot(qp, tl.trans(kp.to(tl.bfloat16)))  # [BLOCK_H, BLOCK_N] float32
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), k)
+        pb = p.to(tl.bfloat16)
+        a0 = tl.dot(pb, k0, a0 * alpha[:, None])
+        a1 = tl.dot(pb, k1, a1 * alpha[:, None])
+        a2 = tl.dot(pb, k2, a2 * alpha[:, None])
+        a3 = tl.dot(pb, k3, a3 * alpha[:, None])
         m_i = m_new
 
     has = l_i > 0.0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    inv = 1.0 / tl.where(has, l_i, 1.0)
     if KV_FMT == 1:
-        o = o * tl.load(kv_scale_ptr)
+        inv = inv * tl.load(kv_scale_ptr)
     if SPLIT:
         o_base = o_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h + split * stride_o_s
-        tl.store(o_base + d[None, :], o, mask=mask_h[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + row * stride_lse_r + offs_h * stride_lse_h + split, lse, mask=mask_h)
     else:
         o_base = o_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h
-        tl.store(o_base + d[None, :], o.to(o_ptr.dtype.element_ty), mask=mask_h[:, None])
+    _store_out_chunk(o_base, a0 * inv[:, None], mask_h, 0, GROUP)
+    _store_out_chunk(o_base, a1 * inv[:, None], mask_h, 1, GROUP)
+    _store_out_chunk(o_base, a2 * inv[:, None], mask_h, 2, GROUP)
+    _store_out_chunk(o_base, a3 * inv[:, None], mask_h, 3, GROUP)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_p_r", "stride_p_h", "stride_lse_r", "stride_lse_h"])
@@ -144,15 +172,14 @@ class AttendConfig(NamedTuple):
     num_stages: int
 
 
-# performance hyper-parameters (H100). 8 warps everywhere: with 4, the [BLOCK_H, 512] float32
-# accumulator plus two dot-operand copies of the KV tile need 204-255 registers per thread (ptxas -v).
-# Few heads (memory-bound): 16-row head blocks on mma.sync, 32-token tiles, 3 cp.async stages
-# (126-175 registers, 38-57 KB shared). >= 64 heads: 64-row head blocks for wgmma.
+# performance hyper-parameters (H100), from benchmarks/results/mla_h100.csv sweeps. 8 warps: with 4,
+# the accumulator plus the dot-operand copies of the KV tile take 139-255 registers (ptxas -v).
+# <= 16 heads (memory-bound): 16-row head blocks on mma.sync, 64-token tiles, 3 cp.async stages.
+# More heads: 64-row head blocks for wgmma (32 heads are padded: a 32-row mma.sync block measured
+# 3x slower than a 64-row wgmma one), 32-token tiles (64 fill the 227 KB of shared memory).
 def default_config(num_heads: int) -> AttendConfig:
     if num_heads <= 16:
-        return AttendConfig(16, 32, 8, 3)
-    if num_heads <= 32:
-        return AttendConfig(32, 32, 8, 3)
+        return AttendConfig(16, 64, 8, 3)
     return AttendConfig(64, 32, 8, 2)
 
 
@@ -166,8 +193,10 @@ def default_num_splits(rows: int, num_heads: int, max_kv: int, kind: str, block_
     """Splits per row minimising KV time / wave fill + partial-output traffic (static sizes only).
 
     Every row is assumed to use the block table's full capacity `max_kv`; a split is worth its
-    float32 partial output (written and read back) only while programs do not fill the SMs.
+    float32 partial output (written and read back) only while programs do not fill the SMs. A
+    16-row head block is small enough (<= 128 registers, < 100 KB shared) for 2 programs per SM.
     """
+    slots = n_sms * (2 if block_h <= 16 else 1)
     base = rows * triton.cdiv(num_heads, block_h)
     kv_bytes = rows * max_kv * kv_cache_bytes_per_token(kind)
     best, best_cost = 1, float("inf")
@@ -175,7 +204,7 @@ def default_num_splits(rows: int, num_heads: int, max_kv: int, kind: str, block_
         if splits > 1 and max_kv < 256 * splits:
             break
         programs = base * splits
-        fill = programs / (math.ceil(programs / n_sms) * n_sms)
+        fill = programs / (math.ceil(programs / slots) * slots)
         partial = 0 if splits == 1 else 2 * rows * num_heads * splits * (KV_LORA_RANK + 1) * 4
         cost = kv_bytes / fill + partial
         if cost < best_cost * 0.98:  # a split must win clearly to be worth it
@@ -224,7 +253,7 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
         *so, *slse,
         PAGE_SIZE=page_size, KV_FMT=_FMT[kind], HAS_ROW_SEQ=row_seq is not None, SPLIT=split,
         VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D=KV_LORA_RANK, DR=ROPE_DIM, GROUP=128,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
