@@ -17,11 +17,12 @@ from dsquant.kernels.moe.reference import (
     fused_moe_ref,
     moe_align_ref,
     router_logits,
+    stack_experts,
 )
 from dsquant.kernels.moe.triton import deepseek_route, fused_moe, moe_align
 
 __all__ = [
-    "ExpertWeights", "router_logits",
+    "ExpertWeights", "router_logits", "stack_experts",
     "deepseek_route", "deepseek_route_ref",
     "moe_align", "moe_align_ref",
     "fused_moe", "fused_moe_ref",

@@ -7,7 +7,8 @@ Routing (DeepSeek-V3 `inference/model.py` Gate; DeepSeek-V2 MoEGate for the soft
            group (noaux_tc) or its max (group_limited_greedy); the topk_group best groups are kept, the experts of
            the others get -inf
     ids    = the top_k largest `sel`
-    w      = scores[ids] (unbiased); w /= sum(w) + 1e-20 when norm_topk_prob; w *= routed_scaling_factor
+    w      = scores[ids] (unbiased); w /= sum(w) + 1e-20 when norm_topk_prob and top_k > 1 (HF MoEGate);
+             w *= routed_scaling_factor
 Ties break towards the lowest index (groups and experts): a stable descending sort. NaN logits are not supported.
 
 Alignment (vLLM `moe_align_block_size`, deterministic): the T*k flat slots `t * k + j` are grouped by expert in
@@ -130,7 +131,7 @@ def deepseek_route_ref(
         sel = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(t, e)
     ids = _top_indices(sel, top_k)  # [T, k] int64
     weights = scores.gather(1, ids)
-    if norm_topk_prob:
+    if norm_topk_prob and top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     return weights * routed_scaling_factor, ids.to(torch.int32)
 
@@ -317,3 +318,34 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, fmt: str) -> ExpertWei
         if fmt == "nvfp4":
             parts[f"{name}_global_scale"] = torch.stack([p[2] for p in per_expert]).float()
     return ExpertWeights(fmt=fmt, **parts)
+
+
+def stack_experts(fmt: str, gate, up, down) -> ExpertWeights:
+    """Per-expert stored linears -> the stack fused_moe takes (a copy: build it once per layer, at load).
+
+    Args:
+        fmt: "bf16" | "fp8" (alias "fp8_block") | "int8" | "nvfp4" | "mxfp4".
+        gate, up, down: one (q, scale, global_scale) per expert, each as stored for one linear: q [I, H] / [H, I]
+            (FP4 packed along the last dim), scale as in the module docstring without the expert dim (None for
+            bf16), global_scale float32 [] for nvfp4 (gate and up must share it, as fused partners do) else None.
+    """
+    fmt = {"fp8_block": "fp8"}.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown expert format {fmt!r}: choose one of {FORMATS}")
+    if not len(gate) == len(up) == len(down) > 0:
+        raise ValueError(f"experts: {len(gate)} gate, {len(up)} up and {len(down)} down projections")
+    w13 = torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)])  # [E, 2I, H]
+    w2 = torch.stack([d[0] for d in down])
+    if fmt == "bf16":
+        return ExpertWeights(w13, w2)
+    s13 = torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)])
+    s2 = torch.stack([d[1] for d in down])
+    if fmt != "nvfp4":
+        return ExpertWeights(w13, w2, fmt, s13, s2)
+    for e, (g, u) in enumerate(zip(gate, up)):
+        if not torch.equal(g[2].float().reshape(()), u[2].float().reshape(())):
+            raise ValueError(f"expert {e}: gate and up global scales differ ({float(g[2])} vs {float(u[2])}); "
+                             "NVFP4 gate/up partners must share one")
+    gs13 = torch.stack([g[2].float().reshape(()) for g in gate])
+    gs2 = torch.stack([d[2].float().reshape(()) for d in down])
+    return ExpertWeights(w13, w2, fmt, s13, s2, gs13, gs2)

@@ -118,7 +118,7 @@ def deepseek_route(
         N_GROUP=n_group, GROUP_SIZE=gs, TOPK_GROUP=topk_group, TOP_K=top_k,
         G_PAD=triton.next_power_of_2(n_group), GS_PAD=triton.next_power_of_2(gs),
         K_PAD=triton.next_power_of_2(top_k),
-        SOFTMAX=scoring == "softmax", HAS_BIAS=has_bias, GROUP_MODE=mode, NORM=bool(norm_topk_prob),
+        SOFTMAX=scoring == "softmax", HAS_BIAS=has_bias, GROUP_MODE=mode, NORM=bool(norm_topk_prob) and top_k > 1,
         EPS=RENORM_EPS, num_warps=num_warps,
     )
     return weights, ids

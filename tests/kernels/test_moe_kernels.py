@@ -279,3 +279,51 @@ def test_fused_moe_kimi_k2_expert_count():
     assert int(ids.max()) > 255
     out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
     assert_close_global(out, fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew)), MAX_DIFF["fp8"], "E=384")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_stack_experts_matches_whole_stack_quantization(fmt, master_weights):
+    """Per-expert gate/up/down linears, quantized one by one as a checkpoint stores them, stack into the same bytes
+    as quantizing each expert's [2I, H] at once (NVFP4: gate and up given their shared global scale)."""
+    from dsquant.formats import quantize_fp8_block, quantize_int8_per_channel, quantize_mxfp4, quantize_nvfp4
+    from dsquant.formats.nvfp4 import nvfp4_global_scale
+    from dsquant.kernels.moe import stack_experts
+
+    w13, w2 = (w[:3] for w in master_weights)
+    whole = quantize_experts(w13, w2, fmt)
+
+    def quant(w, gs=None):
+        if fmt == "bf16":
+            return w.to(torch.bfloat16), None, None
+        if fmt == "nvfp4":
+            return quantize_nvfp4(w, gs)
+        q = {"fp8": quantize_fp8_block, "int8": quantize_int8_per_channel, "mxfp4": quantize_mxfp4}[fmt](w)
+        return q[0], q[1], None
+
+    parts = {"gate": [], "up": [], "down": []}
+    for e in range(3):
+        gs = nvfp4_global_scale(w13[e].abs().amax()) if fmt == "nvfp4" else None
+        parts["gate"].append(quant(w13[e, :INTER], gs))
+        parts["up"].append(quant(w13[e, INTER:], gs))
+        parts["down"].append(quant(w2[e]))
+    stacked = stack_experts("fp8_block" if fmt == "fp8" else fmt, parts["gate"], parts["up"], parts["down"])
+    assert stacked.fmt == fmt
+    for name in ("w13", "w2", "w13_scale", "w2_scale", "w13_global_scale", "w2_global_scale"):
+        got, want = getattr(stacked, name), getattr(whole, name)
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert_exact(got, want, f"{fmt} {name}")
+    if fmt == "nvfp4":
+        bad = [(q, s, g * 2) for q, s, g in parts["up"]]
+        with pytest.raises(ValueError, match="global scales differ"):
+            stack_experts(fmt, parts["gate"], bad, parts["down"])
+    with pytest.raises(ValueError, match="down projections"):
+        stack_experts(fmt, parts["gate"], parts["up"], parts["down"][:2])
+
+
+def test_deepseek_route_single_expert_is_not_renormalised():
+    # HF MoEGate renormalises only when top_k > 1: with top_k = 1 the weight stays the score times the scale.
+    logits = torch.tensor([[0.0, 2.0, -1.0, 1.0]], device=DEV)
+    w, ids = deepseek_route(logits, None, top_k=1, routed_scaling_factor=2.0, norm_topk_prob=True)
+    assert ids.tolist() == [[1]]
+    torch.testing.assert_close(w.cpu(), 2.0 * torch.sigmoid(torch.tensor([[2.0]])))
