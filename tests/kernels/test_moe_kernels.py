@@ -285,9 +285,10 @@ def test_fused_moe_kimi_k2_expert_count():
 def test_stack_experts_matches_whole_stack_quantization(fmt, master_weights):
     """Per-expert gate/up/down linears, quantized one by one as a checkpoint stores them, stack into the same bytes
     as quantizing each expert's [2I, H] at once (NVFP4: gate and up given their shared global scale)."""
+    from dsquant.kernels.moe import stack_experts
+
     from dsquant.formats import quantize_fp8_block, quantize_int8_per_channel, quantize_mxfp4, quantize_nvfp4
     from dsquant.formats.nvfp4 import nvfp4_global_scale
-    from dsquant.kernels.moe import stack_experts
 
     w13, w2 = (w[:3] for w in master_weights)
     whole = quantize_experts(w13, w2, fmt)
