@@ -11,14 +11,12 @@ Every scale multiplies (dsquant.formats convention); on-disk names are resolved 
 
 impl="reference" (CPU): the activation is quantized and dequantized with dsquant.formats and the weight
 is dequantized for this call only, then one float32 matmul: the exact numerics of a W8A8/W4A4 kernel up
-to fp32 summation order, and never a dequantized copy of the whole model. impl="triton" calls the
-dsquant.kernels.gemm kernel for the format when that family provides it, else the same reference
-numerics on the device.
+to fp32 summation order, and never a dequantized copy of the whole model. impl="triton" (CUDA) runs the
+dsquant.kernels.quant activation quantizers and dsquant.kernels.gemm scaled-mm kernels (linear_triton).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +28,6 @@ from dsquant.formats.int8 import quantize_int8_per_token
 from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
-log = logging.getLogger(__name__)
 
 FORMATS = ("bf16", "fp8_block", "int8", "nvfp4", "mxfp4")
 ACTS = ("none", "fp8_group", "int8_token", "nvfp4", "mxfp4")
@@ -104,14 +101,30 @@ def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _triton_gemm(fmt: str):
-    """The dsquant.kernels.gemm entry point for a format, or None while that family lacks it."""
-    try:
-        from dsquant.kernels import gemm
-    except ImportError:  # the family package is missing: reference numerics on the device
-        return None
-    name = {"fp8_block": "fp8_block_gemm", "int8": "int8_scaled_mm", "nvfp4": "nvfp4_gemm", "mxfp4": "mxfp4_gemm"}
-    return getattr(gemm, name.get(fmt, ""), None)
+def linear_triton(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+    """CUDA: the activation quantizer and scaled-mm kernels of dsquant.kernels.quant / .gemm for the format.
+
+    FP8-block and INT8 run W8A8 on quantized codes; NVFP4 (W4A4) quantizes and dequantizes the activation
+    with its input global scale and feeds the bf16 result to the W4A16 NVFP4 GEMM (Hopper has no FP4 MMA;
+    the bf16 rounding of that product is the one difference from linear_ref); MXFP4 is weight-only.
+    """
+    from dsquant.kernels import gemm, quant
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if w.fmt == "fp8_block" and w.act == "fp8_group":
+        a, a_scale = quant.quantize_fp8_per_token_group(x2)
+        y = gemm.fp8_block_gemm(a, a_scale, w.q, w.scale, out_dtype=x.dtype)
+    elif w.fmt == "int8" and w.act == "int8_token":
+        a, a_scale = quant.quantize_int8_per_token(x2)
+        y = gemm.int8_scaled_mm(a, a_scale, w.q, w.scale, out_dtype=x.dtype)
+    elif w.fmt == "nvfp4":
+        xa = fake_quant_activation(x2, w.act, w.input_scale).to(torch.bfloat16)
+        y = gemm.nvfp4_gemm(xa, w.q, w.scale, w.global_scale, out_dtype=x.dtype)
+    elif w.fmt == "mxfp4" and w.act == "none":
+        y = gemm.mxfp4_gemm(x2.to(torch.bfloat16), w.q, w.scale, out_dtype=x.dtype)
+    else:
+        return linear_ref(x, w)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class QuantLinear(nn.Module):
@@ -122,7 +135,6 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.impl = in_features, out_features, impl
         self.w: LinearWeight | None = None
         self.weight: torch.Tensor | None = None  # the trainable/bf16 weight, also w.q for fmt bf16
-        self._warned = False
 
     def set_weight(self, w: LinearWeight, name: str = "linear") -> None:
         n, k = w.q.shape[0], w.q.shape[1] * (2 if w.fmt in ("nvfp4", "mxfp4") else 1)
@@ -142,10 +154,7 @@ class QuantLinear(nn.Module):
         if self.w is None:
             return F.linear(x, self.weight.to(x.dtype))
         if self.impl == "triton" and self.w.fmt != "bf16" and x.is_cuda:
-            kernel = _triton_gemm(self.w.fmt)
-            if kernel is None and not self._warned:
-                log.warning("no Triton GEMM for %s yet: reference numerics on %s", self.w.fmt, x.device)
-                self._warned = True
+            return linear_triton(x, self.w)
         return linear_ref(x, self.w)
 
     def _apply(self, fn, recurse=True):
