@@ -6,6 +6,8 @@
    to nearest-even, saturating fp8 to its finite range as the compiled `cvt.rn.satfinite` does.
 2. `tl.dot` on bfloat16 operands multiplies the raw uint16 bit patterns. The fix widens bf16
    operands to float32 (exact) before the product.
+3. With numpy >= 2.4, `int()` of a 1-element array raises, which the interpreter does for a loop
+   bound computed at run time (`range(k_lo, k_hi)`); the fix reads the element instead.
 
 Kernels and tolerances are untouched: these patch the interpreter only, and only in tests.
 Checked on Triton 3.4-3.9: the functions patched here have had the same signatures since 3.4.
@@ -68,5 +70,13 @@ def apply() -> bool:
         return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     builder_cls.create_dot = create_dot
+
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
     interpreter._dsquant_patched = True
     return True

@@ -44,3 +44,18 @@ def test_bf16_dot_multiplies_values():
     c = torch.empty(16, 16)
     _dot_kernel[(1,)](a, b, c, M=16)
     torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _runtime_loop_kernel(x_ptr, out_ptr, n):
+    acc = 0.0
+    for i in range(0, n):  # a loop bound read at run time
+        acc += tl.load(x_ptr + i)
+    tl.store(out_ptr, acc)
+
+
+def test_runtime_loop_bounds():
+    x = torch.arange(10, dtype=torch.float32)
+    out = torch.empty(1)
+    _runtime_loop_kernel[(1,)](x, out, 10)
+    assert out.item() == 45.0

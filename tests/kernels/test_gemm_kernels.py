@@ -46,27 +46,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 
-def _interpreter_index_fix() -> None:
-    """numpy >= 2.4 refuses int() of a 1-element array, which the interpreter does for a loop bound
-    computed at run time (`range(k_lo, k_hi)`); read the element instead. Interpreter-only."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_dsquant_index_fix", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._dsquant_index_fix = True
-
-
-if INTERPRET:
-    _interpreter_index_fix()
-
-from dsquant.kernels.gemm import (  # noqa: E402  (after the interpreter fix)
+from dsquant.kernels.gemm import (  # noqa: E402
     configs,
     fp8_block_gemm,
     fp8_block_gemm_ref,
