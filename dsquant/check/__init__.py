@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsquant.check import config, exclusions, fused, mtp, router, scales, structure
+from dsquant.check import config, exclusions, fused, mla, mtp, router, scales, structure
 from dsquant.check.finding import Finding, Severity
 from dsquant.check.view import CheckpointError, CheckpointView
 
 __all__ = ["Finding", "Severity", "CheckpointError", "check_checkpoint", "check_view", "RULE_FAMILIES"]
 
-RULE_FAMILIES = (structure, config, exclusions, fused, scales, router, mtp)
+RULE_FAMILIES = (structure, config, exclusions, fused, scales, mla, router, mtp)
 
 
 def check_view(view: CheckpointView) -> list[Finding]:

@@ -13,7 +13,7 @@ import torch
 
 from dsquant.check import Finding, check_checkpoint
 from dsquant.check.view import CheckpointError
-from dsquant.formats import quantize_fp8_block
+from dsquant.formats import quantize_fp8_block, quantize_mxfp4
 from tests.check.ckpt_factory import MTP, build
 
 KINDS = ["bf16", "deepseek-fp8", "modelopt", "ct-nvfp4", "ct-mxfp4", "ct-int8"]
@@ -509,3 +509,15 @@ def test_tensor_stored_in_two_shards(tmp_path):
     save_file({"lm_head.weight": torch.zeros(2, 2, dtype=torch.bfloat16)}, str(path / "extra.safetensors"))
     f = only(check_checkpoint(path), "index")
     assert f.tensor == "lm_head.weight" and "both" in f.message
+
+
+def test_mla_projection_stored_as_fp4(tmp_path):
+    ck = build("ct-mxfp4")
+    m = L0 + "self_attn.kv_b_proj"
+    ck.tensors[m + ".weight_packed"], ck.tensors[m + ".weight_scale"] = quantize_mxfp4(ck.tensors.pop(m + ".weight"))
+    ck.config["quantization_config"]["ignore"] = ["lm_head", r"re:.*self_attn\.(q_a|q_b|kv_a|o)_.*",
+                                                  L1 + "self_attn.kv_b_proj", r"re:.*mlp\.gate$",
+                                                  rf"re:^model\.layers\.{MTP}\..*"]
+    fs = run(tmp_path, ck)
+    assert only(fs, "mla-format").tensor == m
+    assert [f.rule for f in fs if f.severity == "error"] == ["mla-format"]  # otherwise consistent
