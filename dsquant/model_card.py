@@ -186,6 +186,11 @@ def _words(summary: dict | None, recipe: dict, formats: list[str]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def _cell(text) -> str:
+    """Table-safe text: a '|' would end the Markdown cell, a newline the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _check_section(dst: Path) -> list[str]:
     """What the engine loading checks (`dsquant inspect --check`) found, so readers know it was linted."""
     from dsquant.check import check_checkpoint
@@ -244,7 +249,7 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
     excluded = [e for e in recipe.get("excluded") or [] if isinstance(e, dict)]
     if excluded:
         body += ["## Left unquantized, and why", "", "| tensors | reason |", "|---|---|"]
-        body += [f"| `{e.get('pattern', '?')}` | {e.get('reason', '')} |" for e in excluded] + [""]
+        body += [f"| `{_cell(e.get('pattern', '?'))}` | {_cell(e.get('reason', ''))} |" for e in excluded] + [""]
     if recipe.get("activation_scales") == "default" and any(f.startswith("nvfp4") for f in formats):
         body += ["> **Activation scales are the uncalibrated default** (NVFP4 static input scales were not "
                  "calibrated on data). Accuracy can improve after calibration.", ""]

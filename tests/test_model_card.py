@@ -119,3 +119,9 @@ def test_card_reports_loading_check_findings(tmp_path):
     (out / "tokenizer_config.json").unlink()
     text = write_model_card(out).read_text()
     assert "no errors; 1 warning(s): tokenizer-missing." in text
+
+
+def test_table_cells_escape_pipes(tmp_path):
+    recipe = {**RECIPE, "excluded": [{"pattern": "re:.*(q_a|kv_a).*", "reason": "fused\npartners"}]}
+    text = write_model_card(make(tmp_path, recipe=recipe)).read_text()
+    assert "| `re:.*(q_a\\|kv_a).*` | fused partners |" in text
