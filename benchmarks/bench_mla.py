@@ -77,7 +77,7 @@ def torch_attend(q, k):
     return torch.bmm(p, k[:, :, :512])
 
 
-def sweep_configs(heads: int) -> list[AttendConfig]:
+def sweep_configs(heads: int, kind: str) -> list[AttendConfig]:
     """The default tile config first, then the alternatives worth timing at this head count."""
     extra = {
         16: [AttendConfig(16, 64, 8, 3), AttendConfig(16, 32, 8, 3), AttendConfig(16, 32, 4, 3),
@@ -85,7 +85,7 @@ def sweep_configs(heads: int) -> list[AttendConfig]:
         64: [AttendConfig(64, 32, 8, 2), AttendConfig(64, 64, 8, 2), AttendConfig(64, 32, 8, 3)],
         128: [AttendConfig(64, 32, 8, 2), AttendConfig(64, 64, 8, 2), AttendConfig(64, 32, 8, 3)],
     }[heads]
-    base = default_config(heads)
+    base = default_config(heads, kind)
     return [base] + [c for c in extra if c != base]
 
 
@@ -116,10 +116,10 @@ def precompile(workers: int) -> None:
     jobs = []
     for kind in ("bf16", "fp8", "fp8_ds"):
         for heads in (16, 64, 128):
-            for cfg in sweep_configs(heads):
+            for cfg in sweep_configs(heads, kind):
                 jobs += [(kind, heads, cfg, 1, PAGE, False), (kind, heads, cfg, 2, PAGE, False)]
-        jobs.append((kind, 128, default_config(128), 1, PAGE, True))  # GPU prefill test
-    jobs.append(("fp8_ds", 64, default_config(64), 2, 16, False))  # GPU page-16 test
+        jobs.append((kind, 128, default_config(128, kind), 1, PAGE, True))  # GPU prefill test
+    jobs.append(("fp8_ds", 64, default_config(64, "fp8_ds"), 2, 16, False))  # GPU page-16 test
     with mp.get_context("spawn").Pool(workers) as pool:
         for done in pool.imap_unordered(_precompile_one, jobs):
             log.info("compiled %s", done)
@@ -153,7 +153,7 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
     row("torch", "gather+dequant+bmm", "", t_torch)
     row("torch_attn", "bmm on bf16 copy", "", t_attn)
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
-    for i, cfg in enumerate(sweep_configs(heads) if sweep else [default_config(heads)]):
+    for i, cfg in enumerate(sweep_configs(heads, kind) if sweep else [default_config(heads, kind)]):
         auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms)
         for splits in sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto}) if (sweep and i == 0) else [auto]:
             try:

@@ -3,13 +3,13 @@
 One kernel serves both entry points. A *row* is one query token: decode has one row per sequence,
 prefill one per new token, each with its own visible length (causality = a shorter length). A
 program owns (head block, row, KV split): it streams its share of the row's tokens through the
-block table in BLOCK_N tiles, dequantizes each tile once to bf16 in registers (bf16: as is; fp8:
-E4M3 -> bf16 is exact, the per-tensor scale is folded into the logits and the output; fp8_ds:
-q * group scale rounded to bf16, as FlashMLA does) and uses the same tile for Q.K^T and P.V
-(the 512 latent values are both key and value). Online softmax runs in float32 with exp2.
-With several splits each writes a float32 partial output and its log2-sum-exp; a second kernel
-merges them. Head blocks are the fastest grid axis, so programs that read the same KV run together
-and the repeats come from L2.
+block table in BLOCK_N tiles, dequantizes each tile once to bf16 (bf16: as is; fp8: E4M3 -> bf16
+is exact, the per-tensor scale is folded into the logits and the output; fp8_ds: q * group scale
+rounded to bf16, as FlashMLA does) and uses the same tile for Q.K^T and P.V (the 512 latent
+values are both key and value). The latent is handled as four 128-wide chunks with their own
+accumulators. Online softmax runs in float32 with exp2. With several splits each writes a float32
+partial output and its log2-sum-exp; a second kernel merges them. Head blocks are the fastest grid
+axis, so programs that read the same KV run together and the repeats come from L2.
 
 Split count: from static sizes only (no host sync, CUDA-graph safe): the block table's capacity
 bounds the context, and the split count trades partial-output traffic against SM wave fill.
@@ -65,8 +65,9 @@ def _mla_attend_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr,
 ):
     # The 512 latent dims are handled as four 128-wide chunks (the fp8_ds scale groups): Q.K^T becomes
-    # five independent MMA chains instead of one 36-step dependent chain, which is what bounds the
-    # small-head (mma.sync) case, and each fp8_ds chunk needs a single per-token scale.
+    # five independent MMA chains instead of one 36-step dependent chain, and each fp8_ds chunk needs
+    # one per-token scale. H100, batch 64, 4K, 16 heads, bf16, same tiles (h16n64w8s3, 2 splits):
+    # 238 -> 132 us against one [BLOCK_N, 512] tile (results/mla_h100_before_chunking.csv).
     hb = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -172,15 +173,17 @@ class AttendConfig(NamedTuple):
     num_stages: int
 
 
-# performance hyper-parameters (H100), from benchmarks/results/mla_h100.csv sweeps. 8 warps: with 4,
-# the accumulator plus the dot-operand copies of the KV tile take 139-255 registers (ptxas -v).
-# <= 16 heads (memory-bound): 16-row head blocks on mma.sync, 64-token tiles, 3 cp.async stages.
-# More heads: 64-row head blocks for wgmma (32 heads are padded: a 32-row mma.sync block measured
-# 3x slower than a 64-row wgmma one), 32-token tiles (64 fill the 227 KB of shared memory).
-def default_config(num_heads: int) -> AttendConfig:
+# performance hyper-parameters: the fastest of the configs timed on an H100 at batch 64, 4K context
+# (benchmarks/results/mla_h100.csv). <= 16 heads (memory-bound): 16-row head blocks on mma.sync,
+# 64-token tiles; a bf16 tile feeds both dots straight from shared memory (8 warps, 3 stages: 127 us,
+# 79% of copy bandwidth), while fp8 tiles are converted in registers, where 4 warps and 2 stages did
+# best (185 / 172 us for fp8 / fp8_ds vs 224 / 206 us). More heads: 64-row head blocks for wgmma,
+# 64-token tiles (221 KB of shared memory for bf16); 32-token tiles were 1.3-1.4x slower.
+# 32 heads pad to a 64-row block: 32-row mma.sync blocks measured 3x slower than 64-row wgmma.
+def default_config(num_heads: int, kind: str) -> AttendConfig:
     if num_heads <= 16:
-        return AttendConfig(16, 64, 8, 3)
-    return AttendConfig(64, 32, 8, 2)
+        return AttendConfig(16, 64, 8, 3) if kind == "bf16" else AttendConfig(16, 64, 4, 2)
+    return AttendConfig(64, 64, 8, 2)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -229,7 +232,7 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
             raise ValueError("kv_scale: an fp8 cache needs its float32 per-tensor scale")
         assert kv_scale.numel() == 1 and kv_scale.dtype == torch.float32, "kv_scale: float32 scalar"
     page_size = kv_cache.shape[1]
-    cfg = config or default_config(heads)
+    cfg = config or default_config(heads, kind)
     n_hb = triton.cdiv(heads, cfg.block_h)
     if num_splits is None:
         num_splits = default_num_splits(rows, heads, block_table.shape[1] * page_size, kind, cfg.block_h,
