@@ -159,17 +159,23 @@ def _devices(device: str, workers: int) -> list[torch.device]:
 
 
 def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress) -> None:
+    """Output shards on `devices` (one shard per worker at a time). On CPU, torch runs single-threaded and
+    row chunks go to a pool of one thread per core instead: OpenMP's spinning threads slow every small op
+    down several times when other processes share the cores (measured 5x on the 2-core host under load)."""
     qz = {str(d): select_quantizers(d) for d in set(devices)}
     total = sum(ckpt.infos[s].nbytes for shard in todo for item in shard.items for job in item for s in job.sources)
     threads = torch.get_num_threads()
-    if len(devices) > 1 and devices[0].type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
+    cpu = devices[0].type == "cpu"
+    chunk_pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="dsquant-chunk") \
+        if cpu else None
+    if cpu:
+        torch.set_num_threads(1)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
                smoothing=0.1)
     try:
         with ThreadPoolExecutor(max_workers=len(devices)) as pool:
             futures = [pool.submit(write_shard, ckpt, shard, dst, plan.convention, qz[str(devices[i % len(devices)])],
-                                   devices[i % len(devices)], calibration, manifest, bar)
+                                   devices[i % len(devices)], calibration, manifest, bar, chunk_pool)
                        for i, shard in enumerate(todo)]
             finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for f in pending:
@@ -178,6 +184,8 @@ def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress)
                 f.result()
     finally:
         bar.close()
+        if chunk_pool is not None:
+            chunk_pool.shutdown(wait=True)
         torch.set_num_threads(threads)
 
 

@@ -12,12 +12,14 @@ What differs is only how the same numbers are computed on a CPU:
   round-half-even reproduces the format's ties (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2,
   3.5 -> 4, 5 -> 4) because each tie is a half-integer multiple of its region's step.
 - The zero-denominator guard (torch.where) runs only when a block scale underflowed to zero.
+- With a C compiler, the division, E2M1 rounding and packing run as one C loop (convert_native.py) instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dsquant import convert_native as native
 from dsquant.formats import fp8, mxfp4, nvfp4
 from dsquant.formats._checks import check_finite
 from dsquant.formats.fp4 import pack_fp4
@@ -32,9 +34,16 @@ def _finite(amax: torch.Tensor, x: torch.Tensor, name: str) -> None:
         check_finite(x, name)  # raises with the NaN/Inf counts
 
 
-def _block_amax(a: torch.Tensor, block: int) -> torch.Tensor:
-    """|x| [..., K] -> max over consecutive blocks of `block` -> [..., K // block]."""
-    return a.reshape(*a.shape[:-1], a.shape[-1] // block, block).amax(dim=-1)
+def _block_amax(xf: torch.Tensor, block: int, name: str) -> torch.Tensor:
+    """x float32 [..., K] -> max |x| over consecutive blocks of `block` -> [..., K // block]; NaN/Inf raise."""
+    if native.available() and xf.device.type == "cpu":
+        amax, bad = native.block_amax(xf, block)
+        if bad:
+            check_finite(xf, name)
+        return amax
+    amax = xf.abs().reshape(*xf.shape[:-1], xf.shape[-1] // block, block).amax(dim=-1)
+    _finite(amax, xf, name)
+    return amax
 
 
 def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
@@ -62,6 +71,11 @@ def quantize_fp8_block(w: torch.Tensor, block_size: int = FP8_BLOCK, *, ue8m0: b
 def quantize_int8_per_token(x: torch.Tensor, *, name: str = "tensor"):
     """x [..., K] -> (q int8 [..., K]; scale float32 [..., 1]), as formats.int8."""
     xf = x.float()
+    if native.available() and xf.dim() == 2 and xf.device.type == "cpu":
+        out = native.int8_rows(xf)
+        if out is None:
+            check_finite(xf, name)
+        return out
     amax = xf.abs().amax(dim=-1, keepdim=True)
     _finite(amax, x, name)
     scale = int8_scale(amax)
@@ -74,13 +88,14 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None, *,
     if k % NVFP4_BLOCK:
         return nvfp4.quantize_nvfp4(x, global_scale, name=name)
     xf = x.float()
-    bamax = _block_amax(xf.abs(), NVFP4_BLOCK)
-    _finite(bamax, x, name)
+    bamax = _block_amax(xf, NVFP4_BLOCK, name)
     if global_scale is None:
         global_scale = nvfp4_global_scale(bamax.amax())
     global_scale = global_scale.float().reshape(())
     block_scale = nvfp4_block_scale(bamax, global_scale)
     denom = (block_scale.float() * global_scale).unsqueeze(-1)
+    if native.available() and xf.device.type == "cpu":
+        return native.e2m1_pack(xf, denom, NVFP4_BLOCK), block_scale, global_scale
     y = xf.reshape(bamax.shape + (NVFP4_BLOCK,)) / denom
     if not bool((denom > 0).all()):
         y = torch.where(denom > 0, y, torch.zeros_like(y))
@@ -94,9 +109,10 @@ def quantize_mxfp4(x: torch.Tensor, *, scale_rule: str = "ocp", name: str = "ten
     if k % MXFP4_BLOCK:
         return mxfp4.quantize_mxfp4(x, scale_rule=scale_rule, name=name)
     xf = x.float()
-    bamax = _block_amax(xf.abs(), MXFP4_BLOCK)
-    _finite(bamax, x, name)
+    bamax = _block_amax(xf, MXFP4_BLOCK, name)
     scale = (mxfp4_scale_exponent(bamax, scale_rule) + E8M0_BIAS).to(torch.uint8)
+    if native.available() and xf.device.type == "cpu":
+        return native.e2m1_pack(xf, e8m0_to_float(scale), MXFP4_BLOCK), scale
     y = xf.reshape(bamax.shape + (MXFP4_BLOCK,)) / e8m0_to_float(scale).unsqueeze(-1)
     return pack_fp4(e2m1_codes(y.reshape(x.shape))), scale
 

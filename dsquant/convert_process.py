@@ -14,6 +14,7 @@ on the GPU otherwise.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # (2-core CPU host, a 2048x7168 BF16 expert: the FP8-block reference ran at 40 MB/s on the whole tensor and
 # 95 MB/s in 128-row chunks; NVFP4 13 vs 18 MB/s).
 CHUNK_BYTES = 4 << 20
+MAX_PENDING_WRITES = 4
 
 
 @dataclass
@@ -68,13 +70,20 @@ def chunk_rows(k: int) -> int:
     return max(FP8_BLOCK, (CHUNK_BYTES // 4 // max(k, 1)) // FP8_BLOCK * FP8_BLOCK)
 
 
-def _source_rows(ckpt: Checkpoint, weight: str, r0: int, r1: int, fp8_source: bool, device) -> torch.Tensor:
-    """Rows [r0, r1) of a source weight as float32 on device (FP8 sources dequantized block by block)."""
-    q = ckpt.rows(weight, r0, r1).to(device, non_blocking=True)
+def _read_rows(ckpt: Checkpoint, weight: str, r0: int, r1: int, fp8_source: bool):
+    """Stored rows [r0, r1) of a source weight (and of its FP8 block scales), read in the calling thread."""
+    q = ckpt.rows(weight, r0, r1)
     if not fp8_source:
+        return q, None
+    return q, ckpt.rows(weight + FP8_SCALE_SUFFIX, r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK))
+
+
+def _as_float(q: torch.Tensor, scale: torch.Tensor | None, device) -> torch.Tensor:
+    """Stored rows -> float32 on device (FP8 sources dequantized block by block)."""
+    q = q.to(device, non_blocking=True)
+    if scale is None:
         return q.float()
-    scale = ckpt.rows(weight + FP8_SCALE_SUFFIX, r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)).to(device)
-    return dequantize_fp8_block(q, scale, dtype=torch.float32)
+    return dequantize_fp8_block(q, scale.to(device), dtype=torch.float32)
 
 
 def _chunks(n: int, k: int):
@@ -82,48 +91,55 @@ def _chunks(n: int, k: int):
     return [(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
 
 
-def _amax(ckpt: Checkpoint, job: ModuleJob, device) -> torch.Tensor:
-    weight = job.module + ".weight"
+def _map_chunks(ckpt: Checkpoint, weight: str, fp8_source: bool, fn, pool):
+    """fn(stored rows, scale rows) for each row chunk, in order; reads stay in this thread (its file handles),
+    the arithmetic runs on `pool` threads when given (torch releases the GIL)."""
     n, k = ckpt.infos[weight].shape
-    amax = torch.zeros((), dtype=torch.float32, device=device)
-    for r0, r1 in _chunks(n, k):
-        amax = torch.maximum(amax, _source_rows(ckpt, weight, r0, r1, job.fp8_source, device).abs().amax())
-    return amax
+    loaded = [_read_rows(ckpt, weight, r0, r1, fp8_source) for r0, r1 in _chunks(n, k)]
+    if pool is None:
+        return [fn(q, s) for q, s in loaded]
+    return [f.result() for f in [pool.submit(fn, q, s) for q, s in loaded]]
 
 
-def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, input_scale) -> QuantizedWeight:
+def _amax(ckpt: Checkpoint, job: ModuleJob, device, pool) -> torch.Tensor:
+    parts = _map_chunks(ckpt, job.module + ".weight", job.fp8_source,
+                        lambda q, s: _as_float(q, s, device).abs().amax(), pool)
+    return torch.stack(parts).amax()
+
+
+def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, input_scale, pool) -> QuantizedWeight:
     weight = job.module + ".weight"
-    n, k = ckpt.infos[weight].shape
     rule, fmt = job.rule, job.fmt
-    parts_q, parts_s = [], []
-    for r0, r1 in _chunks(n, k):
-        x = _source_rows(ckpt, weight, r0, r1, job.fp8_source, device)
-        named = {"name": weight} if qz.named else {}
+    named = {"name": weight} if qz.named else {}
+
+    def chunk(q, s):
+        x = _as_float(q, s, device)
         if not qz.named:
             _checks.check_finite(x, weight)
         if fmt == "fp8-block":
-            q, s = qz.fp8_block(x, ue8m0=rule.ue8m0, **named)
+            out = qz.fp8_block(x, ue8m0=rule.ue8m0, **named)
         elif fmt == "int8":
-            q, s = qz.int8_rows(x, **named)
+            out = qz.int8_rows(x, **named)
         elif fmt == "nvfp4":
-            q, s, _ = qz.nvfp4(x, global_scale, **named)
+            out = qz.nvfp4(x, global_scale, **named)[:2]
         else:
-            q, s = qz.mxfp4(x, scale_rule=rule.scale_rule, **named)
-        parts_q.append(q.cpu())
-        parts_s.append(s.cpu())
-    q, s = torch.cat(parts_q), torch.cat(parts_s)
+            out = qz.mxfp4(x, scale_rule=rule.scale_rule, **named)
+        return out[0].cpu(), out[1].cpu()
+
+    parts = _map_chunks(ckpt, weight, job.fp8_source, chunk, pool)
+    q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if fmt != "nvfp4":
         return QuantizedWeight(fmt, q, s)
     return QuantizedWeight(fmt, q, s, global_scale.cpu(), input_scale)
 
 
 def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Quantizers, device,
-                 calibration: dict[str, float] | None):
+                 calibration: dict[str, float] | None, pool=None):
     """Yield (output name, tensor or raw bytes) for one fused group / module, in planned output order."""
     global_scale = input_scale = None
     if item[0].fmt == "nvfp4":
         # Fused partners share one weight global scale and one activation scale (formats.md section 8 item 4).
-        amax = torch.stack([_amax(ckpt, job, device) for job in item]).amax()
+        amax = torch.stack([_amax(ckpt, job, device, pool) for job in item]).amax()
         global_scale = nvfp4.nvfp4_global_scale(amax)
         scales = [calibration[j.module] for j in item if calibration and j.module in calibration]
         input_scale = torch.tensor(max(scales) if scales else item[0].rule.input_scale, dtype=torch.float32)
@@ -134,37 +150,47 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Q
         elif job.action == "dequant":
             for name, _, _ in job.outputs:
                 if name + FP8_SCALE_SUFFIX in ckpt.infos:
-                    n, k = ckpt.infos[name].shape
-                    parts = [_source_rows(ckpt, name, r0, r1, True, device).to(torch.bfloat16).cpu()
-                             for r0, r1 in _chunks(n, k)]
+                    parts = _map_chunks(ckpt, name, True,
+                                        lambda q, s: _as_float(q, s, device).to(torch.bfloat16).cpu(), pool)
                     yield name, torch.cat(parts)
                 else:
                     yield name, ckpt.raw(name)
         else:
-            qw = _quantize_job(ckpt, job, qz, device, global_scale, input_scale)
+            qw = _quantize_job(ckpt, job, qz, device, global_scale, input_scale, pool)
             out = write_quantized(job.module, qw, convention)
             for name, _, _ in job.outputs:
                 yield name, out[name]
 
 
 def write_shard(ckpt: Checkpoint, shard: ShardJob, dst, convention: str, qz: Quantizers, device,
-                calibration, manifest: Manifest, progress) -> int:
-    """Write one output shard atomically, record it in the manifest; returns the source bytes processed."""
+                calibration, manifest: Manifest, progress, pool=None) -> int:
+    """Write one output shard atomically, record it in the manifest; returns the source bytes processed.
+
+    Writing and checksumming run on their own thread, overlapped with the next module's arithmetic; at most
+    `MAX_PENDING_WRITES` tensors wait for it, which bounds the memory this adds.
+    """
     writer = ShardWriter(dst / shard.file, shard.entries)
-    done = 0
+    done, pending = 0, []
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsquant-write")
     try:
         for item in shard.items:
-            for name, data in process_item(ckpt, item, convention, qz, device, calibration):
-                writer.write(name, data)
+            for name, data in process_item(ckpt, item, convention, qz, device, calibration, pool):
+                pending.append(io.submit(writer.write, name, data))
+                while len(pending) > MAX_PENDING_WRITES:
+                    pending.pop(0).result()
             n = sum(ckpt.infos[s].nbytes for job in item for s in job.sources)
             done += n
             if progress is not None:
                 progress.update(n)
+        for f in pending:
+            f.result()
         sha = writer.commit()
     except BaseException:
+        io.shutdown(wait=True, cancel_futures=True)
         writer.abort()
         raise
     finally:
+        io.shutdown(wait=True)
         ckpt.close()  # unmap this thread's source files: touched pages would otherwise stay in RSS
     manifest.record(shard.file, writer.bytes_written, sha)
     return done

@@ -1,4 +1,5 @@
-"""convert's CPU quantizers are bit-identical to the format references (dsquant.formats), codes and scales."""
+"""convert's CPU quantizers (C loops and pure-torch path) are bit-identical to the format references
+(dsquant.formats), codes and scales."""
 
 from __future__ import annotations
 
@@ -7,14 +8,25 @@ import torch
 
 import dsquant.convert_cpuquant as fast
 from dsquant import formats
-from dsquant.formats.fp4 import round_to_e2m1
+from dsquant.formats.fp4 import pack_fp4, round_to_e2m1
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def path(request, monkeypatch):
+    """Run every test on the C loops (when a compiler is there) and on the pure-torch path."""
+    if request.param == "native":
+        if not fast.native.available():
+            pytest.skip("no C compiler: the native loops are not built here")
+    else:
+        monkeypatch.setattr(fast.native, "available", lambda: False)
+    return request.param
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def test_e2m1_codes_match_reference_on_ties_and_random_bits():
+def test_e2m1_codes_match_reference_on_ties_and_random_bits(path):
     ties = torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e30, 1e-45, 2.0, 4.0])
     up, down = torch.full_like(ties, 100.0), torch.full_like(ties, -100.0)
     near = torch.cat([ties, torch.nextafter(ties, up), torch.nextafter(ties, down)])
@@ -24,6 +36,10 @@ def test_e2m1_codes_match_reference_on_ties_and_random_bits():
     bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), dtype=torch.int32, generator=gen).view(torch.float32)
     bits = bits[torch.isfinite(bits)]  # every finite float32 class: subnormals, huge, both zeros
     assert torch.equal(fast.e2m1_codes(bits), round_to_e2m1(bits))
+    if path == "native":  # the C loop at unit scale (denominator 1.0 per pair) packs the same codes
+        for v in (x, bits):
+            v = v[: v.numel() // 2 * 2]
+            assert torch.equal(fast.native.e2m1_pack(v, torch.ones(v.numel() // 2), 2), pack_fp4(round_to_e2m1(v)))
 
 
 def _weights(n: int, k: int) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""Conversion speed: GB/s of source processed by `convert`, against the raw read speed of the same files and a
+naive baseline (straightforward torch: whole tensors, one format op at a time), all measured in this run.
+
+    python benchmarks/bench_convert.py --size-gb 2 --recipes fp8-block int8 nvfp4 mxfp4 --workers 1 2 \
+        --out benchmarks/results/convert_cpu.csv
+
+The synthetic source has DeepSeek-V3's expert and attention shapes (hidden 7168, experts 2048 x 7168, q_lora 1536,
+kv_lora 512), fewer layers and experts. Page cache is dropped for the source files before every measured pass
+(posix_fadvise DONTNEED), so each pass reads the same way. Rows are appended to the CSV with host, cores, torch,
+triton and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsquant import formats  # noqa: E402
+from dsquant.checkpoint.reader import Checkpoint  # noqa: E402
+from dsquant.checkpoint.synth import make_synthetic_checkpoint  # noqa: E402
+from dsquant.convert import convert  # noqa: E402
+from dsquant.convert_plan import build_plan  # noqa: E402
+from dsquant.formats.ondisk import QuantizedWeight, write_quantized  # noqa: E402
+from dsquant.recipe import load_recipe  # noqa: E402
+
+EXPERT_BYTES = 3 * 2048 * 7168 * 2  # one BF16 expert (gate, up, down)
+
+
+def make_source(root: Path, size_gb: float, source: str) -> Path:
+    experts = max(2, round(size_gb * 1e9 / (2 * EXPERT_BYTES)))  # one MoE layer plus the MTP layer
+    return make_synthetic_checkpoint(
+        root / f"src-{source}", source=source, num_shards=max(2, round(size_gb / 0.5)), hidden_size=7168,
+        moe_intermediate_size=2048, intermediate_size=4096, q_lora_rank=1536, kv_lora_rank=512,
+        num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=2, first_k_dense_replace=1,
+        n_routed_experts=experts, n_group=1)
+
+
+def drop_cache(folder: Path) -> None:
+    for p in folder.glob("*.safetensors"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(src: Path) -> float:
+    drop_cache(src)
+    start, buf = time.perf_counter(), bytearray(1 << 24)
+    for p in sorted(src.glob("*.safetensors")):
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def naive(src: Path, dst: Path, recipe: str, convention: str) -> float:
+    """Whole tensors, one reference op after another, a shard dict saved with save_file."""
+    drop_cache(src)
+    start = time.perf_counter()
+    ckpt = Checkpoint(src)
+    plan = build_plan(ckpt, load_recipe(recipe), convention, 5 * 10**9)
+    dst.mkdir(parents=True, exist_ok=True)
+    for shard in plan.shards:
+        out = {}
+        for item in shard.items:
+            for job in item:
+                for name in job.sources:
+                    if name.endswith("_scale_inv"):
+                        continue
+                    with safe_open(src / ckpt.weight_map[name], framework="pt") as f:
+                        w = f.get_tensor(name)
+                        if job.fp8_source:
+                            w = formats.dequantize_fp8_block(w, f.get_tensor(name + "_scale_inv"), dtype=torch.float32)
+                    if job.action != "quant":
+                        out[name] = w.to(torch.bfloat16) if job.fp8_source else w
+                        continue
+                    rule = job.rule
+                    if job.fmt == "fp8-block":
+                        qw = QuantizedWeight(job.fmt, *formats.quantize_fp8_block(w.float(), ue8m0=rule.ue8m0))
+                    elif job.fmt == "int8":
+                        qw = QuantizedWeight(job.fmt, *formats.quantize_int8_per_channel(w.float()))
+                    elif job.fmt == "nvfp4":
+                        q, s, g = formats.quantize_nvfp4(w.float())
+                        qw = QuantizedWeight(job.fmt, q, s, g, torch.tensor(rule.input_scale))
+                    else:
+                        qw = QuantizedWeight(job.fmt, *formats.quantize_mxfp4(w.float(), scale_rule=rule.scale_rule))
+                    out.update(write_quantized(job.module, qw, convention))
+        save_file(out, str(dst / shard.file))
+    return time.perf_counter() - start
+
+
+def dsquant_convert(src: Path, dst: Path, recipe: str, workers: int) -> float:
+    drop_cache(src)
+    summary = convert(src, dst, recipe, workers=workers, progress=False, max_shard_size="2GB")
+    return summary.seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gb", type=float, default=2.0, help="source checkpoint size (BF16 GB)")
+    ap.add_argument("--source", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--recipes", nargs="+", default=["fp8-block", "int8", "nvfp4", "mxfp4"])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_cpu.csv"))
+    ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    host = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "triton": _triton_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    print(" ".join(f"{k}={v}" for k, v in host.items()), flush=True)
+    root = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.tmp))
+    rows = []
+    try:
+        src = make_source(root, args.size_gb, args.source)
+        nbytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        read_s = raw_read(src)
+        print(f"source {nbytes / 1e9:.2f} GB ({args.source}); raw read {nbytes / 1e9 / read_s:.2f} GB/s", flush=True)
+        for recipe in args.recipes:
+            convention = load_recipe(recipe).conventions[0]
+            naive_s = naive(src, root / f"naive-{recipe}", recipe, convention)
+            shutil.rmtree(root / f"naive-{recipe}")
+            base = {**host, "recipe": recipe, "convention": convention, "source": args.source,
+                    "source_gb": round(nbytes / 1e9, 3), "read_gb_s": round(nbytes / 1e9 / read_s, 3),
+                    "naive_gb_s": round(nbytes / 1e9 / naive_s, 4)}
+            for workers in args.workers:
+                dst = root / f"out-{recipe}-{workers}"
+                secs = dsquant_convert(src, dst, recipe, workers)
+                shutil.rmtree(dst)
+                gbs = nbytes / 1e9 / secs
+                row = {**base, "workers": workers, "dsquant_gb_s": round(gbs, 4),
+                       "x_naive": round(naive_s / secs, 2), "frac_of_read": round(read_s / secs, 3)}
+                rows.append(row)
+                print(f"{recipe:<18} workers={workers}  dsquant {gbs * 1000:7.1f} MB/s  naive "
+                      f"{nbytes / 1e6 / naive_s:7.1f} MB/s  ({row['x_naive']:.2f}x)  raw read "
+                      f"{nbytes / 1e6 / read_s:7.1f} MB/s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists()
+    with open(args.out, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+if __name__ == "__main__":
+    main()
