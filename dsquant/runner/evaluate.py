@@ -71,9 +71,15 @@ def evaluate(
     if offload not in (None, "none", "layer"):
         raise ValueError(f"--offload {offload!r}: choose 'layer' (or leave it out)")
     ckpts = list(ckpt) if isinstance(ckpt, (list, tuple)) else [ckpt]
+    args = CheckpointReader(ckpts[0]).args  # a folder that is not a checkpoint fails here, first
+    for other in ckpts[1:] + ([base] if base is not None else []):
+        CheckpointReader(other)
     tok = load_tokenizer(ckpts[0], tokenizer)
     ids = tok.encode(text, add_special_tokens=False).ids
-    bos = CheckpointReader(ckpts[0]).args.bos_token_id
+    if seq_len > args.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                         f"({args.max_position_embeddings})")  # fmt: skip
+    bos = args.bos_token_id
     if bos is not None:
         ids = [bos] + ids
     windows = make_windows(ids, seq_len, max_tokens)

@@ -1,0 +1,114 @@
+"""`dsquant eval`: output, --json, --save, --kv-cache fp8, --offload layer, and every error path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from dsquant.checkpoint.synth import make_synthetic_checkpoint
+from dsquant.cli import app
+from dsquant.demo import ASSET_DIR
+
+runner = CliRunner()
+FAST = ["--seq-len", "64", "--max-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def demo_copy(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("demo") / "demo"
+    shutil.copytree(ASSET_DIR, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer(tmp_path_factory):
+    ckpt = make_synthetic_checkpoint(tmp_path_factory.mktemp("syn") / "v3", variant="v3", source="bf16", num_shards=1)
+    (ckpt / "tokenizer.json").unlink(missing_ok=True)
+    return ckpt
+
+
+def test_eval_prints_protocol_and_table(demo_copy):
+    r = runner.invoke(app, ["eval", str(demo_copy), *FAST])
+    assert r.exit_code == 0, r.output
+    assert "protocol: token-level perplexity, 4 non-overlapping windows x 64 tokens (63 scored each, 252 in all)" in r.output
+    assert "stdlib (heldout split)" in r.output and "demo" in r.output
+
+
+def test_eval_json_save_and_base_comparison_with_itself(demo_copy):
+    r = runner.invoke(app, ["eval", str(demo_copy), "--base", str(demo_copy), "--json", "--save", *FAST])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    saved = json.loads((demo_copy / "eval_results.json").read_text())
+    assert saved == out
+    row = out["results"][0]
+    assert set(row) == {"name", "ppl", "delta_ppl_pct", "kld", "top1", "tokens", "kv_cache"}
+    assert row["kld"] == pytest.approx(0, abs=1e-9) and row["top1"] == 1.0 and row["delta_ppl_pct"] == 0
+    assert out["base"]["ppl"] == row["ppl"] and row["tokens"] == 252
+
+
+def test_eval_fp8_kv_cache_and_layer_offload(demo_copy, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    r = runner.invoke(app, ["eval", str(demo_copy), "--base", str(demo_copy), "--kv-cache", "fp8", "--offload",
+                            "layer", "--text-file", str(text), "--json", *FAST])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    row = out["results"][0]
+    assert row["kv_cache"] == "fp8" and 0 < row["kld"] < 0.05, row  # the cache's cost is measured, and small
+    assert out["protocol"]["offload"] == "layer" and len(out["streaming"]["layers"]) == 4
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seq-len", "1"], "--seq-len must be at least 2"),
+        (["--seq-len", "64", "--max-tokens", "50"], "fewer than one window of --seq-len 64"),
+        (["--seq-len", "200000"], "max_position_embeddings"),
+        (["--max-tokens", "0"], "--max-tokens must be positive"),
+        (["--text-file", "/nonexistent/x.txt"], "no such file"),
+        (["--dataset", "imagenet"], "only 'wikitext2'"),
+        (["--kv-cache", "int4", *FAST], "--kv-cache"),
+        (["--offload", "disk", *FAST], "--offload 'disk'"),
+        (["--text-file", "x", "--dataset", "wikitext2"], "either --text-file or --dataset"),
+    ],
+    ids=["seq-len-1", "short-text", "seq-len-too-long", "max-tokens-0", "missing-text", "dataset", "kv-cache", "offload", "both"],
+)
+def test_eval_errors(demo_copy, args, message):
+    r = runner.invoke(app, ["eval", str(demo_copy), *args])
+    assert r.exit_code == 1, r.output
+    assert message in r.output
+
+
+def test_eval_empty_text_file(demo_copy, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    r = runner.invoke(app, ["eval", str(demo_copy), "--text-file", str(tmp_path / "empty.txt")])
+    assert r.exit_code == 1 and "empty" in r.output
+
+
+def test_eval_missing_checkpoint(tmp_path):
+    r = runner.invoke(app, ["eval", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "no such checkpoint directory" in r.output
+    r = runner.invoke(app, ["eval", str(tmp_path), *FAST])  # a folder that is not a checkpoint
+    assert r.exit_code == 1 and "no model.safetensors.index.json or model.safetensors" in r.output
+
+
+def test_eval_without_tokenizer_is_a_clear_error_unless_given(no_tokenizer, demo_copy, tmp_path):
+    r = runner.invoke(app, ["eval", str(no_tokenizer), *FAST])
+    assert r.exit_code == 1 and "no tokenizer.json found; pass --tokenizer" in r.output
+    r = runner.invoke(app, ["eval", str(no_tokenizer), "--tokenizer", str(demo_copy), *FAST])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "bad.json").write_text("{not json")
+    r = runner.invoke(app, ["eval", str(no_tokenizer), "--tokenizer", str(tmp_path / "bad.json"), *FAST])
+    assert r.exit_code == 1 and "not a valid tokenizer.json" in r.output
+
+
+def test_eval_cuda_request_without_gpu(demo_copy):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = runner.invoke(app, ["eval", str(demo_copy), "--device", "cuda", *FAST])
+    assert r.exit_code == 1 and "CUDA is not available" in r.output
