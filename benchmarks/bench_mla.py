@@ -22,12 +22,11 @@ import os
 
 import torch
 import triton
-from triton.testing import do_bench
-
 from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_per_token, mla_decode, mla_prefill
 from dsquant.kernels.mla.cache import dequantize_kv_tokens
-from dsquant.kernels.testing import calc_diff
 from dsquant.kernels.mla.triton import AttendConfig, default_config, default_num_splits
+from dsquant.kernels.testing import calc_diff
+from triton.testing import do_bench
 
 log = logging.getLogger("bench_mla")
 PAGE = 64
@@ -138,7 +137,7 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
     t_attn = _time_ms(lambda: torch_attend(q, k_bf16))
     # Full-size agreement with the baseline (bf16 P and bf16 K in the baseline: ~1e-5 expected).
     check = calc_diff(mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale), torch_attend(q, k_bf16))
-    del k_bf16
+    k_bf16 = None  # free the bf16 copy before the kernel timings
 
     def row(kernel, config, splits, ms):
         gbps = kv_bytes / ms / 1e6

@@ -15,8 +15,6 @@ sees no token (length 0) outputs zeros.
 from __future__ import annotations
 
 import torch
-
-from dsquant.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX, quantize_fp8_per_token_group
 from dsquant.kernels.mla.cache import (
     DS_GROUP,
     DS_ROPE_OFFSET,
@@ -26,6 +24,8 @@ from dsquant.kernels.mla.cache import (
     dequantize_kv_tokens,
     kv_cache_dtype,
 )
+
+from dsquant.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX, quantize_fp8_per_token_group
 
 
 def cache_store_ref(
@@ -87,7 +87,9 @@ def _attend(q_nope, q_pe, kv_c, k_pe, visible, softmax_scale):
 
 def _check_q(q_nope: torch.Tensor, q_pe: torch.Tensor) -> None:
     if q_nope.shape[-1] != KV_LORA_RANK or q_pe.shape[-1] != ROPE_DIM or q_nope.shape[:-1] != q_pe.shape[:-1]:
-        raise ValueError(f"q_nope {tuple(q_nope.shape)} / q_pe {tuple(q_pe.shape)}: expected [.., H, 512] / [.., H, 64]")
+        raise ValueError(
+            f"q_nope {tuple(q_nope.shape)} / q_pe {tuple(q_pe.shape)}: expected [.., H, 512] / [.., H, 64]"
+        )
 
 
 def mla_decode_ref(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels.mla.cache import DS_GROUP, DS_ROPE_OFFSET, DS_SCALE_OFFSET, KV_LORA_RANK, ROPE_DIM, kv_cache_dtype
 
 from dsquant.formats.fp8 import FP8_AMAX_FLOOR, FP8_E4M3_MAX
-from dsquant.kernels.mla.cache import DS_GROUP, DS_ROPE_OFFSET, DS_SCALE_OFFSET, KV_LORA_RANK, ROPE_DIM, kv_cache_dtype
 
 _FMT = {"bf16": 0, "fp8": 1, "fp8_ds": 2}
 

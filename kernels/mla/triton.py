@@ -23,7 +23,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
 from dsquant.kernels.mla.cache import KV_LORA_RANK, ROPE_DIM, kv_cache_bytes_per_token
 from dsquant.kernels.mla.store import cache_views
 
@@ -90,7 +89,8 @@ def _mla_attend_kernel(
     q1 = tl.load(q_base + GROUP, mask=mask_h[:, None], other=0.0)
     q2 = tl.load(q_base + 2 * GROUP, mask=mask_h[:, None], other=0.0)
     q3 = tl.load(q_base + 3 * GROUP, mask=mask_h[:, None], other=0.0)
-    qp = tl.load(qp_ptr + row * stride_qp_r + offs_h[:, None] * stride_qp_h + r[None, :], mask=mask_h[:, None], other=0.0)
+    qp_base = qp_ptr + row * stride_qp_r + offs_h[:, None] * stride_qp_h
+    qp = tl.load(qp_base + r[None, :], mask=mask_h[:, None], other=0.0)
     if KV_FMT == 1:  # per-tensor fp8: scores scale by kv_scale, folded into the logit scale
         qk_scale = qk_scale * tl.load(kv_scale_ptr)
 
@@ -112,7 +112,8 @@ def _mla_attend_kernel(
         k2 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 2, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
         k3 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 3, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
         kp = tl.load(pe_ptr + slot[:, None] * PE_W + PE_OFF + r[None, :], mask=mask_n[:, None], other=0.0)
-        s = (tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))) + (tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3)))
+        s01 = tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))
+        s = s01 + (tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3)))
         s = s + tl.dot(qp, tl.trans(kp.to(tl.bfloat16)))  # [BLOCK_H, BLOCK_N] float32
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

@@ -16,7 +16,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from dsquant.kernels.mla import (
     allocate_kv_cache,
     cache_store,
@@ -109,6 +108,15 @@ def test_mla_decode_matches_reference(kind, num_splits, heads):
     got = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=num_splits)
     want = mla_decode_ref(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
     assert_close_global(got, want, MAX_DIFF, f"decode {kind=} {num_splits=} {heads=}")
+
+
+def test_mla_decode_padded_wgmma_head_block():
+    # 32 heads run in a 64-row head block (the wgmma tile); the 32 padding rows must stay out.
+    cache, bt, lens, kv_scale, _ = make_cache("fp8", [64, 9])
+    qn, qp = _q(2, 32)
+    got = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale)
+    want = mla_decode_ref(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
+    assert_close_global(got, want, MAX_DIFF, "decode H32")
 
 
 def test_mla_decode_strided_queries_and_empty_rows():
@@ -231,8 +239,7 @@ def test_mla_decode_page16_gpu():
 @pytest.mark.parametrize("kind", KINDS)
 def test_mla_prefill_v3_shapes_gpu(kind):
     # Extend 256 tokens after a 1000-token prefix, plus a fresh 300-token prompt, 128 heads.
-    lens, q_lens = [1256, 300], [256, 300]
-    cache, bt, lens_t, kv_scale, _ = make_cache(kind, lens, page_size=64)
+    cache, bt, lens_t, kv_scale, _ = make_cache(kind, [1256, 300], page_size=64)
     qsl = torch.tensor([0, 256, 556], dtype=torch.int32, device=DEV)
     qn, qp = _q(556, 128)
     got = mla_prefill(qn, qp, cache, bt, lens_t, qsl, SCALE, kv_scale=kv_scale)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dsquant.formats.fp8 import quantize_fp8_per_tensor, quantize_fp8_per_token_group
 from dsquant.kernels.mla import (
     allocate_kv_cache,
     cache_store,
@@ -15,6 +13,8 @@ from dsquant.kernels.mla import (
     kv_cache_dtype,
 )
 from dsquant.kernels.testing import assert_exact, calc_diff
+
+from dsquant.formats.fp8 import quantize_fp8_per_tensor, quantize_fp8_per_token_group
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,7 +61,7 @@ def test_cache_store_fp8_per_tensor_codes_match_formats():
     x = torch.cat([kv_c, k_pe], dim=-1)
     q, scale = quantize_fp8_per_tensor(x)
     cache = allocate_kv_cache(2, 16, "fp8", device=DEV)
-    slots = _slots(20, pages=2, page_size=16)
+    slots = _slots(20, pages=2, page_size=16).to(torch.int32)  # int32 slots, as vLLM passes them
     cache_store(kv_c, k_pe, cache, slots, kv_scale=scale)
     assert_exact(cache.view(-1, 576)[slots.long()], q, "fp8 per-tensor codes")
 
