@@ -68,8 +68,8 @@ def raw_read(src: Path) -> float:
     return time.perf_counter() - start
 
 
-def naive(src: Path, dst: Path, recipe: str, convention: str) -> float:
-    """Whole tensors, one reference op after another, a shard dict saved with save_file."""
+def naive(src: Path, dst: Path, recipe: str, convention: str, device: str = "cpu") -> float:
+    """Whole tensors, one reference op after another (on `device`), a shard dict saved with save_file."""
     drop_cache(src)
     start = time.perf_counter()
     ckpt = Checkpoint(src)
@@ -83,11 +83,12 @@ def naive(src: Path, dst: Path, recipe: str, convention: str) -> float:
                     if name.endswith("_scale_inv"):
                         continue
                     with safe_open(src / ckpt.weight_map[name], framework="pt") as f:
-                        w = f.get_tensor(name)
+                        w = f.get_tensor(name).to(device)
                         if job.fp8_source:
-                            w = formats.dequantize_fp8_block(w, f.get_tensor(name + "_scale_inv"), dtype=torch.float32)
+                            scale = f.get_tensor(name + "_scale_inv").to(device)
+                            w = formats.dequantize_fp8_block(w, scale, dtype=torch.float32)
                     if job.action != "quant":
-                        out[name] = w.to(torch.bfloat16) if job.fp8_source else w
+                        out[name] = (w.to(torch.bfloat16) if job.fp8_source else w).cpu()
                         continue
                     rule = job.rule
                     if job.fmt == "fp8-block":
@@ -99,14 +100,14 @@ def naive(src: Path, dst: Path, recipe: str, convention: str) -> float:
                         qw = QuantizedWeight(job.fmt, q, s, g, torch.tensor(rule.input_scale))
                     else:
                         qw = QuantizedWeight(job.fmt, *formats.quantize_mxfp4(w.float(), scale_rule=rule.scale_rule))
-                    out.update(write_quantized(job.module, qw, convention))
+                    out.update({k: v.cpu() for k, v in write_quantized(job.module, qw, convention).items()})
         save_file(out, str(dst / shard.file))
     return time.perf_counter() - start
 
 
-def dsquant_convert(src: Path, dst: Path, recipe: str, workers: int) -> float:
+def dsquant_convert(src: Path, dst: Path, recipe: str, workers: int, device: str = "cpu") -> float:
     drop_cache(src)
-    summary = convert(src, dst, recipe, workers=workers, progress=False, max_shard_size="2GB")
+    summary = convert(src, dst, recipe, workers=workers, device=device, progress=False, max_shard_size="2GB")
     return summary.seconds
 
 
@@ -118,13 +119,16 @@ def main() -> None:
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_cpu.csv"))
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (naive baseline runs there too)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest counts (shared hosts)")
     args = ap.parse_args()
 
     import logging
 
     logging.basicConfig(level=logging.ERROR)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
     host = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "gpu": gpu,
             "torch": torch.__version__, "triton": _triton_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     print(" ".join(f"{k}={v}" for k, v in host.items()), flush=True)
@@ -137,12 +141,12 @@ def main() -> None:
         print(f"source {nbytes / 1e9:.2f} GB ({args.source}); raw read {nbytes / 1e9 / read_s:.2f} GB/s", flush=True)
         for recipe in args.recipes:
             convention = load_recipe(recipe).conventions[0]
-            naive_s = min(_timed_naive(src, root / f"naive-{recipe}", recipe, convention) for _ in range(args.repeat))
-            base = {**host, "repeat": args.repeat, "recipe": recipe, "convention": convention, "source": args.source,
+            naive_s = min(_timed_naive(src, root / f"naive-{recipe}", recipe, convention, args.device) for _ in range(args.repeat))
+            base = {**host, "device": args.device, "repeat": args.repeat, "recipe": recipe, "convention": convention, "source": args.source,
                     "source_gb": round(nbytes / 1e9, 3), "read_gb_s": round(nbytes / 1e9 / read_s, 3),
                     "naive_gb_s": round(nbytes / 1e9 / naive_s, 4)}
             for workers in args.workers:
-                secs = min(_timed_dsquant(src, root / f"out-{recipe}-{workers}", recipe, workers)
+                secs = min(_timed_dsquant(src, root / f"out-{recipe}-{workers}", recipe, workers, args.device)
                            for _ in range(args.repeat))
                 gbs = nbytes / 1e9 / secs
                 row = {**base, "workers": workers, "dsquant_gb_s": round(gbs, 4),
@@ -162,14 +166,14 @@ def main() -> None:
         w.writerows(rows)
 
 
-def _timed_naive(src: Path, dst: Path, recipe: str, convention: str) -> float:
-    secs = naive(src, dst, recipe, convention)
+def _timed_naive(src: Path, dst: Path, recipe: str, convention: str, device: str) -> float:
+    secs = naive(src, dst, recipe, convention, device)
     shutil.rmtree(dst)
     return secs
 
 
-def _timed_dsquant(src: Path, dst: Path, recipe: str, workers: int) -> float:
-    secs = dsquant_convert(src, dst, recipe, workers)
+def _timed_dsquant(src: Path, dst: Path, recipe: str, workers: int, device: str) -> float:
+    secs = dsquant_convert(src, dst, recipe, workers, device)
     shutil.rmtree(dst)
     return secs
 

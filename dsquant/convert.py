@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,8 +111,7 @@ def _load_calibration(calibration) -> dict[str, float] | None:
     return out
 
 
-def _prepare_dst(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
-    """Check the destination's state; return the manifest to resume from, or None for a fresh start."""
+def _make_dst(dst: Path) -> None:
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"{dst}: destination exists and is not a folder")
     try:
@@ -121,6 +120,10 @@ def _prepare_dst(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
         raise ValueError(f"{dst}: cannot create the destination folder ({e.strerror})") from None
     if not os.access(dst, os.W_OK | os.X_OK):
         raise ValueError(f"{dst}: destination folder is not writable")
+
+
+def _resume_state(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
+    """Under the lock: the manifest to resume from, None for a fresh start, or ValueError saying what to do."""
     manifest = Manifest.load(dst)
     if manifest is not None:
         if not resume:
@@ -177,11 +180,17 @@ def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress)
             futures = [pool.submit(write_shard, ckpt, shard, dst, plan.convention, qz[str(devices[i % len(devices)])],
                                    devices[i % len(devices)], calibration, manifest, bar, chunk_pool)
                        for i, shard in enumerate(todo)]
-            finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in pending:
-                f.cancel()
-            for f in finished:
-                f.result()
+            done = len(plan.shards) - len(todo)
+            bar.set_postfix_str(f"shards {done}/{len(plan.shards)}")
+            try:
+                for f in as_completed(futures):
+                    f.result()
+                    done += 1
+                    bar.set_postfix_str(f"shards {done}/{len(plan.shards)}")
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     finally:
         bar.close()
         if chunk_pool is not None:
@@ -263,8 +272,9 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
     if dry_run:
         summary.seconds = time.perf_counter() - start
         return summary
-    manifest = _prepare_dst(dst_path, resume, plan)
+    _make_dst(dst_path)
     with DstLock(dst_path):
+        manifest = _resume_state(dst_path, resume, plan)
         if manifest is None:
             manifest = Manifest(dst_path, plan.fingerprint, utc_now())
             manifest.save()
