@@ -11,6 +11,7 @@ Kernel times are CUDA-graph replays (no launch overhead); the torch loop is time
 CSV columns: gpu, torch, triton, date, bench, fmt, T, us, TFLOPS, GB/s, baseline, baseline_us, ratio, note.
 
     PYTHONPATH=. python3 benchmarks/bench_moe.py --out benchmarks/results/moe_h100.csv [--sweep] [--budget-s 90]
+    PYTHONPATH=. python3 benchmarks/bench_moe.py --ptxas benchmarks/results/moe_sm90_ptxas.csv   (no GPU needed)
 (PYTHONPATH=. in a source checkout; the prefill ratio to fp8_block_gemm is the "prefill" fp8 row over "dense_gemm".)
 """
 
@@ -20,6 +21,7 @@ import argparse
 import csv
 import datetime
 import logging
+import re
 import time
 
 import torch
@@ -226,6 +228,77 @@ def scaled_mm_helpers():
     return (lambda a_s, b_s: bench_gemm.block_scaled_mm_args(a_s, b_s, layout)), bench_gemm.block_scaled_mm
 
 
+def ptxas_report(path: str) -> None:
+    """Compile every kernel variant fused_moe launches at V3 decode and prefill sizes for sm_90a, no GPU needed, and
+    write registers / spill bytes / MMA kind per variant (ptxas -v): the check behind the tile NOTEs in fused.py.
+
+    The launches are captured from fused_moe calls on CPU tensors with the V3 tile choice forced (JITFunction.run is
+    replaced, nothing runs); argument types and 16-divisibility follow the launcher's specialisation.
+    """
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from dsquant.kernels.moe.reference import quantize_experts
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction, mangle_type
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    captured: list = []
+    original = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kw: captured.append((self, args, kw))
+    try:
+        g = torch.Generator().manual_seed(0)
+        small = dict(e=8, h=256, inter=128)
+        w13 = torch.randn(small["e"], 2 * small["inter"], small["h"], generator=g)
+        w2 = torch.randn(small["e"], small["h"], small["inter"], generator=g)
+        for fmt in ("bf16", "fp8", "int8", "nvfp4", "mxfp4"):
+            ew = quantize_experts(w13, w2, fmt)
+            timed = [("prefill 4 warps (timed 2026-11-25)", 16384, dict(num_warps=4))] if fmt in ("bf16", "fp8") else []
+            for regime, t, change in [("decode", 64, {}), ("prefill", 16384, {})] + timed:
+                x = torch.randn(4, small["h"]).bfloat16()
+                ids = torch.arange(8, dtype=torch.int32).view(4, 2)
+                tiles = _tiles(t * TOPK, E, fmt) | change  # the V3 choice for this many tokens
+                n0 = len(captured)
+                fused_moe(x, ew.w13, ew.w2, torch.ones(4, 2), ids, **kw_of(ew), tiles=tiles)
+                captured[n0:] = [(f"{regime} {fmt}",) + c for c in captured[n0:] if "align" not in c[0].__name__]
+        for t in (64, 4096):  # alignment at V3 sizes: chunk and scan tiles depend on T
+            n0 = len(captured)
+            moe_align(torch.zeros(t, TOPK, dtype=torch.int32), E, _tiles(t * TOPK, E, "fp8")["BLOCK_M"])
+            captured[n0:] = [(f"align T={t}",) + c for c in captured[n0:]]
+        for name, e, kw in (("route V3", E, V3_ROUTER), ("route Kimi-K2", 384, dict(top_k=8))):
+            n0 = len(captured)
+            deepseek_route(torch.zeros(2, e), torch.zeros(e), **kw)
+            captured[n0:] = [(name,) + c for c in captured[n0:]]
+    finally:
+        JITFunction.run = original
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["case", "kernel", "constexprs", "num_warps", "num_stages", "registers", "spill_bytes", "mma"])
+        for case, fn, args, kw in captured:
+            values = dict(zip(fn.arg_names, args)) | kw
+            const = {n: values[n] for i, n in enumerate(fn.arg_names) if i in fn.constexprs}
+            sig = {n: "constexpr" if n in const else mangle_type(values[n]) for n in fn.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                     if n not in const and (isinstance(values[n], torch.Tensor)
+                                            or (isinstance(values[n], int) and values[n] % 16 == 0))}
+            opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+            k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                               options=opts)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
+                ptx.write(k.asm["ptx"])
+            info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
+                                  capture_output=True, text=True).stderr
+            regs = re.search(r"Used (\d+) registers", info)
+            spill = re.search(r"(\d+) bytes spill stores", info)
+            regs, spill = int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else -1
+            mma = "wgmma" if "wgmma.mma_async" in k.asm["ptx"] else "mma.sync" if "mma.sync" in k.asm["ptx"] else ""
+            row = [case, fn.__name__, const, opts.get("num_warps", 4), opts.get("num_stages", ""), regs, spill, mma]
+            out.writerow(row)
+            log.info("%-16s %-28s warps=%s stages=%s regs=%s spill=%s %s", *row[:2], *row[3:])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/moe_h100.csv")
@@ -233,8 +306,13 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=16384)
     p.add_argument("--sweep", action="store_true", help="also time tile variants around the heuristic")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip sections started after this many seconds")
+    p.add_argument("--ptxas", metavar="CSV", help="only compile the kernel variants for sm_90a and report registers "
+                   "and spills to CSV (runs anywhere, no GPU)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.ptxas:
+        ptxas_report(args.ptxas)
+        return
     start = time.time()
     rows = Rows(args.out)
     log.info("%s | torch %s | triton %s | %s", *(rows.head[k] for k in ("gpu", "torch", "triton", "date")))

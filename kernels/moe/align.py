@@ -85,7 +85,9 @@ def _align_scatter_kernel(ids_ptr, chunk_row_ptr, sorted_ptr, block_start_ptr, e
 # performance hyper-parameters. NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25): route +
 # align took 17.8 us at 8192 slots with 128-slot chunks, but 156 us at 256-slot and 1160 us at 512-slot chunks
 # (the [CHUNK, SUB] rank compare outgrows the registers). Chunks stay at 128 slots; the scan tile stays near
-# 8K elements by narrowing its expert tile as the chunk count grows.
+# 8K elements by narrowing its expert tile as the chunk count grows. ptxas -v for sm_90a agrees: the scatter kernel
+# spills 0 / 736 / 7860 bytes at 128 / 256 / 512-slot chunks; the one-program scan runs on 8 warps, where no
+# variant spills (benchmarks/results/moe_sm90_ptxas.csv). Chosen after the timed run, not yet timed.
 CHUNK = 128
 SCAN_TILE_ELEMS = 8192
 
@@ -119,7 +121,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     _align_count_kernel[(n_chunks,)](topk_ids, counts, sorted_ids, numel, num_experts, rows, -(-rows // n_chunks),
                                      CHUNK=CHUNK, E_PAD=e_pad, FILL_BLOCK=1024, num_warps=4)
     _align_scan_kernel[(1,)](counts, chunk_row, block_start, total, n_chunks, num_experts, BLOCK_M=block_m,
-                             NC_PAD=nc_pad, E_TILE=max(8, min(128, SCAN_TILE_ELEMS // nc_pad)), num_warps=4)
+                             NC_PAD=nc_pad, E_TILE=max(8, min(128, SCAN_TILE_ELEMS // nc_pad)), num_warps=8)
     _align_scatter_kernel[(n_chunks,)](topk_ids, chunk_row, sorted_ids, block_start, expert_ids, numel, num_experts,
                                        n_blocks, -(-n_blocks // n_chunks), CHUNK=CHUNK, SUB=64,
                                        E_PAD=e_pad, B_TILE=64, num_warps=4)

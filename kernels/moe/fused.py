@@ -231,9 +231,11 @@ def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
     rows (prefill) is compute-bound: 64-row tiles reuse each weight tile from shared memory four times as often.
     NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25) with these tiles: decode at 1-64 tokens
     reads the touched expert bytes at 75-94% (fp8, int8) and 90-101% (bf16) of copy bandwidth; prefill at 512 rows
-    per expert runs int8 at 544 TFLOPS but fp8 at only 151 with 4 warps, whose per-K-step block scaling keeps the
-    dot result beside a 64 x 256 fp32 accumulator (2 x 128 registers per thread); fp8 prefill tiles therefore use
-    8 warps (2 x 64 registers), a choice made after that run and not yet timed.
+    per expert ran int8 at 544 TFLOPS, bf16 at 293 and fp8 at 151, all on 4 warps. ptxas -v for sm_90a (Triton 3.6)
+    explains the gap: the 4-warp gate_up kernel spills 1092 bytes for fp8 (its per-K-step block scaling keeps the dot
+    result beside the 64 x 256 fp32 accumulator) and 8 bytes at 255 registers for bf16, int8 none; on 8 warps fp8
+    and bf16 spill nothing (244 / 128 registers; benchmarks/results/moe_sm90_ptxas.csv, `bench_moe.py --ptxas`).
+    fp8 and bf16 prefill tiles therefore use 8 warps, chosen after that run and not yet timed.
     """
     rows_per_expert = numel / max(min(num_experts, numel), 1)
     block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
@@ -241,7 +243,7 @@ def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
         block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8
     else:  # BLOCK_N = BLOCK_K = 128: one FP8 scale block per tile, one 1x128 activation group per row
         block_n, block_k, w_bytes = 128, 128, 2 if fmt == "bf16" else 1
-        warps = 8 if fmt == "fp8" and block_m >= 64 else 4
+        warps = 8 if fmt in ("fp8", "bf16") and block_m >= 64 else 4
     stage_bytes = block_m * block_k * 2 + 2 * block_n * block_k * w_bytes  # A (bf16 at worst) + gate and up B
     # fp8 x is quantized once up front when each row block meets many N tiles (prefill), in-kernel otherwise.
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
