@@ -1,11 +1,14 @@
 """Quant kernel bandwidth: GB/s (bytes read + written, each byte once) against a device-to-device copy
-measured in the same run, medians of triton.testing.do_bench (L2 flushed between runs).
+measured in the same run: medians of triton.testing.do_bench_cudagraph (kernel time without the Python
+launch cost, which is ~45 us per call on the lent H100 host and would hide a 40 us kernel), each replay
+reading its own copy of the inputs so that the 50 MB L2 cannot serve them.
 
     python benchmarks/bench_quant.py --out benchmarks/results/quant_h100.csv [--png quant_h100.png] [--sweep]
 
 Activations are [rows, 7168] bf16 (DeepSeek-V3 hidden size) at 4096 and 16384 rows; weight kernels run on
 (4096, 7168), (7168, 2048) and (36864, 7168). `--sweep` also times the tile heuristics of the row-tiled
 kernels (TILE_ELEMS x MAX_BLOCK_K) and the per-element tl.div_rn path, so a retune is a measured choice.
+Latency rows time single small calls both ways: a CUDA graph (kernel only) and eager (launch included).
 Bytes count what a kernel must move: the NVFP4 variant with a computed global scale reads its input
 twice (amax pre-pass, then quantize) but is credited one read, so its figure shows the cost of that pass.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import logging
 import os
 import sys
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout, nothing installed
 
@@ -34,12 +38,23 @@ log = logging.getLogger("bench_quant")
 DEVICE = "cuda"
 HIDDEN = 7168
 WEIGHTS = ((4096, 7168), (7168, 2048), (36864, 7168))
-FIELDS = ["date", "gpu", "torch", "triton", "kernel", "shape", "config", "time_us", "bytes", "gbps",
+FIELDS = ["date", "gpu", "torch", "triton", "kernel", "shape", "config", "timer", "time_us", "bytes", "gbps",
           "copy_gbps", "pct_of_copy"]
+ROTATE_BYTES = 256 << 20  # inputs per replay cycle: 5x the H100's 50 MB L2
 
 
-def _median_ms(fn) -> float:
+def _median_ms(fn, timer: str = "cudagraph") -> float:
+    if timer == "cudagraph":
+        return do_bench_cudagraph(fn, rep=50, return_mode="median")
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rotating(fn, *inputs: torch.Tensor):
+    """fn cycling over enough copies of its inputs that consecutive calls stream them from HBM, not L2."""
+    nbytes = sum(t.numel() * t.element_size() for t in inputs)
+    copies = [inputs] + [tuple(t.clone() for t in inputs) for _ in range(-(-ROTATE_BYTES // nbytes) - 1)]
+    cycle = itertools.cycle(copies)
+    return lambda: fn(*next(cycle))
 
 
 class Recorder:
@@ -58,33 +73,32 @@ class Recorder:
         if new:
             self.writer.writeheader()
 
-    def copy(self, numel: int) -> float:
+    def copy(self, numel: int, timer: str = "cudagraph") -> float:
         """Device copy of `numel` bf16 elements: GB/s counting the read and the write."""
-        if numel not in self.copy_gbps:
+        if (numel, timer) not in self.copy_gbps:
             src = torch.randn(numel, device=DEVICE, dtype=torch.bfloat16)
-            dst = torch.empty_like(src)
-            ms = _median_ms(lambda: dst.copy_(src))
-            self.copy_gbps[numel] = 2 * src.numel() * 2 / ms / 1e6
-            self._write("copy", (numel,), "torch copy_", ms, 4 * numel, self.copy_gbps[numel])
-        return self.copy_gbps[numel]
+            ms = _median_ms(rotating(lambda a, b: b.copy_(a), src, torch.empty_like(src)), timer)
+            self.copy_gbps[numel, timer] = 2 * src.numel() * 2 / ms / 1e6
+            self._write("copy", (numel,), "torch copy_", timer, ms, 4 * numel, self.copy_gbps[numel, timer])
+        return self.copy_gbps[numel, timer]
 
-    def case(self, kernel: str, shape, config: str, fn, nbytes: int, ref_numel: int):
+    def case(self, kernel: str, shape, config: str, fn, nbytes: int, ref_numel: int, timer: str = "cudagraph"):
         try:
-            ms = _median_ms(fn)
+            ms = _median_ms(fn, timer)
         except Exception as err:  # one failing case must not lose the rest of the table
             log.error("%s %s %s failed: %r", kernel, shape, config, err)
             return
-        self._write(kernel, shape, config, ms, nbytes, self.copy(ref_numel))
+        self._write(kernel, shape, config, timer, ms, nbytes, self.copy(ref_numel, timer))
 
-    def _write(self, kernel, shape, config, ms, nbytes, copy_gbps):
+    def _write(self, kernel, shape, config, timer, ms, nbytes, copy_gbps):
         gbps = nbytes / ms / 1e6
-        row = dict(self.meta, kernel=kernel, shape="x".join(map(str, shape)), config=config,
+        row = dict(self.meta, kernel=kernel, shape="x".join(map(str, shape)), config=config, timer=timer,
                    time_us=f"{ms * 1e3:.2f}", bytes=nbytes, gbps=f"{gbps:.0f}", copy_gbps=f"{copy_gbps:.0f}",
                    pct_of_copy=f"{100 * gbps / copy_gbps:.1f}")
         self.rows.append(row)
         self.writer.writerow(row)
         self.file.flush()
-        log.info("%-28s %-12s %-22s %9s us %6s GB/s  %5s%% of copy", kernel, row["shape"], config,
+        log.info("%-24s %-12s %-30s %-9s %9s us %6s GB/s %5s%% of copy", kernel, row["shape"], config, timer,
                  row["time_us"], row["gbps"], row["pct_of_copy"])
 
 
@@ -95,29 +109,32 @@ def bench_activations(rec: Recorder, m: int, with_reference: bool):
     groups = 4 * n // 128
     fp8 = 2 * n + n + groups  # bf16 in, e4m3 out, float32 scale per 128
     shape = (m, k)
-    rec.case("fp8_per_token_group", shape, "row-major", lambda: quant.quantize_fp8_per_token_group(x), fp8, n)
+    group = quant.quantize_fp8_per_token_group
+    rec.case("fp8_per_token_group", shape, "row-major", rotating(group, x), fp8, n)
     rec.case("fp8_per_token_group", shape, "column-major",
-             lambda: quant.quantize_fp8_per_token_group(x, column_major_scales=True), fp8, n)
-    rec.case("fp8_per_token_group", shape, "ue8m0", lambda: quant.quantize_fp8_per_token_group(x, ue8m0=True), fp8, n)
-    rec.case("fp8_per_token", shape, "", lambda: quant.quantize_fp8_per_token(x), 3 * n + 4 * m, n)
-    rec.case("int8_per_token", shape, "", lambda: quant.quantize_int8_per_token(x), 3 * n + 4 * m, n)
+             rotating(lambda t: group(t, column_major_scales=True), x), fp8, n)
+    rec.case("fp8_per_token_group", shape, "ue8m0", rotating(lambda t: group(t, ue8m0=True), x), fp8, n)
+    rec.case("fp8_per_token", shape, "", rotating(quant.quantize_fp8_per_token, x), 3 * n + 4 * m, n)
+    rec.case("int8_per_token", shape, "", rotating(quant.quantize_int8_per_token, x), 3 * n + 4 * m, n)
     gate_up = torch.randn(m, 2 * k, device=DEVICE, dtype=torch.bfloat16)
-    rec.case("silu_mul_quantize_fp8", (m, 2 * k), "", lambda: quant.silu_mul_quantize_fp8(gate_up),
+    rec.case("silu_mul_quantize_fp8", (m, 2 * k), "", rotating(quant.silu_mul_quantize_fp8, gate_up),
              4 * n + n + groups, 2 * n)
     nv = 2 * n + n // 2 + n // 16
     gs = torch.tensor(0.01, device=DEVICE)
-    rec.case("nvfp4", shape, "global scale given", lambda: quant.quantize_nvfp4(x, gs), nv + 4, n)
-    rec.case("nvfp4", shape, "global scale computed", lambda: quant.quantize_nvfp4(x), nv + 4, n)
+    rec.case("nvfp4", shape, "global scale given", rotating(lambda t: quant.quantize_nvfp4(t, gs), x), nv + 4, n)
+    rec.case("nvfp4", shape, "global scale computed", rotating(quant.quantize_nvfp4, x), nv + 4, n)
     mx = 2 * n + n // 2 + n // 32
-    rec.case("mxfp4", shape, "ocp", lambda: quant.quantize_mxfp4(x), mx, n)
+    rec.case("mxfp4", shape, "ocp", rotating(quant.quantize_mxfp4, x), mx, n)
     packed, block_scale, g = quant.quantize_nvfp4(x, gs)
-    rec.case("dequantize_nvfp4", shape, "", lambda: quant.dequantize_nvfp4(packed, block_scale, g), nv + 4, n)
+    rec.case("dequantize_nvfp4", shape, "", rotating(lambda p, b: quant.dequantize_nvfp4(p, b, g), packed, block_scale),
+             nv + 4, n)
     packed, scale = quant.quantize_mxfp4(x)
-    rec.case("dequantize_mxfp4", shape, "", lambda: quant.dequantize_mxfp4(packed, scale), mx, n)
-    if with_reference:  # the pure-torch references, eager, as a second baseline
+    rec.case("dequantize_mxfp4", shape, "", rotating(quant.dequantize_mxfp4, packed, scale), mx, n)
+    if with_reference:  # the pure-torch references, eager (they sync on their NaN check: no CUDA graph)
         rec.case("fp8_per_token_group", shape, "torch reference (eager)",
-                 lambda: ref.quantize_fp8_per_token_group_ref(x), fp8, n)
-        rec.case("nvfp4", shape, "torch reference (eager)", lambda: ref.quantize_nvfp4_ref(x, gs), nv + 4, n)
+                 rotating(ref.quantize_fp8_per_token_group_ref, x), fp8, n, timer="do_bench")
+        rec.case("nvfp4", shape, "torch reference (eager)", rotating(lambda t: ref.quantize_nvfp4_ref(t, gs), x),
+                 nv + 4, n, timer="do_bench")
 
 
 def bench_weights(rec: Recorder):
@@ -126,12 +143,12 @@ def bench_weights(rec: Recorder):
         n = n_out * k
         scales = 4 * triton.cdiv(n_out, 128) * triton.cdiv(k, 128)
         shape = (n_out, k)
-        rec.case("fp8_block", shape, "", lambda: quant.quantize_fp8_block(w), 3 * n + scales, n)
+        rec.case("fp8_block", shape, "", rotating(quant.quantize_fp8_block, w), 3 * n + scales, n)
         q, s = quant.quantize_fp8_block(w)
-        rec.case("dequantize_fp8_block", shape, "", lambda: quant.dequantize_fp8_block(q, s), 3 * n + scales, n)
-        rec.case("nvfp4", shape, "weight, global scale computed", lambda: quant.quantize_nvfp4(w),
+        rec.case("dequantize_fp8_block", shape, "", rotating(quant.dequantize_fp8_block, q, s), 3 * n + scales, n)
+        rec.case("nvfp4", shape, "weight, global scale computed", rotating(quant.quantize_nvfp4, w),
                  2 * n + n // 2 + n // 16 + 4, n)
-        rec.case("mxfp4", shape, "weight, ocp", lambda: quant.quantize_mxfp4(w), 2 * n + n // 2 + n // 32, n)
+        rec.case("mxfp4", shape, "weight, ocp", rotating(quant.quantize_mxfp4, w), 2 * n + n // 2 + n // 32, n)
         del w, q, s
         torch.cuda.empty_cache()
 
@@ -141,36 +158,34 @@ def sweep(rec: Recorder, m: int):
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     n = m * HIDDEN
     gs = torch.tensor(0.01, device=DEVICE)
+    group = rotating(quant.quantize_fp8_per_token_group, x)
+    nvfp4 = rotating(lambda t: quant.quantize_nvfp4(t, gs), x)
     saved = (fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K, fp8_kernels.FAST_DIVISION)
     configs = [(4096, 512), (4096, 1024), (8192, 512), (8192, 1024), (16384, 1024), (16384, 2048), (32768, 2048)]
     try:
         for tile, block_k in configs:
             fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K = tile, block_k
             cfg = f"sweep tile={tile} block_k={block_k}"
-            rec.case("fp8_per_token_group", (m, HIDDEN), cfg, lambda: quant.quantize_fp8_per_token_group(x),
-                     3 * n + 4 * n // 128, n)
-            rec.case("nvfp4", (m, HIDDEN), cfg + " gs given", lambda: quant.quantize_nvfp4(x, gs),
-                     2 * n + n // 2 + n // 16 + 4, n)
+            rec.case("fp8_per_token_group", (m, HIDDEN), cfg, group, 3 * n + 4 * n // 128, n)
+            rec.case("nvfp4", (m, HIDDEN), cfg + " gs given", nvfp4, 2 * n + n // 2 + n // 16 + 4, n)
         fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K = saved[:2]
         fp8_kernels.FAST_DIVISION = False
-        rec.case("fp8_per_token_group", (m, HIDDEN), "sweep tl.div_rn per element",
-                 lambda: quant.quantize_fp8_per_token_group(x), 3 * n + 4 * n // 128, n)
-        rec.case("nvfp4", (m, HIDDEN), "sweep tl.div_rn per element gs given", lambda: quant.quantize_nvfp4(x, gs),
-                 2 * n + n // 2 + n // 16 + 4, n)
+        rec.case("fp8_per_token_group", (m, HIDDEN), "sweep tl.div_rn per element", group, 3 * n + 4 * n // 128, n)
     finally:
         fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K, fp8_kernels.FAST_DIVISION = saved
 
 
 def latency(rec: Recorder):
-    """Small batches are launch-bound: time per call (the bandwidth columns mean little here)."""
+    """Small batches: time per call, kernel only (CUDA graph) and eager (Python and launch included)."""
     for m in (1, 128):
         x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
         gate_up = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16)
         n = m * HIDDEN
-        rec.case("fp8_per_token_group", (m, HIDDEN), "latency", lambda: quant.quantize_fp8_per_token_group(x),
-                 3 * n + 4 * n // 128, n)
-        rec.case("silu_mul_quantize_fp8", (m, 4096), "latency", lambda: quant.silu_mul_quantize_fp8(gate_up),
-                 2 * m * 4096 + m * 2048 + 4 * m * 16, m * 4096)
+        for timer in ("cudagraph", "do_bench"):
+            rec.case("fp8_per_token_group", (m, HIDDEN), "latency", lambda: quant.quantize_fp8_per_token_group(x),
+                     3 * n + 4 * n // 128, n, timer=timer)
+            rec.case("silu_mul_quantize_fp8", (m, 4096), "latency", lambda: quant.silu_mul_quantize_fp8(gate_up),
+                     2 * m * 4096 + m * 2048 + 4 * m * 16, m * 4096, timer=timer)
 
 
 def plot(rows: list[dict], path: Path) -> bool:
@@ -182,11 +197,12 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib is not installed: no plot")
         return False
-    main = [r for r in rows if r["kernel"] != "copy" and not r["config"].startswith(("sweep", "latency", "torch"))]
+    main = [r for r in rows if r["kernel"] != "copy" and r["timer"] == "cudagraph"
+            and not r["config"].startswith(("sweep", "latency"))]
     labels = [f"{r['kernel']} {r['config']} {r['shape']}".replace("  ", " ") for r in main]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(main) + 1.5))
     ax.barh(range(len(main)), [float(r["gbps"]) for r in main], color="tab:blue")
-    ceiling = max(float(r["copy_gbps"]) for r in main)
+    ceiling = max(float(r["copy_gbps"]) for r in main)  # the largest copy; smaller sizes copy a little slower
     ax.axvline(ceiling, color="black", label=f"device copy {ceiling:.0f} GB/s (measured)")
     ax.axvline(0.85 * ceiling, color="tab:red", linestyle="--", label="85% of copy (target)")
     ax.set_yticks(range(len(main)), labels, fontsize=7)

@@ -69,8 +69,9 @@ def div_rn_shared(x, d, r):
     The correction step of the fast path of div.rn.f32 itself (Markstein): q0 = x * r, e = x - d * q0
     (exact in one fma), q = q0 + e * r rounds once to the correctly rounded quotient. Three FMA-pipe
     instructions per element instead of div.rn's eleven and a branch; r costs one division per group.
-    Valid where div.rn's own fast path is: normal d with 1/d normal and no overflow of x * r; the
-    callers guarantee that (FP8/INT8 scales are floored) or fall back to tl.div_rn (NVFP4).
+    Valid where div.rn's own fast path is: normal d with 1/d normal and no overflow of x * r; the FP8
+    and INT8 scales guarantee it (floored amax, |x / scale| <= 448 or 127). Checked against div.rn.f32
+    on 2^26 random and hard pairs on an H100 (tests/kernels/test_quant_gpu.py).
     Quotients that fall into the float32 subnormal range may differ from div.rn in the last place; every
     caller maps those to a zero code. The sign of x is copied onto the result (one LOP3): it is q's sign
     anyway except for x = -0, where the fma sum gives +0 and div.rn gives -0.
