@@ -141,8 +141,10 @@ def main() -> None:
         print(f"source {nbytes / 1e9:.2f} GB ({args.source}); raw read {nbytes / 1e9 / read_s:.2f} GB/s", flush=True)
         for recipe in args.recipes:
             convention = load_recipe(recipe).conventions[0]
-            naive_s = min(_timed_naive(src, root / f"naive-{recipe}", recipe, convention, args.device) for _ in range(args.repeat))
-            base = {**host, "device": args.device, "repeat": args.repeat, "recipe": recipe, "convention": convention, "source": args.source,
+            naive_s = min(_timed_naive(src, root / f"naive-{recipe}", recipe, convention, args.device)
+                          for _ in range(args.repeat))
+            base = {**host, "device": args.device, "repeat": args.repeat, "recipe": recipe, "convention": convention,
+                    "source": args.source,
                     "source_gb": round(nbytes / 1e9, 3), "read_gb_s": round(nbytes / 1e9 / read_s, 3),
                     "naive_gb_s": round(nbytes / 1e9 / naive_s, 4)}
             for workers in args.workers:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from dsquant.checkpoint.index import write_index, write_json_atomic
-from dsquant.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME, DstLock, Manifest
+from dsquant.checkpoint.manifest import LOCK_NAME, DstLock, Manifest
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert_config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
 from dsquant.convert_plan import Plan, build_plan

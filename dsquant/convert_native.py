@@ -96,6 +96,8 @@ void e2m1_pack(const float *x, const float *denom, uint8_t *out, int64_t n_block
 }
 """
 
+# -ffp-contract=off and no -ffast-math: every operation rounds exactly as in the reference.
+_FLAGS = ["-O3", "-std=c99", "-fno-math-errno", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -114,7 +116,7 @@ def _load() -> ctypes.CDLL | None:
         if os.environ.get("DSQUANT_NO_NATIVE"):
             return None
         cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-        tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+        tag = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
         so = _cache_dir() / f"e2m1_{tag}.so"
         try:
             if not so.is_file():
@@ -124,9 +126,8 @@ def _load() -> ctypes.CDLL | None:
                 with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
                     src, out = Path(tmp) / "e2m1.c", Path(tmp) / "e2m1.so"
                     src.write_text(_SOURCE)
-                    # -ffp-contract=off and no -ffast-math: every operation rounds exactly as in the reference.
-                    subprocess.run([cc, "-O3", "-std=c99", "-fno-math-errno", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
-                                    str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
+                    subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], check=True, capture_output=True,
+                                   timeout=120)
                     os.replace(out, so)
             lib = ctypes.CDLL(str(so))
             lib.e2m1_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

@@ -61,7 +61,8 @@ def test_mtp_placeholder_expands_to_the_models_mtp_layers():
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda t: t.replace("version = 1", "extra = 1\nversion = 1"), "unknown key(s) ['extra']; allowed: ['conventions', 'fused_groups',"),
+    (lambda t: t.replace("version = 1", "extra = 1\nversion = 1"),
+     "unknown key(s) ['extra']; allowed: ['conventions', 'fused_groups',"),
     (lambda t: t.replace('reason = "experts"', 'reason = "experts"\nbits = 4'), "unknown key(s) ['bits']"),
     (lambda t: t + "\nextra = 1\n", "[[rules]] #2: unknown key(s) ['extra']; allowed: ['format', 'input_scale',"),
     (lambda t: t.replace('format = "int8"', 'format = "int4"'), "format 'int4' is unknown; known formats"),

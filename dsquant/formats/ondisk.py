@@ -1,16 +1,24 @@
 """On-disk tensor names and scale directions of each checkpoint convention: the one place that knows them.
 
-In code a `*_scale` always multiplies to dequantize (dsquant.formats). On disk (formats.md sections 2-4):
+In code a `*_scale` always multiplies to dequantize (dsquant.formats). On disk (formats.md sections 2-4),
+for a module M the tensors `M.<name>` are:
 
-| convention | format | tensors of module M (prefix `M.`) |
-| --- | --- | --- |
-| deepseek (`quant_method: fp8`) | fp8-block | `weight` float8_e4m3fn [N, K]; `weight_scale_inv` float32 [ceil(N/128), ceil(K/128)], a multiplier despite the name |
-| compressed-tensors | fp8-block (`float-quantized`, strategy block) | `weight` float8_e4m3fn [N, K]; `weight_scale` float32 [ceil(N/128), ceil(K/128)] (multiplier) |
-| compressed-tensors | int8 (`int-quantized`, channel) | `weight` int8 [N, K]; `weight_scale` float32 [N, 1] (multiplier) |
-| compressed-tensors | nvfp4 (`nvfp4-pack-quantized`) | `weight_packed` uint8 [N, K/2]; `weight_scale` float8_e4m3fn [N, K/16]; `weight_global_scale` float32 [1] = 1 / global_scale (a divisor); `input_global_scale` float32 [1] = 1 / input_scale (a divisor) |
-| compressed-tensors | mxfp4 (`mxfp4-pack-quantized`) | `weight_packed` uint8 [N, K/2]; `weight_scale` uint8 [N, K/32] (E8M0 bytes); no global scale |
-| modelopt (`quant_algo: NVFP4`) | nvfp4 | `weight` uint8 [N, K/2]; `weight_scale` float8_e4m3fn [N, K/16]; `weight_scale_2` float32 [] = global_scale; `input_scale` float32 [] = activation global scale (multipliers) |
-| any | bf16 (excluded) | `weight` in the source dtype (BF16), no scale tensors |
+deepseek (`quant_method: fp8`), fp8-block:
+    weight float8_e4m3fn [N, K]; weight_scale_inv float32 [ceil(N/128), ceil(K/128)] (a multiplier despite its name)
+compressed-tensors, fp8-block (`float-quantized`, strategy block):
+    weight float8_e4m3fn [N, K]; weight_scale float32 [ceil(N/128), ceil(K/128)] (multiplier)
+compressed-tensors, int8 (`int-quantized`, strategy channel):
+    weight int8 [N, K]; weight_scale float32 [N, 1] (multiplier)
+compressed-tensors, nvfp4 (`nvfp4-pack-quantized`):
+    weight_packed uint8 [N, K/2]; weight_scale float8_e4m3fn [N, K/16];
+    weight_global_scale float32 [1] = 1 / global_scale and input_global_scale float32 [1] = 1 / input_scale
+    (both divisors)
+compressed-tensors, mxfp4 (`mxfp4-pack-quantized`):
+    weight_packed uint8 [N, K/2]; weight_scale uint8 [N, K/32] (E8M0 bytes); no global scale
+modelopt (`quant_algo: NVFP4`), nvfp4:
+    weight uint8 [N, K/2]; weight_scale float8_e4m3fn [N, K/16]; weight_scale_2 float32 [] = global_scale;
+    input_scale float32 [] = activation global scale (all multipliers)
+any convention, bf16 (excluded): weight in the source dtype (BF16), no scale tensors.
 
 NVFP4 activation scale until calibration exists: `DEFAULT_NVFP4_INPUT_SCALE = 1.0`, i.e. an activation
 amax of 448 * 6 = 2688 assumed. Engines accept any positive finite value (vLLM/SGLang/TRT-LLM use

@@ -79,9 +79,10 @@ def test_synth_fp8_source_has_block_scales(synth, source):
 def test_synth_splits_partners_across_shards(synth):
     ckpt = Checkpoint(synth("v3", "fp8"))
     where = ckpt.weight_map
-    assert where["model.layers.1.mlp.experts.0.gate_proj.weight"] != where["model.layers.1.mlp.experts.0.up_proj.weight"]
-    assert where["model.layers.0.self_attn.q_a_proj.weight"] != where["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
-    assert where["model.layers.0.mlp.down_proj.weight"] != where["model.layers.0.mlp.down_proj.weight_scale_inv"]
+    for a, b in [("layers.1.mlp.experts.0.gate_proj.weight", "layers.1.mlp.experts.0.up_proj.weight"),
+                 ("layers.0.self_attn.q_a_proj.weight", "layers.0.self_attn.kv_a_proj_with_mqa.weight"),
+                 ("layers.0.mlp.down_proj.weight", "layers.0.mlp.down_proj.weight_scale_inv")]:
+        assert where[f"model.{a}"] != where[f"model.{b}"], (a, b)
     assert len(set(where.values())) == 3
 
 
