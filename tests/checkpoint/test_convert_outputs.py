@@ -4,17 +4,16 @@ byte-identical excluded tensors, fused partners, configs, index, and compressed-
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import pytest
 import torch
+from dsquant.kernels.testing import calc_diff
 
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import convert
 from dsquant.formats.fp8 import dequantize_fp8_block
 from dsquant.formats.ondisk import dequantize, read_quantized
-from dsquant.kernels.testing import calc_diff
 
 F8, U8, I8, F32, BF16 = torch.float8_e4m3fn, torch.uint8, torch.int8, torch.float32, torch.bfloat16
 
