@@ -333,6 +333,8 @@ def fused_moe(
         raise ValueError(f"experts: intermediate size I={inter} must be a multiple of 128")
     t, h = x.shape
     k = topk_ids.shape[1]
+    if t == 0:  # no launch with an empty grid
+        return torch.empty((0, h), dtype=x.dtype, device=x.device)
     x = x.contiguous()
     tiles = _tiles(t * k, num_experts, fmt) | (tiles or {})
     sorted_ids, expert_ids, total = moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, tiles["BLOCK_M"])

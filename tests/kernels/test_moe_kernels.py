@@ -234,6 +234,14 @@ def test_fused_moe_shared_expert_in_another_format(master_weights):
     assert not torch.equal(ref, without), "the shared expert must contribute"
 
 
+def test_fused_moe_and_routing_take_zero_tokens(master_weights):
+    ew = quantize_experts(*master_weights, "fp8")
+    w, ids = deepseek_route(torch.zeros(0, E, device=DEV), None, top_k=TOPK)
+    assert w.shape == ids.shape == (0, TOPK)
+    out = fused_moe(torch.zeros(0, H, dtype=torch.bfloat16, device=DEV), ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    assert out.shape == (0, H) and out.dtype == torch.bfloat16
+
+
 def test_fused_moe_rejects_bad_inputs(master_weights):
     ew = quantize_experts(*master_weights, "fp8")
     x = torch.zeros(2, H, dtype=torch.bfloat16, device=DEV)
