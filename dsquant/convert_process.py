@@ -139,8 +139,9 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Q
     global_scale = input_scale = None
     if item[0].fmt == "nvfp4":
         # Fused partners share one weight global scale and one activation scale (formats.md section 8 item 4).
-        amax = torch.stack([_amax(ckpt, job, device, pool) for job in item]).amax()
-        global_scale = nvfp4.nvfp4_global_scale(amax)
+        amax = torch.stack([_amax(ckpt, job, device, pool).cpu() for job in item]).amax()
+        # On the CPU: torch on CUDA divides by a scalar through its reciprocal, which can move the last bit.
+        global_scale = nvfp4.nvfp4_global_scale(amax).to(device)
         scales = [calibration[j.module] for j in item if calibration and j.module in calibration]
         input_scale = torch.tensor(max(scales) if scales else item[0].rule.input_scale, dtype=torch.float32)
     for job in item:
