@@ -13,9 +13,9 @@ from dsquant.kernels.moe import (
     moe_align_ref,
 )
 from dsquant.kernels.moe.reference import quantize_experts
-from dsquant.kernels.testing import DEEPSEEK_V3_MOE, assert_close_global, assert_exact, poison_
+from dsquant.kernels.testing import DEEPSEEK_V3_MOE, assert_close_global, assert_exact
 
-from tests.kernels.test_moe_kernels import FMTS, MAX_DIFF, ROUTERS
+from tests.kernels.test_moe_kernels import FMTS, MAX_DIFF, ROUTERS, poisoning
 
 pytestmark = pytest.mark.gpu
 H, INTER, E, TOPK = (DEEPSEEK_V3_MOE[k] for k in ("hidden", "inter", "experts", "topk"))
@@ -114,16 +114,7 @@ def test_fused_moe_v3_graph_and_poison(experts, monkeypatch):
     graph.replay()
     assert_exact(static_out, eager, "graph replay")
 
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        buf = empty(*args, **kwargs)
-        if buf.is_floating_point() and buf.element_size() >= 2:
-            return poison_(buf)
-        buf.view(torch.uint8).fill_(0x7F)
-        return buf
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty", poisoning(torch.empty))
     poisoned = fused_moe(x, experts.w13, experts.w2, *deepseek_route(logits, bias, **kw), **_kw(experts))
     monkeypatch.undo()
     assert_exact(poisoned, eager, "NaN-poisoned workspaces")

@@ -172,6 +172,19 @@ def master_weights():
     return w13.to(DEV), w2.to(DEV)
 
 
+def poisoning(empty):
+    """A torch.empty whose buffers start as NaN (2+ byte floats) or 0x7F bytes (fp8 NaN, large ints)."""
+
+    def poisoned_empty(*args, **kwargs):
+        buf = empty(*args, **kwargs)
+        if buf.is_floating_point() and buf.element_size() >= 2:
+            return poison_(buf)
+        buf.view(torch.uint8).fill_(0x7F)  # poison_ itself fails on these ("and t" of a multi-element tensor)
+        return buf
+
+    return poisoned_empty
+
+
 def _stack_kwargs(ew: ExpertWeights) -> dict:
     return dict(fmt=ew.fmt, w13_scale=ew.w13_scale, w2_scale=ew.w2_scale, w13_global_scale=ew.w13_global_scale,
                 w2_global_scale=ew.w2_global_scale)
@@ -205,16 +218,7 @@ def test_fused_moe_padding_never_leaks_nan(fmt, master_weights, monkeypatch):
     x = buf[:t]
     w, ids = _routing(t, seed=11)
     ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        buf = empty(*args, **kwargs)
-        if buf.is_floating_point() and buf.element_size() >= 2:
-            return poison_(buf)
-        buf.view(torch.uint8).fill_(0x7F)  # poison_ itself fails on these ("and t" of a multi-element tensor)
-        return buf
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty", poisoning(torch.empty))
     out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
     monkeypatch.undo()
     assert not torch.isnan(out).any()
