@@ -56,4 +56,5 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill an output buffer with NaN (floats) or 0x7F bytes so unwritten elements are caught."""
     if t.is_floating_point() and t.element_size() >= 2:
         return t.fill_(float("nan"))
-    return t.view(torch.uint8).fill_(0x7F) and t
+    t.view(torch.uint8).fill_(0x7F)
+    return t

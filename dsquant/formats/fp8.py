@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from dsquant.formats._checks import check_divisible, check_finite
+from dsquant.formats._checks import check_divisible, check_finite, div_ieee
 
 FP8_E4M3_MAX = 448.0
 FP8_BLOCK = 128
@@ -47,7 +47,7 @@ def ceil_to_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_scale(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
     """amax (any shape) -> float32 dequantization scale per group."""
-    scale = amax.float().clamp(min=FP8_AMAX_FLOOR) / FP8_E4M3_MAX
+    scale = div_ieee(amax.float().clamp(min=FP8_AMAX_FLOOR), FP8_E4M3_MAX)
     return ceil_to_ue8m0(scale) if ue8m0 else scale
 
 

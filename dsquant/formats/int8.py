@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from dsquant.formats._checks import check_finite
+from dsquant.formats._checks import check_finite, div_ieee
 
 INT8_MAX = 127
 INT8_AMAX_FLOOR = 1e-10
 
 
 def int8_scale(amax: torch.Tensor) -> torch.Tensor:
-    return amax.float().clamp(min=INT8_AMAX_FLOOR) / INT8_MAX
+    return div_ieee(amax.float().clamp(min=INT8_AMAX_FLOOR), INT8_MAX)
 
 
 def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

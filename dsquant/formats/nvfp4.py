@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from dsquant.formats._checks import check_divisible, check_finite
+from dsquant.formats._checks import check_divisible, check_finite, div_ieee
 from dsquant.formats.fp4 import FP4_E2M1_MAX, e2m1_to_float, pack_fp4, round_to_e2m1, unpack_fp4
 from dsquant.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX
 
@@ -40,12 +40,12 @@ NVFP4_GLOBAL_DIVISOR = FP8_E4M3_MAX * FP4_E2M1_MAX  # 2688
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
     """Tensor amax -> float32 global scale amax / 2688 (1.0 when amax is 0)."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / NVFP4_GLOBAL_DIVISOR, torch.ones_like(amax))
+    return torch.where(amax > 0, div_ieee(amax, NVFP4_GLOBAL_DIVISOR), torch.ones_like(amax))
 
 
 def nvfp4_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """Per-16 amax (float32) -> float8_e4m3fn block scales."""
-    return (block_amax / FP4_E2M1_MAX / global_scale).clamp(max=FP8_E4M3_MAX).to(FP8_DTYPE)
+    return (div_ieee(block_amax, FP4_E2M1_MAX) / global_scale).clamp(max=FP8_E4M3_MAX).to(FP8_DTYPE)
 
 
 def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None, *, name: str = "tensor"):

@@ -11,8 +11,6 @@ threshold; E4M3 rounding alone gives ~2e-4.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -26,42 +24,16 @@ from dsquant.kernels.mla import (
     slot_mapping_for,
 )
 from dsquant.kernels.mla.triton import default_num_splits
-from dsquant.kernels.testing import assert_close_global, calc_diff
+from dsquant.kernels.testing import assert_close_global, calc_diff, poison_
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def poison_(cache: torch.Tensor) -> torch.Tensor:
-    """NaN everywhere: bf16 NaN, or 0x7F bytes (E4M3 NaN) for 1-byte caches. (testing.poison_'s
-    1-byte branch evaluates `tensor and tensor`, which raises for more than one element.)"""
-    if cache.element_size() >= 2:
-        return cache.fill_(float("nan"))
-    cache.view(torch.uint8).fill_(0x7F)
-    return cache
 KINDS = ["bf16", "fp8", "fp8_ds"]
 MAX_DIFF = 1e-5
 SCALE = 576**-0.5
 
 
-def _interpreter_scalar_loop_bounds() -> None:
-    """Triton 3.6's interpreter gives scalars loaded from memory shape (1,) and then cannot use them
-    as `range` bounds under numpy 2 (int() of a 1-element array). Read the single element instead."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_dsquant_index_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch
-    interpreter._dsquant_index_patched = True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_scalar_loop_bounds()
 
 
 def make_cache(kind, lens, page_size=16, extra_pages=3, seed=0):

@@ -12,20 +12,13 @@ from dsquant.kernels.mla import (
     kv_cache_bytes_per_token,
     kv_cache_dtype,
 )
-from dsquant.kernels.testing import assert_exact, calc_diff
+from dsquant.kernels.testing import assert_exact, calc_diff, poison_
 
 from dsquant.formats.fp8 import quantize_fp8_per_tensor, quantize_fp8_per_token_group
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def poison_(cache: torch.Tensor) -> torch.Tensor:
-    """NaN everywhere: bf16 NaN, or 0x7F bytes (E4M3 NaN) for 1-byte caches. (testing.poison_'s
-    1-byte branch evaluates `tensor and tensor`, which raises for more than one element.)"""
-    if cache.element_size() >= 2:
-        return cache.fill_(float("nan"))
-    cache.view(torch.uint8).fill_(0x7F)
-    return cache
 
 
 def _tokens(t: int, dtype=torch.bfloat16, seed: int = 0):
