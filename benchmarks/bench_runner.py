@@ -19,10 +19,13 @@ import csv
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout, nothing installed
 
 
 def _env(device: str) -> dict:
