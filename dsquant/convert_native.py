@@ -4,7 +4,8 @@ amaxes (one pass, NaN/Inf flagged), and per-row INT8.
 `e2m1_pack(x, denom, block)` computes, for float32 x [..., K] and one float32 denominator per block of `block`
 elements, exactly what dsquant.formats does: y = x / denom (0 where denom == 0), E2M1 code by the format's
 thresholds (fp4.py: ties to even), sign from y < 0, two codes per byte with the even element in the low nibble.
-`int8_rows` is formats/int8.py: scale = max(amax, 1e-10) / 127, q = clamp(round-half-even(x / scale), +-127).
+`int8_rows` is formats/int8.py: scale = max(amax, 1e-10) / 127, q = clamp(round-half-even(x / scale), +-127),
+the rounding done by adding and subtracting 1.5 * 2^23 (exact for |x / scale| <= 127).
 IEEE division and comparisons only, compiled without fast-math and without FMA contraction, so results are
 bit-identical to the torch reference (tests/checkpoint/test_cpuquant.py checks it).
 
@@ -31,16 +32,10 @@ log = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 
-static inline uint8_t e2m1(float y) {
-    float a = fabsf(y);
-    uint8_t m = (uint8_t)((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f)
-                          + (a > 5.0f));
-    return (uint8_t)(m | ((y < 0.0f) << 3));
-}
-
-/* max |x| over each block of `block` values; returns 1 if any value is NaN or Inf (fmaxf would hide NaN). */
+/* max |x| over each block of `block` values; returns 1 if any value is NaN or Inf (a plain max would hide NaN). */
 int block_amax(const float *x, float *out, int64_t n_blocks, int64_t block) {
     int bad = 0;
     for (int64_t b = 0; b < n_blocks; ++b) {
@@ -57,7 +52,8 @@ int block_amax(const float *x, float *out, int64_t n_blocks, int64_t block) {
 }
 
 /* Per-row symmetric INT8 as formats/int8.py: scale = max(amax, 1e-10) / 127, q = clamp(rne(x / scale), +-127).
-   Returns 1 (and writes nothing meaningful) if a value is NaN or Inf. */
+   |x / scale| <= 127 (plus rounding), so adding and subtracting 1.5 * 2^23 rounds half to even exactly.
+   Returns 1 if a value is NaN or Inf. */
 int int8_rows(const float *x, float *scale, int8_t *q, int64_t rows, int64_t k) {
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * k;
@@ -71,27 +67,37 @@ int int8_rows(const float *x, float *scale, int8_t *q, int64_t rows, int64_t k) 
         if (bad) return 1;
         const float s = (m > 1e-10f ? m : 1e-10f) / 127.0f;
         scale[r] = s;
+        int8_t *qr = q + r * k;
         for (int64_t i = 0; i < k; ++i) {
-            float v = nearbyintf(xr[i] / s);
-            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-            q[r * k + i] = (int8_t)v;
+            float v = (xr[i] / s + 12582912.0f) - 12582912.0f;
+            v = v > 127.0f ? 127.0f : v;
+            v = v < -127.0f ? -127.0f : v;
+            qr[i] = (int8_t)(int32_t)v;
         }
     }
     return 0;
 }
 
-/* x: n_blocks * block float32, denom: n_blocks float32, out: n_blocks * block / 2 bytes. block is even. */
+/* y = x / denom per block (0 where denom <= 0), E2M1 code by fp4.py's thresholds, sign from y < 0, two codes
+   per byte (even element low). x: n_blocks * block float32; out: n_blocks * block / 2 bytes; block <= 64, even. */
 void e2m1_pack(const float *x, const float *denom, uint8_t *out, int64_t n_blocks, int64_t block) {
+    uint8_t codes[64];
     for (int64_t b = 0; b < n_blocks; ++b) {
         const float d = denom[b];
         const float *xb = x + b * block;
-        uint8_t *ob = out + b * (block / 2);
         if (d > 0.0f) {
-            for (int64_t i = 0; i < block / 2; ++i)
-                ob[i] = (uint8_t)(e2m1(xb[2 * i] / d) | (e2m1(xb[2 * i + 1] / d) << 4));
+            for (int64_t i = 0; i < block; ++i) {
+                const float y = xb[i] / d;
+                const float a = fabsf(y);
+                const int m = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f)
+                              + (a > 5.0f);
+                codes[i] = (uint8_t)(m | ((y < 0.0f) << 3));
+            }
         } else {
-            for (int64_t i = 0; i < block / 2; ++i) ob[i] = 0;
+            memset(codes, 0, (size_t)block);
         }
+        uint8_t *ob = out + b * (block / 2);
+        for (int64_t i = 0; i < block / 2; ++i) ob[i] = (uint8_t)(codes[2 * i] | (codes[2 * i + 1] << 4));
     }
 }
 """
@@ -154,7 +160,8 @@ def e2m1_pack(x: torch.Tensor, denom: torch.Tensor, block: int) -> torch.Tensor:
     assert lib is not None, "native E2M1 loop not available"
     x = x.contiguous()
     denom = denom.float().contiguous()
-    assert x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] % block == 0 and block % 2 == 0
+    assert x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] % block == 0
+    assert block % 2 == 0 and block <= 64, f"block {block}: the C loop packs blocks of up to 64 values"
     assert denom.numel() * block == x.numel(), f"{tuple(denom.shape)} denominators for {tuple(x.shape)} values"
     out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8)
     lib.e2m1_pack(x.data_ptr(), denom.data_ptr(), out.data_ptr(), denom.numel(), block)

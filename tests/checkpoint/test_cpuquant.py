@@ -86,3 +86,12 @@ def test_cpu_quantizers_refuse_nan_inf_with_the_tensor_name(fn, bad):
     w[7, 9] = bad
     with pytest.raises(ValueError, match=r"layers\.3\.mlp\.up_proj\.weight: holds"):
         fn(w, name="model.layers.3.mlp.up_proj.weight")
+
+
+def test_int8_rounds_exact_ties_to_even():
+    # amax 127 gives scale exactly 1.0, so these values are exact .5 ties: half-to-even gives 0, 2, 2, -2, 126.
+    row = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5, 125.5, -0.5, 3.5] * 16)
+    q, s = fast.quantize_int8_per_token(row.repeat(4, 1))
+    ref_q, ref_s = formats.quantize_int8_per_token(row.repeat(4, 1))
+    assert torch.equal(s, ref_s) and s[0, 0].item() == 1.0
+    assert torch.equal(q, ref_q) and q[0, :8].tolist() == [127, 0, 2, 2, -2, 126, 0, 4]
