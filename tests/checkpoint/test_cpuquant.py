@@ -52,7 +52,7 @@ def _weights(n: int, k: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("n,k", [(256, 512), (128, 1024), (384, 256)])
+@pytest.mark.parametrize("n,k", [(256, 512), (384, 256)])
 @pytest.mark.parametrize("fmt", ["fp8-block", "fp8-block-ue8m0", "int8", "nvfp4", "nvfp4-global", "mxfp4-ocp",
                                  "mxfp4-ceil"])
 def test_cpu_quantizers_bit_identical(fmt, n, k):
