@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from dsquant.kernels.moe import (
     ExpertWeights,
     deepseek_route,
@@ -16,6 +18,7 @@ from dsquant.kernels.moe import (
     moe_align,
     moe_align_ref,
 )
+from dsquant.kernels.moe.fused import _fp4_tiles
 from dsquant.kernels.moe.reference import quantize_experts
 from dsquant.kernels.testing import assert_close_global, assert_exact, poison_
 
@@ -340,3 +343,37 @@ def test_deepseek_route_single_expert_is_not_renormalised():
     w, ids = deepseek_route(logits, None, top_k=1, routed_scaling_factor=2.0, norm_topk_prob=True)
     assert ids.tolist() == [[1]]
     torch.testing.assert_close(w.cpu(), 2.0 * torch.sigmoid(torch.tensor([[2.0]])))
+
+
+@triton.jit
+def _fp4_decode_probe(w_ptr, s_ptr, even_ptr, odd_ptr, FMT: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    rows = tl.arange(0, N)
+    even, odd = _fp4_tiles(w_ptr, s_ptr, rows * (K // 2), rows * (K // (16 if FMT == 3 else 32)), 0, FMT, N, K)
+    offs = tl.arange(0, K // 2)[:, None] * N + rows[None, :]
+    tl.store(even_ptr + offs, even)
+    tl.store(odd_ptr + offs, odd)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_decode_is_exact(fmt):
+    """The in-register E2M1 decode against dsquant.formats, bit for bit: every code, subnormal and extreme scales."""
+    from dsquant.formats import dequantize_mxfp4, dequantize_nvfp4
+
+    n, k = 16, 64
+    g = torch.Generator().manual_seed(2)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    packed[0, :8] = torch.arange(0, 256, 32, dtype=torch.uint8) + torch.arange(8, dtype=torch.uint8)  # all nibbles
+    if fmt == "nvfp4":  # E4M3 bytes 0x01..0x7E: subnormal to 448 (NaN 0x7F excluded)
+        scale = torch.randint(1, 0x7F, (n, k // 16), dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+        want = dequantize_nvfp4(packed, scale, torch.tensor(1.0), dtype=torch.bfloat16)
+    else:  # E8M0 bytes 0 (2^-127) to 250 (2^123)
+        scale = torch.randint(0, 251, (n, k // 32), dtype=torch.uint8, generator=g)
+        scale[0, 0], scale[1, 1] = 0, 250
+        want = dequantize_mxfp4(packed, scale, dtype=torch.bfloat16)
+    even = torch.empty(k // 2, n, dtype=torch.bfloat16)
+    odd = torch.empty(k // 2, n, dtype=torch.bfloat16)
+    args = [t.to(DEV) for t in (packed, scale, even, odd)]
+    _fp4_decode_probe[(1,)](*args, FMT=3 if fmt == "nvfp4" else 4, N=n, K=k)
+    got = torch.empty(n, k, dtype=torch.bfloat16)
+    got[:, 0::2], got[:, 1::2] = args[2].cpu().t(), args[3].cpu().t()
+    assert_exact(got, want, f"{fmt} decoded weights")
