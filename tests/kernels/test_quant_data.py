@@ -25,9 +25,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels.quant.triton import div_rn_shared
+from dsquant.kernels.testing import assert_exact
 
 from dsquant.formats.fp4 import round_to_e2m1
-from dsquant.kernels.quant.triton import div_rn_shared
 
 ROW_KINDS = ("gauss", "e2m1_ties", "e4m3_ties", "int8_ties", "zeros", "sparse", "tiny", "huge", "mixed")
 TAME_KINDS = tuple(kind for kind in ROW_KINDS if kind != "huge")
@@ -73,6 +74,12 @@ def _row(kind: str, k: int, g: torch.Generator) -> torch.Tensor:
     assert kind == "mixed", kind
     mags = 10.0 ** (torch.rand(-(-k // 16), generator=g) * 20 - 10)
     return torch.randn(k, generator=g) * mags.repeat_interleave(16)[:k]
+
+
+def assert_outputs_exact(got: tuple, want: tuple, what: str) -> None:
+    """assert_exact over a kernel's output tuple (0-d tensors such as NVFP4's global scale as [1])."""
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert_exact(a.reshape(-1) if a.dim() == 0 else a, e.reshape(-1) if e.dim() == 0 else e, f"{what} output {i}")
 
 
 def adversarial(
@@ -198,7 +205,7 @@ def check_div_rn_shared(x: torch.Tensor, d: torch.Tensor) -> None:
     assert torch.equal(exact, (x.double() / d.double()).float()), "tl.div_rn is not IEEE here"
     normal = (exact.abs() >= 2.0**-126) | (exact == 0)
     bad = normal & (fast.view(torch.int32) != exact.view(torch.int32))
-    assert not bool(bad.any()), f"{int(bad.sum())} of {int(normal.sum())} quotients differ, e.g. x={x[bad][:3]} d={d[bad][:3]}"
+    assert not bool(bad.any()), f"{int(bad.sum())} of {int(normal.sum())} differ: x={x[bad][:3]} d={d[bad][:3]}"
 
 
 @pytest.mark.usefixtures("exact_interpreter")

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dsquant.formats.fp4 import E2M1_VALUES, pack_fp4, unpack_fp4
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.testing import assert_exact
-from tests.kernels.test_quant_data import E2M1_TIES, ROW_KINDS, TAME_KINDS, adversarial, exact_interpreter, gaussian
+
+from dsquant.formats.fp4 import E2M1_VALUES, pack_fp4, unpack_fp4
+from tests.kernels.test_quant_data import (
+    E2M1_TIES,
+    ROW_KINDS,
+    TAME_KINDS,
+    adversarial,
+    assert_outputs_exact,
+    exact_interpreter,
+    gaussian,
+)
 
 # Subnormal widening and tl.fma are inexact in the interpreter (see exact_interpreter).
 pytestmark = pytest.mark.usefixtures(exact_interpreter.__name__)
@@ -20,20 +28,15 @@ pytestmark = pytest.mark.usefixtures(exact_interpreter.__name__)
 SHAPES = [(1, 16), (7, 96), (18, 256), (3, 1024 + 64)]
 
 
-def _exact(got, want, what):
-    for i, (a, e) in enumerate(zip(got, want, strict=True)):
-        assert_exact(a.reshape(-1) if a.dim() == 0 else a, e.reshape(-1) if e.dim() == 0 else e, f"{what} output {i}")
-
-
 def _nvfp4(x, global_scale=None):
     got = quant.quantize_nvfp4(x, global_scale)
-    _exact(got, ref.quantize_nvfp4_ref(x, global_scale), "quantize_nvfp4")
+    assert_outputs_exact(got, ref.quantize_nvfp4_ref(x, global_scale), "quantize_nvfp4")
     return got
 
 
 def _mxfp4(x, rule="ocp"):
     got = quant.quantize_mxfp4(x, rule)
-    _exact(got, ref.quantize_mxfp4_ref(x, rule), f"quantize_mxfp4[{rule}]")
+    assert_outputs_exact(got, ref.quantize_mxfp4_ref(x, rule), f"quantize_mxfp4[{rule}]")
     return got
 
 

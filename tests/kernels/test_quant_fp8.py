@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.testing import assert_exact
+
 from tests.kernels.test_quant_data import adversarial, exact_interpreter, gaussian
 
 # Subnormal widening and tl.fma are inexact in the interpreter (see exact_interpreter).

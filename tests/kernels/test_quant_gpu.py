@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dsquant.formats.nvfp4 import nvfp4_global_scale
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_exact
+
+from dsquant.formats.nvfp4 import nvfp4_global_scale
 from tests.kernels.test_quant_data import (
-    ROW_KINDS, TAME_KINDS, adversarial, check_div_rn_shared, division_cases, gaussian,
+    ROW_KINDS,
+    TAME_KINDS,
+    adversarial,
+    assert_outputs_exact,
+    check_div_rn_shared,
+    division_cases,
+    gaussian,
 )
 
 pytestmark = pytest.mark.gpu
@@ -24,11 +30,6 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 HIDDEN = 7168
 ROWS = [1, 7, 128, 4096]
-
-
-def _exact(got, want, what):
-    for i, (a, e) in enumerate(zip(got, want, strict=True)):
-        assert_exact(a.reshape(-1) if a.dim() == 0 else a, e.reshape(-1) if e.dim() == 0 else e, f"{what} output {i}")
 
 
 def _activations(m: int, k: int = HIDDEN, seed: int = 0, kinds=None) -> torch.Tensor:
@@ -60,7 +61,7 @@ def _rows_exact(got, x, ref_fn, what, **kwargs):
     """Kernel outputs on the whole x, restricted to _band rows, == ref_fn on those rows of x on CPU."""
     rows = _band(x.shape[0])
     want = ref_fn(x[rows.to(x.device)].cpu(), **kwargs)
-    _exact(tuple(t if t.dim() == 0 else t[rows.to(t.device)] for t in got), want, what)
+    assert_outputs_exact(tuple(t if t.dim() == 0 else t[rows.to(t.device)] for t in got), want, what)
 
 
 def _cpu_global_scale(x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +144,9 @@ def test_div_rn_shared_matches_div_rn_gpu():
 def test_fp8_block_ue8m0_and_fp32_weights_gpu():
     w = _weight(576, HIDDEN, seed=6, kinds=ROW_KINDS)  # with the 1e35 rows
     wc = w.cpu()
-    _exact(quant.quantize_fp8_block(w, ue8m0=True), ref.quantize_fp8_block_ref(wc, ue8m0=True), "fp8 block ue8m0")
-    _exact(quant.quantize_fp8_block(w.float()), ref.quantize_fp8_block_ref(wc.float()), "fp8 block fp32 input")
+    want = ref.quantize_fp8_block_ref(wc, ue8m0=True)
+    assert_outputs_exact(quant.quantize_fp8_block(w, ue8m0=True), want, "fp8 block ue8m0")
+    assert_outputs_exact(quant.quantize_fp8_block(w.float()), ref.quantize_fp8_block_ref(wc.float()), "fp8 block fp32")
 
 
 def test_outputs_have_no_unwritten_bytes_gpu():
@@ -160,4 +162,4 @@ def test_outputs_have_no_unwritten_bytes_gpu():
         pool = [torch.empty(n, dtype=torch.uint8, device=DEVICE).fill_(fill) for n in sizes]
         del pool  # the caching allocator hands these same blocks to the next allocations of these sizes
         outs.append(run())
-    _exact(outs[0], outs[1], "outputs over two poisoned pools")
+    assert_outputs_exact(outs[0], outs[1], "outputs over two poisoned pools")
