@@ -9,7 +9,11 @@
     quantize_mxfp4(x, scale_rule="ocp") / dequantize_mxfp4(packed, scale, dtype)
 
 Each has a pure-torch twin `<name>_ref` in dsquant.kernels.quant.reference (CPU, no Triton). The kernels are
-imported on first use, so the references stay importable where Triton is not installed.
+imported on first use, so the references stay importable where Triton is not installed. Inputs must be
+finite: dsquant.formats raises ValueError on NaN/Inf, the kernels do not look (that would cost a host sync
+per call), so callers that take user tensors (convert) check first with dsquant.formats._checks.check_finite.
+Compare kernel output with the references evaluated on CPU tensors: torch on CUDA divides by a Python
+scalar through its reciprocal, so the references run on CUDA tensors can differ in the last bit.
 """
 
 from __future__ import annotations
