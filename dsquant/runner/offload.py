@@ -68,9 +68,12 @@ class _Resident:
 
 def stream_logits(
     path, windows: torch.Tensor, *, impl: str = "reference", device: str = "cpu", kv_cache: str = "bf16",
-    batch_size: int = 8, stats: StreamStats | None = None,
+    batch_size: int = 8, stats: StreamStats | None = None, on_layer=None,
 ):  # fmt: skip
-    """Yield (first window index, logits float32 [b, S, V]) per batch, after streaming all layers."""
+    """Yield (first window index, logits float32 [b, S, V]) per batch, after streaming all layers.
+
+    on_layer(layer index, block) is called once each layer is loaded, before it runs (calibration
+    registers its hooks there)."""
     stats = stats if stats is not None else StreamStats()
     model, reader = load_model(path, impl=impl, device=device, layers=False)
     resident = _Resident()
@@ -87,6 +90,8 @@ def stream_logits(
         t1 = time.perf_counter()
         resident.track(model)
         block = model.model.layers[layer]
+        if on_layer is not None:
+            on_layer(layer, block)
         with torch.no_grad():
             for j, h in enumerate(hidden):
                 cache = PagedLatentCache(1, h.shape[0], s, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache,
