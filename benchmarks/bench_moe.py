@@ -263,10 +263,10 @@ def ptxas_report(path: str) -> None:
                 n0 = len(captured)
                 fused_moe(x, ew.w13, ew.w2, torch.ones(4, 2), ids, **kw_of(ew), tiles=tiles)
                 captured[n0:] = [(f"{regime} {fmt}",) + c for c in captured[n0:] if "align" not in c[0].__name__]
-        for t in (64, 4096):  # alignment at V3 sizes: chunk and scan tiles depend on T
+        for t, e in ((64, E), (4096, E), (64, 384), (4096, 384)):  # alignment: V3 and Kimi-K2 expert counts
             n0 = len(captured)
-            moe_align(torch.zeros(t, TOPK, dtype=torch.int32), E, _tiles(t * TOPK, E, "fp8")["BLOCK_M"])
-            captured[n0:] = [(f"align T={t}",) + c for c in captured[n0:]]
+            moe_align(torch.zeros(t, TOPK, dtype=torch.int32), e, _tiles(t * TOPK, e, "fp8")["BLOCK_M"])
+            captured[n0:] = [(f"align T={t} E={e}",) + c for c in captured[n0:]]
         for name, e, kw in (("route V3", E, V3_ROUTER), ("route Kimi-K2", 384, dict(top_k=8))):
             n0 = len(captured)
             deepseek_route(torch.zeros(2, e), torch.zeros(e), **kw)

@@ -1,6 +1,7 @@
-"""Token/expert alignment (vLLM `moe_align_block_size`) in three Triton kernels, deterministic, no host sync.
+"""Token/expert alignment (vLLM `moe_align_block_size`) in Triton, deterministic, no host sync.
 
-The T*k routed slots are cut into chunks of CHUNK slots:
+Up to SINGLE_MAX slots (decode), one program does everything (_align_single_kernel). Beyond, the T*k routed slots
+are cut into chunks of CHUNK slots and three kernels run:
     1. count:   per chunk histogram [NC, E]; the same programs fill sorted_token_ids with the sentinel.
     2. scan:    one program, expert tile by expert tile: exclusive prefix over chunks (per expert) and over
                 padded experts, giving each (chunk, expert) its first output row, each expert its first block,
@@ -82,14 +83,59 @@ def _align_scatter_kernel(ids_ptr, chunk_row_ptr, sorted_ptr, block_start_ptr, e
         tl.store(expert_ids_ptr + b, owner, mask=(b < n_blocks) & (b0 + tl.arange(0, B_TILE) < blocks_per_prog))
 
 
+@triton.jit
+def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, numel, num_experts, rows, n_blocks,
+                         BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr,
+                         PAD_TILE: tl.constexpr, FILL_BLOCK: tl.constexpr, B_TILE: tl.constexpr):
+    """All three steps in one program for few slots (decode): one launch instead of three. Each output row is
+    written once (slots, then the sentinel into the padding rows only), so no ordering between threads is needed."""
+    e = tl.arange(0, E_PAD)
+    loc = tl.arange(0, CHUNK)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, numel, CHUNK):
+        m = c0 + loc < numel
+        counts += tl.histogram(tl.load(ids_ptr + c0 + loc, mask=m, other=0), E_PAD, mask=m)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    first_row = tl.cumsum(padded, 0) - padded  # [E_PAD]
+    total = tl.sum(padded, 0)
+    seen = tl.zeros([E_PAD], dtype=tl.int32)  # slots of each expert in earlier chunks
+    for c0 in range(0, numel, CHUNK):
+        m = c0 + loc < numel
+        ids = tl.load(ids_ptr + c0 + loc, mask=m, other=0)
+        rank = tl.zeros([CHUNK], dtype=tl.int32)
+        for s0 in range(0, CHUNK, SUB):
+            sl = s0 + tl.arange(0, SUB)
+            other = tl.load(ids_ptr + c0 + sl, mask=c0 + sl < numel, other=-1)
+            rank += tl.sum(((ids[:, None] == other[None, :]) & (sl[None, :] < loc[:, None])).to(tl.int32), 1)
+        tl.store(sorted_ptr + tl.gather(first_row + seen, ids, 0) + rank, c0 + loc, mask=m)
+        seen += tl.histogram(ids, E_PAD, mask=m)
+    for j0 in range(0, BLOCK_M, PAD_TILE):  # the sentinel into each expert's padding rows
+        j = j0 + tl.arange(0, PAD_TILE)
+        r = (first_row + counts)[:, None] + j[None, :]
+        pad = j[None, :] < (padded - counts)[:, None]
+        tl.store(sorted_ptr + r, tl.full([E_PAD, PAD_TILE], numel, tl.int32), mask=pad)
+    for r0 in range(total, rows, FILL_BLOCK):  # and into the rows past the total
+        r = r0 + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ptr + r, tl.full([FILL_BLOCK], numel, tl.int32), mask=r < rows)
+    starts = tl.where(e < num_experts, first_row // BLOCK_M, 2147483647)
+    for b0 in range(0, n_blocks, B_TILE):  # the owner of a block: the last expert starting at or before it
+        b = b0 + tl.arange(0, B_TILE)
+        owner = tl.sum((starts[None, :] <= b[:, None]).to(tl.int32), 1) - 1
+        tl.store(expert_ids_ptr + b, tl.where(b < total // BLOCK_M, owner, -1), mask=b < n_blocks)
+    tl.store(total_ptr, total)
+
+
 # performance hyper-parameters. NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25): route +
 # align took 17.8 us at 8192 slots with 128-slot chunks, but 156 us at 256-slot and 1160 us at 512-slot chunks
 # (the [CHUNK, SUB] rank compare outgrows the registers). Chunks stay at 128 slots; the scan tile stays near
 # 8K elements by narrowing its expert tile as the chunk count grows. ptxas -v for sm_90a agrees: the scatter kernel
 # spills 0 / 736 / 7860 bytes at 128 / 256 / 512-slot chunks; the one-program scan runs on 8 warps, where no
-# variant spills (benchmarks/results/moe_sm90_ptxas.csv). Chosen after the timed run, not yet timed.
+# variant spills (benchmarks/results/moe_sm90_ptxas.csv). The single-program path for decode sizes (route + align
+# measured 12.9-14.9 us for 1-64 tokens with three align kernels) saves two launches. All chosen after the timed
+# run and not yet timed.
 CHUNK = 128
 SCAN_TILE_ELEMS = 8192
+SINGLE_MAX = 512  # up to this many slots (64 tokens at top-8) one program does all: one launch instead of three
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -112,17 +158,22 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     total = torch.empty(1, dtype=torch.int32, device=dev)
     if numel == 0:
         return sorted_ids, expert_ids, total.zero_()
+    e_pad = triton.next_power_of_2(num_experts)
+    if numel <= SINGLE_MAX:
+        _align_single_kernel[(1,)](topk_ids, sorted_ids, expert_ids, total, numel, num_experts, rows, n_blocks,
+                                   BLOCK_M=block_m, CHUNK=CHUNK, SUB=64, E_PAD=e_pad, PAD_TILE=16, FILL_BLOCK=1024,
+                                   B_TILE=64, num_warps=8)
+        return sorted_ids, expert_ids, total
     n_chunks = -(-numel // CHUNK)
     nc_pad = max(triton.next_power_of_2(n_chunks), 2)
     counts = torch.empty((n_chunks, num_experts), dtype=torch.int32, device=dev)
     chunk_row = torch.empty((n_chunks, num_experts), dtype=torch.int32, device=dev)
     block_start = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
-    e_pad = triton.next_power_of_2(num_experts)
     _align_count_kernel[(n_chunks,)](topk_ids, counts, sorted_ids, numel, num_experts, rows, -(-rows // n_chunks),
                                      CHUNK=CHUNK, E_PAD=e_pad, FILL_BLOCK=1024, num_warps=4)
     _align_scan_kernel[(1,)](counts, chunk_row, block_start, total, n_chunks, num_experts, BLOCK_M=block_m,
                              NC_PAD=nc_pad, E_TILE=max(8, min(128, SCAN_TILE_ELEMS // nc_pad)), num_warps=8)
     _align_scatter_kernel[(n_chunks,)](topk_ids, chunk_row, sorted_ids, block_start, expert_ids, numel, num_experts,
                                        n_blocks, -(-n_blocks // n_chunks), CHUNK=CHUNK, SUB=64,
-                                       E_PAD=e_pad, B_TILE=64, num_warps=4)
+                                       E_PAD=e_pad, B_TILE=64 if e_pad <= 256 else 32, num_warps=4)
     return sorted_ids, expert_ids, total

@@ -122,9 +122,11 @@ def _ids(t, e, k, seed, skew=False):
     return ids.to(torch.int32).to(DEV)
 
 
-# (T, E, k, block_m, skew); 1100 x 8 slots make 69 chunks: a scan over more than 64 chunks, narrower expert tiles
+# (T, E, k, block_m, skew). Up to 512 slots one program aligns (50 x 8 skewed: runs across its 128-slot chunks);
+# 1800 slots take the three-kernel path, 1100 x 8 slots its scan over more than 64 chunks.
 ALIGN_CASES = [(1, 8, 2, 16, False), (16, 8, 2, 4, False), (7, 256, 8, 16, False), (300, 64, 6, 16, False),
-               (300, 64, 6, 64, True), (5, 384, 8, 16, False), (1100, 256, 8, 64, False)]
+               (300, 64, 6, 64, True), (5, 384, 8, 16, False), (1100, 256, 8, 64, False), (50, 64, 8, 16, True),
+               (64, 256, 8, 64, False)]
 
 
 @pytest.mark.parametrize("t, e, k, block_m, skew", ALIGN_CASES, ids=lambda v: str(v))
