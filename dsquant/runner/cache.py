@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dsquant.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX
-from dsquant.runner.ops import mla_attention_ref
+from dsquant.runner.ops import kernels_can_run, mla_attention_ref
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
 _TORCH = {"bf16": torch.bfloat16, "fp8": FP8_DTYPE}
@@ -103,7 +103,7 @@ class PagedLatentCache:
 
     def use_kernels(self, x: torch.Tensor) -> bool:
         """The MLA kernels serve DeepSeek's 512 + 64 latent on CUDA under impl="triton"."""
-        return self.impl == "triton" and x.is_cuda and (self.kv_lora_rank, self.rope_dim) == (512, 64)
+        return self.impl == "triton" and kernels_can_run(x) and (self.kv_lora_rank, self.rope_dim) == (512, 64)
 
     def __getitem__(self, layer: int) -> LayerCache:
         return self.layers[layer]

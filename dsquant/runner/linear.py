@@ -27,6 +27,7 @@ from dsquant.formats.fp8 import dequantize_fp8_block, dequantize_fp8_per_token_g
 from dsquant.formats.int8 import quantize_int8_per_token
 from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+from dsquant.runner.ops import kernels_can_run
 
 
 FORMATS = ("bf16", "fp8_block", "int8", "nvfp4", "mxfp4")
@@ -153,7 +154,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w is None:
             return F.linear(x, self.weight.to(x.dtype))
-        if self.impl == "triton" and self.w.fmt != "bf16" and x.is_cuda:
+        if self.impl == "triton" and self.w.fmt != "bf16" and kernels_can_run(x):
             return linear_triton(x, self.w)
         return linear_ref(x, self.w)
 

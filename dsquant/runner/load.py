@@ -82,7 +82,9 @@ class CheckpointReader:
         return name in self.weight_map
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        t = self._handle(name).get_tensor(name)
+        # a CPU tensor may alias the file mapping at any byte offset; kernels (TMA descriptors) need 16
+        return t.clone() if t.data_ptr() % 16 else t
 
     def layer_keys(self, layer: int) -> list[str]:
         prefix = f"model.layers.{layer}."
