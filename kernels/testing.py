@@ -23,13 +23,12 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
     """Bit-exact comparison (codes and scales): compares raw bytes, so -0/+0 and NaN payloads count."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    a = actual.detach().cpu().contiguous().view(torch.uint8)
-    e = expected.detach().cpu().contiguous().view(torch.uint8)
-    bad = (a != e).reshape(actual.shape[0] if actual.dim() else 1, -1) if actual.dim() else (a != e)
-    if bool(bad.any()):
-        idx = torch.nonzero(a != e)[:5].tolist()
-        n = int((a != e).sum())
-        raise AssertionError(f"{what}: {n} of {a.numel()} bytes differ; first byte indices {idx}")
+    a = actual.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    e = expected.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    diff = a != e
+    if bool(diff.any()):
+        idx = torch.nonzero(diff)[:5].flatten().tolist()
+        raise AssertionError(f"{what}: {int(diff.sum())} of {a.numel()} bytes differ; first byte indices {idx}")
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -1,12 +1,14 @@
 """Test-harness fixes for two known bugs of the Triton interpreter (TRITON_INTERPRET=1).
 
-1. Float downcasts (fp32 -> bf16 / fp16 / fp8) truncate or round half-up on the mantissa bits
-   instead of rounding to nearest-even, so kernel codes would differ from the reference (and
-   from the compiled kernel) in the last bit. The fix performs the cast with torch, which rounds
-   to nearest-even, saturating fp8 to its finite range as the compiled `cvt.rn.satfinite` does.
+1. Float casts: downcasts (fp32 -> bf16 / fp16 / fp8) truncate or round half-up on the mantissa
+   bits instead of rounding to nearest-even, and widening casts flush subnormal inputs to zero and
+   read the E4M3 NaN byte 0xFF as -480. The fix performs every such cast with torch: exact
+   widening, and downcasts rounded to nearest-even, saturating fp8 to its finite range as the
+   compiled `cvt.rn.satfinite` does.
 2. `tl.dot` on bfloat16 operands multiplies the raw uint16 bit patterns. The fix widens bf16
    operands to float32 (exact) before the product.
-3. With numpy >= 2.4, `int()` of a 1-element array raises, which the interpreter does for a loop
+3. `tl.fma` rounds twice (product, then sum); the fix rounds once, as the GPU's fma does.
+4. With numpy >= 2.4, `int()` of a 1-element array raises, which the interpreter does for a loop
    bound computed at run time (`range(k_lo, k_hi)`); the fix reads the element instead.
 
 Kernels and tolerances are untouched: these patch the interpreter only, and only in tests.
@@ -29,6 +31,22 @@ def _torch_dtype(tl_dtype):
     return _TORCH_FLOAT.get(getattr(tl_dtype, "name", None))
 
 
+def fma_float32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 x * y + z (one rounding), as the GPU's fma: float64 holds the product
+    exactly; the sum's float64 rounding error (two-sum) decides the rare float32 midpoint cases."""
+    x64, y64, z64 = (np.asarray(v, dtype=np.float32).astype(np.float64) for v in (x, y, z))
+    with np.errstate(all="ignore"):
+        p = x64 * y64
+        s = p + z64
+        bp = s - p
+        err = (p - (s - bp)) + (z64 - bp)  # p + z == s + err exactly (finite inputs)
+        r = s.astype(np.float32)
+        toward = np.nextafter(r, np.where(s > r.astype(np.float64), np.float32(np.inf), np.float32(-np.inf)))
+        mid = (r.astype(np.float64) + toward.astype(np.float64)) / 2
+        fix = (s == mid) & (err != 0) & np.isfinite(s) & (np.sign(err) == np.sign(mid - r.astype(np.float64)))
+    return np.where(fix, toward, r)
+
+
 def apply() -> bool:
     """Patch the interpreter in place; returns False if this Triton has no interpreter module."""
     try:
@@ -44,7 +62,7 @@ def apply() -> bool:
     def convert_float(input, input_dtype, output_dtype, rounding_mode):
         src, dst = _torch_dtype(input_dtype), _torch_dtype(output_dtype)
         downcast = input_dtype.primitive_bitwidth > output_dtype.primitive_bitwidth
-        if src is None or dst is None or not downcast or rounding_mode == ir.ROUNDING_MODE.RTZ:
+        if src is None or dst is None or (downcast and rounding_mode == ir.ROUNDING_MODE.RTZ):
             return original(input, input_dtype, output_dtype, rounding_mode)
         raw = torch.from_numpy(np.ascontiguousarray(input).view(_NP_BITS[input_dtype.primitive_bitwidth]).copy())
         x = raw.view(_BITS[input_dtype.primitive_bitwidth]).view(src).float()
@@ -70,6 +88,15 @@ def apply() -> bool:
         return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     builder_cls.create_dot = create_dot
+
+    original_fma = builder_cls.create_fma
+
+    def create_fma(self, x, y, z):
+        if z.data.dtype != np.float32:
+            return original_fma(self, x, y, z)
+        return interpreter.TensorHandle(fma_float32(x.data, y.data, z.data), z.dtype.scalar)
+
+    builder_cls.create_fma = create_fma
 
     original_patch_tensor = interpreter._patch_lang_tensor
 

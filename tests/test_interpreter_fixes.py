@@ -2,8 +2,11 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
+
+from tests.interpreter_fixes import fma_float32
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
 
@@ -59,3 +62,31 @@ def test_runtime_loop_bounds():
     out = torch.empty(1)
     _runtime_loop_kernel[(1,)](x, out, 10)
     assert out.item() == 45.0
+
+
+def test_fma_float32_rounds_once():
+    """Cases where two roundings differ from one: the product's low bits decide a float32 tie."""
+    x = np.float32(1 + 2.0**-12)
+    got = fma_float32(np.array([x]), np.array([x]), np.array([np.float32(-1)]))  # 2^-11 + 2^-24 exactly
+    assert got[0] == np.float32(2.0**-11 + 2.0**-24)
+    assert np.float32(x * x) - np.float32(1) != got[0]  # the two-rounding result loses the 2^-24
+    a, b = np.float32(1 + 2.0**-23), np.float32(1 - 2.0**-24)
+    # a * b = 1 + 2^-24 - 2^-47: a float64 sum rounds it to the float32 midpoint 1 + 2^-24; one rounding gives 1
+    assert fma_float32(np.array([a]), np.array([b]), np.array([np.float32(0)]))[0] == np.float32(1)
+
+
+@triton.jit
+def _widen_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs).to(tl.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_widening_keeps_subnormals_and_nan(dtype):
+    bits = torch.arange(256, dtype=torch.int32)
+    x = (bits.to(torch.int16) if dtype == torch.bfloat16 else bits.to(torch.uint8)).view(dtype)
+    out = torch.empty(256)
+    _widen_kernel[(1,)](x, out, N=256)
+    expected = x.float()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(out[~torch.isnan(out)], expected[~torch.isnan(expected)])

@@ -17,11 +17,8 @@ two so that exact ties survive the scaling:
 
 from __future__ import annotations
 
-import os
-
 import ml_dtypes
 import numpy as np
-import pytest
 import torch
 import triton
 import triton.language as tl
@@ -107,59 +104,6 @@ def gaussian(m: int, k: int, *, seed: int = 0, dtype: torch.dtype = torch.bfloat
     return x.to(dtype)
 
 
-def fma_float32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Correctly rounded float32 x * y + z (one rounding), as the GPU's fma: float64 holds the product
-    exactly; the sum's float64 rounding error (two-sum) decides the rare float32 midpoint cases."""
-    x64, y64, z64 = (np.asarray(v, dtype=np.float32).astype(np.float64) for v in (x, y, z))
-    with np.errstate(all="ignore"):
-        p = x64 * y64
-        s = p + z64
-        bp = s - p
-        err = (p - (s - bp)) + (z64 - bp)  # p + z == s + err exactly (finite inputs)
-        r = s.astype(np.float32)
-        toward = np.nextafter(r, np.where(s > r.astype(np.float64), np.float32(np.inf), np.float32(-np.inf)))
-        mid = (r.astype(np.float64) + toward.astype(np.float64)) / 2
-        fix = (s == mid) & (err != 0) & np.isfinite(s) & (np.sign(err) == np.sign(mid - r.astype(np.float64)))
-    return np.where(fix, toward, r)
-
-
-@pytest.fixture
-def exact_interpreter(monkeypatch):
-    """Under TRITON_INTERPRET=1, make two interpreter operations exact, as they are when compiled.
-
-    - Widening casts: the Triton 3.6 interpreter's `_convert_float` rebuilds the exponent of a
-      subnormal input and clamps it at 0 without shifting the significand, so a bf16 subnormal
-      (1e-40) becomes +-0 in float32, and it widens the e4m3 NaN byte 0xFF to -480. torch widens here.
-    - tl.fma: the interpreter computes x * y + z with two float32 roundings; the GPU rounds once.
-    tests/interpreter_fixes.py patches downcasts and bf16 dots only; this fixture patches these two,
-    for one test at a time.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    from triton.runtime import interpreter
-
-    torch_of = {"bf16": (torch.bfloat16, torch.int16, np.uint16), "fp16": (torch.float16, torch.int16, np.uint16),
-                "fp8e4nv": (torch.float8_e4m3fn, torch.uint8, np.uint8)}
-    inner = interpreter._convert_float
-
-    def convert_float(input, input_dtype, output_dtype, rounding_mode):
-        src = torch_of.get(getattr(input_dtype, "name", None))
-        if src is None or getattr(output_dtype, "name", None) != "fp32":
-            return inner(input, input_dtype, output_dtype, rounding_mode)
-        raw = torch.from_numpy(np.ascontiguousarray(input).view(src[2]).copy()).view(src[1]).view(src[0])
-        return raw.float().view(torch.int32).numpy().view(np.uint32)
-
-    inner_fma = interpreter.InterpreterBuilder.create_fma
-
-    def create_fma(self, x, y, z):
-        if z.data.dtype != np.float32:
-            return inner_fma(self, x, y, z)
-        return interpreter.TensorHandle(fma_float32(x.data, y.data, z.data), z.dtype.scalar)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert_float)
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fma", create_fma)
-
-
 def division_cases(n: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, d) float32 pairs, d > 0, for checking div_rn_shared against tl.div_rn: random bit patterns over
     2^-60..2^60, divisors with mantissas near 2 (reciprocal at the bottom of its binade, the hardest case),
@@ -208,21 +152,9 @@ def check_div_rn_shared(x: torch.Tensor, d: torch.Tensor) -> None:
     assert not bool(bad.any()), f"{int(bad.sum())} of {int(normal.sum())} differ: x={x[bad][:3]} d={d[bad][:3]}"
 
 
-@pytest.mark.usefixtures("exact_interpreter")
 def test_div_rn_shared_matches_div_rn():
     x, d = division_cases(1 << 14, seed=3)
     check_div_rn_shared(x, d)
-
-
-def test_fma_float32_rounds_once():
-    """Cases where two roundings differ from one: the product's low bits decide a float32 tie."""
-    x = np.float32(1 + 2.0**-12)
-    got = fma_float32(np.array([x]), np.array([x]), np.array([np.float32(-1)]))  # 2^-11 + 2^-24 exactly
-    assert got[0] == np.float32(2.0**-11 + 2.0**-24)
-    assert np.float32(x * x) - np.float32(1) != got[0]  # the two-rounding result loses the 2^-24
-    a, b = np.float32(1 + 2.0**-23), np.float32(1 - 2.0**-24)
-    # a * b = 1 + 2^-24 - 2^-47: a float64 sum rounds it to the float32 midpoint 1 + 2^-24; one rounding gives 1
-    assert fma_float32(np.array([a]), np.array([b]), np.array([np.float32(0)]))[0] == np.float32(1)
 
 
 def test_e2m1_rows_hit_every_tie_exactly():

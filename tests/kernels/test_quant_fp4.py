@@ -18,12 +18,8 @@ from tests.kernels.test_quant_data import (
     TAME_KINDS,
     adversarial,
     assert_outputs_exact,
-    exact_interpreter,
     gaussian,
 )
-
-# Subnormal widening and tl.fma are inexact in the interpreter (see exact_interpreter).
-pytestmark = pytest.mark.usefixtures(exact_interpreter.__name__)
 
 SHAPES = [(1, 16), (7, 96), (18, 256), (3, 1024 + 64)]
 

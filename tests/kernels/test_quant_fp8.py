@@ -11,10 +11,7 @@ from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.testing import assert_exact
 
-from tests.kernels.test_quant_data import adversarial, exact_interpreter, gaussian
-
-# Subnormal widening and tl.fma are inexact in the interpreter (see exact_interpreter).
-pytestmark = pytest.mark.usefixtures(exact_interpreter.__name__)
+from tests.kernels.test_quant_data import adversarial, gaussian
 
 SHAPES = [(1, 128), (7, 384), (18, 256), (3, 1024 + 128)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
