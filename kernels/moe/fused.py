@@ -3,8 +3,9 @@
 Rows are the routed slots in moe_align order; every BLOCK_M rows belong to one expert. Per format, the tensor cores
 see (spec: reference.expert_mlp_ref):
     bf16   bf16 x bf16
-    fp8    x quantized 1x128 inside the gate_up kernel, the activation by the gate_up epilogue (BLOCK_N = 128 is one
-           group); fp8 x fp8 per 128-deep K step, scaled by a_scale x w_scale of the 128x128 block
+    fp8    x quantized 1x128 inside the gate_up kernel (decode tiles) or once up front (prefill tiles), the
+           activation by the gate_up epilogue (BLOCK_N = 128 is one group); fp8 x fp8 per 128-deep K step, scaled by
+           a_scale x w_scale of the 128x128 block
     int8   rows pre-quantized per token (x and the activation, _quant_int8_rows); int32 accumulation, scaled at the end
     nvfp4  W4A16: E2M1 x block scale decoded to bf16 in registers (exact: at most 6 significant bits), global scale
     mxfp4  on the accumulator; MXFP4 the same with power-of-two scales and no global scale. The even and odd K
