@@ -200,7 +200,7 @@ def load_model(
     reader = CheckpointReader(path)
     args = reader.args
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp)
+    model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp).eval()
     names = [k for k in reader.keys() if not _LAYER.match(k)]
     if layers:
         n = args.n_layers + (args.n_mtp_layers if mtp else 0)

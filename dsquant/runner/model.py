@@ -18,7 +18,7 @@ from torch import nn
 from dsquant.kernels.rope.reference import rope_cache_ref
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.linear import QuantLinear
-from dsquant.runner.ops import KernelOps
+from dsquant.runner.ops import KernelOps, kernels_can_run
 from dsquant.runner.routing import route
 
 
@@ -119,8 +119,17 @@ class Gate(Weighted):
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, impl: str):
+    """Routed experts + shared expert. On the triton path, experts stored as bf16, FP8-block, INT8 or
+    weight-only MXFP4 run through dsquant.kernels.moe.fused_moe (one grouped launch); NVFP4 experts (W4A4
+    here, W4A16 in that kernel) and the reference path loop over the experts' own linears."""
+
+    _FUSED_FORMATS = {("bf16", "none"): "bf16", ("fp8_block", "fp8_group"): "fp8", ("int8", "int8_token"): "int8",
+                      ("mxfp4", "none"): "mxfp4"}  # fmt: skip
+
+    def __init__(self, args: ModelArgs, impl: str, ops: KernelOps | None = None):
         super().__init__()
+        self.ops = ops
+        self._stack: tuple | None = None  # (identity of the loaded weights, ExpertWeights)
         self.gate = Gate(args)
         self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim, impl) for _ in range(args.n_routed_experts))
         self.shared_experts = (
@@ -128,12 +137,40 @@ class MoE(nn.Module):
         )
         self.last_counts: torch.Tensor | None = None  # tokens per expert in the last forward (bias update, tests)
 
+    def _fused_stack(self, x: torch.Tensor):
+        """The experts stacked for fused_moe (built once per load), or None when the loop must run."""
+        if self.ops is None or self.ops.impl != "triton" or not kernels_can_run(x) or self.training:
+            return None
+        ws = [(e.gate_proj.w, e.up_proj.w, e.down_proj.w) for e in self.experts]
+        if any(w is None for t in ws for w in t):
+            return None
+        kinds = {(w.fmt, w.act) for t in ws for w in t}
+        if len(kinds) != 1 or next(iter(kinds)) not in self._FUSED_FORMATS:
+            return None
+        key = id(ws[0][0].q)
+        if self._stack is None or self._stack[0] != key:
+            from dsquant.kernels.moe import stack_experts
+
+            fmt = self._FUSED_FORMATS[next(iter(kinds))]
+            parts = [[(w.q, w.scale, w.global_scale) for w in col] for col in zip(*ws)]
+            self._stack = (key, stack_experts(fmt, *parts))
+        return self._stack[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x)
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts))
         self.last_counts = counts
+        stack = self._fused_stack(x)
+        if stack is not None:
+            from dsquant.kernels.moe import fused_moe
+
+            y = fused_moe(x.to(torch.bfloat16), stack.w13, stack.w2, weights, ids.to(torch.int32), fmt=stack.fmt,
+                          w13_scale=stack.w13_scale, w2_scale=stack.w2_scale).float()  # fmt: skip
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x).float()
+            return y.to(x.dtype).view(shape)
         y = torch.zeros_like(x, dtype=torch.float32)
         for e in torch.nonzero(counts).flatten().tolist():
             rows, slot = torch.where(ids == e)
@@ -147,7 +184,7 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, ops: KernelOps, impl: str):
         super().__init__()
         self.self_attn = MLA(args, ops, impl)
-        self.mlp = MoE(args, impl) if args.is_moe_layer(layer) else MLP(args.dim, args.inter_dim, impl)
+        self.mlp = MoE(args, impl, ops) if args.is_moe_layer(layer) else MLP(args.dim, args.inter_dim, impl)
         self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps, ops)
         self.ops, self.eps = ops, args.rms_norm_eps
