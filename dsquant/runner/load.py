@@ -226,6 +226,8 @@ def load_layer(model: Transformer, reader: CheckpointReader, layer: int, device)
 def unload_layer(model: Transformer, layer: int) -> None:
     """Drop the layer's weights so only one layer stays resident while streaming."""
     for mod in model.model.layers[layer].modules():
+        if hasattr(mod, "_stack"):  # MoE: the experts stacked for the fused kernel are a copy
+            mod._stack = None
         if isinstance(mod, QuantLinear):
             mod.w, mod.weight = None, None
         elif isinstance(mod, Weighted):
