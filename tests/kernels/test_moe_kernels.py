@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import pytest
 import torch
 import triton
@@ -24,26 +21,6 @@ from dsquant.kernels.testing import assert_close_global, assert_exact, poison_
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _interpreter_scalar_loop_bounds() -> None:
-    """Triton 3.6's interpreter passes scalar kernel arguments as shape-(1,) arrays, which numpy 2 refuses to turn
-    into `range` bounds (int() of a 1-element array). Read the single element instead (interpreter only)."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_dsquant_index_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch
-    interpreter._dsquant_index_patched = True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_scalar_loop_bounds()
 
 # Router configs of the checkpoints served: (E, kwargs).
 ROUTERS = {
