@@ -16,23 +16,41 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int, max_tokens: int, device: str) -> dict:
-    """Convert the demo model with each recipe into out_dir/<recipe>, then one eval pass over all of them."""
+CALIBRATION_TOKENS = 8192
+
+
+def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int, max_tokens: int, device: str,
+             calibrate: bool = True) -> dict:  # fmt: skip
+    """Convert the demo model with each recipe into out_dir/<recipe>, then one eval pass over all of them.
+
+    With calibrate, NVFP4 recipes are also converted with activation scales calibrated on the stdlib
+    *train* split (rows "<recipe>+calib"), so the table shows calibrated against the default scales.
+    """
     from dsquant.convert import convert
     from dsquant.demo import demo_model_dir
+    from dsquant.runner.calibrate import calibrate as run_calibration
+    from dsquant.runner.data import stdlib_text
     from dsquant.runner.evaluate import evaluate, load_text
 
     src = demo_model_dir()
-    dsts = []
+    dsts, names, scales = [], [], None
     for recipe in recipes:
-        dst = out_dir / recipe
-        convert(src, dst, recipe, device=device, progress=False)
-        dsts.append(dst)
+        variants = [(recipe, None)]
+        if calibrate and recipe.startswith("nvfp4"):
+            if scales is None:
+                train_text, _ = stdlib_text("train")
+                scales = run_calibration(src, train_text[: 8 * CALIBRATION_TOKENS], seq_len=512,
+                                         max_tokens=CALIBRATION_TOKENS, device=device)  # fmt: skip
+            variants.append((f"{recipe}+calib", scales))
+        for name, cal in variants:
+            convert(src, out_dir / name, recipe, device=device, progress=False, calibration=cal)
+            dsts.append(out_dir / name)
+            names.append(name)
     text, info = load_text()
     out = evaluate(dsts, base=src, text=text, text_info=info, seq_len=seq_len, max_tokens=max_tokens,
                    device=device)  # fmt: skip
-    for row, recipe, dst in zip(out["results"], recipes, dsts):
-        row.update(name=recipe, bytes=_size(dst))
+    for row, name, dst in zip(out["results"], names, dsts):
+        row.update(name=name, bytes=_size(dst))
     out["base"].update(name="source (fp8, DeepSeek native)", bytes=_size(Path(src)))
     return out
 
@@ -51,8 +69,10 @@ def demo(
     out: Path = typer.Option(None, "--out", help="Keep the converted checkpoints here (default: a temporary folder)."),
     recipe: list[str] = typer.Option(None, "--recipe", "-r", help="Recipes to run (repeatable; default: all shipped)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per evaluation window."),
-    max_tokens: int = typer.Option(16384, "--max-tokens", help="Evaluation tokens (held-out stdlib source)."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Evaluation tokens (held-out stdlib source)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Also convert NVFP4 recipes with "
+                                   "activation scales calibrated on the stdlib train split."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Convert the bundled demo model (a small DeepSeek-V3 trained on the Python stdlib source, shipped in FP8)
@@ -67,10 +87,11 @@ def demo(
             out.mkdir(parents=True, exist_ok=True)
             if any(out.iterdir()):
                 fail(f"--out {out}: folder is not empty")
-            result = run_demo(out, names, seq_len=seq_len, max_tokens=max_tokens, device=device)
+            result = run_demo(out, names, seq_len=seq_len, max_tokens=max_tokens, device=device, calibrate=calibrate)
         else:
             with tempfile.TemporaryDirectory(prefix="dsquant-demo-") as tmp:
-                result = run_demo(Path(tmp), names, seq_len=seq_len, max_tokens=max_tokens, device=device)
+                result = run_demo(Path(tmp), names, seq_len=seq_len, max_tokens=max_tokens, device=device,
+                                  calibrate=calibrate)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
