@@ -56,11 +56,11 @@ def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int, max_tokens: int
 
 
 def print_demo_table(out: dict) -> None:
-    typer.echo(f"{'recipe':<22} {'size':>8} {'ppl':>8} {'delta':>8} {'KLD':>9} {'top-1':>7}")
+    typer.echo(f"{'recipe':<30} {'size':>8} {'ppl':>8} {'delta':>8} {'KLD':>9} {'top-1':>7}")
     b = out["base"]
-    typer.echo(f"{b['name'][:22]:<22} {b['bytes'] / 1e6:>6.2f}MB {b['ppl']:>8.4f} {'-':>8} {'-':>9} {'-':>7}")
+    typer.echo(f"{b['name']:<30} {b['bytes'] / 1e6:>6.2f}MB {b['ppl']:>8.4f} {'-':>8} {'-':>9} {'-':>7}")
     for r in out["results"]:
-        typer.echo(f"{r['name']:<22} {r['bytes'] / 1e6:>6.2f}MB {r['ppl']:>8.4f} {r['delta_ppl_pct']:>+7.2f}% "
+        typer.echo(f"{r['name']:<30} {r['bytes'] / 1e6:>6.2f}MB {r['ppl']:>8.4f} {r['delta_ppl_pct']:>+7.2f}% "
                    f"{r['kld']:>9.5f} {100 * r['top1']:>6.2f}%")  # fmt: skip
 
 
