@@ -34,15 +34,15 @@ def _finite(amax: torch.Tensor, x: torch.Tensor, name: str) -> None:
         check_finite(x, name)  # raises with the NaN/Inf counts
 
 
-def _block_amax(xf: torch.Tensor, block: int, name: str) -> torch.Tensor:
-    """x float32 [..., K] -> max |x| over consecutive blocks of `block` -> [..., K // block]; NaN/Inf raise."""
-    if native.available() and xf.device.type == "cpu":
-        amax, bad = native.block_amax(xf, block)
+def _block_amax(x: torch.Tensor, block: int, name: str) -> torch.Tensor:
+    """x [..., K] -> float32 max |x| over consecutive blocks of `block` -> [..., K // block]; NaN/Inf raise."""
+    if native.accepts(x):
+        amax, bad = native.block_amax(x, block)
         if bad:
-            check_finite(xf, name)
+            check_finite(x, name)
         return amax
-    amax = xf.abs().reshape(*xf.shape[:-1], xf.shape[-1] // block, block).amax(dim=-1)
-    _finite(amax, xf, name)
+    amax = x.float().abs().reshape(*x.shape[:-1], x.shape[-1] // block, block).amax(dim=-1)
+    _finite(amax, x, name)
     return amax
 
 
@@ -62,7 +62,7 @@ def quantize_fp8_block(w: torch.Tensor, block_size: int = FP8_BLOCK, *, ue8m0: b
         return fp8.quantize_fp8_block(w, block_size, ue8m0=ue8m0, name=name)
     wf = w.float()
     wb = wf.reshape(n // block_size, block_size, k // block_size, block_size)
-    if native.available() and wf.device.type == "cpu":  # one pass: 1x128 amaxes, then max over 128 rows
+    if native.accepts(wf):  # one pass: 1x128 amaxes, then max over 128 rows
         amax = _block_amax(wf, block_size, name).reshape(n // block_size, block_size, k // block_size).amax(dim=1)
     else:
         amax = wb.abs().amax(dim=(1, 3))
@@ -74,12 +74,12 @@ def quantize_fp8_block(w: torch.Tensor, block_size: int = FP8_BLOCK, *, ue8m0: b
 
 def quantize_int8_per_token(x: torch.Tensor, *, name: str = "tensor"):
     """x [..., K] -> (q int8 [..., K]; scale float32 [..., 1]), as formats.int8."""
-    xf = x.float()
-    if native.available() and xf.dim() == 2 and xf.device.type == "cpu":
-        out = native.int8_rows(xf)
+    if native.accepts(x) and x.dim() == 2:
+        out = native.int8_rows(x)
         if out is None:
-            check_finite(xf, name)
+            check_finite(x, name)
         return out
+    xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
     _finite(amax, x, name)
     scale = int8_scale(amax)
@@ -91,15 +91,15 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None, *,
     k = x.shape[-1]
     if k % NVFP4_BLOCK:
         return nvfp4.quantize_nvfp4(x, global_scale, name=name)
-    xf = x.float()
-    bamax = _block_amax(xf, NVFP4_BLOCK, name)
+    bamax = _block_amax(x, NVFP4_BLOCK, name)
     if global_scale is None:
         global_scale = nvfp4_global_scale(bamax.amax())
     global_scale = global_scale.float().reshape(())
     block_scale = nvfp4_block_scale(bamax, global_scale)
     denom = (block_scale.float() * global_scale).unsqueeze(-1)
-    if native.available() and xf.device.type == "cpu":
-        return native.e2m1_pack(xf, denom, NVFP4_BLOCK), block_scale, global_scale
+    if native.accepts(x):
+        return native.e2m1_pack(x, denom, NVFP4_BLOCK), block_scale, global_scale
+    xf = x.float()
     y = xf.reshape(bamax.shape + (NVFP4_BLOCK,)) / denom
     if not bool((denom > 0).all()):
         y = torch.where(denom > 0, y, torch.zeros_like(y))
@@ -112,11 +112,11 @@ def quantize_mxfp4(x: torch.Tensor, *, scale_rule: str = "ocp", name: str = "ten
     k = x.shape[-1]
     if k % MXFP4_BLOCK:
         return mxfp4.quantize_mxfp4(x, scale_rule=scale_rule, name=name)
-    xf = x.float()
-    bamax = _block_amax(xf, MXFP4_BLOCK, name)
+    bamax = _block_amax(x, MXFP4_BLOCK, name)
     scale = (mxfp4_scale_exponent(bamax, scale_rule) + E8M0_BIAS).to(torch.uint8)
-    if native.available() and xf.device.type == "cpu":
-        return native.e2m1_pack(xf, e8m0_to_float(scale), MXFP4_BLOCK), scale
+    if native.accepts(x):
+        return native.e2m1_pack(x, e8m0_to_float(scale), MXFP4_BLOCK), scale
+    xf = x.float()
     y = xf.reshape(bamax.shape + (MXFP4_BLOCK,)) / e8m0_to_float(scale).unsqueeze(-1)
     return pack_fp4(e2m1_codes(y.reshape(x.shape))), scale
 

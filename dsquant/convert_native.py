@@ -1,7 +1,7 @@
 """Small C loops for the steps torch cannot do in few passes on a CPU: E2M1 rounding + FP4 packing, block
 amaxes (one pass, NaN/Inf flagged), and per-row INT8.
 
-`e2m1_pack(x, denom, block)` computes, for float32 x [..., K] and one float32 denominator per block of `block`
+`e2m1_pack(x, denom, block)` computes, for x [..., K] (float32 or BF16) and one float32 denominator per block of `block`
 elements, exactly what dsquant.formats does: y = x / denom (0 where denom == 0), E2M1 code by the format's
 thresholds (fp4.py: ties to even), sign from y < 0, two codes per byte with the even element in the low nibble.
 `int8_rows` is formats/int8.py: scale = max(amax, 1e-10) / 127, q = clamp(round-half-even(x / scale), +-127),
@@ -33,73 +33,77 @@ log = logging.getLogger(__name__)
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
-#include <math.h>
 
-/* max |x| over each block of `block` values; returns 1 if any value is NaN or Inf (a plain max would hide NaN). */
-int block_amax(const float *x, float *out, int64_t n_blocks, int64_t block) {
-    int bad = 0;
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const float *xb = x + b * block;
-        float m = 0.0f;
-        for (int64_t i = 0; i < block; ++i) {
-            float a = fabsf(xb[i]);
-            bad |= !(a <= 3.4028234663852886e38f);
-            m = a > m ? a : m;
-        }
-        out[b] = m;
-    }
-    return bad;
+/* Inputs come as float32 or as BF16 bit patterns (uint16); BF16 -> float32 is exact (a 16-bit shift). */
+static inline float f32_at(const float *p, int64_t i) { return p[i]; }
+static inline float bf16_at(const uint16_t *p, int64_t i) {
+    uint32_t u = (uint32_t)p[i] << 16; float f; memcpy(&f, &u, 4); return f;
+}
+/* |x| as int32 bits: for non-negative floats integer order is float order, and NaN/Inf sort above every finite
+   value, so one integer max (which vectorizes, unlike a float max under IEEE rules) gives amax and the check. */
+static inline int32_t f32_abits(const float *p, int64_t i) {
+    int32_t u; memcpy(&u, p + i, 4); return u & 0x7FFFFFFF;
+}
+static inline int32_t bf16_abits(const uint16_t *p, int64_t i) { return (int32_t)(p[i] & 0x7FFF) << 16; }
+static inline float bits_f32(int32_t u) { float f; memcpy(&f, &u, 4); return f; }
+#define FINITE_MAX 0x7F7FFFFF
+
+#define DEFINE_KERNELS(SUF, T, AT, ABITS)                                                                          \
+/* max |x| per block of `block` values; returns 1 if any value is NaN or Inf. */                                 \
+int block_amax_##SUF(const T *x, float *out, int64_t n_blocks, int64_t block) {                                \
+    int32_t all = 0;                                                                                            \
+    for (int64_t b = 0; b < n_blocks; ++b) {                                                                     \
+        int32_t m = 0;                                                                                          \
+        for (int64_t i = 0; i < block; ++i) { int32_t a = ABITS(x, b * block + i); m = a > m ? a : m; }         \
+        out[b] = bits_f32(m);                                                                                   \
+        all = m > all ? m : all;                                                                                \
+    }                                                                                                           \
+    return all > FINITE_MAX;                                                                                    \
+}                                                                                                               \
+/* Per-row symmetric INT8 as formats/int8.py: scale = max(amax, 1e-10) / 127, q = clamp(rne(x / scale), +-127); \
+   |x / scale| <= 127 (plus rounding), so adding and subtracting 1.5 * 2^23 rounds half to even exactly.          \
+   Returns 1 if a value is NaN or Inf. */                                                                       \
+int int8_rows_##SUF(const T *x, float *scale, int8_t *q, int64_t rows, int64_t k) {                            \
+    for (int64_t r = 0; r < rows; ++r) {                                                                         \
+        int32_t mb = 0;                                                                                         \
+        for (int64_t i = 0; i < k; ++i) { int32_t a = ABITS(x, r * k + i); mb = a > mb ? a : mb; }             \
+        if (mb > FINITE_MAX) return 1;                                                                          \
+        const float m = bits_f32(mb);                                                                           \
+        const float s = (m > 1e-10f ? m : 1e-10f) / 127.0f;                                                     \
+        scale[r] = s;                                                                                           \
+        for (int64_t i = 0; i < k; ++i) {                                                                        \
+            float v = (AT(x, r * k + i) / s + 12582912.0f) - 12582912.0f;                                       \
+            v = v > 127.0f ? 127.0f : v;                                                                        \
+            v = v < -127.0f ? -127.0f : v;                                                                      \
+            q[r * k + i] = (int8_t)(int32_t)v;                                                                  \
+        }                                                                                                       \
+    }                                                                                                           \
+    return 0;                                                                                                   \
+}                                                                                                               \
+/* y = x / denom per block (0 where denom <= 0), E2M1 code by fp4.py's thresholds, sign from y < 0, two codes   \
+   per byte (even element low). out: n_blocks * block / 2 bytes; block <= 64 and even. */                       \
+void e2m1_pack_##SUF(const T *x, const float *denom, uint8_t *out, int64_t n_blocks, int64_t block) {          \
+    uint8_t codes[64];                                                                                          \
+    for (int64_t b = 0; b < n_blocks; ++b) {                                                                     \
+        const float d = denom[b];                                                                               \
+        if (d > 0.0f) {                                                                                         \
+            for (int64_t i = 0; i < block; ++i) {                                                                \
+                const float y = AT(x, b * block + i) / d;                                                       \
+                const float a = y < 0.0f ? -y : y;                                                              \
+                const int m = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f)              \
+                              + (a >= 3.5f) + (a > 5.0f);                                                       \
+                codes[i] = (uint8_t)(m | ((y < 0.0f) << 3));                                                    \
+            }                                                                                                   \
+        } else {                                                                                                \
+            memset(codes, 0, (size_t)block);                                                                    \
+        }                                                                                                       \
+        uint8_t *ob = out + b * (block / 2);                                                                    \
+        for (int64_t i = 0; i < block / 2; ++i) ob[i] = (uint8_t)(codes[2 * i] | (codes[2 * i + 1] << 4));      \
+    }                                                                                                           \
 }
 
-/* Per-row symmetric INT8 as formats/int8.py: scale = max(amax, 1e-10) / 127, q = clamp(rne(x / scale), +-127).
-   |x / scale| <= 127 (plus rounding), so adding and subtracting 1.5 * 2^23 rounds half to even exactly.
-   Returns 1 if a value is NaN or Inf. */
-int int8_rows(const float *x, float *scale, int8_t *q, int64_t rows, int64_t k) {
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * k;
-        float m = 0.0f;
-        int bad = 0;
-        for (int64_t i = 0; i < k; ++i) {
-            float a = fabsf(xr[i]);
-            bad |= !(a <= 3.4028234663852886e38f);
-            m = a > m ? a : m;
-        }
-        if (bad) return 1;
-        const float s = (m > 1e-10f ? m : 1e-10f) / 127.0f;
-        scale[r] = s;
-        int8_t *qr = q + r * k;
-        for (int64_t i = 0; i < k; ++i) {
-            float v = (xr[i] / s + 12582912.0f) - 12582912.0f;
-            v = v > 127.0f ? 127.0f : v;
-            v = v < -127.0f ? -127.0f : v;
-            qr[i] = (int8_t)(int32_t)v;
-        }
-    }
-    return 0;
-}
-
-/* y = x / denom per block (0 where denom <= 0), E2M1 code by fp4.py's thresholds, sign from y < 0, two codes
-   per byte (even element low). x: n_blocks * block float32; out: n_blocks * block / 2 bytes; block <= 64, even. */
-void e2m1_pack(const float *x, const float *denom, uint8_t *out, int64_t n_blocks, int64_t block) {
-    uint8_t codes[64];
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const float d = denom[b];
-        const float *xb = x + b * block;
-        if (d > 0.0f) {
-            for (int64_t i = 0; i < block; ++i) {
-                const float y = xb[i] / d;
-                const float a = fabsf(y);
-                const int m = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f)
-                              + (a > 5.0f);
-                codes[i] = (uint8_t)(m | ((y < 0.0f) << 3));
-            }
-        } else {
-            memset(codes, 0, (size_t)block);
-        }
-        uint8_t *ob = out + b * (block / 2);
-        for (int64_t i = 0; i < block / 2; ++i) ob[i] = (uint8_t)(codes[2 * i] | (codes[2 * i + 1] << 4));
-    }
-}
+DEFINE_KERNELS(f32, float, f32_at, f32_abits)
+DEFINE_KERNELS(bf16, uint16_t, bf16_at, bf16_abits)
 """
 
 # -ffp-contract=off and no -ffast-math: every operation rounds exactly as in the reference.
@@ -136,14 +140,14 @@ def _load() -> ctypes.CDLL | None:
                                    timeout=120)
                     os.replace(out, so)
             lib = ctypes.CDLL(str(so))
-            lib.e2m1_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_int64]
-            lib.e2m1_pack.restype = None
-            lib.block_amax.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-            lib.block_amax.restype = ctypes.c_int
-            lib.int8_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_int64]
-            lib.int8_rows.restype = ctypes.c_int
+            ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+            for suffix in ("f32", "bf16"):
+                getattr(lib, f"e2m1_pack_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64]
+                getattr(lib, f"e2m1_pack_{suffix}").restype = None
+                getattr(lib, f"block_amax_{suffix}").argtypes = [ptr, ptr, i64, i64]
+                getattr(lib, f"block_amax_{suffix}").restype = ctypes.c_int
+                getattr(lib, f"int8_rows_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64]
+                getattr(lib, f"int8_rows_{suffix}").restype = ctypes.c_int
             _lib = lib
         except (OSError, subprocess.SubprocessError) as e:
             log.info("native E2M1 loop unavailable (%s); using the torch path", e)
@@ -154,37 +158,45 @@ def available() -> bool:
     return _load() is not None
 
 
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def accepts(x: torch.Tensor) -> bool:
+    """Whether the C loops take this tensor as it is (float32 or BF16 on the CPU, with the library built)."""
+    return x.dtype in _SUFFIX and x.device.type == "cpu" and available()
+
+
+def _fn(name: str, x: torch.Tensor):
+    assert accepts(x), f"native loops take float32/bfloat16 CPU tensors, got {x.dtype} on {x.device}"
+    return getattr(_load(), f"{name}_{_SUFFIX[x.dtype]}")
+
+
 def e2m1_pack(x: torch.Tensor, denom: torch.Tensor, block: int) -> torch.Tensor:
-    """x float32 [..., K] (contiguous, CPU), denom float32 [..., K // block] -> packed uint8 [..., K // 2]."""
-    lib = _load()
-    assert lib is not None, "native E2M1 loop not available"
+    """x float32/bf16 [..., K], denom float32 [..., K // block] (one per block) -> packed uint8 [..., K // 2]."""
     x = x.contiguous()
     denom = denom.float().contiguous()
-    assert x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] % block == 0
-    assert block % 2 == 0 and block <= 64, f"block {block}: the C loop packs blocks of up to 64 values"
+    assert x.shape[-1] % block == 0 and block % 2 == 0 and block <= 64, f"block {block} for {tuple(x.shape)}"
     assert denom.numel() * block == x.numel(), f"{tuple(denom.shape)} denominators for {tuple(x.shape)} values"
     out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8)
-    lib.e2m1_pack(x.data_ptr(), denom.data_ptr(), out.data_ptr(), denom.numel(), block)
+    _fn("e2m1_pack", x)(x.data_ptr(), denom.data_ptr(), out.data_ptr(), denom.numel(), block)
     return out
 
 
 def block_amax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, bool]:
-    """x float32 [..., K] -> (max |x| per block of `block`: float32 [..., K // block], whether NaN/Inf was seen)."""
-    lib = _load()
+    """x float32/bf16 [..., K] -> (max |x| per block: float32 [..., K // block], whether NaN/Inf was seen)."""
     x = x.contiguous()
-    assert x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] % block == 0
+    assert x.shape[-1] % block == 0, f"{tuple(x.shape)} is not a whole number of blocks of {block}"
     out = torch.empty(*x.shape[:-1], x.shape[-1] // block, dtype=torch.float32)
-    bad = lib.block_amax(x.data_ptr(), out.data_ptr(), out.numel(), block)
+    bad = _fn("block_amax", x)(x.data_ptr(), out.data_ptr(), out.numel(), block)
     return out, bool(bad)
 
 
 def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x float32 [R, K] -> (q int8 [R, K], scale float32 [R, 1]) as formats.int8, or None if x holds NaN/Inf."""
-    lib = _load()
+    """x float32/bf16 [R, K] -> (q int8 [R, K], scale float32 [R, 1]) as formats.int8, or None on NaN/Inf."""
     x = x.contiguous()
-    assert x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+    assert x.dim() == 2, f"per-row INT8 takes a 2-D tensor, got {tuple(x.shape)}"
     q = torch.empty(x.shape, dtype=torch.int8)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32)
-    if lib.int8_rows(x.data_ptr(), scale.data_ptr(), q.data_ptr(), x.shape[0], x.shape[1]):
+    if _fn("int8_rows", x)(x.data_ptr(), scale.data_ptr(), q.data_ptr(), x.shape[0], x.shape[1]):
         return None
     return q, scale

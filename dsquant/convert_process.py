@@ -78,11 +78,12 @@ def _read_rows(ckpt: Checkpoint, weight: str, r0: int, r1: int, fp8_source: bool
     return q, ckpt.rows(weight + FP8_SCALE_SUFFIX, r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK))
 
 
-def _as_float(q: torch.Tensor, scale: torch.Tensor | None, device) -> torch.Tensor:
-    """Stored rows -> float32 on device (FP8 sources dequantized block by block)."""
+def _as_float(q: torch.Tensor, scale: torch.Tensor | None, device, keep_bf16: bool = False) -> torch.Tensor:
+    """Stored rows -> float32 on device (FP8 sources dequantized block by block); BF16 rows stay BF16 with
+    keep_bf16 (the CPU quantizers widen them inside their loops, exactly)."""
     q = q.to(device, non_blocking=True)
     if scale is None:
-        return q.float()
+        return q if keep_bf16 and q.dtype == torch.bfloat16 else q.float()
     return dequantize_fp8_block(q, scale.to(device), dtype=torch.float32)
 
 
@@ -103,7 +104,7 @@ def _map_chunks(ckpt: Checkpoint, weight: str, fp8_source: bool, fn, pool):
 
 def _amax(ckpt: Checkpoint, job: ModuleJob, device, pool) -> torch.Tensor:
     parts = _map_chunks(ckpt, job.module + ".weight", job.fp8_source,
-                        lambda q, s: _as_float(q, s, device).abs().amax(), pool)
+                        lambda q, s: _as_float(q, s, device, keep_bf16=True).abs().amax().float(), pool)
     return torch.stack(parts).amax()
 
 
@@ -113,7 +114,7 @@ def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, in
     named = {"name": weight} if qz.named else {}
 
     def chunk(q, s):
-        x = _as_float(q, s, device)
+        x = _as_float(q, s, device, keep_bf16=qz.kind == "cpu")
         if not qz.named:
             _checks.check_finite(x, weight)
         if fmt == "fp8-block":

@@ -55,8 +55,9 @@ def _weights(n: int, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("n,k", [(256, 512), (384, 256)])
 @pytest.mark.parametrize("fmt", ["fp8-block", "fp8-block-ue8m0", "int8", "nvfp4", "nvfp4-global", "mxfp4-ocp",
                                  "mxfp4-ceil"])
-def test_cpu_quantizers_bit_identical(fmt, n, k):
-    w = _weights(n, k)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cpu_quantizers_bit_identical(fmt, n, k, dtype):
+    w = _weights(n, k).to(dtype)  # the weights are BF16 values, so both dtypes hold the same numbers
     calls = {
         "fp8-block": (fast.quantize_fp8_block, formats.quantize_fp8_block, {}),
         "fp8-block-ue8m0": (fast.quantize_fp8_block, formats.quantize_fp8_block, {"ue8m0": True}),
