@@ -26,3 +26,23 @@ def test_demo_refuses_a_non_empty_out(tmp_path):
     (tmp_path / "x").write_text("keep me")
     r = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert r.exit_code == 1 and "not empty" in r.output
+
+
+def test_demo_adds_a_calibrated_row_for_nvfp4(tmp_path, monkeypatch):
+    import dsquant.cli.cmd_demo as cmd_demo
+
+    monkeypatch.setattr(cmd_demo, "CALIBRATION_TOKENS", 512)  # the path, not the figure, is under test
+    r = runner.invoke(app, ["demo", "--recipe", "nvfp4-experts-only", "--max-tokens", "256", "--seq-len", "128",
+                            "--out", str(tmp_path / "out"), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads(r.output)["results"]}
+    assert set(rows) == {"nvfp4-experts-only", "nvfp4-experts-only+calib"}
+    from safetensors import safe_open
+
+    def input_scale(name):
+        f = tmp_path / "out" / name / "model-00001-of-00001.safetensors"
+        with safe_open(f, "pt") as fh:
+            return float(fh.get_tensor("model.layers.1.mlp.experts.0.gate_proj.input_scale"))
+
+    assert input_scale("nvfp4-experts-only") == 1.0  # the recipe default
+    assert input_scale("nvfp4-experts-only+calib") != 1.0  # set from recorded activations
