@@ -1,8 +1,8 @@
 """`convert`: stream a DeepSeek checkpoint into a quantized one. plan -> validate -> per-shard processing -> finalize.
 
-Memory is bounded by one output shard's worth of work in flight per worker (a source tensor chunk plus one
-module's outputs), whatever the model size: tensors are fetched by name from whichever source shard holds
-them, never by loading a shard. Each output shard is written under a temporary name, fsynced and renamed,
+Memory is bounded per worker by one source tensor plus one module's outputs and a few tensors queued for
+writing, whatever the model size: tensors are fetched by name from whichever source shard holds them, never
+by loading a shard. Each output shard is written under a temporary name, fsynced and renamed,
 then recorded with its checksum in the manifest, so a killed run resumes (`resume=True`) to a result that
 is byte-identical to an uninterrupted one. See convert_plan.py (planning), convert_process.py (numbers and
 writing) and convert_config.py (configs and the record of what was done).

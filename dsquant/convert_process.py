@@ -1,7 +1,8 @@
 """Process one output shard: read each planned module, (de)quantize it in row chunks, stream it to disk.
 
 Tensors are handled in chunks of whole 128-row blocks (about `CHUNK_BYTES` of float32), so the working set
-stays in cache and memory never holds more than one source tensor's chunk plus one module's outputs. Every
+stays in cache; memory holds at most one source tensor's stored bytes, one module's outputs and
+`MAX_PENDING_WRITES` tensors waiting for the writer, per worker. Every
 format in dsquant is row-local (FP8 128x128 blocks, per-row INT8, per-16/32 FP4 blocks along K) except the
 NVFP4 global scale, which is found first from the tensor amax (the max over fused partners) and then
 passed to each chunk. Chunking therefore gives results bit-identical to quantizing the whole tensor.
