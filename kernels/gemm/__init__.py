@@ -11,7 +11,7 @@ use, so the references stay importable where Triton is not installed. Notes and 
 
 from __future__ import annotations
 
-import importlib
+from dsquant.kernels._lazy import lazy_exports
 
 _HOME = {
     "fp8_block_gemm": "triton",
@@ -26,9 +26,4 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -11,6 +11,7 @@ Typical use, per layer and step (CUDA):
 The Triton-backed names load on first use, so the references import without triton.
 """
 
+from dsquant.kernels._lazy import lazy_exports
 from dsquant.kernels.mla.cache import (
     KV_DTYPES,
     allocate_kv_cache,
@@ -21,15 +22,7 @@ from dsquant.kernels.mla.cache import (
 )
 from dsquant.kernels.mla.reference import cache_store_ref, mla_decode_ref, mla_prefill_ref
 
-_TRITON_NAMES = {"cache_store": "store", "mla_decode": "triton", "mla_prefill": "triton"}
-
-
-def __getattr__(name: str):
-    if name in _TRITON_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(f"dsquant.kernels.mla.{_TRITON_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, {"cache_store": "store", "mla_decode": "triton", "mla_prefill": "triton"})
 
 __all__ = [
     "KV_DTYPES",

@@ -18,7 +18,7 @@ scalar through its reciprocal, so the references run on CUDA tensors can differ 
 
 from __future__ import annotations
 
-import importlib
+from dsquant.kernels._lazy import lazy_exports
 
 _HOME = {
     "quantize_fp8_per_token": "triton",
@@ -35,13 +35,4 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
