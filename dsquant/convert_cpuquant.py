@@ -60,13 +60,14 @@ def quantize_fp8_block(w: torch.Tensor, block_size: int = FP8_BLOCK, *, ue8m0: b
     n, k = w.shape
     if n % block_size or k % block_size:  # ragged edge blocks: the reference pads
         return fp8.quantize_fp8_block(w, block_size, ue8m0=ue8m0, name=name)
+    if native.accepts(w):  # one pass for 1x128 amaxes (then max over 128 rows), one for the cast
+        amax = _block_amax(w, block_size, name).reshape(n // block_size, block_size, k // block_size).amax(dim=1)
+        scale = fp8_scale(amax, ue8m0)
+        return native.fp8_block_cast(w, scale, block_size), scale
     wf = w.float()
     wb = wf.reshape(n // block_size, block_size, k // block_size, block_size)
-    if native.accepts(wf):  # one pass: 1x128 amaxes, then max over 128 rows
-        amax = _block_amax(wf, block_size, name).reshape(n // block_size, block_size, k // block_size).amax(dim=1)
-    else:
-        amax = wb.abs().amax(dim=(1, 3))
-        _finite(amax, w, name)
+    amax = wb.abs().amax(dim=(1, 3))
+    _finite(amax, w, name)
     scale = fp8_scale(amax, ue8m0)
     q = (wb / scale[:, None, :, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
     return q.reshape(n, k), scale

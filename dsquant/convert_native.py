@@ -1,5 +1,5 @@
 """Small C loops for the steps torch cannot do in few passes on a CPU: E2M1 rounding + FP4 packing, block
-amaxes (one pass, NaN/Inf flagged), and per-row INT8.
+amaxes (one pass, NaN/Inf flagged), per-row INT8, and the FP8 block cast.
 
 `e2m1_pack(x, denom, block)` computes, for x [..., K] (float32 or BF16) and one float32 denominator per block of `block`
 elements, exactly what dsquant.formats does: y = x / denom (0 where denom == 0), E2M1 code by the format's
@@ -48,6 +48,24 @@ static inline int32_t bf16_abits(const uint16_t *p, int64_t i) { return (int32_t
 static inline float bits_f32(int32_t u) { float f; memcpy(&f, &u, 4); return f; }
 #define FINITE_MAX 0x7F7FFFFF
 
+/* float32 (finite, |v| <= 448 after the clamp) -> float8_e4m3fn byte, round to nearest even like torch's cast:
+   normals round the mantissa to 3 bits on the bit pattern; below 2^-6 the value is a multiple of 2^-9, rounded
+   by adding and subtracting 1.5 * 2^23 (exact, and 8 * 2^-9 = 2^-6 encodes as 0x08, the smallest normal). */
+static inline uint8_t e4m3(float v) {
+    v = v > 448.0f ? 448.0f : v;
+    v = v < -448.0f ? -448.0f : v;
+    uint32_t u; memcpy(&u, &v, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    u &= 0x7FFFFFFFu;
+    if (u >= 0x3C800000u) {
+        u += 0x7FFFFu + ((u >> 20) & 1u);
+        return (uint8_t)(sign | ((u >> 20) - (120u << 3)));
+    }
+    float a; memcpy(&a, &u, 4);
+    const float m = (a * 512.0f + 12582912.0f) - 12582912.0f;
+    return (uint8_t)(sign | (uint8_t)(int32_t)m);
+}
+
 #define DEFINE_KERNELS(SUF, T, AT, ABITS)                                                                          \
 /* max |x| per block of `block` values; returns 1 if any value is NaN or Inf. */                                 \
 int block_amax_##SUF(const T *x, float *out, int64_t n_blocks, int64_t block) {                                \
@@ -79,6 +97,15 @@ int int8_rows_##SUF(const T *x, float *scale, int8_t *q, int64_t rows, int64_t k
         }                                                                                                       \
     }                                                                                                           \
     return 0;                                                                                                   \
+}                                                                                                               \
+/* FP8 128x128 blocks as formats/fp8.py: q = e4m3(clamp(x / scale[r / block][c / block], +-448)); rows, k are    \
+   multiples of block; scale is [rows / block, k / block]. */                                                   \
+void fp8_block_cast_##SUF(const T *x, const float *scale, uint8_t *q, int64_t rows, int64_t k, int64_t block) {  \
+    const int64_t kb = k / block;                                                                               \
+    for (int64_t r = 0; r < rows; ++r) {                                                                         \
+        const float *sr = scale + (r / block) * kb;                                                             \
+        for (int64_t c = 0; c < k; ++c) q[r * k + c] = e4m3(AT(x, r * k + c) / sr[c / block]);                  \
+    }                                                                                                           \
 }                                                                                                               \
 /* y = x / denom per block (0 where denom <= 0), E2M1 code by fp4.py's thresholds, sign from y < 0, two codes   \
    per byte (even element low). out: n_blocks * block / 2 bytes; block <= 64 and even. */                       \
@@ -148,6 +175,8 @@ def _load() -> ctypes.CDLL | None:
                 getattr(lib, f"block_amax_{suffix}").restype = ctypes.c_int
                 getattr(lib, f"int8_rows_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64]
                 getattr(lib, f"int8_rows_{suffix}").restype = ctypes.c_int
+                getattr(lib, f"fp8_block_cast_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64, i64]
+                getattr(lib, f"fp8_block_cast_{suffix}").restype = None
             _lib = lib
         except (OSError, subprocess.SubprocessError) as e:
             log.info("native E2M1 loop unavailable (%s); using the torch path", e)
@@ -200,3 +229,14 @@ def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     if _fn("int8_rows", x)(x.data_ptr(), scale.data_ptr(), q.data_ptr(), x.shape[0], x.shape[1]):
         return None
     return q, scale
+
+
+def fp8_block_cast(x: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """x float32/bf16 [N, K] (multiples of block), scale float32 [N / block, K / block] -> float8_e4m3fn [N, K]."""
+    x = x.contiguous()
+    scale = scale.float().contiguous()
+    n, k = x.shape
+    assert n % block == 0 and k % block == 0 and tuple(scale.shape) == (n // block, k // block), (x.shape, scale.shape)
+    q = torch.empty((n, k), dtype=torch.uint8)
+    _fn("fp8_block_cast", x)(x.data_ptr(), scale.data_ptr(), q.data_ptr(), n, k, block)
+    return q.view(torch.float8_e4m3fn)

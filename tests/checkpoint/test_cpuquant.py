@@ -96,3 +96,21 @@ def test_int8_rounds_exact_ties_to_even():
     ref_q, ref_s = formats.quantize_int8_per_token(row.repeat(4, 1))
     assert torch.equal(s, ref_s) and s[0, 0].item() == 1.0
     assert torch.equal(q, ref_q) and q[0, :8].tolist() == [127, 0, 2, 2, -2, 126, 0, 4]
+
+
+def test_native_fp8_cast_matches_torch_on_ties_and_random_values(path):
+    if path != "native":
+        pytest.skip("the C cast only")
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**31 - 1, (400_000,), generator=gen, dtype=torch.int32).view(torch.float32)
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[torch.isfinite(codes)].unique()
+    mid = (codes[1:] + codes[:-1]) / 2  # exact ties between neighbouring E4M3 values, normal and subnormal
+    big = torch.full_like(mid, 1e9)
+    x = torch.cat([bits[bits <= 512.0], codes, mid, torch.nextafter(mid, big), torch.nextafter(mid, -big),
+                   torch.tensor([0.0, -0.0, 1e-45, -1e-45, 448.0, 449.0, 464.0, 1e30])])
+    x = torch.cat([x, -x])
+    x = torch.cat([x, torch.zeros(-x.numel() % (128 * 128))]).reshape(-1, 128)
+    ref = x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    got = fast.native.fp8_block_cast(x, torch.ones(x.shape[0] // 128, 1), 128).view(torch.uint8)
+    assert torch.equal(got, ref), f"{int((got != ref).sum())} of {ref.numel()} casts differ"
