@@ -5,9 +5,9 @@ naive baseline (straightforward torch: whole tensors, one format op at a time), 
         --out benchmarks/results/convert_cpu.csv
 
 The synthetic source has DeepSeek-V3's expert and attention shapes (hidden 7168, experts 2048 x 7168, q_lora 1536,
-kv_lora 512), one dense and one MoE layer, no MTP layer. Page cache is dropped for the source files before every measured pass
-(posix_fadvise DONTNEED), so each pass reads the same way; each figure is the fastest of --repeat runs, since
-the CPU host is shared. Rows are appended to the CSV with host, cores, torch, triton and date.
+kv_lora 512), one dense and one MoE layer, no MTP layer. Page cache is dropped for the source files before every
+measured pass (posix_fadvise DONTNEED), so each pass reads the same way; each figure is the fastest of --repeat
+runs, since the CPU host is shared. Rows are appended to the CSV with host, cores, torch, triton and date.
 """
 
 from __future__ import annotations
