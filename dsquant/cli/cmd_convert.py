@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
@@ -29,6 +30,26 @@ def _print_plan(summary) -> None:
                f"ratio {summary.ratio:.2f}x; plan validated, nothing written")
 
 
+def _calibration(src: str | None, text_file: Path, device: str) -> dict[str, float]:
+    """Run the layer-streamed calibration pass of the source on `text_file`: {module: activation input scale}."""
+    if not text_file.is_file():
+        raise ValueError(f"--calibrate {text_file}: no such text file")
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"--calibrate {text_file}: the file is empty")
+    from dsquant.runner.calibrate import calibrate as run_calibration
+
+    if src is None:
+        from dsquant.demo import demo_model_dir
+
+        source = demo_model_dir()
+    else:
+        from dsquant.hub import resolve_source
+
+        source = resolve_source(src)
+    return run_calibration(str(source), text, device=device)
+
+
 @app.command("convert")
 def convert(
     src: str = typer.Argument(None, help="Source: a local Hugging Face checkpoint folder, or hf://org/name "
@@ -47,6 +68,10 @@ def convert(
                                                          "bytes in/out) after validating it; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or plan) as JSON on stdout."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Upload DST to this Hub repo (ORG/NAME) when done."),
+    calibrate: Path = typer.Option(None, "--calibrate", help="UTF-8 text file: set NVFP4 activation scales "
+                                   "(input_scale / input_global_scale) from the source model's own activations on "
+                                   "this text, through the layer-streamed runner. Without it the documented "
+                                   "default (input_scale 1.0) is written."),
 ) -> None:
     """Convert a DeepSeek-family checkpoint (BF16 or DeepSeek FP8) into a quantized checkpoint that vLLM, SGLang
     and TensorRT-LLM load as it is.
@@ -61,9 +86,11 @@ def convert(
     if fmt not in ("auto", "deepseek", "modelopt", "compressed-tensors"):
         fail(f"--format {fmt!r}: choose auto, deepseek, modelopt or compressed-tensors")
     try:
+        calibration = _calibration(src, calibrate, device) if calibrate is not None and not dry_run else None
         summary = run_convert(src, dst, recipe, convention=fmt, device=device, workers=workers,
                               max_shard_size=max_shard_size, resume=resume, dry_run=dry_run,
-                              progress=sys.stderr.isatty() and not as_json, push_to_hub=push_to_hub)
+                              progress=sys.stderr.isatty() and not as_json, push_to_hub=push_to_hub,
+                              calibration=calibration)
     except ValueError as exc:
         fail(str(exc))
     except OSError as exc:  # ENOSPC, EROFS, EACCES while writing: one line naming the file

@@ -1,0 +1,55 @@
+"""`dsquant convert --calibrate TEXT`: NVFP4 activation scales from the source's own activations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from dsquant.cli import app
+from dsquant.demo import demo_model_dir
+from dsquant.runner.calibrate import calibrate
+
+runner = CliRunner()
+TEXT = Path(__file__).read_text()  # any UTF-8 text works; this file is at hand everywhere
+
+
+def _input_scales(dst: Path) -> dict[str, float]:
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    out = {}
+    for name, shard in index["weight_map"].items():
+        if name.endswith(".input_scale"):
+            with safe_open(str(dst / shard), "pt") as f:
+                out[name.removesuffix(".input_scale")] = f.get_tensor(name).float().item()
+    return out
+
+
+def test_calibrated_input_scales_are_written_and_declared(tmp_path):
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(TEXT)
+    dst = tmp_path / "demo-nvfp4"
+    result = runner.invoke(app, ["convert", "--recipe", "nvfp4-experts-only", "--format", "modelopt",
+                                 "--calibrate", str(text_file), str(demo_model_dir()), str(dst)])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((dst / "dsquant_recipe.json").read_text())
+    assert recipe["activation_scales"] == "calibrated"
+    written = _input_scales(dst)
+    expected = calibrate(str(demo_model_dir()), TEXT)
+    assert written, "no input_scale tensors in an NVFP4 W4A4 output"
+    assert any(v != 1.0 for v in written.values()), "every input_scale is still the uncalibrated default"
+    for module, value in written.items():
+        if module in expected:
+            assert abs(value - expected[module]) <= 1e-6 * expected[module], module
+
+
+def test_calibration_text_errors(tmp_path):
+    for args, message in ((["--calibrate", str(tmp_path / "missing.txt")], "no such text file"),
+                          (["--calibrate", str(tmp_path / "empty.txt")], "empty")):
+        (tmp_path / "empty.txt").write_text("  \n")
+        dst = tmp_path / "out"
+        result = runner.invoke(app, ["convert", "-r", "nvfp4", *args, str(demo_model_dir()), str(dst)])
+        assert result.exit_code == 1
+        assert message in result.output
+        assert not dst.exists()
