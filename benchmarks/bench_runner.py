@@ -153,12 +153,16 @@ def bench_streaming(device: str, experts: int, layers: int, workdir: Path, rows:
     for _ in stream_logits(ckpt, windows, impl="triton" if device.startswith("cuda") else "reference",
                            device=device, kv_cache="fp8", batch_size=2, stats=stats):  # fmt: skip
         pass
+    def kind(layer: int) -> str:
+        return "dense" if layer == 0 else f"MoE {experts} experts"
+
     for s in stats.layers:
         size, read_s = cold[f"model-{s['layer']}.safetensors"]
-        rows.append({"bench": "stream_layer", "shape": f"layer {s['layer']} ({'dense' if s['layer'] == 0 else f'MoE {experts} experts'}), 2x512 tokens",
+        rows.append({"bench": "stream_layer", "shape": f"layer {s['layer']} ({kind(s['layer'])}), 2x512 tokens",
                      "bytes": s["bytes"], "load_s": s["load_s"], "compute_s": s["compute_s"],
                      "cold_read_s": read_s, "read_gb_s": size / read_s / 1e9,
-                     "load_over_read": s["load_s"] / read_s, "note": f"checkpoint written in {write_s:.1f} s"})  # fmt: skip
+                     "load_over_read": s["load_s"] / read_s,
+                     "note": f"checkpoint written in {write_s:.1f} s"})  # fmt: skip
 
 
 def bench_demo(device: str, rows: list) -> None:
@@ -173,7 +177,8 @@ def bench_demo(device: str, rows: list) -> None:
                        device=device, batch_size=16)  # fmt: skip
         r, p = out["results"][0], out["protocol"]
         rows.append({"bench": "demo_eval", "shape": f"{p['windows']}x512 kv {kv}", "ms": 1e3 * p["seconds"],
-                     "note": f"ppl {r['ppl']:.4f} tokens {r['tokens']} ({r['tokens'] / p['seconds']:.0f} tok/s)"})  # fmt: skip
+                     "note": f"ppl {r['ppl']:.4f} tokens {r['tokens']} "
+                             f"({r['tokens'] / p['seconds']:.0f} tok/s)"})  # fmt: skip
     model, _ = load_model(ASSET_DIR, impl="triton" if device.startswith("cuda") else "reference", device=device)
     prompt = [256] + list(b"def main(argv):\n")
     generate(model, prompt, max_new_tokens=4, device=device)

@@ -40,7 +40,8 @@ class LayerCache:
             from dsquant.kernels.mla import cache_store
 
             kv_scale = self.parent.kv_scale if self.parent.kv_dtype == "fp8" else None
-            cache_store(kv_c.reshape(b * s, c).contiguous(), k_pe.reshape(b * s, -1).contiguous(), self.pool, slots, kv_scale)
+            cache_store(kv_c.reshape(b * s, c).contiguous(), k_pe.reshape(b * s, -1).contiguous(), self.pool, slots,
+                        kv_scale)
             return
         x = torch.cat([kv_c, k_pe], dim=-1).reshape(b * s, -1).float()
         flat = self.pool.view(-1, self.pool.shape[-1])

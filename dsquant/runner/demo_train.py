@@ -130,7 +130,8 @@ def train(out: Path, *, steps: int, max_seconds: float, device: str, batch: int,
             log.info("step %d loss %.4f (main %.4f) %.0fs", step, loss.item(), main.item(), time.time() - t0)
         step += 1
     result = {"steps": step, "seconds": round(time.time() - t0, 1), "batch": batch, "seq_len": seq_len,
-              "train_tokens_seen": step * batch * seq_len, "heldout_nats_per_byte": _heldout_nll(model, heldout, seq_len, device)}  # fmt: skip
+              "train_tokens_seen": step * batch * seq_len,
+              "heldout_nats_per_byte": _heldout_nll(model, heldout, seq_len, device)}  # fmt: skip
     log.info("done: %s", result)
     save_bf16(model, out)
     (out / "train_log.json").write_text(json.dumps(result, indent=1))
@@ -174,7 +175,8 @@ def export_fp8(src: Path, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     build_byte_tokenizer().save(str(dst / "tokenizer.json"))
     (dst / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": True, "model_max_length": 4096}, indent=1) + "\n")
+        {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": True, "model_max_length": 4096},
+        indent=1) + "\n")
     (dst / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": True, "temperature": 0.7, "top_p": 0.95},
         indent=1) + "\n")  # fmt: skip

@@ -29,7 +29,6 @@ from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from dsquant.runner.ops import kernels_can_run
 
-
 FORMATS = ("bf16", "fp8_block", "int8", "nvfp4", "mxfp4")
 ACTS = ("none", "fp8_group", "int8_token", "nvfp4", "mxfp4")
 _DEFAULT_ACT = {"bf16": "none", "fp8_block": "fp8_group", "int8": "int8_token", "nvfp4": "nvfp4", "mxfp4": "none"}

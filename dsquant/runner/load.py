@@ -63,7 +63,8 @@ class CheckpointReader:
                 raise ValueError(f"{file}: shard listed in the index is missing (tensor {name})")
         self.weight_map: dict[str, str] = weight_map
         self._handles: dict[str, object] = {}
-        self.config = json.loads((self.path / "config.json").read_text()) if (self.path / "config.json").is_file() else {}
+        config_path = self.path / "config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.args = ModelArgs.from_config(self.config, name=str(self.path / "config.json"))
         self.quant_config = self._quant_config()
 

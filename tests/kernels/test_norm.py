@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dsquant.kernels.norm.reference import fused_add_rms_norm_ref, rms_norm_ref
 from dsquant.kernels.norm.triton import fused_add_rms_norm, rms_norm
 from dsquant.kernels.testing import assert_exact, calc_diff

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from dsquant.kernels.rope.reference import apply_rope_ref, rope_cache_ref
 from dsquant.kernels.rope.triton import apply_rope
 from dsquant.kernels.testing import assert_exact

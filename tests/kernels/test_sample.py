@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dsquant.kernels.sample.reference import top_k_top_p_sample_ref
 from dsquant.kernels.sample.triton import top_k_top_p_sample
 
@@ -53,5 +52,6 @@ def test_sample_matches_reference_deepseek_vocab_gpu():
     g = torch.Generator().manual_seed(0)
     b, v = 8, 129280
     probs = torch.softmax(torch.randn(b, v, generator=g) * 4, dim=-1).to(DEV)
-    k, p, u = [0, 1, 50, 0, 20, 0, 1000, 5], [1.0, 1.0, 0.9, 0.95, 0.5, 0.3, 0.99, 1.0], torch.rand(b, generator=g).tolist()
+    k, p = [0, 1, 50, 0, 20, 0, 1000, 5], [1.0, 1.0, 0.9, 0.95, 0.5, 0.3, 0.99, 1.0]
+    u = torch.rand(b, generator=g).tolist()
     assert torch.equal(top_k_top_p_sample(probs, *_args(k, p, u)), top_k_top_p_sample_ref(probs, *_args(k, p, u)))

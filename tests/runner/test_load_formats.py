@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dsquant.kernels.testing import calc_diff
 
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
-from dsquant.kernels.testing import calc_diff
 from dsquant.runner.load import load_model
 
 

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
+from dsquant.kernels.testing import assert_close_global
 
 from dsquant.formats.fp8 import quantize_fp8_block
 from dsquant.formats.int8 import quantize_int8_per_channel
 from dsquant.formats.mxfp4 import quantize_mxfp4
 from dsquant.formats.nvfp4 import quantize_nvfp4
-from dsquant.kernels.testing import assert_close_global
 from dsquant.runner.linear import LinearWeight, linear_ref, linear_triton
 
 pytestmark = pytest.mark.skipif(
@@ -45,6 +45,7 @@ def test_linear_kernels_match_reference_numerics(fmt):
 
 def test_demo_model_triton_path_matches_reference(monkeypatch):
     import dsquant.kernels.moe as moe
+
     from dsquant.demo import ASSET_DIR
     from dsquant.runner.load import load_model
 
