@@ -1,8 +1,8 @@
 """Load a DeepSeek-family checkpoint into the runner, keeping every linear in its stored format.
 
 Reads only safetensors (sharded with model.safetensors.index.json, or one model.safetensors). Each
-linear's tensors are normalised to a LinearWeight (scales that multiply) from the names each
-convention writes:
+linear's tensors are normalised to a LinearWeight (scales that multiply) by dsquant.formats.ondisk,
+from the names each convention writes:
     DeepSeek FP8          weight f8e4m3 [N, K] + weight_scale_inv f32 [N/128, K/128]
     compressed-tensors    FP8 block: weight f8e4m3 + weight_scale [N/128, K/128];
                           INT8: weight int8 + weight_scale [N, 1];
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dsquant.formats.ondisk import read_quantized
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.linear import LinearWeight, QuantLinear
 from dsquant.runner.model import Transformer, Weighted
@@ -126,37 +127,27 @@ def _activation_scheme(qc: dict, fmt: str) -> str | None:
 
 
 def read_linear(reader: CheckpointReader, prefix: str, device: torch.device | str = "cpu") -> LinearWeight:
-    """The tensors `<prefix>.*` of one linear -> LinearWeight on device (ValueError names what is wrong)."""
-    t = {s: reader.get(f"{prefix}.{s}").to(device) for s in _LINEAR_SUFFIXES if f"{prefix}.{s}" in reader}
-    qc = reader.quant_config
-    if "weight_packed" in t:
-        if "weight_global_scale" in t:  # compressed-tensors NVFP4: globals are divisors
-            inp = t.get("input_global_scale")
-            return LinearWeight(
-                "nvfp4", t["weight_packed"], t["weight_scale"], (1.0 / t["weight_global_scale"].float()).reshape(()),
-                None if inp is None else (1.0 / inp.float()).reshape(()),
-            )
-        return LinearWeight("mxfp4", t["weight_packed"], t["weight_scale"], act=_activation_scheme(qc, "mxfp4"))
-    if "weight" not in t:
-        raise ValueError(f"{reader.path}: no weight tensor for {prefix}")
-    w = t["weight"]
-    if w.dtype == torch.float8_e4m3fn:
-        scale = t.get("weight_scale_inv", t.get("weight_scale"))
-        if scale is None:
-            raise ValueError(f"{reader.path}: FP8 weight {prefix}.weight has no weight_scale_inv / weight_scale")
+    """The tensors `<prefix>.*` of one linear -> LinearWeight on device (ValueError names what is wrong).
+
+    Names and scale directions per convention come from dsquant.formats.ondisk, the one place that knows them.
+    """
+    t = {f"{prefix}.{s}": reader.get(f"{prefix}.{s}").to(device)
+         for s in _LINEAR_SUFFIXES if f"{prefix}.{s}" in reader}  # fmt: skip
+    try:
+        qw = read_quantized(prefix, t, reader.quant_config)
+    except ValueError as e:
+        raise ValueError(f"{reader.path}: {e}") from None
+    if qw.fmt == "fp8-block":
+        w, scale = qw.q, qw.scale
         nb, kb = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
         if tuple(scale.shape) != (nb, kb):
             raise ValueError(f"{reader.path}: {prefix} scale shape {tuple(scale.shape)}, expected {(nb, kb)}")
-        return LinearWeight("fp8_block", w, scale.float())
-    if w.dtype == torch.int8:
-        return LinearWeight("int8", w, t["weight_scale"].float().reshape(-1, 1))
-    if w.dtype == torch.uint8:  # ModelOpt NVFP4: weight_scale_2 and input_scale multiply
-        inp = t.get("input_scale")
-        return LinearWeight(
-            "nvfp4", w, t["weight_scale"], t["weight_scale_2"].float().reshape(()),
-            None if inp is None else inp.float().reshape(()),
-        )
-    return LinearWeight("bf16", w)
+        return LinearWeight("fp8_block", w, scale)
+    if qw.fmt == "int8":
+        return LinearWeight("int8", qw.q, qw.scale.reshape(-1, 1))
+    if qw.fmt == "mxfp4":
+        return LinearWeight("mxfp4", qw.q, qw.scale, act=_activation_scheme(reader.quant_config, "mxfp4"))
+    return LinearWeight(qw.fmt, qw.q, qw.scale, qw.global_scale, qw.input_scale)
 
 
 def _assign(model: Transformer, reader: CheckpointReader, names: list[str], device) -> int:
