@@ -48,7 +48,8 @@ def eval_cmd(
     max_tokens: int = typer.Option(None, "--max-tokens", help="Use at most this many tokens of the text."),
     kv_cache: str = typer.Option("bf16", "--kv-cache", help="Latent KV cache of the evaluated model: bf16 or fp8 "
                                                             "(the base always uses bf16)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. With --offload layer, "
+                                                 "cuda spreads the windows over every visible GPU."),
     offload: str = typer.Option(None, "--offload", help="layer: stream one decoder layer at a time (one layer "
                                                         "of weights resident)."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="tokenizer.json (or a folder with one) when the "

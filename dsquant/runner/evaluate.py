@@ -17,7 +17,7 @@ import torch
 
 from dsquant.runner.data import stdlib_text
 from dsquant.runner.load import CheckpointReader, load_model
-from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
+from dsquant.runner.offload import StreamStats, resident_logits, resolve_devices, stream_logits
 from dsquant.runner.perplexity import Accumulator, make_windows
 from dsquant.runner.tokenizer import load_tokenizer
 
@@ -62,6 +62,7 @@ def evaluate(
     ckpt: str | Path | list, *, base: str | Path | None = None, text: str, text_info: dict, seq_len: int = 2048,
     max_tokens: int | None = None, kv_cache: str = "bf16", device: str = "cpu", offload: str | None = None,
     tokenizer: str | Path | None = None, batch_size: int = 4, stats: StreamStats | None = None,
+    devices: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """Perplexity of ckpt (and KLD / top-1 / delta against base) on `text`; see perplexity.py for the protocol.
 
@@ -69,6 +70,8 @@ def evaluate(
     one result row each. The tokenizer is the first checkpoint's (or --tokenizer). With offload="layer"
     and a base, the base streams first and its logits are kept on the host until the quantized model
     has streamed: tokens x vocab x 4 bytes (4.2 GB for 8192 tokens of DeepSeek-V3's 129280 vocabulary).
+    With offload="layer", device="cuda" spreads the windows over every visible GPU (devices= names them
+    explicitly); without offload the whole model sits on one device.
     """
     if offload not in (None, "none", "layer"):
         raise ValueError(f"--offload {offload!r}: choose 'layer' (or leave it out)")
@@ -90,12 +93,13 @@ def evaluate(
     accs = [Accumulator() for _ in ckpts]
     stats = stats if stats is not None else StreamStats()
     if offload == "layer":
+        devices = devices or resolve_devices(device)
         base_logits = {}
         if base is not None:
-            for i, lg in stream_logits(base, windows, impl=impl, device=device, batch_size=batch_size):
+            for i, lg in stream_logits(base, windows, impl=impl, devices=devices, batch_size=batch_size):
                 base_logits[i] = lg.cpu()
         for acc, path in zip(accs, ckpts):
-            for i, lg in stream_logits(path, windows, impl=impl, device=device, kv_cache=kv_cache,
+            for i, lg in stream_logits(path, windows, impl=impl, devices=devices, kv_cache=kv_cache,
                                        batch_size=batch_size, stats=stats):  # fmt: skip
                 acc.add(lg.cpu(), windows[i : i + lg.shape[0]], base_logits.get(i))
     else:
@@ -114,7 +118,8 @@ def evaluate(
         "scored_per_window": seq_len - 1, "tokens_scored": accs[0].tokens,
         "bos": "one at the start of the stream" if bos is not None else "none",
         "text": text_info, "tokenizer": str(tokenizer or Path(ckpts[0]) / "tokenizer.json"),
-        "device": str(device), "impl": impl, "offload": offload or "none", "seconds": round(seconds, 2),
+        "device": ",".join(devices) if offload == "layer" else str(device),
+        "impl": impl, "offload": offload or "none", "seconds": round(seconds, 2),
         "torch": torch.__version__, "python": platform.python_version(),
     }  # fmt: skip
     results = []

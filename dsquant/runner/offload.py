@@ -9,13 +9,20 @@ FP8 per MoE layer) is evaluated on one 80 GB GPU or on CPU. The hidden states of
 `StreamStats` records, per layer, the bytes read, the seconds spent reading them and the seconds of
 compute, and the peak of resident weight bytes measured from the live tensors themselves (weak
 references), which is what tests/runner/test_offload.py bounds.
+
+With several devices (`--device cuda` on a machine with more than one GPU) the windows are split
+between them and every device streams the same layers over its own windows: the checkpoint is read
+once per device (the page cache serves the repeats), the compute divides by the device count, and the
+result equals the single-device result batch for batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -68,43 +75,112 @@ class _Resident:
 
 def stream_logits(
     path, windows: torch.Tensor, *, impl: str = "reference", device: str = "cpu", kv_cache: str = "bf16",
-    batch_size: int = 8, stats: StreamStats | None = None, on_layer=None,
+    batch_size: int = 8, stats: StreamStats | None = None, on_layer=None, devices: list[str] | None = None,
 ):  # fmt: skip
     """Yield (first window index, logits float32 [b, S, V]) per batch, after streaming all layers.
 
+    devices: several devices (e.g. every visible GPU) share the windows: batch j lives on devices[j % n],
+    and each device loads the current layer and runs its own batches, in one thread per device. A batch
+    is computed exactly as on one device (same batch composition, same kernels), so the logits are the
+    single-device logits. Each device holds the non-layer weights and one layer.
+
     on_layer(layer index, block) is called once each layer is loaded, before it runs (calibration
-    registers its hooks there)."""
+    registers its hooks there); with several devices it is called once per device's copy of the layer,
+    from that device's thread."""
     stats = stats if stats is not None else StreamStats()
-    model, reader = load_model(path, impl=impl, device=device, layers=False)
-    resident = _Resident()
-    resident.track(model)
-    stats.non_layer_bytes = resident.bytes()
-    a = model.args
+    devs = [str(d) for d in devices] if devices else [str(device)]
+    parts = [_DevicePart(path, d, impl) for d in devs]
+    stats.non_layer_bytes = parts[0].resident.bytes()
+    a = parts[0].model.args
     s = windows.shape[1]
-    rope = model.rope(s, torch.device(device))
-    hidden = [model.embed(windows[i : i + batch_size].to(device)) for i in range(0, len(windows), batch_size)]
-    for layer in range(a.n_layers):
-        t0 = time.perf_counter()
-        nbytes = load_layer(model, reader, layer, device)
-        _sync(device)
-        t1 = time.perf_counter()
-        resident.track(model)
-        block = model.model.layers[layer]
-        if on_layer is not None:
-            on_layer(layer, block)
-        with torch.no_grad():
-            for j, h in enumerate(hidden):
-                cache = PagedLatentCache(1, h.shape[0], s, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache,
-                                         device=device, impl=impl)  # fmt: skip
-                hidden[j] = block(h, 0, rope, cache[0])
-        _sync(device)
-        stats.layers.append({"layer": layer, "bytes": nbytes, "load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
-        unload_layer(model, layer)
-        del block
-    stats.peak_resident_bytes = resident.peak
+    for j, i in enumerate(range(0, len(windows), batch_size)):
+        part = parts[j % len(parts)]
+        part.hidden.append((j, part.model.embed(windows[i : i + batch_size].to(part.device))))
+    with ThreadPoolExecutor(len(parts)) if len(parts) > 1 else _Inline() as pool:
+        for layer in range(a.n_layers):
+            runs = [pool.submit(part.run_layer, layer, s, kv_cache, on_layer) for part in parts]
+            timings = [r.result() for r in runs]  # re-raises a device's error here
+            stats.layers.append({"layer": layer, "bytes": timings[0][0], "load_s": max(t[1] for t in timings),
+                                 "compute_s": max(t[2] for t in timings)})  # fmt: skip
+    stats.peak_resident_bytes = max(part.resident.peak for part in parts)
+    heads = sorted(((j, h, part.model) for part in parts for j, h in part.hidden), key=lambda x: x[0])
     with torch.no_grad():
-        for j, h in enumerate(hidden):
+        for j, h, model in heads:
             yield j * batch_size, model.head(h)
+
+
+class _DevicePart:
+    """One device's share of a streamed pass: its model skeleton, reader and the hidden states of its batches."""
+
+    def __init__(self, path, device: str, impl: str):
+        self.device = device
+        self.model, self.reader = load_model(path, impl=impl, device=device, layers=False)
+        self.resident = _Resident()
+        self.resident.track(self.model)
+        self.hidden: list[tuple[int, torch.Tensor]] = []  # (batch index, [b, S, D])
+
+    def run_layer(self, layer: int, s: int, kv_cache: str, on_layer) -> tuple[int, float, float]:
+        """Load layer `layer`, pass this device's batches through it, drop it: (bytes, load s, compute s)."""
+        with _on_device(self.device):
+            a, model = self.model.args, self.model
+            t0 = time.perf_counter()
+            nbytes = load_layer(model, self.reader, layer, self.device)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            self.resident.track(model)
+            block = model.model.layers[layer]
+            if on_layer is not None:
+                on_layer(layer, block)
+            rope = model.rope(s, torch.device(self.device))
+            with torch.no_grad():
+                for k, (j, h) in enumerate(self.hidden):
+                    cache = PagedLatentCache(1, h.shape[0], s, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache,
+                                             device=self.device, impl=model.impl)  # fmt: skip
+                    self.hidden[k] = (j, block(h, 0, rope, cache[0]))
+            _sync(self.device)
+            t2 = time.perf_counter()
+            unload_layer(model, layer)
+            return nbytes, t1 - t0, t2 - t1
+
+
+def _on_device(device: str):
+    """Make `device` current in this thread: Triton launches on the current CUDA device."""
+    return torch.cuda.device(torch.device(device)) if str(device).startswith("cuda") else contextlib.nullcontext()
+
+
+class _Inline:
+    """ThreadPoolExecutor's submit/result on the calling thread (one device: no thread needed)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+
+def resolve_devices(device: str) -> list[str]:
+    """--device as a device list: "cuda" means every visible GPU, "cuda:N" one, "cpu" the host."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return ["cpu"]
+    if dev.type != "cuda":
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    n = torch.cuda.device_count()
+    if dev.index is None:
+        return [f"cuda:{i}" for i in range(n)]
+    if dev.index >= n:
+        raise ValueError(f"--device {device}: only {n} GPU(s) visible")
+    return [f"cuda:{dev.index}"]
 
 
 def _sync(device: str) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
 from dsquant.runner.load import CheckpointReader, load_model
-from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
+from dsquant.runner.offload import StreamStats, resident_logits, resolve_devices, stream_logits
 
 
 def test_streamed_logits_equal_resident_and_memory_follows_one_layer(tmp_path):
@@ -28,3 +29,33 @@ def test_streamed_logits_equal_resident_and_memory_follows_one_layer(tmp_path):
     # largest layer; keeping even one previous layer alive would break this bound.
     assert stats.peak_resident_bytes <= bound, (stats.peak_resident_bytes, bound)
     assert stats.peak_resident_bytes < model_bytes - min(layer_bytes) + 1
+
+
+def test_windows_spread_over_devices_give_single_device_logits(tmp_path):
+    # Two devices (both the host here; GPUs on a multi-GPU machine) share the batches: each batch must
+    # come out exactly as on one device, in window order, with every device streaming every layer.
+    ckpt = make_synthetic_checkpoint(tmp_path / "v3", variant="v3", source="fp8", num_shards=2,
+                                     num_hidden_layers=3, first_k_dense_replace=1)  # fmt: skip
+    vocab = CheckpointReader(ckpt).args.vocab_size
+    windows = torch.randint(0, vocab, (5, 16), generator=torch.Generator().manual_seed(1))
+    one = list(stream_logits(ckpt, windows, batch_size=2))
+    stats = StreamStats()
+    seen = []
+    two = list(stream_logits(ckpt, windows, batch_size=2, devices=["cpu", "cpu"], stats=stats,
+                             on_layer=lambda layer, block: seen.append(layer)))  # fmt: skip
+    assert [i for i, _ in two] == [i for i, _ in one] == [0, 2, 4]
+    for (_, a), (_, b) in zip(one, two):
+        assert torch.equal(a, b)
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2]  # each device's copy of each layer
+    assert len(stats.layers) == 3
+
+
+def test_resolve_devices_errors():
+    assert resolve_devices("cpu") == ["cpu"]
+    with pytest.raises(ValueError, match="use cpu, cuda or cuda:N"):
+        resolve_devices("tpu")
+    with pytest.raises(ValueError, match="use cpu, cuda or cuda:N"):
+        resolve_devices("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_devices("cuda")
