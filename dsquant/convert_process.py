@@ -14,6 +14,7 @@ on the GPU otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 # (2-core CPU host, a 2048x7168 BF16 expert: the FP8-block reference ran at 40 MB/s on the whole tensor and
 # 95 MB/s in 128-row chunks; NVFP4 13 vs 18 MB/s).
 CHUNK_BYTES = 4 << 20
+# On a GPU a chunk is the whole tensor (up to 1 GiB of float32): per-chunk launches, host<->device copies and
+# syncs dominated 128-row chunks, and device memory holds a whole DeepSeek tensor with room to spare.
+CHUNK_BYTES_CUDA = 1 << 30
 MAX_PENDING_WRITES = 4
 
 
@@ -67,8 +71,9 @@ def select_quantizers(device: torch.device) -> Quantizers:
                       mxfp4.quantize_mxfp4, named=True, kind="reference")
 
 
-def chunk_rows(k: int) -> int:
-    return max(FP8_BLOCK, (CHUNK_BYTES // 4 // max(k, 1)) // FP8_BLOCK * FP8_BLOCK)
+def chunk_rows(k: int, device: torch.device | str = "cpu") -> int:
+    budget = CHUNK_BYTES_CUDA if torch.device(device).type == "cuda" else CHUNK_BYTES
+    return max(FP8_BLOCK, (budget // 4 // max(k, 1)) // FP8_BLOCK * FP8_BLOCK)
 
 
 def _read_rows(ckpt: Checkpoint, weight: str, r0: int, r1: int, fp8_source: bool):
@@ -88,34 +93,46 @@ def _as_float(q: torch.Tensor, scale: torch.Tensor | None, device, keep_bf16: bo
     return dequantize_fp8_block(q, scale.to(device), dtype=torch.float32)
 
 
-def _chunks(n: int, k: int):
-    step = chunk_rows(k)
+def _chunks(n: int, k: int, device):
+    step = chunk_rows(k, device)
     return [(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
 
 
-def _map_chunks(ckpt: Checkpoint, weight: str, fp8_source: bool, fn, pool):
+def _map_chunks(ckpt: Checkpoint, weight: str, fp8_source: bool, fn, pool, device):
     """fn(stored rows, scale rows) for each row chunk, in order; reads stay in this thread (its file handles),
     the arithmetic runs on `pool` threads when given (torch releases the GIL)."""
     n, k = ckpt.infos[weight].shape
-    loaded = [_read_rows(ckpt, weight, r0, r1, fp8_source) for r0, r1 in _chunks(n, k)]
+    loaded = [_read_rows(ckpt, weight, r0, r1, fp8_source) for r0, r1 in _chunks(n, k, device)]
     if pool is None:
         return [fn(q, s) for q, s in loaded]
     return [f.result() for f in [pool.submit(fn, q, s) for q, s in loaded]]
 
 
-def _amax(ckpt: Checkpoint, job: ModuleJob, device, pool) -> torch.Tensor:
+def _amax(ckpt: Checkpoint, job: ModuleJob, device, pool, loaded: torch.Tensor | None = None) -> torch.Tensor:
+    if loaded is not None:
+        return loaded.abs().amax().float()
     parts = _map_chunks(ckpt, job.module + ".weight", job.fp8_source,
-                        lambda q, s: _as_float(q, s, device, keep_bf16=True).abs().amax().float(), pool)
+                        lambda q, s: _as_float(q, s, device, keep_bf16=True).abs().amax().float(), pool, device)
     return torch.stack(parts).amax()
 
 
-def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, input_scale, pool) -> QuantizedWeight:
+def _load_on_gpu(ckpt: Checkpoint, job: ModuleJob, device) -> torch.Tensor | None:
+    """The whole weight as float32 on a GPU, read once for both the NVFP4 amax and the quantize pass (None on
+    the CPU, where row chunks keep the working set in cache and the source is read twice instead)."""
+    if device.type != "cuda":
+        return None
+    weight = job.module + ".weight"
+    return _as_float(*_read_rows(ckpt, weight, 0, ckpt.infos[weight].shape[0], job.fp8_source), device)
+
+
+def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, input_scale, pool,
+                  loaded: torch.Tensor | None = None) -> QuantizedWeight:
     weight = job.module + ".weight"
     rule, fmt = job.rule, job.fmt
     named = {"name": weight} if qz.named else {}
 
-    def chunk(q, s):
-        x = _as_float(q, s, device, keep_bf16=qz.kind == "cpu")
+    def chunk(q, s, x=None):
+        x = _as_float(q, s, device, keep_bf16=qz.kind == "cpu") if x is None else x
         if not qz.named:
             _checks.check_finite(x, weight)
         if fmt == "fp8-block":
@@ -128,7 +145,10 @@ def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, in
             out = qz.mxfp4(x, scale_rule=rule.scale_rule, **named)
         return out[0].cpu(), out[1].cpu()
 
-    parts = _map_chunks(ckpt, weight, job.fp8_source, chunk, pool)
+    if loaded is not None:
+        parts = [chunk(None, None, loaded)]
+    else:
+        parts = _map_chunks(ckpt, weight, job.fp8_source, chunk, pool, device)
     q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if fmt != "nvfp4":
         return QuantizedWeight(fmt, q, s)
@@ -139,9 +159,11 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Q
                  calibration: dict[str, float] | None, pool=None):
     """Yield (output name, tensor or raw bytes) for one fused group / module, in planned output order."""
     global_scale = input_scale = None
+    loaded: dict[str, torch.Tensor | None] = {}
     if item[0].fmt == "nvfp4":
+        loaded = {job.module: _load_on_gpu(ckpt, job, device) for job in item if job.action == "quant"}
         # Fused partners share one weight global scale and one activation scale (formats.md section 8 item 4).
-        amax = torch.stack([_amax(ckpt, job, device, pool).cpu() for job in item]).amax()
+        amax = torch.stack([_amax(ckpt, job, device, pool, loaded.get(job.module)).cpu() for job in item]).amax()
         # On the CPU: torch on CUDA divides by a scalar through its reciprocal, which can move the last bit.
         global_scale = nvfp4.nvfp4_global_scale(amax).to(device)
         scales = [calibration[j.module] for j in item if calibration and j.module in calibration]
@@ -154,12 +176,12 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Q
             for name, _, _ in job.outputs:
                 if name + FP8_SCALE_SUFFIX in ckpt.infos:
                     parts = _map_chunks(ckpt, name, True,
-                                        lambda q, s: _as_float(q, s, device).to(torch.bfloat16).cpu(), pool)
+                                        lambda q, s: _as_float(q, s, device).to(torch.bfloat16).cpu(), pool, device)
                     yield name, torch.cat(parts)
                 else:
                     yield name, ckpt.raw(name)
         else:
-            qw = _quantize_job(ckpt, job, qz, device, global_scale, input_scale, pool)
+            qw = _quantize_job(ckpt, job, qz, device, global_scale, input_scale, pool, loaded.pop(job.module, None))
             out = write_quantized(job.module, qw, convention)
             for name, _, _ in job.outputs:
                 yield name, out[name]
@@ -175,16 +197,19 @@ def write_shard(ckpt: Checkpoint, shard: ShardJob, dst, convention: str, qz: Qua
     writer = ShardWriter(dst / shard.file, shard.entries)
     done, pending = 0, []
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsquant-write")
+    # Triton launches on the thread's current CUDA device: a worker for cuda:1 must make it current
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        for item in shard.items:
-            for name, data in process_item(ckpt, item, convention, qz, device, calibration, pool):
-                pending.append(io.submit(writer.write, name, data))
-                while len(pending) > MAX_PENDING_WRITES:
-                    pending.pop(0).result()
-            n = sum(ckpt.infos[s].nbytes for job in item for s in job.sources)
-            done += n
-            if progress is not None:
-                progress.update(n)
+        with on_device:
+            for item in shard.items:
+                for name, data in process_item(ckpt, item, convention, qz, device, calibration, pool):
+                    pending.append(io.submit(writer.write, name, data))
+                    while len(pending) > MAX_PENDING_WRITES:
+                        pending.pop(0).result()
+                n = sum(ckpt.infos[s].nbytes for job in item for s in job.sources)
+                done += n
+                if progress is not None:
+                    progress.update(n)
         for f in pending:
             f.result()
         sha = writer.commit()

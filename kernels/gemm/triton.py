@@ -20,6 +20,7 @@ Numerics per format:
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -259,15 +260,21 @@ def _splitk_reduce_kernel(part_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M
     tl.store(c_ptr + offs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-_TMA_ALLOCATOR_SET = False
+_TMA_ALLOCATOR_SET = threading.local()
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: the one launching
 
 
 def _set_tma_allocator() -> None:
-    """Device-side tensor descriptors take a small global scratch per launch; Triton asks this allocator for it."""
-    global _TMA_ALLOCATOR_SET
-    if not _TMA_ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _TMA_ALLOCATOR_SET = True
+    """Device-side tensor descriptors take a small global scratch per launch; Triton asks this allocator for it.
+
+    Triton keeps the allocator in a context variable, so each thread (one per GPU when the runner or the
+    converter spreads work over several) must set it for itself."""
+    if not getattr(_TMA_ALLOCATOR_SET, "done", False):
+        triton.set_allocator(_tma_scratch)
+        _TMA_ALLOCATOR_SET.done = True
 
 
 @functools.lru_cache(maxsize=None)
