@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import typer
 
 from dsquant.cli.app import app, fail
+
+log = logging.getLogger(__name__)
+# = dsquant.runner.calib_search's METHODS and DEFAULT_SAMPLE_ROWS (not imported: that pulls in torch at CLI start;
+# tests/runner/test_calibration_search.py keeps them equal)
+CALIB_METHODS = ("mse", "amax")
+CALIB_ROWS = 512
 
 
 def _human(n: float) -> str:
@@ -30,14 +37,19 @@ def _print_plan(summary) -> None:
                f"ratio {summary.ratio:.2f}x; plan validated, nothing written")
 
 
-def _calibration(src: str | None, text_file: Path, device: str) -> dict[str, float]:
+def _calibration(src: str | None, text_file: Path, device: str, method: str, rows: int) -> dict[str, float]:
     """Run the layer-streamed calibration pass of the source on `text_file`: {module: activation input scale}."""
+    if method not in CALIB_METHODS:
+        raise ValueError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
+    if rows < 1:
+        raise ValueError(f"--calib-rows {rows}: must be at least 1")
     if not text_file.is_file():
         raise ValueError(f"--calibrate {text_file}: no such text file")
     text = text_file.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"--calibrate {text_file}: the file is empty")
-    from dsquant.runner.calibrate import calibrate as run_calibration
+    from dsquant.formats.ondisk import DEFAULT_NVFP4_INPUT_SCALE
+    from dsquant.runner.calibrate import calibrate_all
 
     if src is None:
         from dsquant.demo import demo_model_dir
@@ -47,7 +59,12 @@ def _calibration(src: str | None, text_file: Path, device: str) -> dict[str, flo
         from dsquant.hub import resolve_source
 
         source = resolve_source(src)
-    return run_calibration(str(source), text, device=device)
+    cal = calibrate_all(str(source), text, device=device, method=method, sample_rows=rows)
+    moved = sum(1 for v in cal.input_scales.values() if v != DEFAULT_NVFP4_INPUT_SCALE)
+    log.info("calibration (%s): %d linear input scales, %d differ from the default %s; FP8 KV-cache scales per "
+             "layer (max(amax/448, 1), not written: no engine loads an MLA k_scale from a DeepSeek checkpoint): %s",
+             method, len(cal.input_scales), moved, DEFAULT_NVFP4_INPUT_SCALE, cal.kv_scales())
+    return cal.input_scales
 
 
 @app.command("convert")
@@ -72,6 +89,11 @@ def convert(
                                    "(input_scale / input_global_scale) from the source model's own activations on "
                                    "this text, through the layer-streamed runner. Without it the documented "
                                    "default (input_scale 1.0) is written."),
+    calib_method: str = typer.Option(None, "--calib-method", help="With --calibrate: mse (default; the scale "
+                                     "with the least NVFP4 error on a sample of each linear's inputs, keeping the "
+                                     "default unless it is measurably worse) or amax (amax / 2688)."),
+    calib_rows: int = typer.Option(CALIB_ROWS, "--calib-rows", help="With --calibrate: input rows "
+                                   "sampled per linear for the mse search (memory: one layer's samples)."),
 ) -> None:
     """Convert a DeepSeek-family checkpoint (BF16 or DeepSeek FP8) into a quantized checkpoint that vLLM, SGLang
     and TensorRT-LLM load as it is.
@@ -85,8 +107,11 @@ def convert(
 
     if fmt not in ("auto", "deepseek", "modelopt", "compressed-tensors"):
         fail(f"--format {fmt!r}: choose auto, deepseek, modelopt or compressed-tensors")
+    if calib_method is not None and calibrate is None:
+        fail("--calib-method needs --calibrate TEXT_FILE (the text to calibrate on)")
     try:
-        calibration = _calibration(src, calibrate, device) if calibrate is not None and not dry_run else None
+        calibration = (_calibration(src, calibrate, device, calib_method or "mse", calib_rows)
+                       if calibrate is not None and not dry_run else None)
         summary = run_convert(src, dst, recipe, convention=fmt, device=device, workers=workers,
                               max_shard_size=max_shard_size, resume=resume, dry_run=dry_run,
                               progress=sys.stderr.isatty() and not as_json, push_to_hub=push_to_hub,

@@ -2,8 +2,10 @@
 
 Layout and numerics are dsquant.kernels.mla.cache's: per layer a pool [num_pages, page_size, C + R]
 holding the normed latent kv_c (C = kv_lora_rank) then the roped key k_pe (R = qk_rope_head_dim);
-"bf16" stores bfloat16, "fp8" stores E4M3 codes of x / kv_scale with one float32 per-tensor kv_scale
-(1.0 uncalibrated, as vLLM uses without a checkpoint k_scale). Sequence b owns the pages of row b of
+"bf16" stores bfloat16, "fp8" stores E4M3 codes of x / kv_scale with one float32 per-tensor kv_scale:
+the cache-wide value (1.0 uncalibrated, as vLLM uses without a checkpoint k_scale) unless the layer's
+checkpoint carries its own k_scale, which the MLA module hands to its LayerCache (`use_scale`) before
+storing, so every store and read of that layer uses it. Sequence b owns the pages of row b of
 the block table. On CUDA with impl="triton" and DeepSeek's 512 + 64 latent, storing and attention go
 through the MLA kernels (cache_store, mla_prefill, mla_decode); otherwise the torch path below, which
 follows the same store / dequantize arithmetic as the kernels' references.
@@ -25,6 +27,16 @@ class LayerCache:
 
     def __init__(self, parent: PagedLatentCache, pool: torch.Tensor):
         self.parent, self.pool = parent, pool
+        self._scale: torch.Tensor | None = None  # this layer's checkpoint k_scale, when it has one
+
+    def use_scale(self, k_scale: torch.Tensor | None) -> None:
+        """Use this layer's stored FP8 scale (float32 []) instead of the cache-wide one; None keeps that."""
+        if k_scale is not None:
+            self._scale = k_scale.to(device=self.pool.device, dtype=torch.float32).reshape(())
+
+    @property
+    def kv_scale(self) -> torch.Tensor:
+        return self._scale if self._scale is not None else self.parent.kv_scale
 
     def _slots(self, start: int, stop: int) -> torch.Tensor:
         """Flat slots [B, stop - start] of positions start..stop-1 of every sequence."""
@@ -39,14 +51,14 @@ class LayerCache:
         if self.parent.use_kernels(kv_c):
             from dsquant.kernels.mla import cache_store
 
-            kv_scale = self.parent.kv_scale if self.parent.kv_dtype == "fp8" else None
+            kv_scale = self.kv_scale if self.parent.kv_dtype == "fp8" else None
             cache_store(kv_c.reshape(b * s, c).contiguous(), k_pe.reshape(b * s, -1).contiguous(), self.pool, slots,
                         kv_scale)
             return
         x = torch.cat([kv_c, k_pe], dim=-1).reshape(b * s, -1).float()
         flat = self.pool.view(-1, self.pool.shape[-1])
         if self.parent.kv_dtype == "fp8":
-            flat[slots] = (x / self.parent.kv_scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
+            flat[slots] = (x / self.kv_scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
         else:
             flat[slots] = x.to(torch.bfloat16)
 
@@ -54,7 +66,7 @@ class LayerCache:
         """Dequantized float32 (kv_c [B, T, C], k_pe [B, T, R]) of positions 0..length-1."""
         rows = self.pool.view(-1, self.pool.shape[-1])[self._slots(0, length)].float()  # [B, T, C + R]
         if self.parent.kv_dtype == "fp8":
-            rows = rows * self.parent.kv_scale
+            rows = rows * self.kv_scale
         c = self.parent.kv_lora_rank
         return rows[..., :c], rows[..., c:]
 
@@ -66,7 +78,7 @@ class LayerCache:
         if p.use_kernels(q_lat):
             from dsquant.kernels.mla import mla_decode, mla_prefill
 
-            kv_scale = p.kv_scale if p.kv_dtype == "fp8" else None
+            kv_scale = self.kv_scale if p.kv_dtype == "fp8" else None
             seq_lens = torch.full((b,), start_pos + s, dtype=torch.int32, device=q_lat.device)
             ql, qp = q_lat.to(torch.bfloat16), q_pe.to(torch.bfloat16)
             if s == 1:

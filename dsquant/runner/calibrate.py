@@ -1,25 +1,39 @@
-"""Activation calibration through the layer-streamed pass: NVFP4 input global scales from real activations.
+"""Activation calibration through the layer-streamed pass: NVFP4 input global scales and FP8 KV-cache scales.
 
-For every linear the runner executes, the absolute maximum of its input over the calibration windows
-is recorded (a forward pre-hook while its layer is resident), and the NVFP4 activation global scale
-is amax / (448 * 6), the same rule as the weight's (dsquant.formats.nvfp4.nvfp4_global_scale).
-The result, {module name: scale}, is what dsquant.convert.convert(calibration=...) takes; fused
-partners share their input, so gate/up and q_a/kv_a get the same value.
+One pass of the source model over the calibration windows (dsquant.runner.offload.stream_logits, one
+decoder layer resident at a time). While a layer is resident, forward pre-hooks feed every linear's
+input rows to a bounded RowSample (calib_search.py: at most `sample_rows` rows per linear, plus the
+amax over all rows) and record the amax of the latent rows the MLA cache stores. When the next layer
+loads, the layer's scales are chosen (calib_search.search_input_scale, method "mse" by default or
+"amax") and its samples are dropped, so sample memory is one layer's worth:
+sample_rows * (sum of the distinct input widths of the layer's linears) * activation itemsize
+(V3 MoE layer, 512 rows, BF16: 256 experts * (7168 + 2048) * 512 * 2 B = 2.4 GB on the device).
 
-Experts that receive no calibration token (routing is sparse) fall back to the largest amax recorded
-for the same projection (gate_proj/up_proj/down_proj) of any expert in that layer; if no expert of the
-layer saw a token, the converter's recipe default stays. FP8 KV-cache scales are not calibrated here.
+Fused partners read the same input and share one value: up_proj takes gate_proj's, kv_a_proj_with_mqa
+takes q_a_proj's (only the first of each pair is sampled). Experts that receive no calibration token
+(routing is sparse) take the largest scale chosen for the same projection (gate/up/down) among the
+layer's other experts, the most headroom any of them needed (for method "amax" this is the layer's
+max amax / 2688); if no expert of the layer saw a token, the converter's recipe default stays.
+
+FP8 KV cache: per layer, kv_amax = max |x| over the latent rows as the cache stores them (normed kv_c
+and the roped k_pe, one 576-wide row on V3), and k_scale = max(kv_amax / 448, 1.0): ModelOpt's export
+rule. The clamp keeps the uncalibrated cache's range (scale 1.0 holds |x| <= 448) and only ever widens
+it; a scale below 1 would move values under E4M3's smallest normal (2^-6) back into range, which the
+demo measures as worth nothing (benchmarks/results/runner_demo_calibration.csv). The converter does
+not write these scales (see dsquant.convert: no engine loads an MLA k_scale from a DeepSeek checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
-from dsquant.formats.nvfp4 import nvfp4_global_scale
+from dsquant.formats.fp8 import FP8_E4M3_MAX
+from dsquant.formats.ondisk import DEFAULT_NVFP4_INPUT_SCALE
+from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import CheckpointReader
 from dsquant.runner.offload import stream_logits
@@ -28,53 +42,126 @@ from dsquant.runner.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)$")
+# follower -> leader: linears fed the same tensor, sampled once, one shared scale
+PARTNERS = {"up_proj": "gate_proj", "kv_a_proj_with_mqa": "q_a_proj"}
 
 
-def record_input_amax(ckpt, windows: torch.Tensor, *, device: str = "cpu", batch_size: int = 8) -> dict[str, float]:
-    """{module name: max |input|} over all windows for every linear the forward runs (experts: those routed to)."""
-    amax: dict[str, float] = {}
+@dataclass
+class Calibration:
+    """What one calibration pass found. input_scales: {module: NVFP4 activation global scale};
+    kv_amax: {layer: max |latent cache row|}; peak_sample_bytes: the largest one-layer sample set."""
+
+    input_scales: dict[str, float]
+    kv_amax: dict[int, float]
+    method: str
+    sample_rows: int
+    peak_sample_bytes: int = 0
+    errors: dict[str, dict[float, float]] = field(default_factory=dict)
+
+    def kv_scales(self, clamp: bool = True) -> dict[int, float]:
+        """{layer: FP8 KV-cache scale}: kv_amax / 448, at least 1.0 with clamp (ModelOpt's rule)."""
+        out = {}
+        for layer, amax in self.kv_amax.items():
+            s = float(torch.tensor(amax, dtype=torch.float32) / FP8_E4M3_MAX) if amax > 0 else 1.0
+            out[layer] = max(s, 1.0) if clamp else s
+        return out
+
+
+def record(
+    ckpt, windows: torch.Tensor, *, method: str = "mse", device: str = "cpu", batch_size: int = 8,
+    sample_rows: int = DEFAULT_SAMPLE_ROWS, default: float = DEFAULT_NVFP4_INPUT_SCALE, tol: float = TOLERANCE,
+) -> Calibration:  # fmt: skip
+    """Stream `windows` [W, S] through the checkpoint and choose every linear's input scale (before the
+    idle-expert fallback and partner sharing, which `finish` applies)."""
+    if method not in METHODS:
+        raise ValueError(f"--calib-method {method!r}: choose one of {METHODS}")
+    cap = sample_rows if method == "mse" else 1  # the amax rule needs no rows
+    cal = Calibration({}, {}, method, sample_rows)
+    samples: dict[str, RowSample] = {}
+
+    def settle() -> None:  # choose the resident layer's scales, then drop its samples
+        cal.peak_sample_bytes = max(cal.peak_sample_bytes, sum(s.nbytes for s in samples.values()))
+        for name, s in samples.items():
+            if s.seen:
+                cal.input_scales[name], cal.errors[name] = search_input_scale(
+                    s.sample(), s.amax, method=method, default=default, tol=tol)  # fmt: skip
+        samples.clear()
 
     def on_layer(layer: int, block: torch.nn.Module) -> None:
+        settle()
         for name, mod in block.named_modules():
-            if isinstance(mod, QuantLinear):
+            if isinstance(mod, QuantLinear) and name.rpartition(".")[2] not in PARTNERS:
                 full = f"model.layers.{layer}.{name}"
-                mod.register_forward_pre_hook(lambda m, args, full=full: _update(amax, full, args[0]))
+                samples[full] = RowSample(cap, seed=layer)
+                mod.register_forward_pre_hook(lambda m, args, s=samples[full]: s.add(args[0]))
+        block.self_attn.register_forward_pre_hook(lambda m, args, layer=layer: _watch_cache(cal.kv_amax, layer, args))
 
     impl = "triton" if str(device).startswith("cuda") else "reference"
     for _ in stream_logits(ckpt, windows, impl=impl, device=device, batch_size=batch_size, on_layer=on_layer):
         pass
-    return amax
+    settle()
+    return cal
 
 
-def _update(amax: dict, name: str, x: torch.Tensor) -> None:
-    if x.numel():
-        amax[name] = max(amax.get(name, 0.0), float(x.detach().abs().amax()))
+def _watch_cache(kv_amax: dict[int, float], layer: int, args: tuple) -> None:
+    """MLA pre-hook: wrap this call's LayerCache.store to record the amax of the rows it stores."""
+    cache = args[3] if len(args) > 3 else None
+    if cache is None or getattr(cache, "_calibration_watch", False):
+        return
+    store = cache.store
+
+    def watched(kv_c: torch.Tensor, k_pe: torch.Tensor, start_pos: int) -> None:
+        amax = max(float(kv_c.detach().abs().amax()), float(k_pe.detach().abs().amax()))
+        kv_amax[layer] = max(kv_amax.get(layer, 0.0), amax)
+        store(kv_c, k_pe, start_pos)
+
+    cache.store, cache._calibration_watch = watched, True
 
 
-def nvfp4_input_scales(ckpt, amax: dict[str, float]) -> dict[str, float]:
-    """amax per module -> NVFP4 activation global scales, with the documented fallback for idle experts."""
-    args = CheckpointReader(ckpt).args
-    per_proj: dict[tuple[str, str], float] = defaultdict(float)
-    for name, v in amax.items():
+def finish(ckpt, cal: Calibration) -> Calibration:
+    """Apply the idle-expert fallback and share scales between fused partners (in place; returns cal)."""
+    n_experts = CheckpointReader(ckpt).args.n_routed_experts
+    per_proj: dict[tuple[str, str], float] = {}
+    for name, v in cal.input_scales.items():
         if m := _EXPERT.match(name):
-            per_proj[(m.group(1), m.group(3))] = max(per_proj[(m.group(1), m.group(3))], v)
-    filled = dict(amax)
+            key = (m.group(1), m.group(3))
+            per_proj[key] = max(per_proj.get(key, 0.0), v)
     for (prefix, proj), v in per_proj.items():
-        for e in range(args.n_routed_experts):
+        for e in range(n_experts):
             name = f"{prefix}.{e}.{proj}"
-            if name not in filled:
-                filled[name] = v
-                log.debug("calibration: %s saw no token; using the layer's max over experts", name)
-    return {k: float(nvfp4_global_scale(torch.tensor(v))) for k, v in filled.items() if v > 0}
+            if name not in cal.input_scales:
+                cal.input_scales[name] = v
+                log.debug("calibration: %s saw no token; using the largest scale of the layer's %s", name, proj)
+    for name in list(cal.input_scales):
+        head, _, leaf = name.rpartition(".")
+        for follower, leader in PARTNERS.items():
+            if leaf == leader:
+                cal.input_scales[f"{head}.{follower}"] = cal.input_scales[name]
+    return cal
 
 
-def calibrate(
-    ckpt, text: str, *, seq_len: int = 512, max_tokens: int = 32768, device: str = "cpu",
-    tokenizer=None, batch_size: int = 8,
-) -> dict[str, float]:  # fmt: skip
-    """Tokenize `text` with the checkpoint's tokenizer, stream it through, return {module: input scale}."""
+def calibration_windows(ckpt, text: str, *, seq_len: int = 512, max_tokens: int = 32768, tokenizer=None):
+    """Tokenize `text` with the checkpoint's tokenizer (one BOS first) -> int64 windows [W, seq_len]."""
     tok = load_tokenizer(ckpt, tokenizer)
     ids = tok.encode(text, add_special_tokens=False).ids
     bos = CheckpointReader(ckpt).args.bos_token_id
-    windows = make_windows(([bos] if bos is not None else []) + ids, seq_len, max_tokens)
-    return nvfp4_input_scales(ckpt, record_input_amax(ckpt, windows, device=device, batch_size=batch_size))
+    return make_windows(([bos] if bos is not None else []) + ids, seq_len, max_tokens)
+
+
+def calibrate_all(
+    ckpt, text: str, *, seq_len: int = 512, max_tokens: int = 32768, device: str = "cpu", tokenizer=None,
+    batch_size: int = 8, method: str = "mse", sample_rows: int = DEFAULT_SAMPLE_ROWS,
+) -> Calibration:  # fmt: skip
+    """Everything one pass over `text` finds: input scales (fallback and partners applied) and KV amaxes."""
+    windows = calibration_windows(ckpt, text, seq_len=seq_len, max_tokens=max_tokens, tokenizer=tokenizer)
+    cal = record(ckpt, windows, method=method, device=device, batch_size=batch_size, sample_rows=sample_rows)
+    return finish(ckpt, cal)
+
+
+def calibrate(
+    ckpt, text: str, *, seq_len: int = 512, max_tokens: int = 32768, device: str = "cpu", tokenizer=None,
+    batch_size: int = 8, method: str = "mse", sample_rows: int = DEFAULT_SAMPLE_ROWS,
+) -> dict[str, float]:  # fmt: skip
+    """{module: NVFP4 activation input scale}, what dsquant.convert.convert(calibration=...) takes."""
+    return calibrate_all(ckpt, text, seq_len=seq_len, max_tokens=max_tokens, device=device, tokenizer=tokenizer,
+                         batch_size=batch_size, method=method, sample_rows=sample_rows).input_scales

@@ -11,6 +11,9 @@ from the names each convention writes:
                           MXFP4: weight_packed + weight_scale uint8 (E8M0)
     ModelOpt NVFP4        weight uint8 [N, K/2] + weight_scale e4m3 + weight_scale_2 + input_scale
     anything else         BF16/FP16/FP32 weight as stored
+A per-layer FP8 KV-cache scale, when a checkpoint carries one, is read under any of the names the engines
+map to the MLA cache scale (`KV_SCALE_NAMES`; MLA caches one latent row, so only k_scale matters) and
+used by the runner's FP8 latent cache for that layer (`--kv-cache fp8`); without one the cache uses 1.0.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from safetensors import safe_open
 from dsquant.formats.ondisk import read_quantized
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.linear import LinearWeight, QuantLinear
-from dsquant.runner.model import Transformer, Weighted
+from dsquant.runner.model import MLA, Transformer, Weighted
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,10 @@ _LINEAR_SUFFIXES = (
     "weight_global_scale", "input_scale", "input_global_scale",
 )  # fmt: skip
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# FP8 KV-cache scale names of a DeepSeek layer: compressed-tensors / HF `self_attn.k_scale`, ModelOpt
+# `self_attn.k_proj.k_scale`, and `self_attn.kv_a_proj_with_mqa.k_scale` (SGLang maps the latter two to its
+# MLA attention's k_scale). The runner attaches the value to the layer's MLA module.
+KV_SCALE_NAMES = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(?:k_proj\.|kv_a_proj_with_mqa\.)?k_scale$")
 
 
 class CheckpointReader:
@@ -154,6 +161,9 @@ def _assign(model: Transformer, reader: CheckpointReader, names: list[str], devi
     """Load the named tensors into their modules; returns the number of bytes placed."""
     done, nbytes = set(), 0
     for name in names:
+        if m := KV_SCALE_NAMES.match(name):
+            _assign_kv_scale(model, reader, name, m.group(1), device)
+            continue
         mod_name, _, attr = name.rpartition(".")
         try:
             mod = model.get_submodule(mod_name)
@@ -172,6 +182,20 @@ def _assign(model: Transformer, reader: CheckpointReader, names: list[str], devi
             setattr(mod, attr, t)
             nbytes += t.numel() * t.element_size()
     return nbytes
+
+
+def _assign_kv_scale(model: Transformer, reader: CheckpointReader, name: str, attn: str, device) -> None:
+    try:
+        mod = model.get_submodule(attn)
+    except AttributeError:
+        log.debug("skipping %s: no such layer in the runner", name)
+        return
+    t = reader.get(name)
+    if t.numel() != 1 or not t.is_floating_point() or not (0 < float(t.float().reshape(())) < float("inf")):
+        raise ValueError(f"{reader.path}: {name} must be one positive finite float (the layer's FP8 KV-cache "
+                         f"scale), got {t.dtype} {tuple(t.shape)}")
+    if isinstance(mod, MLA):
+        mod.k_scale = t.float().reshape(()).to(device)
 
 
 def check_complete(module: torch.nn.Module, what: str) -> None:
@@ -222,6 +246,8 @@ def unload_layer(model: Transformer, layer: int) -> None:
             mod._stack = None
         if isinstance(mod, QuantLinear):
             mod.w, mod.weight = None, None
+        elif isinstance(mod, MLA):
+            mod.k_scale = None
         elif isinstance(mod, Weighted):
             for name in list(mod._buffers):
                 mod._buffers[name] = None

@@ -60,6 +60,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, ops)
         self.kv_b_proj = QuantLinear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), impl)
         self.o_proj = QuantLinear(h * args.v_head_dim, d, impl)
+        # FP8 latent-cache scale float32 [] when the checkpoint stores one for this layer (load.py)
+        self.register_buffer("k_scale", None)
 
     def kv_b_weight(self) -> torch.Tensor:
         """kv_b_proj as float32 [H, nope + v, C], dequantized for this call (small: 32 MB on V3)."""
@@ -86,6 +88,7 @@ class MLA(nn.Module):
         if cache is None:  # one window, no cache: attend over this window's fresh latents
             o = self.ops.mla_attention(q_lat, q_pe, kv_c, k_pe, a.softmax_scale, start_pos)  # [B, S, H, C]
         else:
+            cache.use_scale(self.k_scale)
             cache.store(kv_c, k_pe, start_pos)
             o = cache.attend(q_lat, q_pe, start_pos, a.softmax_scale)
         o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, a.qk_nope_head_dim :])
