@@ -29,6 +29,7 @@ from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert_config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
 from dsquant.convert_plan import Plan, build_plan
 from dsquant.convert_process import select_quantizers, write_shard
+from dsquant.devices import resolve_devices
 from dsquant.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -144,21 +145,11 @@ def _resume_state(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
 
 
 def _devices(device: str, workers: int) -> list[torch.device]:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        if dev.index is None:  # one worker per visible GPU
-            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-        return [dev]
-    if dev.type != "cpu":
-        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
+    """One worker slot per (device, worker): `workers` shards in flight on each GPU (or on the CPU), which
+    overlaps one shard's reads with another's arithmetic, writes and fsync."""
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be at least 1")
-    return [dev] * workers
+    return [torch.device(d) for d in resolve_devices(device)] * workers
 
 
 def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress) -> None:

@@ -78,7 +78,8 @@ def convert(
                             help="On-disk convention: auto (the recipe's first), deepseek, modelopt or "
                                  "compressed-tensors."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda (one worker per visible GPU) or cuda:N."),
-    workers: int = typer.Option(1, "--workers", "-w", help="Output shards processed in parallel on CPU."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Output shards in flight at once, on the CPU "
+                                                         "or on each GPU."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted conversion in DST."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (per tensor pattern: rule, format, count, "

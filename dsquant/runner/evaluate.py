@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from dsquant.devices import resolve_devices
 from dsquant.runner.data import stdlib_text
 from dsquant.runner.load import CheckpointReader, load_model
-from dsquant.runner.offload import StreamStats, resident_logits, resolve_devices, stream_logits
+from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import Accumulator, make_windows
 from dsquant.runner.tokenizer import load_tokenizer
 

@@ -95,7 +95,8 @@ def stream_logits(
     s = windows.shape[1]
     for j, i in enumerate(range(0, len(windows), batch_size)):
         part = parts[j % len(parts)]
-        part.hidden.append((j, part.model.embed(windows[i : i + batch_size].to(part.device))))
+        with _on_device(part.device):
+            part.hidden.append((j, part.model.embed(windows[i : i + batch_size].to(part.device))))
     with ThreadPoolExecutor(len(parts)) if len(parts) > 1 else _Inline() as pool:
         for layer in range(a.n_layers):
             runs = [pool.submit(part.run_layer, layer, s, kv_cache, on_layer) for part in parts]
@@ -103,10 +104,12 @@ def stream_logits(
             stats.layers.append({"layer": layer, "bytes": timings[0][0], "load_s": max(t[1] for t in timings),
                                  "compute_s": max(t[2] for t in timings)})  # fmt: skip
     stats.peak_resident_bytes = max(part.resident.peak for part in parts)
-    heads = sorted(((j, h, part.model) for part in parts for j, h in part.hidden), key=lambda x: x[0])
+    heads = sorted(((j, h, part) for part in parts for j, h in part.hidden), key=lambda x: x[0])
     with torch.no_grad():
-        for j, h, model in heads:
-            yield j * batch_size, model.head(h)
+        for j, h, part in heads:
+            with _on_device(part.device):  # the head's kernels launch on the device that holds h
+                logits = part.model.head(h)
+            yield j * batch_size, logits
 
 
 class _DevicePart:
@@ -161,26 +164,6 @@ class _Inline:
         f = Future()
         f.set_result(fn(*args))
         return f
-
-
-def resolve_devices(device: str) -> list[str]:
-    """--device as a device list: "cuda" means every visible GPU, "cuda:N" one, "cpu" the host."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return ["cpu"]
-    if dev.type != "cuda":
-        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    n = torch.cuda.device_count()
-    if dev.index is None:
-        return [f"cuda:{i}" for i in range(n)]
-    if dev.index >= n:
-        raise ValueError(f"--device {device}: only {n} GPU(s) visible")
-    return [f"cuda:{dev.index}"]
 
 
 def _sync(device: str) -> None:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
+from dsquant.devices import resolve_devices
 from dsquant.runner.load import CheckpointReader, load_model
-from dsquant.runner.offload import StreamStats, resident_logits, resolve_devices, stream_logits
+from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 
 
 def test_streamed_logits_equal_resident_and_memory_follows_one_layer(tmp_path):
