@@ -1,4 +1,5 @@
-"""Conversion speed: GB/s of source processed by `convert`, against the raw read speed of the same files and a
+"""Conversion speed: GB/s of source processed by `convert`, against the raw read speed of the same files (and the
+raw read + write time of the source and output bytes, since both share the disk) and a
 naive baseline (straightforward torch: whole tensors, one format op at a time), all measured in this run.
 
     python benchmarks/bench_convert.py --size-gb 2 --recipes fp8-block int8 nvfp4 mxfp4 --workers 1 2 \
@@ -38,6 +39,7 @@ from dsquant.formats.ondisk import QuantizedWeight, write_quantized  # noqa: E40
 from dsquant.recipe import load_recipe  # noqa: E402
 
 EXPERT_BYTES = 3 * 2048 * 7168 * 2  # one BF16 expert (gate, up, down)
+out_bytes: dict[str, int] = {}  # recipe -> bytes of its last output, for the raw-write baseline
 
 
 def make_source(root: Path, size_gb: float, source: str) -> Path:
@@ -68,6 +70,21 @@ def raw_read(src: Path) -> float:
             while f.readinto(buf):
                 pass
     return time.perf_counter() - start
+
+
+def raw_write(folder: Path, nbytes: int) -> float:
+    """Seconds to write and fsync `nbytes` into one new file of `folder`: the disk's share of a conversion that
+    writes that many bytes (reads and writes share the device, so read + write time bounds the convert time)."""
+    buf = os.urandom(1 << 24)
+    path = folder / "raw-write.bin"
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(0, nbytes, len(buf)):
+            f.write(buf)
+        os.fsync(f.fileno())
+    secs = time.perf_counter() - start
+    path.unlink()
+    return secs
 
 
 def naive(src: Path, dst: Path, recipe: str, convention: str, device: str = "cpu") -> float:
@@ -153,12 +170,16 @@ def main() -> None:
                 secs = min(_timed_dsquant(src, root / f"out-{recipe}-{workers}", recipe, workers, args.device)
                            for _ in range(args.repeat))
                 gbs = nbytes / 1e9 / secs
+                write_s = raw_write(root, out_bytes[recipe])
                 row = {**base, "workers": workers, "dsquant_gb_s": round(gbs, 4),
-                       "x_naive": round(naive_s / secs, 2), "frac_of_read": round(read_s / secs, 3)}
+                       "x_naive": round(naive_s / secs, 2), "frac_of_read": round(read_s / secs, 3),
+                       "frac_of_read_write": round((read_s + write_s) / secs, 3)}
                 rows.append(row)
                 print(f"{recipe:<18} workers={workers}  dsquant {gbs * 1000:7.1f} MB/s  naive "
                       f"{nbytes / 1e6 / naive_s:7.1f} MB/s  ({row['x_naive']:.2f}x)  raw read "
-                      f"{nbytes / 1e6 / read_s:7.1f} MB/s", flush=True)
+                      f"{nbytes / 1e6 / read_s:7.1f} MB/s ({row['frac_of_read']:.2f}), raw read+write of the "
+                      f"output {nbytes / 1e6 / (read_s + write_s):7.1f} MB/s ({row['frac_of_read_write']:.2f})",
+                      flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +199,7 @@ def _timed_naive(src: Path, dst: Path, recipe: str, convention: str, device: str
 
 def _timed_dsquant(src: Path, dst: Path, recipe: str, workers: int, device: str) -> float:
     secs = dsquant_convert(src, dst, recipe, workers, device)
+    out_bytes[recipe] = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
     shutil.rmtree(dst)
     return secs
 
