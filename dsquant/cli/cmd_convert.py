@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 # = dsquant.runner.calib_search's METHODS and DEFAULT_SAMPLE_ROWS (not imported: that pulls in torch at CLI start;
 # tests/runner/test_calibration_search.py keeps them equal)
 CALIB_METHODS = ("mse", "amax")
-CALIB_ROWS = 512
+CALIB_ROWS = 256
 
 
 def _human(n: float) -> str:
@@ -48,7 +48,6 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
     text = text_file.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"--calibrate {text_file}: the file is empty")
-    from dsquant.formats.ondisk import DEFAULT_NVFP4_INPUT_SCALE
     from dsquant.runner.calibrate import calibrate_all
 
     if src is None:
@@ -60,10 +59,9 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
 
         source = resolve_source(src)
     cal = calibrate_all(str(source), text, device=device, method=method, sample_rows=rows)
-    moved = sum(1 for v in cal.input_scales.values() if v != DEFAULT_NVFP4_INPUT_SCALE)
-    log.info("calibration (%s): %d linear input scales, %d differ from the default %s; FP8 KV-cache scales per "
-             "layer (max(amax/448, 1), not written: no engine loads an MLA k_scale from a DeepSeek checkpoint): %s",
-             method, len(cal.input_scales), moved, DEFAULT_NVFP4_INPUT_SCALE, cal.kv_scales())
+    log.info("calibration (%s): %d linear input scales; FP8 KV-cache scales per layer, max(amax / 448, 1), not "
+             "written (no engine loads an MLA k_scale from a DeepSeek checkpoint): %s", method,
+             len(cal.input_scales), cal.kv_scales())
     return cal.input_scales
 
 
@@ -90,9 +88,9 @@ def convert(
                                    "(input_scale / input_global_scale) from the source model's own activations on "
                                    "this text, through the layer-streamed runner. Without it the documented "
                                    "default (input_scale 1.0) is written."),
-    calib_method: str = typer.Option(None, "--calib-method", help="With --calibrate: mse (default; the scale "
-                                     "with the least NVFP4 error on a sample of each linear's inputs, keeping the "
-                                     "default unless it is measurably worse) or amax (amax / 2688)."),
+    calib_method: str = typer.Option(None, "--calib-method", help="With --calibrate: mse (default; the power "
+                                     "of two with the least NVFP4 error on a sample of each linear's inputs, taking "
+                                     "up to 4x headroom where that costs nothing) or amax (amax / 2688)."),
     calib_rows: int = typer.Option(CALIB_ROWS, "--calib-rows", help="With --calibrate: input rows "
                                    "sampled per linear for the mse search (memory: one layer's samples)."),
 ) -> None:

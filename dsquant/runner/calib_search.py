@@ -3,46 +3,51 @@
 Two methods (`dsquant convert --calibrate ... --calib-method`):
 
 amax   global = amax / 2688 (dsquant.formats.nvfp4.nvfp4_global_scale), amax over every calibration row.
-mse    (default) the candidate with the smallest NVFP4 quantize-dequantize error on the sample, where
-       the candidates are amax / 2688 * 2^(k/4) for k = -N..H (down to 2^(-N/4) of the amax rule, which
-       clips the largest blocks; up to 2^(H/4) of it, headroom for activations above the calibration
-       maximum) plus the recipe default (input_scale 1.0). Among the candidates whose error is within
-       `tol` (relative) of the smallest, the LARGEST global scale wins.
+mse    (default) a power of two chosen by NVFP4 quantize-dequantize error on the sample. With
+       2^m0 the smallest power of two >= amax / 2688 (no clipping on the calibration data), the
+       candidates are 2^m for m = m0 - DOWN .. m0 + UP: below m0 they clip the largest blocks,
+       above it they leave headroom for activations beyond the calibration maximum. Among the
+       candidates whose error is within `tol` (relative) of the smallest, the LARGEST wins.
 
-Why the tie rule (measured on the demo model, benchmarks/results/runner_demo_calibration.csv): over
-a wide range the error of NVFP4 activations does not depend on the global scale at all. The block
-scale E4M3(amax_16 / 6 / global) has the same relative precision anywhere in E4M3's normal range, so
-only two things move the error: clipping (block amaxes above 448 * 6 * global saturate) and underflow
-(block scales below E4M3's smallest normal 2^-6 lose precision, below 2^-10 they round to zero).
-Between the two the curve is flat up to noise from where the block scales fall on the E4M3 grid,
-and that noise does not carry over from calibration text to other text (the per-linear argmin on the
-stdlib train split and on the held-out split are uncorrelated). What does carry over is the risk:
-held-out activations exceed the calibration maximum (by up to 30 % on the demo), which the amax rule
-clips. So the search rejects what measurably clips or underflows and otherwise keeps the most
-headroom, which is the recipe default whenever the default is not measurably worse.
-
+Why powers of two and the tie rule (measured on the demo model; benchmarks/results/runner_demo_calibration.csv):
+  - Over a wide band the error does not depend on the global scale g. The block scale
+    E4M3(amax_16 / 6 / g) has the same relative precision anywhere in E4M3's normal range; only
+    clipping (block amaxes above 448 * 6 * g saturate) and underflow (block scales below E4M3's
+    smallest normal 2^-6 lose precision, below 2^-10 they are 0) move it.
+  - Inside the band, a g that is not a power of two only changes where the block scales fall on
+    the E4M3 grid. That moves ppl by +-0.2 % and KLD by +-3 % on the demo as pure noise: the
+    per-linear argmin over quarter-octave candidates amax / 2688 * 2^(k/4) on the calibration text
+    and on held-out text are uncorrelated, and the amax rule (+1.39 % ppl against the default's
+    +1.01 %) simply drew a worse alignment. With g = 2^m, E4M3(y / 2^m) = E4M3(y) / 2^m for normal
+    values, so every block outside the clipping and underflow ranges gets exactly the codes and
+    values of the default input_scale 1.0 (itself 2^0): calibration changes only what it should.
+  - Held-out activations exceed the calibration maximum (by up to 30 % on the demo), which the
+    amax rule clips; the sample cannot show that, so free headroom is taken (largest within tol).
 The error is sum((dequant(quant(x)) - x)^2) over the sample with dsquant.formats.nvfp4 (the spec),
 in float64.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsquant.formats.nvfp4 import NVFP4_BLOCK, NVFP4_GLOBAL_DIVISOR, dequantize_nvfp4, quantize_nvfp4
 
 METHODS = ("mse", "amax")
-# Candidate exponents k in amax / 2688 * 2^(k/4): quarter-octave steps from 1/4 of the amax rule to 2x it.
-STEPS_DOWN = 8
-STEPS_UP = 4
-# Relative error margin inside which candidates count as equal. The spread between grid alignments
-# on the demo's samples is 0.1-1 % and does not generalize (see above); clipping the top quarter
-# octave costs 5-60 %, underflow similar, so 2 % separates the two.
+# Candidate octaves around 2^m0: down to 1/4 (clipping the largest blocks; a squared error weighs those
+# most, so these win only where clipping costs next to nothing) and up to 4x headroom (the demo's held-out
+# activations exceed the calibration amax by up to 1.3x).
+OCTAVES_DOWN = 2
+OCTAVES_UP = 2
+# Relative error margin inside which candidates count as equal. On the demo, candidates that neither clip
+# nor underflow give identical errors (68 sampled linears, 64 to 512 rows each); clipping one octave costs
+# 5-60 %, so 2 % only absorbs the odd block that moves in or out of E4M3's subnormals.
 TOLERANCE = 0.02
-# Rows kept per linear. The default's excess error over the best candidate on the sample is noise that
-# shrinks with the sample (demo, 84 MLP linears: 128 rows -> 4 linears moved off the default by more
-# than TOLERANCE, 256 -> 3, 512 -> 1, 1024 -> 0); 512 keeps a V3 MoE layer's samples at 2.4 GB of BF16.
-DEFAULT_SAMPLE_ROWS = 512
+# Rows kept per linear: what the search has to see (clipping, underflow) costs whole percents, which 256
+# rows resolve; a V3 MoE layer's samples are then 1.2 GB of BF16 on the device.
+DEFAULT_SAMPLE_ROWS = 256
 
 
 class RowSample:
@@ -99,14 +104,15 @@ def nvfp4_qdq_error(x: torch.Tensor, global_scale: float) -> float:
     return float((d.double() - x.double()).pow(2).sum())
 
 
-def candidate_scales(amax: float, default: float | None = None, steps_down: int = STEPS_DOWN,
-                     steps_up: int = STEPS_UP) -> list[float]:  # fmt: skip
-    """Candidate global scales, ascending: amax / 2688 * 2^(k/4) for k = -steps_down..steps_up, and default."""
-    base = torch.tensor(amax, dtype=torch.float32) / NVFP4_GLOBAL_DIVISOR
-    cands = {float(base * 2.0 ** (k / 4)) for k in range(-steps_down, steps_up + 1)}
-    if default is not None:
-        cands.add(float(default))
-    return sorted(c for c in cands if c > 0)
+def candidate_scales(amax: float, grid: str = "pow2") -> list[float]:
+    """Candidate global scales, ascending. grid "pow2": 2^m for m = m0 - OCTAVES_DOWN .. m0 + OCTAVES_UP with
+    2^m0 the smallest power of two >= amax / 2688; grid "quarter" (measured, not used by default):
+    amax / 2688 * 2^(k/4) for k = -8..4."""
+    base = float(torch.tensor(amax, dtype=torch.float32) / NVFP4_GLOBAL_DIVISOR)
+    if grid == "quarter":
+        return sorted(float(torch.tensor(base * 2.0 ** (k / 4), dtype=torch.float32)) for k in range(-8, 5))
+    m0 = math.ceil(math.log2(base))
+    return [2.0**m for m in range(m0 - OCTAVES_DOWN, m0 + OCTAVES_UP + 1)]
 
 
 def choose_scale(errors: dict[float, float], tol: float = TOLERANCE) -> float:
@@ -115,18 +121,19 @@ def choose_scale(errors: dict[float, float], tol: float = TOLERANCE) -> float:
     return max(s for s, e in errors.items() if e <= best * (1 + tol))
 
 
-def search_input_scale(sample: torch.Tensor, amax: float, *, method: str = "mse", default: float | None = 1.0,
-                       tol: float = TOLERANCE) -> tuple[float, dict[float, float]]:  # fmt: skip
+def search_input_scale(sample: torch.Tensor, amax: float, *, method: str = "mse", tol: float = TOLERANCE,
+                       grid: str = "pow2") -> tuple[float, dict[float, float]]:  # fmt: skip
     """Activation global scale for a linear from its input sample [R, K] and the amax over all its rows.
 
-    Returns (scale, {candidate: error}); the error table is empty for method "amax".
+    Returns (scale, {candidate: error}); the error table is empty for method "amax" and for an all-zero
+    input (scale 1.0, the default: nothing to calibrate).
     """
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r}: choose one of {METHODS}")
     if amax <= 0:
-        return (default if default is not None else 1.0), {}
+        return 1.0, {}
     if method == "amax" or sample.shape[-1] % NVFP4_BLOCK:
         return float(torch.tensor(amax, dtype=torch.float32) / NVFP4_GLOBAL_DIVISOR), {}
     x = sample.float()
-    errors = {c: nvfp4_qdq_error(x, c) for c in candidate_scales(amax, default)}
+    errors = {c: nvfp4_qdq_error(x, c) for c in candidate_scales(amax, grid)}
     return choose_scale(errors, tol), errors

@@ -7,7 +7,7 @@ amax over all rows) and record the amax of the latent rows the MLA cache stores.
 loads, the layer's scales are chosen (calib_search.search_input_scale, method "mse" by default or
 "amax") and its samples are dropped, so sample memory is one layer's worth:
 sample_rows * (sum of the distinct input widths of the layer's linears) * activation itemsize
-(V3 MoE layer, 512 rows, BF16: 256 experts * (7168 + 2048) * 512 * 2 B = 2.4 GB on the device).
+(V3 MoE layer, 256 rows, BF16: 256 experts * (7168 + 2048) * 256 * 2 B = 1.2 GB on the device).
 
 Fused partners read the same input and share one value: up_proj takes gate_proj's, kv_a_proj_with_mqa
 takes q_a_proj's (only the first of each pair is sampled). Experts that receive no calibration token
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 
 from dsquant.formats.fp8 import FP8_E4M3_MAX
-from dsquant.formats.ondisk import DEFAULT_NVFP4_INPUT_SCALE
 from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import CheckpointReader
@@ -69,7 +68,7 @@ class Calibration:
 
 def record(
     ckpt, windows: torch.Tensor, *, method: str = "mse", device: str = "cpu", batch_size: int = 8,
-    sample_rows: int = DEFAULT_SAMPLE_ROWS, default: float = DEFAULT_NVFP4_INPUT_SCALE, tol: float = TOLERANCE,
+    sample_rows: int = DEFAULT_SAMPLE_ROWS, tol: float = TOLERANCE, grid: str = "pow2",
 ) -> Calibration:  # fmt: skip
     """Stream `windows` [W, S] through the checkpoint and choose every linear's input scale (before the
     idle-expert fallback and partner sharing, which `finish` applies)."""
@@ -84,7 +83,7 @@ def record(
         for name, s in samples.items():
             if s.seen:
                 cal.input_scales[name], cal.errors[name] = search_input_scale(
-                    s.sample(), s.amax, method=method, default=default, tol=tol)  # fmt: skip
+                    s.sample(), s.amax, method=method, tol=tol, grid=grid)  # fmt: skip
         samples.clear()
 
     def on_layer(layer: int, block: torch.nn.Module) -> None:
@@ -150,11 +149,12 @@ def calibration_windows(ckpt, text: str, *, seq_len: int = 512, max_tokens: int 
 
 def calibrate_all(
     ckpt, text: str, *, seq_len: int = 512, max_tokens: int = 32768, device: str = "cpu", tokenizer=None,
-    batch_size: int = 8, method: str = "mse", sample_rows: int = DEFAULT_SAMPLE_ROWS,
+    batch_size: int = 8, method: str = "mse", sample_rows: int = DEFAULT_SAMPLE_ROWS, grid: str = "pow2",
 ) -> Calibration:  # fmt: skip
     """Everything one pass over `text` finds: input scales (fallback and partners applied) and KV amaxes."""
     windows = calibration_windows(ckpt, text, seq_len=seq_len, max_tokens=max_tokens, tokenizer=tokenizer)
-    cal = record(ckpt, windows, method=method, device=device, batch_size=batch_size, sample_rows=sample_rows)
+    cal = record(ckpt, windows, method=method, device=device, batch_size=batch_size, sample_rows=sample_rows,
+                 grid=grid)
     return finish(ckpt, cal)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsquant.cli import cmd_convert
+from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from dsquant.runner import calib_search
 from dsquant.runner.calib_search import RowSample, candidate_scales, choose_scale, search_input_scale
 
@@ -46,28 +47,52 @@ def _data(scale: float, seed: int = 0) -> torch.Tensor:
     return x * scale
 
 
-@pytest.mark.parametrize("scale,why", [(2000.0, "default clips: amax far above 448 * 6"),
-                                       (1e-3, "default underflows: block scales below E4M3's subnormals")])
-def test_search_moves_off_a_bad_default_to_the_brute_force_optimum(scale, why):
-    x = _data(scale)
+@pytest.mark.parametrize("x", [_data(2000.0), _data(1e-3), _data(1.0, seed=2)])
+@pytest.mark.parametrize("grid", ["pow2", "quarter"])
+def test_errors_and_argmin_agree_with_the_brute_force(x, grid):
     amax = float(x.abs().max())
-    chosen, errors = search_input_scale(x, amax, default=1.0, tol=0.0)
-    brute = {c: brute_error(x.numpy(), c) for c in candidate_scales(amax, 1.0)}
-    assert set(errors) == set(brute)
+    chosen, errors = search_input_scale(x, amax, tol=0.0, grid=grid)
+    brute = {c: brute_error(x.numpy(), c) for c in candidate_scales(amax, grid)}
+    assert set(errors) == set(brute) and len(brute) >= 5
     for c in brute:  # the spec path and the brute force agree on every candidate's error
         assert errors[c] == pytest.approx(brute[c], rel=1e-9, abs=1e-30), c
     assert brute[chosen] == pytest.approx(min(brute.values()), rel=1e-12)
-    assert brute[1.0] > 1.5 * brute[chosen], why
 
 
-def test_tie_rule_keeps_the_largest_scale_within_tolerance():
-    # the default is within tol of the best on well-scaled data, so it wins over a lower-error candidate
-    x = _data(1.0, seed=1)
+def test_candidates_are_powers_of_two_around_the_amax_rule():
+    c = candidate_scales(30.0)  # 30 / 2688 = 0.01116 -> 2^m0 = 2^-6 = 0.015625
+    assert c == [2.0**m for m in range(-6 - calib_search.OCTAVES_DOWN, -6 + calib_search.OCTAVES_UP + 1)]
+    assert c[calib_search.OCTAVES_DOWN] >= 30.0 / 2688 > c[calib_search.OCTAVES_DOWN - 1]
+
+
+def test_a_squared_error_keeps_a_lone_outlier_rather_than_the_bulk():
+    # bulk blocks near 1e-4, one block at 5e3: every no-clip scale underflows the bulk to 0, yet clipping the
+    # outlier costs far more squared error, so the search (like the brute force) keeps it unclipped
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3)) * 1e-4
+    x[0, :16] = 5e3
     amax = float(x.abs().max())
-    brute = {c: brute_error(x.numpy(), c) for c in candidate_scales(amax, 1.0)}
-    best = min(brute.values())
-    expected = max(c for c, e in brute.items() if e <= best * 1.02)
-    assert search_input_scale(x, amax, default=1.0, tol=0.02)[0] == expected
+    chosen, _ = search_input_scale(x, amax, tol=0.0)
+    brute = {c: brute_error(x.numpy(), c) for c in candidate_scales(amax)}
+    assert brute[chosen] == min(brute.values())
+    assert chosen >= candidate_scales(amax)[calib_search.OCTAVES_DOWN]  # at or above the no-clip scale
+
+
+def test_headroom_is_taken_when_free_and_gives_the_default_codes():
+    # block amaxes within [0.2, 50]: neither 1.0 nor the headroom candidates clip or underflow any block
+    x = _data(1.0, seed=1).clamp(-50, 50)
+    x[x.abs() < 0.2] = 0.2
+    amax = float(x.abs().max())
+    chosen, errors = search_input_scale(x, amax)
+    top = candidate_scales(amax)[-1]
+    best = min(errors.values())
+    assert chosen == max(c for c, e in errors.items() if e <= best * 1.02) == top
+    # a power-of-two global scale gives exactly the values of the uncalibrated input_scale 1.0
+    a, b = quantize_nvfp4(x, torch.tensor(chosen)), quantize_nvfp4(x, torch.tensor(1.0))
+    assert torch.equal(dequantize_nvfp4(*a, dtype=torch.float32), dequantize_nvfp4(*b, dtype=torch.float32))
+    assert torch.equal(a[0], b[0])
+
+
+def test_tie_rule():
     assert choose_scale({1.0: 1.03, 0.5: 1.0, 0.25: 1.01}, tol=0.02) == 0.5
     assert choose_scale({1.0: 1.02, 0.5: 1.0}, tol=0.02) == 1.0
 
@@ -77,7 +102,7 @@ def test_amax_method_and_degenerate_inputs():
     amax = float(x.abs().max())
     s, errors = search_input_scale(x, amax, method="amax")
     assert s == pytest.approx(amax / 2688, rel=1e-7) and errors == {}
-    assert search_input_scale(torch.zeros(2, 32), 0.0, default=1.0)[0] == 1.0  # a linear fed only zeros
+    assert search_input_scale(torch.zeros(2, 32), 0.0)[0] == 1.0  # a linear fed only zeros
     with pytest.raises(ValueError, match="calibration method 'max'"):
         search_input_scale(x, amax, method="max")
 
