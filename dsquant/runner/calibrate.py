@@ -16,11 +16,21 @@ layer's other experts, the most headroom any of them needed (for method "amax" t
 max amax / 2688); if no expert of the layer saw a token, the converter's recipe default stays.
 
 FP8 KV cache: per layer, kv_amax = max |x| over the latent rows as the cache stores them (normed kv_c
-and the roped k_pe, one 576-wide row on V3), and k_scale = max(kv_amax / 448, 1.0): ModelOpt's export
-rule. The clamp keeps the uncalibrated cache's range (scale 1.0 holds |x| <= 448) and only ever widens
-it; a scale below 1 would move values under E4M3's smallest normal (2^-6) back into range, which the
-demo measures as worth nothing (benchmarks/results/runner_demo_calibration.csv). The converter does
-not write these scales (see dsquant.convert: no engine loads an MLA k_scale from a DeepSeek checkpoint).
+and the roped k_pe, one 576-wide row on V3), and k_scale = max(kv_amax / 448, 1.0), ModelOpt's export
+rule. The clamp keeps the uncalibrated cache's range (1.0 holds |x| <= 448) and only ever widens it. A
+scale below 1 would lift values under E4M3's smallest normal (2^-6), but as it is no power of two it
+also re-draws the rounding of every other value; on the demo amax / 448 (0.017-0.038) changed KLD by
++1 % (FP8 source) and -2 % (nvfp4) and top-1 by +0.07 / -0.30 points against 1.0: noise, no gain
+(benchmarks/results/runner_demo_calibration.csv).
+
+The converter does not write KV scales: no engine applies a stored MLA cache scale for a DeepSeek
+checkpoint. vLLM holds the MLA scale at `self_attn.mla_attn.mla_attn.k_scale` and remaps checkpoint names
+`self_attn.k_scale` and `self_attn.k_proj.k_scale` to `self_attn.attn.k_scale`, which MLA layers do not
+have (it warns "not loaded" and runs with 1.0); SGLang loads ModelOpt's `self_attn.k_proj.k_scale` into
+its `attn_mqa.k_scale`, but its MLA KV pool casts to FP8 without it; ModelOpt's DeepSeek export writes
+none and declares `kv_cache_quant_algo: FP8`, which TRT-LLM runs at 1.0. Stored scales would change
+nothing that serves the checkpoint, and are 1.0 on the demo after the clamp anyway. Where a checkpoint
+does carry a layer k_scale, the runner's FP8 cache uses it (load.py).
 """
 
 from __future__ import annotations
