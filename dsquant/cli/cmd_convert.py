@@ -62,6 +62,10 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
     log.info("calibration (%s): %d linear input scales; FP8 KV-cache scales per layer, max(amax / 448, 1), not "
              "written (no engine loads an MLA k_scale from a DeepSeek checkpoint): %s", method,
              len(cal.input_scales), cal.kv_scales())
+    if hot := cal.saturating_layers():
+        log.warning("calibration: the MLA latent exceeds 448 in layer(s) %s (max |x| %s); an FP8 KV cache at scale "
+                    "1.0, what vLLM and SGLang run for DeepSeek, saturates there: serve with a BF16 KV cache",
+                    list(hot), [round(a, 1) for a in hot.values()])
     return cal.input_scales
 
 

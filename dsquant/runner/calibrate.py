@@ -75,6 +75,11 @@ class Calibration:
             out[layer] = max(s, 1.0) if clamp else s
         return out
 
+    def saturating_layers(self) -> dict[int, float]:
+        """{layer: kv_amax} where the latent exceeds 448: an FP8 cache at scale 1.0, what the engines run for
+        DeepSeek MLA, saturates there."""
+        return {layer: a for layer, a in sorted(self.kv_amax.items()) if a > FP8_E4M3_MAX}
+
 
 def record(
     ckpt, windows: torch.Tensor, *, method: str = "mse", device: str = "cpu", batch_size: int = 8,

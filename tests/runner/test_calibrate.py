@@ -78,6 +78,7 @@ def test_kv_scales_are_amax_over_448_clamped_to_one():
     cal = Calibration({}, {0: 896.0, 1: 44.8, 2: 0.0}, "mse", 8)
     assert cal.kv_scales() == {0: 2.0, 1: 1.0, 2: 1.0}
     assert cal.kv_scales(clamp=False) == pytest.approx({0: 2.0, 1: 0.1, 2: 1.0})
+    assert cal.saturating_layers() == {0: 896.0}  # what a scale-1.0 FP8 cache would clip
 
 
 def test_unknown_method_is_refused(ckpt, windows):

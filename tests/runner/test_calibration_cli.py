@@ -62,3 +62,20 @@ def test_calib_method_without_calibrate_text(tmp_path):
     assert result.exit_code == 1
     assert "--calib-method needs --calibrate TEXT_FILE" in result.output
     assert not dst.exists()
+
+
+def test_a_latent_above_448_is_reported(tmp_path, monkeypatch, caplog):
+    import dsquant.runner.calibrate as calibrate_mod
+
+    def fake(ckpt, text, **kw):  # the pass itself is tested elsewhere; this checks what convert says about it
+        return calibrate_mod.Calibration({}, {0: 12.0, 2: 900.0}, kw["method"], kw["sample_rows"])
+
+    monkeypatch.setattr(calibrate_mod, "calibrate_all", fake)
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(TEXT)
+    with caplog.at_level("INFO", logger="dsquant.cli.cmd_convert"):
+        result = runner.invoke(app, ["convert", "-r", "nvfp4", "--calibrate", str(text_file), str(demo_model_dir()),
+                                     str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("layer(s) [2]" in w and "900.0" in w and "saturates" in w for w in warnings), warnings
