@@ -80,8 +80,8 @@ def convert(
                             help="On-disk convention: auto (the recipe's first), deepseek, modelopt or "
                                  "compressed-tensors."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda (one worker per visible GPU) or cuda:N."),
-    workers: int = typer.Option(1, "--workers", "-w", help="Output shards in flight at once, on the CPU "
-                                                         "or on each GPU."),
+    workers: int = typer.Option(None, "--workers", "-w", help="Output shards in flight at once, on the CPU "
+                                                            "or on each GPU [default: 1 on the CPU, 2 per GPU]."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted conversion in DST."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (per tensor pattern: rule, format, count, "
@@ -91,7 +91,9 @@ def convert(
     calibrate: Path = typer.Option(None, "--calibrate", help="UTF-8 text file: set NVFP4 activation scales "
                                    "(input_scale / input_global_scale) from the source model's own activations on "
                                    "this text, through the layer-streamed runner. Without it the documented "
-                                   "default (input_scale 1.0) is written."),
+                                   "default (input_scale 1.0) is written. Also measures each layer's MLA latent "
+                                   "range and warns where an FP8 KV cache would saturate (no KV scales are written: "
+                                   "no engine applies one to DeepSeek MLA)."),
     calib_method: str = typer.Option(None, "--calib-method", help="With --calibrate: mse (default; the power "
                                      "of two with the least NVFP4 error on a sample of each linear's inputs, taking "
                                      "up to 4x headroom where that costs nothing) or amax (amax / 2688)."),
