@@ -27,10 +27,11 @@ The converter does not write KV scales: no engine applies a stored MLA cache sca
 checkpoint. vLLM holds the MLA scale at `self_attn.mla_attn.mla_attn.k_scale` and remaps checkpoint names
 `self_attn.k_scale` and `self_attn.k_proj.k_scale` to `self_attn.attn.k_scale`, which MLA layers do not
 have (it warns "not loaded" and runs with 1.0); SGLang loads ModelOpt's `self_attn.k_proj.k_scale` into
-its `attn_mqa.k_scale`, but its MLA KV pool casts to FP8 without it; ModelOpt's DeepSeek export writes
-none and declares `kv_cache_quant_algo: FP8`, which TRT-LLM runs at 1.0. Stored scales would change
-nothing that serves the checkpoint, and are 1.0 on the demo after the clamp anyway. Where a checkpoint
-does carry a layer k_scale, the runner's FP8 cache uses it (load.py).
+its `attn_mqa.k_scale`, but the MLA KV pool of the versions read casts to FP8 without it (a newer fused
+FP8-quantizing store exists whose use of it is unconfirmed); ModelOpt's DeepSeek export writes none and
+declares `kv_cache_quant_algo: FP8`, which TRT-LLM runs at 1.0. Stored scales would change nothing that
+serves the checkpoint, and are 1.0 on the demo after the clamp anyway. Where a checkpoint does carry a
+layer k_scale, the runner's FP8 cache uses it (load.py).
 """
 
 from __future__ import annotations
