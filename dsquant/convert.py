@@ -144,12 +144,20 @@ def _resume_state(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
     return None
 
 
-def _devices(device: str, workers: int) -> list[torch.device]:
-    """One worker slot per (device, worker): `workers` shards in flight on each GPU (or on the CPU), which
-    overlaps one shard's reads with another's arithmetic, writes and fsync."""
+# Default shards in flight per GPU: a second one overlaps one shard's reads with the other's arithmetic,
+# writes and fsync (H100, 4.4 GB BF16 source: +13% to +32% over one, by recipe). On the CPU the row
+# chunks of one shard already use every core.
+GPU_WORKERS = 2
+
+
+def _devices(device: str, workers: int | None) -> list[torch.device]:
+    """One worker slot per (device, worker): `workers` shards in flight on each GPU (or on the CPU)."""
+    devices = [torch.device(d) for d in resolve_devices(device)]
+    if workers is None:
+        workers = GPU_WORKERS if devices[0].type == "cuda" else 1
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be at least 1")
-    return [torch.device(d) for d in resolve_devices(device)] * workers
+    return devices * workers
 
 
 def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress) -> None:
@@ -220,7 +228,7 @@ def _finalize(ckpt: Checkpoint, plan: Plan, dst: Path, source: dict, created: st
 
 
 def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: str = "auto", device: str = "cpu",
-            workers: int = 1, max_shard_size: str | int = "5GB", resume: bool = False, dry_run: bool = False,
+            workers: int | None = None, max_shard_size: str | int = "5GB", resume: bool = False, dry_run: bool = False,
             calibration=None, progress: bool = True, push_to_hub: str | None = None) -> ConvertSummary:
     """Convert checkpoint SRC into DST with a recipe. User errors raise ValueError naming the file or tensor.
 
@@ -230,7 +238,7 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
         recipe: a shipped recipe name, a .toml path, or a Recipe.
         convention: "auto" (the recipe's first) | "deepseek" | "modelopt" | "compressed-tensors".
         device: "cpu" | "cuda" (one worker per visible GPU) | "cuda:N".
-        workers: parallel output shards on CPU.
+        workers: output shards in flight on the CPU, or on each GPU (default: 1 on the CPU, 2 per GPU).
         max_shard_size: output shard bound, e.g. "5GB".
         resume: finish an interrupted conversion in DST.
         dry_run: plan and validate only; nothing is written.
