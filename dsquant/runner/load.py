@@ -11,9 +11,11 @@ from the names each convention writes:
                           MXFP4: weight_packed + weight_scale uint8 (E8M0)
     ModelOpt NVFP4        weight uint8 [N, K/2] + weight_scale e4m3 + weight_scale_2 + input_scale
     anything else         BF16/FP16/FP32 weight as stored
-A per-layer FP8 KV-cache scale, when a checkpoint carries one, is read under any of the names the engines
-map to the MLA cache scale (`KV_SCALE_NAMES`; MLA caches one latent row, so only k_scale matters) and
-used by the runner's FP8 latent cache for that layer (`--kv-cache fp8`); without one the cache uses 1.0.
+A per-layer FP8 KV-cache scale, when a checkpoint carries one, is read under any of the names checkpoints
+give it (`KV_SCALE_NAMES`; MLA caches one latent row, so only k_scale matters) and used by the runner's FP8
+latent cache for that layer (`--kv-cache fp8`); without one the cache uses 1.0. The runner then measures
+the cache the checkpoint declares: vLLM and SGLang currently run DeepSeek MLA's FP8 cache at 1.0 whatever
+is stored (dsquant.runner.calibrate says why).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ _LINEAR_SUFFIXES = (
 )  # fmt: skip
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # FP8 KV-cache scale names of a DeepSeek layer: compressed-tensors / HF `self_attn.k_scale`, ModelOpt
-# `self_attn.k_proj.k_scale`, and `self_attn.kv_a_proj_with_mqa.k_scale` (SGLang maps the latter two to its
-# MLA attention's k_scale). The runner attaches the value to the layer's MLA module.
+# `self_attn.k_proj.k_scale`, and `self_attn.kv_a_proj_with_mqa.k_scale` (SGLang's loader accepts the latter
+# two for MLA). The runner attaches the value to the layer's MLA module.
 KV_SCALE_NAMES = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(?:k_proj\.|kv_a_proj_with_mqa\.)?k_scale$")
 
 

@@ -1,5 +1,5 @@
-"""FP8 KV-cache scales: the runner reads a layer's stored k_scale (every name the engines map to the MLA cache
-scale) and its FP8 latent cache stores and reads that layer with it, resident and layer-streamed alike."""
+"""FP8 KV-cache scales: the runner reads a layer's stored k_scale (under each name checkpoints give it) and its
+FP8 latent cache stores and reads that layer with it, resident and layer-streamed alike."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from dsquant.runner.cache import PagedLatentCache
 from dsquant.runner.load import load_model
 from dsquant.runner.offload import resident_logits, stream_logits
 
-# one name per convention the engines' loaders know for a DeepSeek layer's cache scale
+# one name per convention that stores a DeepSeek layer's cache scale
 NAMES = {0: "model.layers.0.self_attn.k_scale",  # compressed-tensors kv_cache_scheme / vLLM checkpoint name
          1: "model.layers.1.self_attn.k_proj.k_scale",  # ModelOpt export
-         2: "model.layers.2.self_attn.kv_a_proj_with_mqa.k_scale"}  # what SGLang maps to its MLA k_scale
+         2: "model.layers.2.self_attn.kv_a_proj_with_mqa.k_scale"}  # accepted by SGLang's MLA loader
 
 
 @pytest.fixture(scope="module")
