@@ -261,6 +261,10 @@ def _splitk_reduce_kernel(part_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M
 
 
 _TMA_ALLOCATOR_SET = threading.local()
+# One launch of an autotuned kernel at a time: threads driving different GPUs (the runner's and the
+# converter's multi-GPU workers) otherwise clobber each other's tuning state. A launch is a few
+# microseconds; only a first call per (N, K, format, M bucket) holds the lock for its tuning runs.
+_AUTOTUNE_LOCK = threading.Lock()
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -336,7 +340,8 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
         _gemm_persistent_kernel[grid](*args, NUM_SMS=num_sms, **meta, **configs.interpreter_config(fmt))
     else:
         kernel = _persistent_fp4 if fmt in configs.FP4_FORMATS else _persistent_8bit
-        kernel[grid](*args, NUM_SMS=num_sms, **meta)
+        with _AUTOTUNE_LOCK:  # Triton's Autotuner keeps the arguments of the call it is tuning on itself
+            kernel[grid](*args, NUM_SMS=num_sms, **meta)
     return out
 
 
