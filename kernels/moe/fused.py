@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from dsquant.kernels.moe.align import moe_align
 from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
+from dsquant.kernels.quant.triton import div_rn_shared
 
 from dsquant.formats.fp8 import FP8_AMAX_FLOOR, FP8_E4M3_MAX
 from dsquant.formats.int8 import INT8_AMAX_FLOOR, INT8_MAX
@@ -102,7 +103,8 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
                 if QUANT_A:  # dynamic 1x128 group quant of the bf16 rows (dsquant.formats.fp8, same order)
                     af = a.to(tl.float32)
                     a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(af), 1), _FP8_FLOOR), _FP8_MAX)
-                    a = tl.clamp(tl.div_rn(af, a_s[:, None]), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+                    a = tl.clamp(div_rn_shared(af, a_s[:, None], tl.div_rn(1.0, a_s)[:, None]), -_FP8_MAX,
+                                 _FP8_MAX).to(tl.float8e4nv)
                 else:
                     a_s = tl.load(a_scale_ptr + rows_as + k0 // BLOCK_K, mask=row_ok, other=1.0)
                 w_s = tl.load(s_ptr + rows_s + (k0 // BLOCK_K))  # [BN]: 128x128 block of each column
@@ -151,7 +153,8 @@ def _moe_gate_up_kernel(
     if QUANT_OUT:  # BLOCK_N == 128: this tile is one 1x128 group of every row
         af = act.to(tl.float32)
         a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(af), 1), _FP8_FLOOR), _FP8_MAX)
-        q = tl.clamp(tl.div_rn(af, a_s[:, None]), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+        q = tl.clamp(div_rn_shared(af, a_s[:, None], tl.div_rn(1.0, a_s)[:, None]), -_FP8_MAX,
+                     _FP8_MAX).to(tl.float8e4nv)
         tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], q, mask=row_ok[:, None])
         tl.store(out_scale_ptr + slot * stride_osm + pid_n, a_s, mask=row_ok)
     else:
@@ -200,7 +203,8 @@ def _quant_fp8_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_
     m = g[:, None] < K // 128
     x = tl.load(x_ptr + r * stride_x + offs, mask=m, other=0.0).to(tl.float32)  # [G_PAD, 128]
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), 1), _FP8_FLOOR), _FP8_MAX)
-    q = tl.clamp(tl.div_rn(x, scale[:, None]), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+    q = tl.clamp(div_rn_shared(x, scale[:, None], tl.div_rn(1.0, scale)[:, None]), -_FP8_MAX,
+                 _FP8_MAX).to(tl.float8e4nv)
     tl.store(q_ptr + r * stride_q + offs, q, mask=m)
     tl.store(s_ptr + r * stride_s + g, scale, mask=g < K // 128)
 
@@ -214,9 +218,10 @@ def _quant_int8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K:
         k = k0 + tl.arange(0, BLOCK_K)
         amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0).to(tl.float32)))
     scale = tl.div_rn(tl.maximum(tl.max(amax, 0), _INT8_FLOOR), _INT8_MAX)
+    rcp = tl.div_rn(1.0, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        v = tl.div_rn(tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0).to(tl.float32), scale)
+        v = div_rn_shared(tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0).to(tl.float32), scale, rcp)
         v = tl.clamp((v + _RNE_MAGIC) - _RNE_MAGIC, -_INT8_MAX, _INT8_MAX)
         tl.store(q_ptr + r * stride_q + k, v.to(tl.int8), mask=k < K)
     tl.store(s_ptr + r, scale)
