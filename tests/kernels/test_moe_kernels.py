@@ -189,6 +189,18 @@ def test_fused_moe_matches_reference(fmt, t, master_weights):
     assert_close_global(out, ref, MAX_DIFF[fmt], f"fused_moe {fmt=} T={t} E={E} H={H} I={INTER}")
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fused_moe_fp4_prefill_tiles_match_reference(fmt, master_weights):
+    """FP4 prefill tiles interleave the decoded nibbles into one tile and one dot (decode tiles make two parity
+    dots): both must meet the reference threshold."""
+    ew = quantize_experts(*master_weights, fmt)
+    x = torch.randn(13, H, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16)
+    w, ids = _routing(13, seed=5)
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew), tiles=dict(prequant=True, BLOCK_M=32))
+    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    assert_close_global(out, ref, MAX_DIFF[fmt], f"fused_moe {fmt=} prefill tiles")
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_fused_moe_padding_never_leaks_nan(fmt, master_weights, monkeypatch):
     """Every buffer the kernels allocate starts as NaN/0x7F and x's storage holds NaN after the T real rows (the row
@@ -329,8 +341,8 @@ def _fp4_decode_probe(w_ptr, s_ptr, even_ptr, odd_ptr, FMT: tl.constexpr, N: tl.
     rows = tl.arange(0, N)
     even, odd = _fp4_tiles(w_ptr, s_ptr, rows * (K // 2), rows * (K // (16 if FMT == 3 else 32)), 0, FMT, N, K)
     offs = tl.arange(0, K // 2)[:, None] * N + rows[None, :]
-    tl.store(even_ptr + offs, even)
-    tl.store(odd_ptr + offs, odd)
+    tl.store(even_ptr + offs, tl.trans(even))
+    tl.store(odd_ptr + offs, tl.trans(odd))
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
