@@ -130,12 +130,12 @@ def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, numel, 
 # (the [CHUNK, SUB] rank compare outgrows the registers). Chunks stay at 128 slots; the scan tile stays near
 # 8K elements by narrowing its expert tile as the chunk count grows. ptxas -v for sm_90a agrees: the scatter kernel
 # spills 0 / 736 / 7860 bytes at 128 / 256 / 512-slot chunks; the one-program scan runs on 8 warps, where no
-# variant spills (benchmarks/results/moe_sm90_ptxas.csv). The single-program path for decode sizes (route + align
-# measured 12.9-14.9 us for 1-64 tokens with three align kernels) saves two launches. All chosen after the timed
-# run and not yet timed.
+# variant spills (benchmarks/results/moe_sm90_ptxas.csv). The single-program path (one launch instead of three)
+# measured 10.1 / 12.1 / 18.9 / 26.8 us at 64 / 128 / 256 / 512 slots (T = 8 / 16 / 32 / 64 at top-8), the three
+# kernels 14.1-14.9 us at 128-512 slots: its rank compare runs in one program, so it wins only up to 128 slots.
 CHUNK = 128
 SCAN_TILE_ELEMS = 8192
-SINGLE_MAX = 512  # up to this many slots (64 tokens at top-8) one program does all: one launch instead of three
+SINGLE_MAX = 128  # up to this many slots (16 tokens at top-8) one program does all
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
