@@ -120,6 +120,33 @@ def _dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off
 
 
 @triton.jit
+def _fp8_pair_step(acc, a_desc, w_desc, a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                   offs_m, offs_n, M, N, off_m, off_n, ki, SCALE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Two 128-deep FP8 K steps, both MMAs issued before either is scaled into acc.
+
+    The one-step loop waits for each MMA before its promotion (acc += dot * scale), so the tensor cores
+    idle during the FMAs. Here the second MMA is independent of the first promotion, which lets it run
+    while the first is scaled. The sums are added in the same order as two single steps, so the result
+    is the same bits. Opt-in (PAIR_K) until timed on a GPU: see kernels/gemm/README.md.
+    """
+    a0 = a_desc.load([off_m, ki * BLOCK_K])
+    w0 = w_desc.load([off_n, ki * BLOCK_K])
+    a1 = a_desc.load([off_m, (ki + 1) * BLOCK_K])
+    w1 = w_desc.load([off_n, (ki + 1) * BLOCK_K])
+    d0 = tl.dot(a0, w0.T)
+    d1 = tl.dot(a1, w1.T)
+    ws_row = w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn
+    as_row = a_scale_ptr + offs_m * stride_asm
+    w_s0 = tl.load(ws_row + ki * stride_wsk, mask=offs_n < N, other=0.0)
+    w_s1 = tl.load(ws_row + (ki + 1) * stride_wsk, mask=offs_n < N, other=0.0)
+    a_s0 = tl.load(as_row + ki * stride_ask, mask=offs_m < M, other=0.0)
+    a_s1 = tl.load(as_row + (ki + 1) * stride_ask, mask=offs_m < M, other=0.0)
+    acc += d0 * (a_s0[:, None] * w_s0[None, :])
+    acc += d1 * (a_s1[:, None] * w_s1[None, :])
+    return acc
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn, global_scale_ptr,
               W_FMT: tl.constexpr):
     """Per-format output scaling of an accumulator [BLOCK_M, BLOCK_N] -> float32 (bias excluded)."""
@@ -143,6 +170,7 @@ def _gemm_persistent_kernel(
     W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, W_PACK: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_SMS: tl.constexpr, NATIVE_FP4: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PAIR_K: tl.constexpr = False,
 ):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K // W_PACK], strides=[stride_wn, 1],
@@ -158,7 +186,14 @@ def _gemm_persistent_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
+        k_first = 0
+        if PAIR_K and W_FMT == _FP8_BLOCK:
+            for kp in range(k_tiles // 2):
+                acc = _fp8_pair_step(acc, a_desc, w_desc, a_scale_ptr, w_scale_ptr, stride_asm, stride_ask,
+                                     stride_wsn, stride_wsk, offs_m, offs_n, M, N, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                     2 * kp, SCALE_GROUP, BLOCK_K)
+            k_first = k_tiles - k_tiles % 2  # an odd last step runs in the loop below
+        for ki in range(k_first, k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
             if W_FMT == _MXFP4_W4A8:
                 w, w_s = _load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
@@ -295,9 +330,11 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
 
 
 def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, global_scale=None, out=None,
-            small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None) -> torch.Tensor:
-    """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` / `native_fp4` force a path or tile
-    (tests, benchmarks). MXFP4 at M > 64 uses `tl.dot_scaled` on compute capability >= 10."""
+            small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None,
+            large_cfg: dict | None = None) -> torch.Tensor:
+    """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` / `large_cfg` / `native_fp4` force a path or
+    tile (tests, benchmarks; large_cfg bypasses the autotuner: BLOCK_*, GROUP_M, num_warps, num_stages and
+    optionally PAIR_K). MXFP4 at M > 64 uses `tl.dot_scaled` on compute capability >= 10."""
     m, k = a.shape
     n = w.shape[0]
     if out is None:
@@ -336,8 +373,9 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
     assert not native_fp4 or fmt == configs.MXFP4, "tl.dot_scaled serves MXFP4 (E8M0 scales) only"
     meta["NATIVE_FP4"] = native_fp4
     args = (a, w, out, *ptrs, m, n, k, configs.m_bucket(m), *strides)
-    if configs.interpreting():
-        _gemm_persistent_kernel[grid](*args, NUM_SMS=num_sms, **meta, **configs.interpreter_config(fmt))
+    if configs.interpreting() or large_cfg is not None:
+        cfg = large_cfg if large_cfg is not None else configs.interpreter_config(fmt)
+        _gemm_persistent_kernel[grid](*args, NUM_SMS=num_sms, **meta, **cfg)
     else:
         kernel = _persistent_fp4 if fmt in configs.FP4_FORMATS else _persistent_8bit
         with _AUTOTUNE_LOCK:  # Triton's Autotuner keeps the arguments of the call it is tuning on itself
