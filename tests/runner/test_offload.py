@@ -60,3 +60,25 @@ def test_resolve_devices_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_devices("cuda")
+
+
+def test_resolve_devices_on_a_multi_gpu_machine(monkeypatch):
+    # "cuda" means every visible GPU (convert: one worker each; eval --offload layer: windows spread over them)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_devices("cuda") == ["cuda:0", "cuda:1"]
+    assert resolve_devices("cuda:1") == ["cuda:1"]
+    with pytest.raises(ValueError, match=r"--device cuda:2: only 2 GPU\(s\) visible"):
+        resolve_devices("cuda:2")
+
+
+def test_evaluate_over_two_devices_equals_one(tmp_path):
+    from dsquant.demo import demo_model_dir
+    from dsquant.runner.evaluate import evaluate, load_text
+
+    text, info = load_text()
+    kw = dict(text=text[:6000], text_info=info, seq_len=64, max_tokens=640, offload="layer", batch_size=2)
+    one = evaluate(demo_model_dir(), **kw)
+    two = evaluate(demo_model_dir(), devices=["cpu", "cpu"], **kw)
+    assert two["results"] == one["results"]
+    assert two["protocol"]["device"] == "cpu,cpu"
