@@ -62,6 +62,12 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
     log.info("calibration (%s): %d linear input scales; FP8 KV-cache scales per layer, max(amax / 448, 1), not "
              "written (no engine loads an MLA k_scale from a DeepSeek checkpoint): %s", method,
              len(cal.input_scales), cal.kv_scales())
+    if idle := cal.idle_experts:
+        worst = max(idle, key=idle.get)
+        log.warning("calibration: %d routed expert(s) in %d MoE layer(s) saw no calibration token (layer %d: %d of "
+                    "%d); they take the largest scale of the same projection in their layer (a layer where no expert "
+                    "saw one keeps the recipe default). More, or more varied, text reaches more experts.",
+                    sum(idle.values()), len(idle), worst, idle[worst], cal.n_routed_experts)
     if hot := cal.saturating_layers():
         log.warning("calibration: the MLA latent exceeds 448 in layer(s) %s (max |x| %s); an FP8 KV cache at scale "
                     "1.0, what vLLM and SGLang run for DeepSeek, saturates there: serve with a BF16 KV cache",

@@ -67,6 +67,8 @@ class Calibration:
     sample_rows: int
     peak_sample_bytes: int = 0
     errors: dict[str, dict[float, float]] = field(default_factory=dict)
+    idle_experts: dict[int, int] = field(default_factory=dict)  # {MoE layer: experts no token reached}
+    n_routed_experts: int = 0
 
     def kv_scales(self, clamp: bool = True) -> dict[int, float]:
         """{layer: FP8 KV-cache scale}: kv_amax / 448, at least 1.0 with clamp (ModelOpt's rule)."""
@@ -135,12 +137,17 @@ def _watch_cache(kv_amax: dict[int, float], layer: int, args: tuple) -> None:
 
 def finish(ckpt, cal: Calibration) -> Calibration:
     """Apply the idle-expert fallback and share scales between fused partners (in place; returns cal)."""
-    n_experts = CheckpointReader(ckpt).args.n_routed_experts
+    args = CheckpointReader(ckpt).args
+    n_experts = args.n_routed_experts
     per_proj: dict[tuple[str, str], float] = {}
+    seen: dict[int, set[int]] = {layer: set() for layer in range(args.n_layers) if args.is_moe_layer(layer)}
     for name, v in cal.input_scales.items():
         if m := _EXPERT.match(name):
             key = (m.group(1), m.group(3))
             per_proj[key] = max(per_proj.get(key, 0.0), v)
+            seen.setdefault(int(m.group(1).split(".")[2]), set()).add(int(m.group(2)))
+    cal.n_routed_experts = n_experts
+    cal.idle_experts = {layer: n_experts - len(e) for layer, e in sorted(seen.items()) if len(e) < n_experts}
     for (prefix, proj), v in per_proj.items():
         for e in range(n_experts):
             name = f"{prefix}.{e}.{proj}"

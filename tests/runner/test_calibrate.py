@@ -72,6 +72,12 @@ def test_idle_experts_take_the_largest_scale_of_their_projection(ckpt):
     assert s[f"{p}.5.down_proj"] == 7.0 and s[f"{p}.0.down_proj"] == 7.0
     assert s["model.layers.2.self_attn.kv_a_proj_with_mqa"] == 2.0
     assert not any(k.startswith("model.layers.2.mlp.experts") for k in s)  # nothing seen: converter default
+    # idle experts are counted per MoE layer (what convert warns about): experts 0 and 2 of layer 1 were seen
+    args = load_model(ckpt)[0].args
+    moe = [layer for layer in range(args.n_layers) if args.is_moe_layer(layer)]
+    assert 1 in moe and cal.n_routed_experts == args.n_routed_experts
+    want = {layer: args.n_routed_experts - (2 if layer == 1 else 0) for layer in moe}
+    assert cal.idle_experts == want
 
 
 def test_kv_scales_are_amax_over_448_clamped_to_one():
