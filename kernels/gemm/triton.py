@@ -26,139 +26,19 @@ import torch
 import triton
 import triton.language as tl
 from dsquant.kernels.gemm import configs
+from dsquant.kernels.gemm.tiles import (
+    _FP8_BLOCK,
+    _INT8,
+    _MXFP4_W4A8,
+    _dot_scaled_mxfp4,
+    _epilogue,
+    _fp8_pair_step,
+    _grouped_tile,
+    _load_mxfp4_as_fp8,
+    _load_weight,
+)
 
-_FP8_BLOCK = tl.constexpr(configs.FP8_BLOCK)
-_INT8 = tl.constexpr(configs.INT8)
-_NVFP4 = tl.constexpr(configs.NVFP4)
-_MXFP4 = tl.constexpr(configs.MXFP4)
-_MXFP4_W4A8 = tl.constexpr(configs.MXFP4_W4A8)
-_TWO_POW_126 = tl.constexpr(2.0**126)
 _SCALE_GROUP = {configs.FP8_BLOCK: 128, configs.INT8: 1, configs.NVFP4: 16, configs.MXFP4: 32, configs.MXFP4_W4A8: 32}
-
-
-@triton.jit
-def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Tile index -> (pid_m, pid_n), GROUP_M row-tiles at a time so W tiles are reused from L2."""
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile_id // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile_id % in_group) % size_m, (tile_id % in_group) // size_m
-
-
-@triton.jit
-def _e2m1_decode(packed):
-    """uint8 [R, C], two E2M1 codes per byte -> float32 [R, 2C]; element 2i is the low nibble."""
-    p = packed.to(tl.int32)
-    codes = tl.reshape(tl.join(p & 0xF, p >> 4), (packed.shape[0], 2 * packed.shape[1]))
-    # Code bits e1 e0 m placed at fp32 bits 24..22 read as 2^(e-127) * (1 + m/2), or as the
-    # subnormal m * 2^-127 when e = 0; times 2^126 that is the E2M1 value exactly. Plain fp32
-    # multiplies keep subnormals (no ftz), and the interpreter's numpy does too.
-    bits = ((codes & 7) << 22) | ((codes & 8) << 28)
-    return bits.to(tl.float32, bitcast=True) * _TWO_POW_126
-
-
-@triton.jit
-def _load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
-                 W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One weight tile [BLOCK_N, BLOCK_K]: the stored codes for FP8/INT8, bf16 values for FP4."""
-    if W_FMT == _NVFP4 or W_FMT == _MXFP4:
-        vals = _e2m1_decode(w_desc.load([off_n, off_k // 2]))  # [BLOCK_N, BLOCK_K] fp32
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        offs_g = off_k // SCALE_GROUP + tl.arange(0, BLOCK_K // SCALE_GROUP)
-        mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // SCALE_GROUP)
-        s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask)
-        if W_FMT == _NVFP4:
-            scale = s.to(tl.float32)
-        else:  # E8M0 byte b -> 2^(b - 127) by its bits; b = 0 is the subnormal 2^-127
-            e = s.to(tl.int32)
-            scale = tl.where(e > 0, e << 23, 0x400000).to(tl.float32, bitcast=True)
-        scale = tl.where(mask, scale, 0.0)  # past N or K: a masked byte may read as NaN, and NaN * 0 is NaN
-        w = tl.reshape(vals, (BLOCK_N, BLOCK_K // SCALE_GROUP, SCALE_GROUP)) * scale[:, :, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)  # exact: E2M1 x (E4M3 or 2^e) fits bf16
-    else:
-        w = w_desc.load([off_n, off_k])
-    return w
-
-
-@triton.jit
-def _load_mxfp4_as_fp8(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """MXFP4 tile -> (float8e4nv values [BLOCK_N, BLOCK_K], float32 row scale [BLOCK_N]), tile = values * scale.
-
-    Each 32-wide block's E8M0 exponent is taken relative to the largest of the row's BLOCK_K / 32 and
-    folded into the E4M3 value: E2M1 times 2^-d is exact in E4M3 for d <= 8 (its subnormals reach 2^-9);
-    a block more than 2^8 below its row's largest is rounded to that grid.
-    """
-    vals = _e2m1_decode(w_desc.load([off_n, off_k // 2]))  # [BLOCK_N, BLOCK_K] fp32
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    offs_g = off_k // 32 + tl.arange(0, BLOCK_K // 32)
-    mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // 32)
-    e = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask, other=0)
-    e = e.to(tl.int32)
-    e_max = tl.max(e, axis=1)  # [BLOCK_N]
-    d = e - e_max[:, None]  # <= 0
-    rel = tl.where(d > -127, (d + 127) << 23, 0).to(tl.float32, bitcast=True)  # 2^d
-    w = tl.reshape(vals, (BLOCK_N, BLOCK_K // 32, 32)) * rel[:, :, None]
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.float8e4nv)
-    return w, tl.where(e_max > 0, e_max << 23, 0x400000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + a @ W^T with W read as packed E2M1 codes and E8M0 scales by FP4 tensor cores (sm_100+).
-
-    Compiled only where `_launch` finds compute capability >= 10; Triton emulates `tl.dot_scaled`
-    elsewhere. Not run on an sm_100 GPU: none was available to test it.
-    """
-    packed = w_desc.load([off_n, off_k // 2])  # [BLOCK_N, BLOCK_K // 2] uint8
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    offs_g = off_k // 32 + tl.arange(0, BLOCK_K // 32)
-    mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // 32)
-    s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask, other=0)
-    return tl.dot_scaled(a, None, "bf16", packed.T, s, "e2m1", acc)
-
-
-@triton.jit
-def _fp8_pair_step(acc, a_desc, w_desc, a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                   offs_m, offs_n, M, N, off_m, off_n, ki, SCALE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Two 128-deep FP8 K steps, both MMAs issued before either is scaled into acc.
-
-    The one-step loop waits for each MMA before its promotion (acc += dot * scale), so the tensor cores
-    idle during the FMAs. Here the second MMA is independent of the first promotion, which lets it run
-    while the first is scaled. The sums are added in the same order as two single steps, so the result
-    is the same bits. Opt-in (PAIR_K) until timed on a GPU: see kernels/gemm/README.md.
-    """
-    a0 = a_desc.load([off_m, ki * BLOCK_K])
-    w0 = w_desc.load([off_n, ki * BLOCK_K])
-    a1 = a_desc.load([off_m, (ki + 1) * BLOCK_K])
-    w1 = w_desc.load([off_n, (ki + 1) * BLOCK_K])
-    d0 = tl.dot(a0, w0.T)
-    d1 = tl.dot(a1, w1.T)
-    ws_row = w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn
-    as_row = a_scale_ptr + offs_m * stride_asm
-    w_s0 = tl.load(ws_row + ki * stride_wsk, mask=offs_n < N, other=0.0)
-    w_s1 = tl.load(ws_row + (ki + 1) * stride_wsk, mask=offs_n < N, other=0.0)
-    a_s0 = tl.load(as_row + ki * stride_ask, mask=offs_m < M, other=0.0)
-    a_s1 = tl.load(as_row + (ki + 1) * stride_ask, mask=offs_m < M, other=0.0)
-    acc += d0 * (a_s0[:, None] * w_s0[None, :])
-    acc += d1 * (a_s1[:, None] * w_s1[None, :])
-    return acc
-
-
-@triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn, global_scale_ptr,
-              W_FMT: tl.constexpr):
-    """Per-format output scaling of an accumulator [BLOCK_M, BLOCK_N] -> float32 (bias excluded)."""
-    if W_FMT == _INT8:
-        a_s = tl.load(a_scale_ptr + offs_m * stride_asm, mask=offs_m < M, other=0.0)
-        w_s = tl.load(w_scale_ptr + offs_n * stride_wsn, mask=offs_n < N, other=0.0)
-        out = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
-    elif W_FMT == _NVFP4:
-        out = acc * tl.load(global_scale_ptr)
-    else:
-        out = acc
-    return out
 
 
 # M (and the autotune bucket) vary per call: specializing on M == 1 or M % 16 would only multiply compiles.
