@@ -11,9 +11,9 @@ compute, and the peak of resident weight bytes measured from the live tensors th
 references), which is what tests/runner/test_offload.py bounds.
 
 With several devices (`--device cuda` on a machine with more than one GPU) the windows are split
-between them and every device streams the same layers over its own windows: the checkpoint is read
-once per device (the page cache serves the repeats), the compute divides by the device count, and the
-result equals the single-device result batch for batch.
+between them and every device streams the same layers over its own windows: each layer is read once, on
+the host, and copied to every device; the compute divides by the device count, and the result equals the
+single-device result batch for batch.
 """
 
 from __future__ import annotations
@@ -99,9 +99,12 @@ def stream_logits(
             part.hidden.append((j, part.model.embed(windows[i : i + batch_size].to(part.device))))
     with ThreadPoolExecutor(len(parts)) if len(parts) > 1 else _Inline() as pool:
         for layer in range(a.n_layers):
-            runs = [pool.submit(part.run_layer, layer, s, kv_cache, on_layer) for part in parts]
+            shared, read_s = _read_layer(parts[0].reader, layer) if len(parts) > 1 else (None, 0.0)
+            runs = [pool.submit(part.run_layer, layer, s, kv_cache, on_layer, shared) for part in parts]
             timings = [r.result() for r in runs]  # re-raises a device's error here
-            stats.layers.append({"layer": layer, "bytes": timings[0][0], "load_s": max(t[1] for t in timings),
+            del shared
+            stats.layers.append({"layer": layer, "bytes": timings[0][0],
+                                 "load_s": read_s + max(t[1] for t in timings),
                                  "compute_s": max(t[2] for t in timings)})  # fmt: skip
     stats.peak_resident_bytes = max(part.resident.peak for part in parts)
     heads = sorted(((j, h, part) for part in parts for j, h in part.hidden), key=lambda x: x[0])
@@ -122,12 +125,14 @@ class _DevicePart:
         self.resident.track(self.model)
         self.hidden: list[tuple[int, torch.Tensor]] = []  # (batch index, [b, S, D])
 
-    def run_layer(self, layer: int, s: int, kv_cache: str, on_layer) -> tuple[int, float, float]:
-        """Load layer `layer`, pass this device's batches through it, drop it: (bytes, load s, compute s)."""
+    def run_layer(self, layer: int, s: int, kv_cache: str, on_layer, shared: dict | None = None):
+        """Load layer `layer` (from `shared`, its tensors already read on the host, when given), pass this
+        device's batches through it, drop it: (bytes, load s, compute s)."""
         with _on_device(self.device):
             a, model = self.model.args, self.model
             t0 = time.perf_counter()
-            nbytes = load_layer(model, self.reader, layer, self.device)
+            reader = self.reader if shared is None else _Preloaded(self.reader, shared)
+            nbytes = load_layer(model, reader, layer, self.device)
             _sync(self.device)
             t1 = time.perf_counter()
             self.resident.track(model)
@@ -144,6 +149,29 @@ class _DevicePart:
             t2 = time.perf_counter()
             unload_layer(model, layer)
             return nbytes, t1 - t0, t2 - t1
+
+
+def _read_layer(reader, layer: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Every tensor of one decoder layer, read once on the host for all devices: (tensors, seconds)."""
+    t0 = time.perf_counter()
+    return {k: reader.get(k) for k in reader.layer_keys(layer)}, time.perf_counter() - t0
+
+
+class _Preloaded:
+    """A CheckpointReader whose get() serves the tensors already read (the other attributes are the reader's)."""
+
+    def __init__(self, reader, tensors: dict[str, torch.Tensor]):
+        self._reader, self._tensors = reader, tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._tensors.get(name)
+        return t if t is not None else self._reader.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._reader
+
+    def __getattr__(self, attr: str):
+        return getattr(self._reader, attr)
 
 
 def _on_device(device: str):

@@ -51,6 +51,24 @@ def test_windows_spread_over_devices_give_single_device_logits(tmp_path):
     assert len(stats.layers) == 3
 
 
+def test_several_devices_read_each_layer_once(tmp_path, monkeypatch):
+    ckpt = make_synthetic_checkpoint(tmp_path / "v3", variant="v3", source="fp8", num_shards=2,
+                                     num_hidden_layers=3, first_k_dense_replace=1)  # fmt: skip
+    reads: dict[str, int] = {}
+    get = CheckpointReader.get
+
+    def counting_get(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return get(self, name)
+
+    monkeypatch.setattr(CheckpointReader, "get", counting_get)
+    windows = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(2))
+    for _ in stream_logits(ckpt, windows, batch_size=1, devices=["cpu", "cpu", "cpu"]):
+        pass
+    layer_reads = {k: n for k, n in reads.items() if k.startswith("model.layers.")}
+    assert layer_reads and set(layer_reads.values()) == {1}, layer_reads  # read on the host once, for all devices
+
+
 def test_resolve_devices_errors():
     assert resolve_devices("cpu") == ["cpu"]
     with pytest.raises(ValueError, match="use cpu, cuda or cuda:N"):
