@@ -38,7 +38,7 @@ def test_calibrated_input_scales_are_written_and_declared(tmp_path):
     written = _input_scales(dst)
     expected = calibrate(str(demo_model_dir()), TEXT)
     assert written, "no input_scale tensors in an NVFP4 W4A4 output"
-    assert any(v != 1.0 for v in written.values()), "every input_scale is still the uncalibrated default"
+    assert set(written) & set(expected), "no written input_scale comes from the calibration pass"
     for module, value in written.items():
         if module in expected:
             assert abs(value - expected[module]) <= 1e-6 * expected[module], module
