@@ -135,11 +135,11 @@ class FakeHub:
         from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
         from huggingface_hub.utils import TensorInfo as HubTensorInfo
 
-        from dsquant.check.view import read_header
+        from dsquant.checkpoint.index import read_raw_header
 
         files = {}
         for shard in sorted(self.folder.glob("*.safetensors")):
-            header, _ = read_header(shard)
+            header, _, _ = read_raw_header(shard)
             files[shard.name] = SafetensorsFileMetadata(metadata={}, tensors={
                 n: HubTensorInfo(dtype=m["dtype"], shape=m["shape"], data_offsets=tuple(m["data_offsets"]))
                 for n, m in header.items()})

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dsquant.check.finding import Finding
 from dsquant.check.names import expert_index, layer_index, num_layers
-from dsquant.check.view import INDEX_NAME, CheckpointView
+from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.index import INDEX_NAME
 
 MAX_LISTED = 3
 

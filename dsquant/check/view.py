@@ -20,19 +20,7 @@ from pathlib import Path
 
 import torch
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+from dsquant.checkpoint.index import INDEX_NAME, ST_DTYPE_BYTES, ST_DTYPES, read_raw_header
 
 
 class CheckpointError(ValueError):
@@ -51,7 +39,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES.get(self.dtype, 1)
+        n = ST_DTYPE_BYTES.get(self.dtype, 1)
         for d in self.shape:
             n *= d
         return n
@@ -85,26 +73,6 @@ def _read_json(path: Path) -> dict | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path.name}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict without __metadata__, data section start) of one safetensors file; ValueError if corrupt."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path.name}: {size} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ValueError(f"{path.name}: header length {n} does not fit the {size}-byte file (corrupt or truncated)")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path.name}: header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name}: header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header, 8 + n
 
 
 @dataclass
@@ -213,7 +181,7 @@ class CheckpointView:
                 self.problems.append(ShardProblem("missing-shard", name, f"{name}: listed in the index but missing"))
                 continue
             try:
-                header, start = read_header(file)
+                header, start, _ = read_raw_header(file)
             except ValueError as exc:
                 self.problems.append(ShardProblem("corrupt-header", name, str(exc)))
                 continue
@@ -289,7 +257,7 @@ class CheckpointView:
         if self.remote is not None:
             raise ValueError(f"{name}: tensor data is not read from remote checkpoints")
         info = self.tensors[name]
-        dtype = TORCH_DTYPES.get(info.dtype)
+        dtype = ST_DTYPES.get(info.dtype)
         if dtype is None:
             raise ValueError(f"{name}: dtype {info.dtype} cannot be read")
         fd = self._fds.get(info.file)

@@ -27,6 +27,11 @@ ST_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool,
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+# bytes per element of every safetensors dtype, those torch has no dtype for included (U16..U64, F8_E8M0)
+ST_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,9 @@ class TensorInfo:
         return self.end - self.start
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors file's header -> {tensor name: TensorInfo}."""
+def read_raw_header(path: Path) -> tuple[dict, int, int]:
+    """One safetensors file's framing -> (header JSON without __metadata__, data section start, file size);
+    ValueError if the length prefix or the JSON is corrupt. The entries are not checked here."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -62,10 +68,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise ValueError(f"{path.name}: corrupt safetensors header (not JSON: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path.name}: corrupt safetensors header (not a JSON object)")
-    base, out, data_end = 8 + n, {}, 0
+    header.pop("__metadata__", None)
+    return header, 8 + n, size
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header -> {tensor name: TensorInfo}."""
+    header, base, size = read_raw_header(path)
+    out, data_end = {}, 0
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype = ST_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dsquant.checkpoint.index import ST_DTYPE_BYTES
 from dsquant.formats.ondisk import read_quantized
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.linear import LinearWeight, QuantLinear
@@ -109,7 +110,7 @@ class CheckpointReader:
             n = 1
             for d in sl.get_shape():
                 n *= d
-            total += n * _DTYPE_BYTES.get(sl.get_dtype(), 2)
+            total += n * ST_DTYPE_BYTES.get(sl.get_dtype(), 2)
         return total
 
     def _handle(self, name: str):
@@ -122,7 +123,6 @@ class CheckpointReader:
         return self._handles[shard]
 
 
-_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
 
 
 def _activation_scheme(qc: dict, fmt: str) -> str | None:
