@@ -64,29 +64,15 @@ def test_calib_method_without_calibrate_text(tmp_path):
     assert not dst.exists()
 
 
-def test_a_latent_above_448_is_reported(tmp_path, monkeypatch, caplog):
-    import dsquant.runner.calibrate as calibrate_mod
-
-    def fake(ckpt, text, **kw):  # the pass itself is tested elsewhere; this checks what convert says about it
-        return calibrate_mod.Calibration({}, {0: 12.0, 2: 900.0}, kw["method"], kw["sample_rows"])
-
-    monkeypatch.setattr(calibrate_mod, "calibrate_all", fake)
-    text_file = tmp_path / "calib.txt"
-    text_file.write_text(TEXT)
-    with caplog.at_level("INFO", logger="dsquant.cli.cmd_convert"):
-        result = runner.invoke(app, ["convert", "-r", "nvfp4", "--calibrate", str(text_file), str(demo_model_dir()),
-                                     str(tmp_path / "out")])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("layer(s) [2]" in w and "900.0" in w and "saturates" in w for w in warnings), warnings
-
-
-def test_experts_without_calibration_tokens_are_reported(tmp_path, monkeypatch, caplog):
+def _convert_warnings(tmp_path, monkeypatch, caplog, kv_amax: dict, **found) -> list[str]:
+    """Run `convert --calibrate` with the calibration pass replaced by a Calibration holding kv_amax and `found`
+    (the pass itself is tested elsewhere; this checks what convert says about it) -> its warning messages."""
     import dsquant.runner.calibrate as calibrate_mod
 
     def fake(ckpt, text, **kw):
-        cal = calibrate_mod.Calibration({}, {0: 1.0}, kw["method"], kw["sample_rows"])
-        cal.idle_experts, cal.n_routed_experts = {1: 3, 2: 5}, 8
+        cal = calibrate_mod.Calibration({}, kv_amax, kw["method"], kw["sample_rows"])
+        for attr, value in found.items():
+            setattr(cal, attr, value)
         return cal
 
     monkeypatch.setattr(calibrate_mod, "calibrate_all", fake)
@@ -96,6 +82,16 @@ def test_experts_without_calibration_tokens_are_reported(tmp_path, monkeypatch, 
         result = runner.invoke(app, ["convert", "-r", "nvfp4", "--calibrate", str(text_file), str(demo_model_dir()),
                                      str(tmp_path / "out")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_latent_above_448_is_reported(tmp_path, monkeypatch, caplog):
+    warnings = _convert_warnings(tmp_path, monkeypatch, caplog, {0: 12.0, 2: 900.0})
+    assert any("layer(s) [2]" in w and "900.0" in w and "saturates" in w for w in warnings), warnings
+
+
+def test_experts_without_calibration_tokens_are_reported(tmp_path, monkeypatch, caplog):
+    warnings = _convert_warnings(tmp_path, monkeypatch, caplog, {0: 1.0}, idle_experts={1: 3, 2: 5},
+                                 n_routed_experts=8)
     assert any("8 routed expert(s) in 2 MoE layer(s) saw no calibration token (layer 2: 5 of 8)" in w
                for w in warnings), warnings
