@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import logging
 import math
 import sys
@@ -40,6 +39,7 @@ from dsquant.kernels.gemm import (  # noqa: E402
 from dsquant.kernels.gemm.triton import _launch  # noqa: E402
 from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8  # noqa: E402
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff  # noqa: E402
+from timing import copy_bandwidth, gpu_header  # noqa: E402  (benchmarks/ is the script's folder)
 
 log = logging.getLogger("bench_gemm")
 FIELDS = ["gpu", "torch", "triton", "date", "kernel", "M", "N", "K", "us", "TFLOPS", "GB/s", "baseline", "ratio"]
@@ -79,13 +79,6 @@ def _ms_graph(fn, reps: int = 20) -> float:
         return sorted(times)[2]
 
     return max(replay_ms(body) - replay_ms(flush.zero_), 0.0) / reps
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / _ms(lambda: dst.copy_(src)) / 1e6
 
 
 # Scale layouts cuBLAS block scaling may accept: activation scales outer-dim-major (a transposed
@@ -154,9 +147,7 @@ class Rows:
 
     def __init__(self, path: str, cuda_graph: bool = False, pair_k: bool = False):
         self.cuda_graph, self.pair_k = cuda_graph, pair_k
-        props = torch.cuda.get_device_properties(0)
-        self.head = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
-                         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M"))
+        self.head = gpu_header()
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, FIELDS)
         self.writer.writeheader()

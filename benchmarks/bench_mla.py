@@ -26,6 +26,7 @@ from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_p
 from dsquant.kernels.mla.cache import dequantize_kv_tokens
 from dsquant.kernels.mla.triton import AttendConfig, default_config, default_num_splits
 from dsquant.kernels.testing import calc_diff
+from timing import copy_bandwidth  # noqa: E402  (benchmarks/ is the script's folder)
 from triton.testing import do_bench
 
 log = logging.getLogger("bench_mla")
@@ -38,13 +39,6 @@ FIELDS = ["date", "gpu", "torch", "triton", "kernel", "kv_dtype", "batch", "head
 
 def _time_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE)  # 1 GiB
-    y = torch.empty_like(x)
-    ms = _time_ms(lambda: y.copy_(x))
-    return 2 * x.numel() * 4 / ms / 1e6
 
 
 def build_cache(kind: str, batch: int, ctx: int):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import logging
 import re
 import time
@@ -31,6 +30,7 @@ from dsquant.kernels.moe import deepseek_route, fused_moe, moe_align
 from dsquant.kernels.moe.fused import _quant_fp8_groups, _tiles
 from dsquant.kernels.moe.reference import ExpertWeights
 from dsquant.kernels.testing import DEEPSEEK_V3_MOE
+from timing import copy_bandwidth, gpu_header  # noqa: E402  (benchmarks/ is the script's folder)
 from triton.testing import do_bench, do_bench_cudagraph
 
 log = logging.getLogger("bench_moe")
@@ -44,9 +44,7 @@ class Rows:
     """CSV rows written as they come, so a run cut short keeps what it measured."""
 
     def __init__(self, path: str):
-        props = torch.cuda.get_device_properties(0)
-        self.head = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
-                         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M"))
+        self.head = gpu_header()
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, FIELDS)
         self.writer.writeheader()
@@ -64,13 +62,6 @@ class Rows:
 
 def graph_ms(fn) -> float:
     return do_bench_cudagraph(fn, rep=30, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
 
 
 def random_experts(fmt: str) -> ExpertWeights:
