@@ -14,7 +14,6 @@ on the GPU otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dsquant.checkpoint.names import FP8_SCALE_SUFFIX
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.writer import ShardWriter
 from dsquant.convert_plan import ModuleJob, ShardJob
+from dsquant.devices import current_device
 from dsquant.formats import _checks, fp8, int8, mxfp4, nvfp4
 from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
 from dsquant.formats.ondisk import QuantizedWeight, write_quantized
@@ -197,10 +197,8 @@ def write_shard(ckpt: Checkpoint, shard: ShardJob, dst, convention: str, qz: Qua
     writer = ShardWriter(dst / shard.file, shard.entries)
     done, pending = 0, []
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsquant-write")
-    # Triton launches on the thread's current CUDA device: a worker for cuda:1 must make it current
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        with on_device:
+        with current_device(device):
             for item in shard.items:
                 for name, data in process_item(ckpt, item, convention, qz, device, calibration, pool):
                     pending.append(io.submit(writer.write, name, data))

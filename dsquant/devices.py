@@ -3,6 +3,8 @@ GPU, "cuda:N" one GPU. A clear ValueError for anything else, or for CUDA on a ma
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -23,3 +25,10 @@ def resolve_devices(device: str) -> list[str]:
     if dev.index >= n:
         raise ValueError(f"--device {device}: only {n} GPU(s) visible")
     return [f"cuda:{dev.index}"]
+
+
+def current_device(device) -> contextlib.AbstractContextManager:
+    """Make `device` the thread's current CUDA device (Triton launches there; a thread driving cuda:1 must
+    say so); a no-op for the host."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

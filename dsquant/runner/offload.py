@@ -18,15 +18,15 @@ single-device result batch for batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from dsquant.devices import current_device
 from dsquant.runner.cache import PagedLatentCache
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import load_layer, load_model, unload_layer
@@ -95,9 +95,9 @@ def stream_logits(
     s = windows.shape[1]
     for j, i in enumerate(range(0, len(windows), batch_size)):
         part = parts[j % len(parts)]
-        with _on_device(part.device):
+        with current_device(part.device):
             part.hidden.append((j, part.model.embed(windows[i : i + batch_size].to(part.device))))
-    with ThreadPoolExecutor(len(parts)) if len(parts) > 1 else _Inline() as pool:
+    with ThreadPoolExecutor(len(parts)) as pool:  # one thread per device
         for layer in range(a.n_layers):
             shared, read_s = _read_layer(parts[0].reader, layer) if len(parts) > 1 else (None, 0.0)
             runs = [pool.submit(part.run_layer, layer, s, kv_cache, on_layer, shared) for part in parts]
@@ -110,7 +110,7 @@ def stream_logits(
     heads = sorted(((j, h, part) for part in parts for j, h in part.hidden), key=lambda x: x[0])
     with torch.no_grad():
         for j, h, part in heads:
-            with _on_device(part.device):  # the head's kernels launch on the device that holds h
+            with current_device(part.device):  # the head's kernels launch on the device that holds h
                 logits = part.model.head(h)
             yield j * batch_size, logits
 
@@ -128,7 +128,7 @@ class _DevicePart:
     def run_layer(self, layer: int, s: int, kv_cache: str, on_layer, shared: dict | None = None):
         """Load layer `layer` (from `shared`, its tensors already read on the host, when given), pass this
         device's batches through it, drop it: (bytes, load s, compute s)."""
-        with _on_device(self.device):
+        with current_device(self.device):
             a, model = self.model.args, self.model
             t0 = time.perf_counter()
             reader = self.reader if shared is None else _Preloaded(self.reader, shared)
@@ -172,26 +172,6 @@ class _Preloaded:
 
     def __getattr__(self, attr: str):
         return getattr(self._reader, attr)
-
-
-def _on_device(device: str):
-    """Make `device` current in this thread: Triton launches on the current CUDA device."""
-    return torch.cuda.device(torch.device(device)) if str(device).startswith("cuda") else contextlib.nullcontext()
-
-
-class _Inline:
-    """ThreadPoolExecutor's submit/result on the calling thread (one device: no thread needed)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def submit(self, fn, *args):
-        f = Future()
-        f.set_result(fn(*args))
-        return f
 
 
 def _sync(device: str) -> None:
