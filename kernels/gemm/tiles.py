@@ -100,6 +100,15 @@ def _dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off
 
 
 @triton.jit
+def _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk, offs_m, offs_n, M, N, ki,
+                    SCALE_GROUP: tl.constexpr):
+    """FP8 block K step ki: 1x128 activation scales x the 128x128 weight-block scales -> fp32 [BLOCK_M, BLOCK_N]."""
+    w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk, mask=offs_n < N, other=0.0)
+    a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
+    return a_s[:, None] * w_s[None, :]
+
+
+@triton.jit
 def _fp8_pair_step(acc, a_desc, w_desc, a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
                    offs_m, offs_n, M, N, off_m, off_n, ki, SCALE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """Two 128-deep FP8 K steps, both MMAs issued before either is scaled into acc.
@@ -115,14 +124,12 @@ def _fp8_pair_step(acc, a_desc, w_desc, a_scale_ptr, w_scale_ptr, stride_asm, st
     w1 = w_desc.load([off_n, (ki + 1) * BLOCK_K])
     d0 = tl.dot(a0, w0.T)
     d1 = tl.dot(a1, w1.T)
-    ws_row = w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn
-    as_row = a_scale_ptr + offs_m * stride_asm
-    w_s0 = tl.load(ws_row + ki * stride_wsk, mask=offs_n < N, other=0.0)
-    w_s1 = tl.load(ws_row + (ki + 1) * stride_wsk, mask=offs_n < N, other=0.0)
-    a_s0 = tl.load(as_row + ki * stride_ask, mask=offs_m < M, other=0.0)
-    a_s1 = tl.load(as_row + (ki + 1) * stride_ask, mask=offs_m < M, other=0.0)
-    acc += d0 * (a_s0[:, None] * w_s0[None, :])
-    acc += d1 * (a_s1[:, None] * w_s1[None, :])
+    s0 = _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk, offs_m, offs_n,
+                         M, N, ki, SCALE_GROUP)
+    s1 = _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk, offs_m, offs_n,
+                         M, N, ki + 1, SCALE_GROUP)
+    acc += d0 * s0
+    acc += d1 * s1
     return acc
 
 

@@ -33,6 +33,7 @@ from dsquant.kernels.gemm.tiles import (
     _dot_scaled_mxfp4,
     _epilogue,
     _fp8_pair_step,
+    _fp8_step_scale,
     _grouped_tile,
     _load_mxfp4_as_fp8,
     _load_weight,
@@ -81,10 +82,11 @@ def _gemm_persistent_kernel(
             elif not NATIVE_FP4:
                 w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
                                  W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
-            if W_FMT == _FP8_BLOCK:
-                w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk,
-                              mask=offs_n < N, other=0.0)
-            if W_FMT == _FP8_BLOCK or W_FMT == _MXFP4_W4A8:  # promote every 128-K step into fp32
+            if W_FMT == _FP8_BLOCK:  # promote every 128-K step into fp32
+                scale = _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                                        offs_m, offs_n, M, N, ki, SCALE_GROUP)
+                acc += tl.dot(a, w.T) * scale
+            elif W_FMT == _MXFP4_W4A8:  # the same promotion; w_s: each row's largest E8M0 scale (rest in the codes)
                 a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
                 acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
             elif NATIVE_FP4:
