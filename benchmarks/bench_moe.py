@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 import triton
 from dsquant.kernels.moe import deepseek_route, fused_moe, moe_align
-from dsquant.kernels.moe.fused import _quant_fp8_groups, _tiles
+from dsquant.kernels.moe.fused import _tiles
 from dsquant.kernels.moe.reference import ExpertWeights
+from dsquant.kernels.quant import quantize_fp8_per_token_group
 from dsquant.kernels.testing import DEEPSEEK_V3_MOE
 from timing import copy_bandwidth, gpu_header  # noqa: E402  (benchmarks/ is the script's folder)
 from triton.testing import do_bench, do_bench_cudagraph
@@ -147,7 +148,7 @@ def torch_loop(x, ew: ExpertWeights, w, ids, block_mm) -> float:
     groups = list(zip(range(E), torch.split(order, counts)))
     tok = [(e, idx // TOPK, w.flatten()[idx]) for e, idx in groups if idx.numel()]
     if ew.fmt == "fp8":
-        xq, xs = _quant_fp8_groups(x)
+        xq, xs = quantize_fp8_per_token_group(x)
         scale_args = block_mm[0]
 
     def run():
@@ -160,7 +161,7 @@ def torch_loop(x, ew: ExpertWeights, w, ids, block_mm) -> float:
             else:
                 sa, sb = scale_args(xs[rows_], ew.w13_scale[e])
                 h = block_mm[1](xq[rows_], ew.w13[e], sa, sb)
-                aq, a_s = _quant_fp8_groups(F.silu(h[:, :INTER]) * h[:, INTER:])
+                aq, a_s = quantize_fp8_per_token_group(F.silu(h[:, :INTER]) * h[:, INTER:])
                 y = block_mm[1](aq, ew.w2[e], *scale_args(a_s, ew.w2_scale[e]))
             out.index_add_(0, rows_, y.float() * wt[:, None])
         return out

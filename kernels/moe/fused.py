@@ -6,7 +6,8 @@ see (spec: reference.expert_mlp_ref):
     fp8    x quantized 1x128 inside the gate_up kernel (decode tiles) or once up front (prefill tiles), the
            activation by the gate_up epilogue (BLOCK_N = 128 is one group); fp8 x fp8 per 128-deep K step, scaled by
            a_scale x w_scale of the 128x128 block
-    int8   rows pre-quantized per token (x and the activation, _quant_int8_rows); int32 accumulation, scaled at the end
+    int8   rows pre-quantized per token (x and the activation, by kernels.quant); int32 accumulation, scaled at
+           the end
     nvfp4  W4A16: E2M1 x block scale decoded to bf16 in registers (exact: at most 6 significant bits), global scale
     mxfp4  on the accumulator; MXFP4 the same with power-of-two scales and no global scale. The even and odd K
            elements (low and high nibbles) make two dots, so the packed bytes are never interleaved
@@ -20,19 +21,23 @@ import triton
 import triton.language as tl
 from dsquant.kernels.moe.align import moe_align
 from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
-from dsquant.kernels.quant.triton import div_rn_shared
-
-from dsquant.formats.fp8 import FP8_AMAX_FLOOR, FP8_E4M3_MAX
-from dsquant.formats.int8 import INT8_AMAX_FLOOR, INT8_MAX
+from dsquant.kernels.quant.triton import (
+    _cast_fp8,
+    _fp8_scale,
+    quantize_fp8_per_token_group,
+    quantize_int8_per_token,
+)
 
 _FMT = {"bf16": 0, "fp8": 1, "int8": 2, "nvfp4": 3, "mxfp4": 4}
-# Format constants as Triton globals (defined once in dsquant.formats).
-_FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
-_FP8_FLOOR = tl.constexpr(FP8_AMAX_FLOOR)
-_INT8_MAX = tl.constexpr(float(INT8_MAX))
-_INT8_FLOOR = tl.constexpr(INT8_AMAX_FLOOR)
-_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + M) - M rounds float32 |x| < 2^22 to an integer, ties to even
 _E8M0_SUBNORMAL = tl.constexpr(5.877471754111438e-39)  # 2^-127, E8M0 byte 0
+
+
+@triton.jit
+def _fp8_group_rows(x):
+    """float32 [R, 128], one 1x128 group per row -> (e4m3 codes [R, 128], float32 scales [R]): the quant kernels'
+    scale rule and correctly rounded division (dsquant.formats.fp8's numbers, bit for bit)."""
+    scale = _fp8_scale(tl.max(tl.abs(x), 1), False)
+    return _cast_fp8(x, scale[:, None], tl.div_rn(1.0, scale)[:, None], True), scale
 
 
 @triton.jit
@@ -113,10 +118,7 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
             b = tl.load(w_ptr + rows_w[None, :] + (k0 + offs_k)[:, None])  # [BK, BN]
             if FMT == 1:
                 if QUANT_A:  # dynamic 1x128 group quant of the bf16 rows (dsquant.formats.fp8, same order)
-                    af = a.to(tl.float32)
-                    a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(af), 1), _FP8_FLOOR), _FP8_MAX)
-                    a = tl.clamp(div_rn_shared(af, a_s[:, None], tl.div_rn(1.0, a_s)[:, None]), -_FP8_MAX,
-                                 _FP8_MAX).to(tl.float8e4nv)
+                    a, a_s = _fp8_group_rows(a.to(tl.float32))
                 else:
                     a_s = tl.load(a_scale_ptr + rows_as + k0 // BLOCK_K, mask=row_ok, other=1.0)
                 w_s = tl.load(s_ptr + rows_s + (k0 // BLOCK_K))  # [BN]: 128x128 block of each column
@@ -164,10 +166,7 @@ def _moe_gate_up_kernel(
     act = (g * (1.0 / (1.0 + tl.exp(-g))) * u).to(tl.bfloat16)  # [BM, BN]
     out_rows = slot * stride_om
     if QUANT_OUT:  # BLOCK_N == 128: this tile is one 1x128 group of every row
-        af = act.to(tl.float32)
-        a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(af), 1), _FP8_FLOOR), _FP8_MAX)
-        q = tl.clamp(div_rn_shared(af, a_s[:, None], tl.div_rn(1.0, a_s)[:, None]), -_FP8_MAX,
-                     _FP8_MAX).to(tl.float8e4nv)
+        q, a_s = _fp8_group_rows(act.to(tl.float32))
         tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], q, mask=row_ok[:, None])
         tl.store(out_scale_ptr + slot * stride_osm + pid_n, a_s, mask=row_ok)
     else:
@@ -207,60 +206,6 @@ def _moe_down_kernel(
     tl.store(out_ptr + (slot * stride_om)[:, None] + offs_n[None, :], y.to(tl.bfloat16), mask=row_ok[:, None])
 
 
-@triton.jit
-def _quant_fp8_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s, G_PAD: tl.constexpr):
-    """One row, all its 1x128 groups: scale = max(amax, 1e-4) / 448, q = clamp(x / scale) (dsquant.formats.fp8)."""
-    r = tl.program_id(0).to(tl.int64)
-    g = tl.arange(0, G_PAD)
-    offs = g[:, None] * 128 + tl.arange(0, 128)[None, :]
-    m = g[:, None] < K // 128
-    x = tl.load(x_ptr + r * stride_x + offs, mask=m, other=0.0).to(tl.float32)  # [G_PAD, 128]
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), 1), _FP8_FLOOR), _FP8_MAX)
-    q = tl.clamp(div_rn_shared(x, scale[:, None], tl.div_rn(1.0, scale)[:, None]), -_FP8_MAX,
-                 _FP8_MAX).to(tl.float8e4nv)
-    tl.store(q_ptr + r * stride_q + offs, q, mask=m)
-    tl.store(s_ptr + r * stride_s + g, scale, mask=g < K // 128)
-
-
-@triton.jit
-def _quant_int8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
-    """One row: scale = max(amax, 1e-10) / 127, q = clamp(rne(x / scale), -127, 127) (dsquant.formats.int8)."""
-    r = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0).to(tl.float32)))
-    scale = tl.div_rn(tl.maximum(tl.max(amax, 0), _INT8_FLOOR), _INT8_MAX)
-    rcp = tl.div_rn(1.0, scale)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        v = div_rn_shared(tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0).to(tl.float32), scale, rcp)
-        v = tl.clamp((v + _RNE_MAGIC) - _RNE_MAGIC, -_INT8_MAX, _INT8_MAX)
-        tl.store(q_ptr + r * stride_q + k, v.to(tl.int8), mask=k < K)
-    tl.store(s_ptr + r, scale)
-
-
-def _quant_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] bf16 -> (int8 [M, K], float32 [M, 1]) per row."""
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    if m:
-        _quant_int8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=1024, num_warps=4)
-    return q, s
-
-
-def _quant_fp8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] bf16 -> (float8_e4m3fn [M, K], float32 [M, K / 128]) in 1x128 groups."""
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((m, k // 128), dtype=torch.float32, device=x.device)
-    if m:
-        _quant_fp8_groups_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
-                                       G_PAD=triton.next_power_of_2(k // 128), num_warps=4)
-    return q, s
-
-
 def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
     """Tile sizes and pipeline depth from the expected rows per expert (performance hyper-parameters).
 
@@ -295,10 +240,10 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
     dev = x.device
     a, a_scale = x, x  # a_scale unused for bf16 / FP4 and for fp8 quantized in the kernel
     if ew.fmt == "int8":
-        a, a_scale = _quant_int8_rows(x)
+        a, a_scale = quantize_int8_per_token(x)
     quant_a = ew.fmt == "fp8" and not tiles["prequant"]
     if ew.fmt == "fp8" and tiles["prequant"]:
-        a, a_scale = _quant_fp8_groups(x)
+        a, a_scale = quantize_fp8_per_token_group(x)
     n_m = expert_ids.numel()
     bn = tiles["BLOCK_N"]
     launch = {key: tiles[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
@@ -314,7 +259,7 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
         a.stride(0), a_scale.stride(0), ew.w13.stride(0), ew.w13.stride(1), s13.stride(0), s13.stride(1),
         act.stride(0), act_scale.stride(0), FMT=fmt, QUANT_A=quant_a, QUANT_OUT=quant_out, **launch)
     if ew.fmt == "int8":
-        act, act_scale = _quant_int8_rows(act)
+        act, act_scale = quantize_int8_per_token(act)
     out = torch.empty((numel, h), dtype=torch.bfloat16, device=dev)
     s2 = ew.w2_scale if ew.w2_scale is not None else ew.w2
     gs2 = ew.w2_global_scale.float().reshape(-1) if ew.w2_global_scale is not None else s2
