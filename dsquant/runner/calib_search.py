@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from dsquant.formats.nvfp4 import NVFP4_BLOCK, NVFP4_GLOBAL_DIVISOR, dequantize_nvfp4, quantize_nvfp4
+from dsquant.formats.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, nvfp4_global_scale, quantize_nvfp4
 
 METHODS = ("mse", "amax")
 # Candidate octaves around 2^m0: down to 1/4 (clipping the largest blocks; a squared error weighs those
@@ -107,13 +107,18 @@ def nvfp4_qdq_error(x: torch.Tensor, global_scale: float) -> float:
     return float((d.double() - x.double()).pow(2).sum())
 
 
+def _amax_rule(amax: float) -> float:
+    """amax / 2688, the weights' own global-scale rule (dsquant.formats.nvfp4)."""
+    return float(nvfp4_global_scale(torch.tensor(amax, dtype=torch.float32)))
+
+
 def candidate_scales(amax: float, grid: str = "pow2") -> list[float]:
     """Candidate global scales, ascending. grid "pow2": 2^m for m = m0 - OCTAVES_DOWN .. m0 + OCTAVES_UP with
     2^m0 the smallest power of two >= amax / 2688; grid "quarter" (measured, not used by default):
     amax / 2688 * 2^(k/4) for k = -8..4."""
     if grid not in ("pow2", "quarter"):
         raise ValueError(f"candidate grid {grid!r}: choose pow2 or quarter")
-    base = float(torch.tensor(amax, dtype=torch.float32) / NVFP4_GLOBAL_DIVISOR)
+    base = _amax_rule(amax)
     if grid == "quarter":
         return sorted(float(torch.tensor(base * 2.0 ** (k / 4), dtype=torch.float32)) for k in range(-8, 5))
     m0 = math.ceil(math.log2(base))
@@ -138,7 +143,7 @@ def search_input_scale(sample: torch.Tensor, amax: float, *, method: str = "mse"
     if amax <= 0:
         return 1.0, {}
     if method == "amax" or sample.shape[-1] % NVFP4_BLOCK:
-        return float(torch.tensor(amax, dtype=torch.float32) / NVFP4_GLOBAL_DIVISOR), {}
+        return _amax_rule(amax), {}
     x = sample.float()
     errors = {c: nvfp4_qdq_error(x, c) for c in candidate_scales(amax, grid)}
     return choose_scale(errors, tol), errors
