@@ -145,8 +145,8 @@ KERNELS = {"fp8": fp8_block_gemm, "int8": int8_scaled_mm, "nvfp4": nvfp4_gemm, "
 class Rows:
     """Collects CSV rows, written as they come so a run cut short keeps what it measured."""
 
-    def __init__(self, path: str, cuda_graph: bool = False, pair_k: bool = False):
-        self.cuda_graph, self.pair_k = cuda_graph, pair_k
+    def __init__(self, path: str, cuda_graph: bool = False):
+        self.cuda_graph = cuda_graph
         self.head = gpu_header()
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, FIELDS)
@@ -173,28 +173,6 @@ class Rows:
                  row["TFLOPS"], row["GB/s"], baseline, row["ratio"])
 
 
-# Persistent-kernel tiles timed with and without PAIR_K (two MMAs in flight per promotion; kernels/gemm/README.md).
-PAIR_K_TILES = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=s) for s in (3, 4)] + [
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)]
-
-
-def bench_fp8_pair_k(rows: "Rows", m: int, n: int, k: int, ops: tuple, wb: int, base_ms: float) -> None:
-    a, a_s, w, w_s = ops
-    for tile in PAIR_K_TILES:
-        for pair in (False, True):
-            cfg = tile | dict(PAIR_K=pair)
-            label = "fp8_block_gemm[{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}{pk}]".format(
-                **tile, pk=" pair_k" if pair else "")
-            try:
-                ms = rows.ms(lambda: _launch(a, w, torch.bfloat16, configs.FP8_BLOCK, a_scale=a_s, w_scale=w_s,
-                                             small_m=False, large_cfg=cfg))  # fmt: skip
-            except Exception as e:  # a tile that does not compile or fit is a result too
-                log.error("%s M=%d N=%d K=%d failed: %s", label, m, n, k, str(e).splitlines()[0])
-                continue
-            rows.add(label, m, n, k, ms, wb, "torch_scaled_mm_block", base_ms / ms)
-
-
 def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, block_mm_layout: str | None,
                 fp8_ms: dict):
     case = make_case(fmt, m, n, k)
@@ -209,8 +187,6 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
             base = rows.ms(lambda: block_scaled_mm(ops[0], ops[2], *scales))
             rows.add("torch_scaled_mm_block", m, n, k, base, wb)
             rows.add(name, m, n, k, ms, wb, "torch_scaled_mm_block", base / ms)
-            if rows.pair_k and m > configs.SMALL_M_MAX:
-                bench_fp8_pair_k(rows, m, n, k, ops, wb, base)
     elif fmt == "int8" and m > 16:  # cuBLAS int8 needs M > 16
         a, a_s, b, b_s, bias = ops
         bt = b.t()
@@ -289,12 +265,10 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA-graph replays (kernel-only, L2 flushed) instead of do_bench's launched calls")
-    p.add_argument("--pair-k", action="store_true",
-                   help="also time fp8 persistent tiles with and without PAIR_K at M > 64 (against cuBLAS)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.time()
-    rows = Rows(args.out, cuda_graph=args.cuda_graph, pair_k=args.pair_k)
+    rows = Rows(args.out, cuda_graph=args.cuda_graph)
     log.info("%s | torch %s | triton %s | %s", rows.head["gpu"], rows.head["torch"], rows.head["triton"],
              rows.head["date"])
     copy_gbs = copy_bandwidth()

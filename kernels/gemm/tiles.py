@@ -1,5 +1,5 @@
 """Tile-level pieces of the GEMM kernels in triton.py (inlined by Triton): program order, weight tile loads and
-decodes per format, the paired FP8 K step and the epilogue's scaling. Formats are configs.py's W_FMT ids.
+decodes per format, the FP8 step scale and the epilogue's scaling. Formats are configs.py's W_FMT ids.
 """
 
 from __future__ import annotations
@@ -106,31 +106,6 @@ def _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn
     w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk, mask=offs_n < N, other=0.0)
     a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
     return a_s[:, None] * w_s[None, :]
-
-
-@triton.jit
-def _fp8_pair_step(acc, a_desc, w_desc, a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                   offs_m, offs_n, M, N, off_m, off_n, ki, SCALE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Two 128-deep FP8 K steps, both MMAs issued before either is scaled into acc.
-
-    The one-step loop waits for each MMA before its promotion (acc += dot * scale), so the tensor cores
-    idle during the FMAs. Here the second MMA is independent of the first promotion, which lets it run
-    while the first is scaled. The sums are added in the same order as two single steps, so the result
-    is the same bits. Opt-in (PAIR_K) until timed on a GPU: see kernels/gemm/README.md.
-    """
-    a0 = a_desc.load([off_m, ki * BLOCK_K])
-    w0 = w_desc.load([off_n, ki * BLOCK_K])
-    a1 = a_desc.load([off_m, (ki + 1) * BLOCK_K])
-    w1 = w_desc.load([off_n, (ki + 1) * BLOCK_K])
-    d0 = tl.dot(a0, w0.T)
-    d1 = tl.dot(a1, w1.T)
-    s0 = _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk, offs_m, offs_n,
-                         M, N, ki, SCALE_GROUP)
-    s1 = _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk, offs_m, offs_n,
-                         M, N, ki + 1, SCALE_GROUP)
-    acc += d0 * s0
-    acc += d1 * s1
-    return acc
 
 
 @triton.jit

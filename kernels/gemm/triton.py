@@ -32,7 +32,6 @@ from dsquant.kernels.gemm.tiles import (
     _MXFP4_W4A8,
     _dot_scaled_mxfp4,
     _epilogue,
-    _fp8_pair_step,
     _fp8_step_scale,
     _grouped_tile,
     _load_mxfp4_as_fp8,
@@ -51,7 +50,6 @@ def _gemm_persistent_kernel(
     W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, W_PACK: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_SMS: tl.constexpr, NATIVE_FP4: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PAIR_K: tl.constexpr = False,
 ):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K // W_PACK], strides=[stride_wn, 1],
@@ -67,14 +65,7 @@ def _gemm_persistent_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_first = 0
-        if PAIR_K and W_FMT == _FP8_BLOCK:
-            for kp in range(k_tiles // 2):
-                acc = _fp8_pair_step(acc, a_desc, w_desc, a_scale_ptr, w_scale_ptr, stride_asm, stride_ask,
-                                     stride_wsn, stride_wsk, offs_m, offs_n, M, N, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                                     2 * kp, SCALE_GROUP, BLOCK_K)
-            k_first = k_tiles - k_tiles % 2  # an odd last step runs in the loop below
-        for ki in range(k_first, k_tiles):
+        for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
             if W_FMT == _MXFP4_W4A8:
                 w, w_s = _load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
@@ -215,8 +206,8 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
             small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None,
             large_cfg: dict | None = None) -> torch.Tensor:
     """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` / `large_cfg` / `native_fp4` force a path or
-    tile (tests, benchmarks; large_cfg bypasses the autotuner: BLOCK_*, GROUP_M, num_warps, num_stages and
-    optionally PAIR_K). MXFP4 at M > 64 uses `tl.dot_scaled` on compute capability >= 10."""
+    tile (tests, benchmarks; large_cfg bypasses the autotuner: BLOCK_*, GROUP_M, num_warps and
+    num_stages). MXFP4 at M > 64 uses `tl.dot_scaled` on compute capability >= 10."""
     m, k = a.shape
     n = w.shape[0]
     if out is None:
