@@ -31,16 +31,59 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, SC_W: tl.constexpr,
-                   SC_OFF: tl.constexpr, KV_FMT: tl.constexpr, GROUP: tl.constexpr):
-    """Latent values [G*128, (G+1)*128) of BLOCK_N tokens as bf16 [BLOCK_N, 128] (masked tokens read 0)."""
+def _load_kv_chunk(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, KV_FMT: tl.constexpr,
+                   GROUP: tl.constexpr, EVICT: tl.constexpr):
+    """Latent values [G*128, (G+1)*128) of BLOCK_N tokens [BLOCK_N, 128] as MMA operands (masked tokens read 0):
+    bf16 as stored; fp8 codes as float16, exact (one cvt.rn.f16x2.e4m3x2 per pair; a bf16 target costs a
+    further F2F per value), scales applied outside the tile (see the kernel)."""
     c = tl.arange(0, GROUP)
-    kq = tl.load(val_ptr + slot[:, None] * VAL_W + G * GROUP + c[None, :], mask=mask_n[:, None], other=0.0)
-    if KV_FMT == 2:
-        ks = tl.load(sc_ptr + slot * SC_W + SC_OFF + G, mask=mask_n, other=0.0)
-        return (kq.to(tl.float32) * ks[:, None]).to(tl.bfloat16)
+    kq = tl.load(val_ptr + slot[:, None] * VAL_W + G * GROUP + c[None, :], mask=mask_n[:, None], other=0.0,
+                 eviction_policy=EVICT)
+    return kq
+
+
+@triton.jit
+def _kt(k):
+    if k.dtype == tl.bfloat16:
+        return tl.trans(k)
     else:
-        return kq.to(tl.bfloat16)
+        return tl.trans(k).to(tl.float16)
+
+
+@triton.jit
+def _kv(k):
+    if k.dtype == tl.bfloat16:
+        return k
+    else:
+        return k.to(tl.float16)
+
+
+@triton.jit
+def _reload(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, KV_FMT: tl.constexpr, GROUP: tl.constexpr,
+            RELOAD: tl.constexpr, k):
+    if RELOAD:
+        return _load_kv_chunk(val_ptr, slot, mask_n, G, VAL_W, KV_FMT, GROUP, "evict_first")
+    else:
+        return k
+
+
+@triton.jit
+def _pow2_scale(x, TOP: tl.constexpr):
+    """(2^(TOP - e), 2^(e - TOP)) for x >= 0 in [2^e, 2^(e+1)): x * first < 2^(TOP+1). Exact powers of two
+    from the exponent bits; e clamped to [-100, 100] so zero / padding rows stay finite."""
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(e, -100), 100)
+    return (((127 + TOP) - e) << 23).to(tl.float32, bitcast=True), (((127 - TOP) + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pv_scaled(p, alpha, kq, ks, acc, acc_mul):
+    """fp8_ds P.V for one chunk: (p * ks) @ codes with p * ks in float16 times a power of two per tile (max in
+    [2^14, 2^15): float16 keeps 11 bits where bf16 keeps 8). The accumulator stays in the multiplier of the
+    last tile (acc_mul), so a change of multiplier costs nothing beyond the alpha rescale: returns (acc, mul)."""
+    mul, _ = _pow2_scale(tl.max(ks, axis=0), 14)
+    pg = (p * (ks * mul)[None, :]).to(tl.float16)
+    return tl.dot(pg, kq, acc * (alpha * (mul / acc_mul))[:, None]), mul
 
 
 @triton.jit
@@ -61,7 +104,7 @@ def _mla_attend_kernel(
     stride_o_r, stride_o_h, stride_o_s, stride_lse_r, stride_lse_h,
     PAGE_SIZE: tl.constexpr, KV_FMT: tl.constexpr, HAS_ROW_SEQ: tl.constexpr, SPLIT: tl.constexpr,
     VAL_W: tl.constexpr, SC_W: tl.constexpr, SC_OFF: tl.constexpr, PE_W: tl.constexpr, PE_OFF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr, RELOAD: tl.constexpr,
 ):
     # The 512 latent dims are handled as four 128-wide chunks (the fp8_ds scale groups): Q.K^T becomes
     # five independent MMA chains instead of one 36-step dependent chain, and each fp8_ds chunk needs
@@ -91,8 +134,24 @@ def _mla_attend_kernel(
     q3 = tl.load(q_base + 3 * GROUP, mask=mask_h[:, None], other=0.0)
     qp_base = qp_ptr + row * stride_qp_r + offs_h[:, None] * stride_qp_h
     qp = tl.load(qp_base + r[None, :], mask=mask_h[:, None], other=0.0)
-    if KV_FMT == 1:  # per-tensor fp8: scores scale by kv_scale, folded into the logit scale
-        qk_scale = qk_scale * tl.load(kv_scale_ptr)
+    # Per-head logit multiplier. fp8 caches run float16 MMAs on the exact fp16 image of the E4M3 codes;
+    # q moves to float16 times a power of two per head (max |q| in [2^14, 2^15): no overflow, bf16's 8
+    # mantissa bits kept), undone here. P goes to float16 times 2^15 (p <= 1), undone on the output.
+    s_scale = tl.full([BLOCK_H], 1.0, tl.float32) * qk_scale
+    if KV_FMT != 0:
+        qmax = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), axis=1), tl.max(tl.abs(q1.to(tl.float32)), axis=1)),
+                          tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), axis=1), tl.max(tl.abs(q3.to(tl.float32)), axis=1)))
+        if KV_FMT == 1:  # the rope part is fp8 too and shares q's multiplier
+            qmax = tl.maximum(qmax, tl.max(tl.abs(qp.to(tl.float32)), axis=1))
+        q_mul, q_inv = _pow2_scale(qmax, 14)
+        q0 = (q0.to(tl.float32) * q_mul[:, None]).to(tl.float16)
+        q1 = (q1.to(tl.float32) * q_mul[:, None]).to(tl.float16)
+        q2 = (q2.to(tl.float32) * q_mul[:, None]).to(tl.float16)
+        q3 = (q3.to(tl.float32) * q_mul[:, None]).to(tl.float16)
+        if KV_FMT == 1:
+            qp = (qp.to(tl.float32) * q_mul[:, None]).to(tl.float16)
+            # per-tensor fp8: scores scale by kv_scale, folded into the logit scale
+            s_scale = s_scale * q_inv * tl.load(kv_scale_ptr)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -100,6 +159,10 @@ def _mla_attend_kernel(
     a1 = tl.zeros([BLOCK_H, GROUP], tl.float32)
     a2 = tl.zeros([BLOCK_H, GROUP], tl.float32)
     a3 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    r0 = tl.full([], 1.0, tl.float32)  # fp8_ds: the power of two each accumulator is held in (_pv_scaled)
+    r1 = tl.full([], 1.0, tl.float32)
+    r2 = tl.full([], 1.0, tl.float32)
+    r3 = tl.full([], 1.0, tl.float32)
     bt_row = bt_ptr + seq * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -107,40 +170,63 @@ def _mla_attend_kernel(
         # Masked tokens read nothing (other=0): NaN in unused slots or pages never reaches P.V.
         page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = page * PAGE_SIZE + offs_n % PAGE_SIZE
-        k0 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 0, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
-        k1 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 1, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
-        k2 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 2, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
-        k3 = _load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 3, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP)
+        # One converted tile per chunk feeds both dots (key of Q.K^T, value of P.V).
+        k0 = _load_kv_chunk(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
+        k1 = _load_kv_chunk(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
+        k2 = _load_kv_chunk(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
+        k3 = _load_kv_chunk(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
         kp = tl.load(pe_ptr + slot[:, None] * PE_W + PE_OFF + r[None, :], mask=mask_n[:, None], other=0.0)
-        s01 = tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))
-        s = s01 + (tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3)))
-        s = s + tl.dot(qp, tl.trans(kp.to(tl.bfloat16)))  # [BLOCK_H, BLOCK_N] float32
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        if KV_FMT == 2:
+            # fp8_ds: each chunk's dot times its per-token group scale, exactly the dequantized key.
+            ks0 = tl.load(sc_ptr + slot * SC_W + SC_OFF, mask=mask_n, other=0.0)
+            ks1 = tl.load(sc_ptr + slot * SC_W + SC_OFF + 1, mask=mask_n, other=0.0)
+            ks2 = tl.load(sc_ptr + slot * SC_W + SC_OFF + 2, mask=mask_n, other=0.0)
+            ks3 = tl.load(sc_ptr + slot * SC_W + SC_OFF + 3, mask=mask_n, other=0.0)
+            s01 = tl.dot(q0, _kt(k0)) * ks0[None, :] + tl.dot(q1, _kt(k1)) * ks1[None, :]
+            s = s01 + (tl.dot(q2, _kt(k2)) * ks2[None, :] + tl.dot(q3, _kt(k3)) * ks3[None, :])
+            s = s * q_inv[:, None] + tl.dot(qp, tl.trans(kp))  # rope part: bf16 x bf16
+        else:
+            s01 = tl.dot(q0, _kt(k0)) + tl.dot(q1, _kt(k1))
+            s = s01 + (tl.dot(q2, _kt(k2)) + tl.dot(q3, _kt(k3)))
+            s = s + tl.dot(qp, tl.trans(kp.to(qp.dtype)))  # [BLOCK_H, BLOCK_N] float32
+        s = tl.where(mask_n[None, :], s * s_scale[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pb = p.to(tl.bfloat16)
-        a0 = tl.dot(pb, k0, a0 * alpha[:, None])
-        a1 = tl.dot(pb, k1, a1 * alpha[:, None])
-        a2 = tl.dot(pb, k2, a2 * alpha[:, None])
-        a3 = tl.dot(pb, k3, a3 * alpha[:, None])
         m_i = m_new
+        if KV_FMT == 0:
+            pb = p.to(tl.bfloat16)
+            a0 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, RELOAD, k0)), a0 * alpha[:, None])
+            a1 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, RELOAD, k1)), a1 * alpha[:, None])
+            a2 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, RELOAD, k2)), a2 * alpha[:, None])
+            a3 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, RELOAD, k3)), a3 * alpha[:, None])
+        elif KV_FMT == 1:
+            pb = (p * 32768.0).to(tl.float16)
+            a0 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, RELOAD, k0)), a0 * alpha[:, None])
+            a1 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, RELOAD, k1)), a1 * alpha[:, None])
+            a2 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, RELOAD, k2)), a2 * alpha[:, None])
+            a3 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, RELOAD, k3)), a3 * alpha[:, None])
+        else:
+            a0, r0 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, RELOAD, k0)), ks0, a0, r0)
+            a1, r1 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, RELOAD, k1)), ks1, a1, r1)
+            a2, r2 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, RELOAD, k2)), ks2, a2, r2)
+            a3, r3 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, RELOAD, k3)), ks3, a3, r3)
 
     has = l_i > 0.0
     inv = 1.0 / tl.where(has, l_i, 1.0)
     if KV_FMT == 1:
-        inv = inv * tl.load(kv_scale_ptr)
+        inv = inv * (tl.load(kv_scale_ptr) * (1.0 / 32768.0))
     if SPLIT:
         o_base = o_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h + split * stride_o_s
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + row * stride_lse_r + offs_h * stride_lse_h + split, lse, mask=mask_h)
     else:
         o_base = o_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h
-    _store_out_chunk(o_base, a0 * inv[:, None], mask_h, 0, GROUP)
-    _store_out_chunk(o_base, a1 * inv[:, None], mask_h, 1, GROUP)
-    _store_out_chunk(o_base, a2 * inv[:, None], mask_h, 2, GROUP)
-    _store_out_chunk(o_base, a3 * inv[:, None], mask_h, 3, GROUP)
+    _store_out_chunk(o_base, a0 * (inv / r0)[:, None], mask_h, 0, GROUP)
+    _store_out_chunk(o_base, a1 * (inv / r1)[:, None], mask_h, 1, GROUP)
+    _store_out_chunk(o_base, a2 * (inv / r2)[:, None], mask_h, 2, GROUP)
+    _store_out_chunk(o_base, a3 * (inv / r3)[:, None], mask_h, 3, GROUP)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_p_r", "stride_p_h", "stride_lse_r", "stride_lse_h"])
@@ -172,6 +258,10 @@ class AttendConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    reload: bool = False  # P.V reads its tile again (L2) instead of keeping the Q.K^T tile live (fp8 caches)
+
+    def __str__(self) -> str:
+        return f"h{self.block_h}n{self.block_n}w{self.num_warps}s{self.num_stages}" + ("r" if self.reload else "")
 
 
 # performance hyper-parameters: the fastest of the configs timed on an H100 at batch 64, 4K context
@@ -258,7 +348,7 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
         *so, *slse,
         PAGE_SIZE=page_size, KV_FMT=_FMT[kind], HAS_ROW_SEQ=row_seq is not None, SPLIT=split,
         VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4, RELOAD=cfg.reload,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

@@ -23,7 +23,7 @@ from dsquant.kernels.mla import (
     mla_prefill_ref,
     slot_mapping_for,
 )
-from dsquant.kernels.mla.triton import default_num_splits
+from dsquant.kernels.mla.triton import AttendConfig, default_num_splits
 from dsquant.kernels.testing import assert_close_global, calc_diff, poison_
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,6 +80,19 @@ def test_mla_decode_matches_reference(kind, num_splits, heads):
     got = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=num_splits)
     want = mla_decode_ref(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
     assert_close_global(got, want, MAX_DIFF, f"decode {kind=} {num_splits=} {heads=}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mla_decode_reload_tiles_match_reference(kind):
+    # The reload schedule reads each tile twice (once per dot): same numbers as keeping it live.
+    cache, bt, lens, kv_scale, _ = make_cache(kind, [64, 23])
+    qn, qp = _q(2, 16)
+    cfg = AttendConfig(16, 32, 4, 2, reload=True)
+    got = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=1, config=cfg)
+    want = mla_decode_ref(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
+    assert_close_global(got, want, MAX_DIFF, f"decode reload {kind=}")
+    live = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=1, config=cfg._replace(reload=False))
+    assert torch.equal(got, live)
 
 
 def test_mla_decode_padded_wgmma_head_block():
