@@ -13,10 +13,11 @@ the global scale is computed: an extra read), dequantization 89-90% of the devic
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
-from dsquant.kernels.quant.triton import row_tiles
+from dsquant.kernels.quant.triton import div_rn_shared, row_tiles
 
 from dsquant.formats.fp4 import FP4_E2M1_MAX
 from dsquant.formats.fp8 import FP8_E4M3_MAX
@@ -27,10 +28,14 @@ _E2M1_MAX = tl.constexpr(FP4_E2M1_MAX)
 _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
 _NV_DIVISOR = tl.constexpr(NVFP4_GLOBAL_DIVISOR)
 _E8M0_BIAS = tl.constexpr(E8M0_BIAS)
+_RCP_E2M1_MAX = tl.constexpr(float(np.float32(1.0) / np.float32(FP4_E2M1_MAX)))  # rn(1/6) in float32
+_TWO_POW_100 = tl.constexpr(2.0**100)
+_TWO_POW_M100 = tl.constexpr(2.0**-100)
 
 # performance hyper-parameters (tile sizes: row_tiles in triton.py)
 AMAX_BLOCK = 8192  # elements per step of the global-amax pre-pass (four 16-byte loads per thread)
 AMAX_STEPS = 4  # unrolled steps per program (32 Ki elements): loads in flight, few one-address atomics
+NVFP4_FAST_DIVISION = True  # one exact reciprocal per block and div_rn_shared, tl.div_rn only for out-of-range tiles
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -40,20 +45,19 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _round_to_e2m1(x):
     """float32 (already divided by its scale) -> int32 E2M1 codes 0..15, equal to fp4.round_to_e2m1.
 
-    Two bit tricks replace the seven threshold compares (the MXFP4 kernel went from 55 to 23 SASS
-    instructions per element with them and the int32 packing):
-      |x| < 1: the grid is 0, 0.5, 1 (step 0.5), so the code is rint(2|x|), read from the bits of
-               2|x| + 2^23 (at 2^23 the float32 step is 1: the add itself rounds, ties to even);
-      |x| >= 1: E2M1 values are float32 values with one mantissa bit, so adding 2^21 - 1 plus the kept
-               bit (bit 22) to the bits rounds the mantissa to one bit, ties to even, carrying into the
-               exponent; (bits >> 22) - 252 is then the code (1.0 -> 2), saturated at 7 (6.0).
+    One float add rounds every magnitude: a = min(|x|, 6) plus c = 2^(E + 22), E = max(floor(log2 a), 0),
+    lands where the float32 step is 2^(E - 1), the E2M1 step at a's exponent (0.5 below 2, then 1, then 2),
+    so the add itself rounds a to the grid, ties to even; the grid index k = bits(a + c) - bits(c) plus
+    2E is the code (the parities of k and of the code agree, so ties go to the even code). Clamping to 6
+    first saturates (6 < a <= 7 rounds to 6; 5 ties to 4) and keeps E <= 2. Seven instructions for the
+    magnitude, against eleven for a two-case bit trick and 21 for seven threshold compares.
     Sign from x < 0: -0.0 stays code 0, a negative that rounds to zero is code 8.
     """
-    a = tl.abs(x)
-    bits = a.to(tl.int32, bitcast=True)
-    small = (a * 2.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
-    big = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
-    return tl.minimum(tl.where(a < 1.0, small, big), 7) | ((x < 0).to(tl.int32) << 3)
+    a = tl.minimum(tl.abs(x), _E2M1_MAX)
+    ec = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 0x3F800000)  # 2^E as float32 bits
+    c = ec + (22 << 23)
+    k = (a + c.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - c
+    return (k + ((ec >> 22) - 254)) | tl.where(x < 0, 8, 0)  # (ec >> 22) - 254 = 2E
 
 
 @triton.jit
@@ -63,13 +67,6 @@ def _e2m1_to_float(codes):
     mag = c & 7
     bits = tl.where(mag >= 2, (((mag >> 1) + 126) << 23) | ((mag & 1) << 22), tl.where(mag == 1, 0x3F000000, 0))
     return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pack(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """int32 codes [ROWS, COLS] -> uint8 [ROWS, COLS // 2], element 2i in the low nibble."""
-    lo, hi = tl.split(tl.reshape(codes, (ROWS, COLS // 2, 2)))
-    return (lo | (hi << 4)).to(tl.uint8)
 
 
 @triton.jit
@@ -109,20 +106,93 @@ def _tile(M, K, stride_m, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride_sm,
-                             BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Pack codes [BLOCK_M * BLOCK_K / BLOCK, BLOCK] of this program's tile, store them and the block scales."""
-    packed = _pack(tl.reshape(codes, (BLOCK_M, BLOCK_K)), BLOCK_M, BLOCK_K)
-    rows, pcols, p_offs, p_mask = _tile(M, K // 2, stride_pm, BLOCK_M, BLOCK_K // 2)
-    tl.store(p_ptr + p_offs, packed, mask=p_mask)
-    _, _, s_offs, s_mask = _tile(M, K // BLOCK, stride_sm, BLOCK_M, BLOCK_K // BLOCK)
-    tl.store(s_ptr + s_offs, tl.reshape(scale, (BLOCK_M, BLOCK_K // BLOCK)), mask=s_mask)
+def _block_tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile as [BLOCK_M * BLOCK_K / BLOCK, BLOCK / 8, 8]: element (b, j, i) of block b sits at column
+    col0(b) + 8 j + i of row(b). Returns per block (row, first column, mask), and j and i.
+
+    Why this shape: the 8 along the last axis is one 16-byte load of bf16; Triton's layout gives the next threads
+    to the first of the equally non-contiguous axes, the blocks, and the pieces j of a block to the same thread
+    (check: TTGIR sizePerThread [1, BLOCK / 8, 8]), which makes the block max, the
+    scale and the nibble packing thread-local (no shuffles, no shared memory) and amortizes the scale over 16
+    (NVFP4) or 32 (MXFP4) elements per thread instead of 8. A warp's 16-byte loads are 32 (NVFP4) or 64 bytes
+    apart; the other pieces of the same sectors are read by the next loads of the same threads, from L1.
+    """
+    BPR: tl.constexpr = BLOCK_K // BLOCK  # blocks per tile row
+    blk = tl.arange(0, BLOCK_M * BPR)
+    rows = tl.program_id(0) * BLOCK_M + blk // BPR
+    cols = tl.program_id(1) * BLOCK_K + (blk % BPR) * BLOCK
+    return rows, cols, (rows < M) & (cols < K), tl.arange(0, BLOCK // 8)[None, :, None], tl.arange(0, 8)[None, None, :]
+
+
+@triton.jit
+def _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+    """x's tile as float32 [blocks, BLOCK / 8, 8] (see _block_tile), its |max| per block, and the block coordinates."""
+    rows, cols, mask, j, i = _block_tile(M, K, BLOCK_M, BLOCK_K, BLOCK)
+    offs = (rows.to(tl.int64) * stride_xm + cols)[:, None, None] + j * 8 + i
+    x = tl.load(x_ptr + offs, mask=mask[:, None, None], other=0.0).to(tl.float32)
+    return x, tl.max(tl.max(tl.abs(x), axis=2), axis=1), rows, cols, mask
+
+
+@triton.jit
+def _store_blocks(codes, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK: tl.constexpr):
+    """codes int32 [blocks, BLOCK / 8, 8] -> one int32 word of 8 nibbles per piece (element 2i in the low nibble of
+    byte i, the little-endian uint8 order), stored through pw_ptr, the packed uint8 output seen as int32; and
+    the block scales [blocks]. The shifted nibbles do not overlap, so their sum is their OR."""
+    words = tl.sum(codes << (tl.arange(0, 8) * 4)[None, None, :], axis=2)
+    j = tl.arange(0, BLOCK // 8)[None, :]
+    tl.store(pw_ptr + (rows.to(tl.int64) * stride_pw + cols // 8)[:, None] + j, words, mask=mask[:, None])
+    tl.store(s_ptr + rows.to(tl.int64) * stride_sm + cols // BLOCK, scale, mask=mask)
+
+
+@triton.jit
+def _div_fast(x, d, r):
+    """div_rn_shared(x, d, r) without its sign fix-up, which E2M1 codes do not need: x = -0.0 gives +0.0, code 0
+    as the spec's -0.0 / d; and r = 0 (with d = 1) gives +-0, code 0, so zero-scale blocks need no select."""
+    q0 = x * r
+    return tl.fma(tl.fma(-q0, d, x), r, q0)
+
+
+@triton.jit
+def _nvfp4_exact(x, block_amax, gs):
+    """Block scales [blocks] and codes of x [blocks, pieces, 8] by the spec's divisions, tl.div_rn throughout."""
+    scale = tl.minimum(tl.div_rn(tl.div_rn(block_amax, _E2M1_MAX), gs), _FP8_MAX).to(tl.float8e4nv)
+    denom = (scale.to(tl.float32) * gs)[:, None, None]
+    safe = tl.where(denom > 0, denom, 1.0)  # a block whose e4m3 scale underflows to 0 gets code 0
+    return scale, _round_to_e2m1(tl.where(denom > 0, tl.div_rn(x, safe), 0.0))
+
+
+@triton.jit
+def _nvfp4_fast(x, block_amax, gs):
+    """_nvfp4_exact's bits with one exact reciprocal per block and _div_fast per element (3 FMA-pipe instructions
+    instead of div.rn's ~20), and the two scale divisions the same way (rn(1/6) is a constant, 1/gs per program).
+
+    Returns (scale, codes, bad): bad is true when a block of the tile leaves the range where that gives div.rn's
+    bits, and the caller recomputes the tile with _nvfp4_exact. The range: the global scale, the block amax
+    and the unclamped scale quotient within 2^+-100 (normal operands and quotients, no overflow of x * r), and
+    no negative element below 2^-100 of its block amax (its quotient could be subnormal, where the sign of a
+    zero code, 0 or 8, hangs on the last bit). -0.0 also trips that test (its int32 bits are the smallest
+    ones); its fast quotient is +0.0, code 0 like the spec's, so that is caution only.
+    """
+    rgs = tl.div_rn(1.0, gs)
+    t = _div_fast(_div_fast(block_amax, _E2M1_MAX, _RCP_E2M1_MAX), gs, rgs)
+    scale = tl.minimum(t, _FP8_MAX).to(tl.float8e4nv)
+    denom = scale.to(tl.float32) * gs
+    safe = tl.where(denom > 0, denom, 1.0)
+    rcp = tl.where(denom > 0, tl.div_rn(1.0, safe), 0.0)
+    codes = _round_to_e2m1(_div_fast(x, safe[:, None, None], rcp[:, None, None]))
+    low = tl.min(tl.min(x.to(tl.int32, bitcast=True), axis=2), axis=1)  # the least negative element's bits
+    tiny_neg = (low < 0) & ((low & 0x7FFFFFFF).to(tl.float32, bitcast=True) * _TWO_POW_100 < block_amax)
+    in_range = ((t == 0) | ((t > _TWO_POW_M100) & (t < _TWO_POW_100))) & (
+        (block_amax == 0) | (block_amax > _TWO_POW_M100)) & ~tiny_neg
+    ok = (tl.min(in_range.to(tl.int32), axis=0) > 0) & (gs > _TWO_POW_M100) & (gs < _TWO_POW_100)
+    return scale, codes, ~ok
 
 
 @triton.jit(do_not_specialize=["M"])
 def _quantize_nvfp4_kernel(
-    x_ptr, p_ptr, s_ptr, gs_ptr, gs_out_ptr, M, K, stride_xm, stride_pm, stride_sm,
+    x_ptr, pw_ptr, s_ptr, gs_ptr, gs_out_ptr, M, K, stride_xm, stride_pw, stride_sm,
     AMAX_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+    FAST_DIV: tl.constexpr,
 ):
     """gs_ptr holds the global scale, or (AMAX_GIVEN) the tensor amax bits, turned into amax / 2688 here."""
     if AMAX_GIVEN:
@@ -132,34 +202,28 @@ def _quantize_nvfp4_kernel(
             tl.store(gs_out_ptr, gs)
     else:
         gs = tl.load(gs_ptr)
-    _, _, x_offs, x_mask = _tile(M, K, stride_xm, BLOCK_M, BLOCK_K)
-    x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-    xb = tl.reshape(x, (BLOCK_M * BLOCK_K // BLOCK, BLOCK))
-    block_amax = tl.max(tl.abs(xb), axis=1)
-    scale = tl.minimum(tl.div_rn(tl.div_rn(block_amax, _E2M1_MAX), gs), _FP8_MAX).to(tl.float8e4nv)
-    denom = (scale.to(tl.float32) * gs)[:, None]
-    # tl.div_rn per element: one exact division per block and the Markstein correction per element
-    # (div_rn_shared) needs a range fallback here, whose branch cost more than it saved (H100, 16384 x 7168:
-    # 1317 GB/s against 1899 GB/s with tl.div_rn).
-    safe = tl.where(denom > 0, denom, 1.0)  # a block whose e4m3 scale underflows to 0 gets code 0
-    codes = _round_to_e2m1(tl.where(denom > 0, tl.div_rn(xb, safe), 0.0))
-    _store_packed_and_scales(codes, scale, p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
+    x, block_amax, rows, cols, mask = _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, BLOCK)
+    if FAST_DIV:
+        scale, codes, bad = _nvfp4_fast(x, block_amax, gs)
+        if bad:  # one scalar branch per program: free on data inside the range
+            scale, codes = _nvfp4_exact(x, block_amax, gs)
+    else:
+        scale, codes = _nvfp4_exact(x, block_amax, gs)
+    _store_blocks(codes, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _quantize_mxfp4_kernel(x_ptr, p_ptr, s_ptr, M, K, stride_xm, stride_pm, stride_sm,
+def _quantize_mxfp4_kernel(x_ptr, pw_ptr, s_ptr, M, K, stride_xm, stride_pw, stride_sm,
                            CEIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
-    _, _, x_offs, x_mask = _tile(M, K, stride_xm, BLOCK_M, BLOCK_K)
-    x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-    xb = tl.reshape(x, (BLOCK_M * BLOCK_K // BLOCK, BLOCK))
-    bits = tl.max(tl.abs(xb), axis=1).to(tl.int32, bitcast=True)
+    x, block_amax, rows, cols, mask = _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, BLOCK)
+    bits = block_amax.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - _E8M0_BIAS - 2  # floor(log2 amax) - emax(E2M1), the OCP rule
     if CEIL:
         e += ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # mantissa > 1.5: the max would clip at 6
     b = tl.minimum(tl.maximum(e, -_E8M0_BIAS), _E8M0_BIAS) + _E8M0_BIAS
     # x / 2^e == x * 2^-e bit for bit: 2^-e is exact, so both are the one rounding of the same real number
-    codes = _round_to_e2m1(xb * _e8m0_reciprocal(b)[:, None])
-    _store_packed_and_scales(codes, b.to(tl.uint8), p_ptr, s_ptr, M, K, stride_pm, stride_sm, BLOCK, BLOCK_M, BLOCK_K)
+    codes = _round_to_e2m1(x * _e8m0_reciprocal(b)[:, None, None])
+    _store_blocks(codes, b.to(tl.uint8), rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -212,9 +276,11 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     if x2.numel() > 0:
         grid, block_m, block_k, warps = row_tiles(m, k, NVFP4_BLOCK)
         gs_arg = gs_in.view(torch.int32) if global_scale is None else gs_in
+        pw = packed.view(torch.int32)  # 8 codes per word: k / 2 bytes per row is a multiple of 8
         _quantize_nvfp4_kernel[grid](
-            x2, packed, scale, gs_arg, gs_out, m, k, x2.stride(0), packed.stride(0), scale.stride(0),
-            AMAX_GIVEN=global_scale is None, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=NVFP4_BLOCK, num_warps=warps,
+            x2, pw, scale, gs_arg, gs_out, m, k, x2.stride(0), pw.stride(0), scale.stride(0),
+            AMAX_GIVEN=global_scale is None, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=NVFP4_BLOCK,
+            FAST_DIV=NVFP4_FAST_DIVISION, num_warps=warps,
         )
     lead = x.shape[:-1]
     return packed.reshape(*lead, k // 2), scale.reshape(*lead, k // NVFP4_BLOCK), gs_out
@@ -237,7 +303,8 @@ def quantize_mxfp4(x: torch.Tensor, scale_rule: str = "ocp"):
     scale = torch.empty((m, k // MXFP4_BLOCK), dtype=torch.uint8, device=x.device)
     if x2.numel() > 0:
         grid, block_m, block_k, warps = row_tiles(m, k, MXFP4_BLOCK)
-        _quantize_mxfp4_kernel[grid](x2, packed, scale, m, k, x2.stride(0), packed.stride(0), scale.stride(0),
+        pw = packed.view(torch.int32)
+        _quantize_mxfp4_kernel[grid](x2, pw, scale, m, k, x2.stride(0), pw.stride(0), scale.stride(0),
                                      CEIL=scale_rule == "ceil", BLOCK_M=block_m, BLOCK_K=block_k,
                                      BLOCK=MXFP4_BLOCK, num_warps=warps)
     lead = x.shape[:-1]
