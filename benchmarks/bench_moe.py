@@ -126,6 +126,11 @@ def bench_routing(rows: Rows, tokens: list[int]):
         rows.add("route+align", "fp32", t, ms, baseline="target_10us", ratio=0.010 / ms, note="E=384")
 
 
+# FP4 decode tiles around the heuristic (BLOCK_K, BLOCK_N, warps, stages)
+FP4_DECODE_SWEEP = [(64, 64, 8, 4), (128, 64, 4, 6), (128, 128, 4, 4), (128, 64, 2, 4), (128, 32, 2, 4),
+                    (256, 64, 4, 3), (128, 128, 8, 4)]
+
+
 def bench_decode(rows: Rows, ew: ExpertWeights, copy_gbs: float, tokens: list[int], sweep: bool):
     per_expert = expert_bytes(ew)
     for t in tokens:
@@ -134,6 +139,9 @@ def bench_decode(rows: Rows, ew: ExpertWeights, copy_gbs: float, tokens: list[in
         variants = [("heuristic", None)]
         if sweep:
             variants += [("stages3", dict(num_stages=3)), ("warps8", dict(num_warps=8))]
+        if sweep and ew.fmt in ("nvfp4", "mxfp4"):  # wider K steps read more of each weight row per request
+            variants += [(f"k{bk}n{bn}w{nw}s{ns}", dict(BLOCK_K=bk, BLOCK_N=bn, num_warps=nw, num_stages=ns))
+                         for bk, bn, nw, ns in FP4_DECODE_SWEEP]
         for name, tiles in variants:
             ms = graph_ms(lambda: fused_moe(x, ew.w13, ew.w2, w, ids, **kw_of(ew), tiles=tiles))
             rows.add("decode" if tiles is None else f"decode[{name}]", ew.fmt, t, ms, 2 * t * TOPK * 3 * H * INTER,
@@ -322,7 +330,7 @@ def main() -> None:
         ew = random_experts(fmt)
         try:
             if kind == "decode":
-                bench_decode(rows, ew, copy_gbs, [1, 4, 16, 64], args.sweep and fmt in ("fp8", "bf16"))
+                bench_decode(rows, ew, copy_gbs, [1, 4, 16, 64], args.sweep)
             else:
                 if fmt == "fp8" and block_mm is None:
                     block_mm = scaled_mm_helpers() or False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from dsquant.kernels.fp4_decode import e2m1_float32, e2m1_pairs_bf16, e8m0_to_bf16
 from dsquant.kernels.gemm import configs
 
 _FP8_BLOCK = tl.constexpr(configs.FP8_BLOCK)
@@ -13,7 +14,6 @@ _INT8 = tl.constexpr(configs.INT8)
 _NVFP4 = tl.constexpr(configs.NVFP4)
 _MXFP4 = tl.constexpr(configs.MXFP4)
 _MXFP4_W4A8 = tl.constexpr(configs.MXFP4_W4A8)
-_TWO_POW_126 = tl.constexpr(2.0**126)
 
 
 @triton.jit
@@ -29,12 +29,7 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _e2m1_decode(packed):
     """uint8 [R, C], two E2M1 codes per byte -> float32 [R, 2C]; element 2i is the low nibble."""
     p = packed.to(tl.int32)
-    codes = tl.reshape(tl.join(p & 0xF, p >> 4), (packed.shape[0], 2 * packed.shape[1]))
-    # Code bits e1 e0 m placed at fp32 bits 24..22 read as 2^(e-127) * (1 + m/2), or as the
-    # subnormal m * 2^-127 when e = 0; times 2^126 that is the E2M1 value exactly. Plain fp32
-    # multiplies keep subnormals (no ftz), and the interpreter's numpy does too.
-    bits = ((codes & 7) << 22) | ((codes & 8) << 28)
-    return bits.to(tl.float32, bitcast=True) * _TWO_POW_126
+    return e2m1_float32(tl.reshape(tl.join(p & 0xF, p >> 4), (packed.shape[0], 2 * packed.shape[1])))
 
 
 @triton.jit
@@ -42,19 +37,17 @@ def _load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
                  W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One weight tile [BLOCK_N, BLOCK_K]: the stored codes for FP8/INT8, bf16 values for FP4."""
     if W_FMT == _NVFP4 or W_FMT == _MXFP4:
-        vals = _e2m1_decode(w_desc.load([off_n, off_k // 2]))  # [BLOCK_N, BLOCK_K] fp32
+        packed = w_desc.load([off_n, off_k // 2])  # [BLOCK_N, BLOCK_K // 2] uint8
         offs_n = off_n + tl.arange(0, BLOCK_N)
         offs_g = off_k // SCALE_GROUP + tl.arange(0, BLOCK_K // SCALE_GROUP)
         mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // SCALE_GROUP)
         s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask)
-        if W_FMT == _NVFP4:
-            scale = s.to(tl.float32)
-        else:  # E8M0 byte b -> 2^(b - 127) by its bits; b = 0 is the subnormal 2^-127
-            e = s.to(tl.int32)
-            scale = tl.where(e > 0, e << 23, 0x400000).to(tl.float32, bitcast=True)
-        scale = tl.where(mask, scale, 0.0)  # past N or K: a masked byte may read as NaN, and NaN * 0 is NaN
-        w = tl.reshape(vals, (BLOCK_N, BLOCK_K // SCALE_GROUP, SCALE_GROUP)) * scale[:, :, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)  # exact: E2M1 x (E4M3 or 2^e) fits bf16
+        scale = s.to(tl.bfloat16) if W_FMT == _NVFP4 else e8m0_to_bf16(s)
+        scale = tl.where(mask, scale, 0.0).to(tl.bfloat16)  # past N or K: a masked byte may read as NaN
+        per_byte = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // SCALE_GROUP, SCALE_GROUP // 2)),
+                              (BLOCK_N, BLOCK_K // 2))
+        even, odd = e2m1_pairs_bf16(packed, per_byte)  # exact: E2M1 x (E4M3 or 2^e) fits bf16
+        w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # element 2i is the low nibble of byte i
     else:
         w = w_desc.load([off_n, off_k])
     return w

@@ -8,9 +8,10 @@ see (spec: reference.expert_mlp_ref):
            a_scale x w_scale of the 128x128 block
     int8   rows pre-quantized per token (x and the activation, by kernels.quant); int32 accumulation, scaled at
            the end
-    nvfp4  W4A16: E2M1 x block scale decoded to bf16 in registers (exact: at most 6 significant bits), global scale
-    mxfp4  on the accumulator; MXFP4 the same with power-of-two scales and no global scale. The even and odd K
-           elements (low and high nibbles) make two dots, so the packed bytes are never interleaved
+    nvfp4  W4A16: E2M1 x block scale decoded to bf16 in registers (kernels/fp4_decode.py; exact: at most 6
+    mxfp4  significant bits), global scale on the accumulator; MXFP4 the same with power-of-two scales and no global
+           scale. Decode tiles make two dots, the even and odd K elements (low and high nibbles), so the packed bytes
+           are never interleaved
 Padding rows (slot == T*k) load zeros and are never stored, so a NaN anywhere outside the real rows cannot leak.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels.fp4_decode import e2m1_pairs_bf16, e8m0_to_bf16
 from dsquant.kernels.moe.align import moe_align
 from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
 from dsquant.kernels.quant.triton import (
@@ -29,7 +31,6 @@ from dsquant.kernels.quant.triton import (
 )
 
 _FMT = {"bf16": 0, "fp8": 1, "int8": 2, "nvfp4": 3, "mxfp4": 4}
-_E8M0_SUBNORMAL = tl.constexpr(5.877471754111438e-39)  # 2^-127, E8M0 byte 0
 
 
 @triton.jit
@@ -41,37 +42,16 @@ def _fp8_group_rows(x):
 
 
 @triton.jit
-def _e2m1_scaled(c, sf, FMT: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, SB: tl.constexpr):
-    """E2M1 codes (uint16 [BN, HALF], every other K element) x their block scales -> bf16 [BN, HALF], exact.
-
-    The code's sign, exponent and mantissa bits placed in fp16 bit positions (<< 12, << 9) read as the E2M1 value
-    times 2^-14, subnormals included (0.5 -> 2^-15), and fp16 -> fp32 is exact: no compare or select per element.
-    NOTE (nvdisasm, sm_90a, decode tiles 16 x 2*64 x 64 on 8 warps): the gate_up K loop went from 775 to 380 SASS
-    instructions (24 to 12 per weight) against a compare-and-select decode with an interleave, whose decode ran at
-    443-493 GB/s on an H100 (benchmarks/results/moe_h100.csv); this version is not yet timed.
-    """
-    v = (((c & 8) << 12) | ((c & 7) << 9)).to(tl.float16, bitcast=True).to(tl.float32)
-    if FMT == 4:  # E8M0 scales may be near the float32 range: restore 2^14 first, exactly
-        v = v * 16384.0
-    return tl.reshape(tl.reshape(v, [BLOCK_N, 2 * HALF // SB, SB // 2]) * sf[:, :, None], [BLOCK_N, HALF])
-
-
-@triton.jit
 def _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Packed E2M1 rows (pointer offsets rows_w / rows_s [BLOCK_N]) at K offset k0 -> two bf16 [BLOCK_N, BLOCK_K / 2]
-    tiles: the even K elements (low nibbles) and the odd ones (high nibbles)."""
+    tiles, E2M1 x block scale (exact): the even K elements (low nibbles) and the odd ones (high nibbles)."""
     SB: tl.constexpr = 16 if FMT == 3 else 32
     HALF: tl.constexpr = BLOCK_K // 2
-    p = tl.load(w_ptr + rows_w[:, None] + (k0 // 2 + tl.arange(0, HALF))[None, :]).to(tl.uint16)  # [BN, BK/2]
+    p = tl.load(w_ptr + rows_w[:, None] + (k0 // 2 + tl.arange(0, HALF))[None, :])  # [BN, BK/2] uint8
     s = tl.load(s_ptr + rows_s[:, None] + (k0 // SB + tl.arange(0, BLOCK_K // SB))[None, :])  # [BN, BK/SB]
-    if FMT == 3:
-        sf = s.to(tl.float32) * 16384.0  # E4M3 (at most 448) times the 2^14 the fp16 trick leaves out
-    else:  # E8M0: 2^(b - 127); b = 0 is the subnormal 2^-127
-        b = s.to(tl.int32)
-        sf = tl.where(b == 0, _E8M0_SUBNORMAL, (b << 23).to(tl.float32, bitcast=True))
-    even = _e2m1_scaled(p & 0xF, sf, FMT, BLOCK_N, HALF, SB).to(tl.bfloat16)
-    odd = _e2m1_scaled(p >> 4, sf, FMT, BLOCK_N, HALF, SB).to(tl.bfloat16)
-    return even, odd
+    sb = s.to(tl.bfloat16) if FMT == 3 else e8m0_to_bf16(s)
+    per_byte = tl.reshape(tl.broadcast_to(sb[:, :, None], [BLOCK_N, BLOCK_K // SB, SB // 2]), [BLOCK_N, HALF])
+    return e2m1_pairs_bf16(p, per_byte)
 
 
 @triton.jit
@@ -221,7 +201,9 @@ def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
     """
     rows_per_expert = numel / max(min(num_experts, numel), 1)
     block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
-    if fmt in ("nvfp4", "mxfp4"):  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
+    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte weight-row reads (BLOCK_K 64: 32 bytes, 1.3x slower)
+        block_n, block_k, w_bytes, warps = 64, 128, 0.5, 4
+    elif fmt in ("nvfp4", "mxfp4"):  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
         block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8
     else:  # BLOCK_N = BLOCK_K = 128: one FP8 scale block per tile, one 1x128 activation group per row
         block_n, block_k, w_bytes = 128, 128, 2 if fmt == "bf16" else 1
