@@ -211,6 +211,13 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
                     rows.add(path, m, n, k, t, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / t)
 
 
+def _split_for(base: dict, k: int, block_k: int) -> int:
+    """The heuristic's split count for another BLOCK_K: about as many K steps per split, none empty."""
+    k_tiles = triton.cdiv(k, block_k)
+    split = max(1, min(k_tiles, base["SPLIT_K"] * base["BLOCK_K"] // block_k))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+
+
 def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
     """Swap-AB split-K tiles around the heuristic, at decode M; rows named kernel[variant]."""
     for fmt in ("fp8", "nvfp4"):
@@ -226,9 +233,15 @@ def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
             base = configs.small_m_config(m, n, k, fmt_id, num_sms)
             k_tiles = triton.cdiv(k, base["BLOCK_K"])
             other = dict(BLOCK_N=64) if fmt == "fp8" else dict(BLOCK_N=128)
-            for name, change in (("heur", {}), ("split/2", dict(SPLIT_K=max(1, base["SPLIT_K"] // 2))),
-                                 ("split*2", dict(SPLIT_K=min(k_tiles, base["SPLIT_K"] * 2))),
-                                 ("stages3", dict(num_stages=3)), (f"bn{other['BLOCK_N']}", other)):
+            variants = [("heur", {}), ("split/2", dict(SPLIT_K=max(1, base["SPLIT_K"] // 2))),
+                        ("split*2", dict(SPLIT_K=min(k_tiles, base["SPLIT_K"] * 2))),
+                        ("stages3", dict(num_stages=3)), (f"bn{other['BLOCK_N']}", other)]
+            if fmt == "nvfp4":  # FP4: wider K steps (bytes per weight row per request), fewer or more warps
+                variants += [("bk256", dict(BLOCK_K=256, SPLIT_K=_split_for(base, k, 256))),
+                             ("bk256w8", dict(BLOCK_K=256, SPLIT_K=_split_for(base, k, 256), num_warps=8)),
+                             ("w2", dict(num_warps=2)), ("w8", dict(num_warps=8)), ("bn32", dict(BLOCK_N=32)),
+                             ("bn32w2", dict(BLOCK_N=32, num_warps=2))]
+            for name, change in variants:
                 cfg = dict(base, **change)
                 ms = rows.ms(lambda: _launch(a, w, torch.bfloat16, fmt_id, small_m=True, small_cfg=cfg, **kw))
                 rows.add(f"{fmt}_small[{name} s{cfg['SPLIT_K']}]", m, n, k, ms, case["w_bytes"], "copy_bw",

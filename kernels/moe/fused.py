@@ -201,7 +201,7 @@ def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
     """
     rows_per_expert = numel / max(min(num_experts, numel), 1)
     block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
-    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte weight-row reads (BLOCK_K 64: 32 bytes, 1.3x slower)
+    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte reads per weight row (32 bytes: 1.3x slower)
         block_n, block_k, w_bytes, warps = 64, 128, 0.5, 4
     elif fmt in ("nvfp4", "mxfp4"):  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
         block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8

@@ -1,8 +1,9 @@
 """The in-register E2M1 decode (dsquant.kernels.fp4_decode) against dsquant.formats, bit for bit.
 
 Every byte value (two codes) meets every scale the formats can store: all finite non-negative E4M3
-values (NVFP4) and all 256 E8M0 bytes (MXFP4, 2^-127 .. 2^127 and Inf at 255, where 0 x Inf is a NaN of the hardware's payload). Under TRITON_INTERPRET=1
-this runs the float32 path; on the GPU (-m gpu) the PTX path.
+values (NVFP4) and all 256 E8M0 bytes (MXFP4, 2^-127 .. 2^127 and Inf at 255, where 0 x Inf is a NaN
+with the hardware's payload). Under TRITON_INTERPRET=1 this runs the float32 path; on the GPU (-m gpu)
+the PTX path.
 """
 
 from __future__ import annotations
