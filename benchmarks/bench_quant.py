@@ -7,7 +7,8 @@ reading its own copy of the inputs so that the 50 MB L2 cannot serve them.
 
 Activations are [rows, 7168] bf16 (DeepSeek-V3 hidden size) at 4096 and 16384 rows; weight kernels run on
 (4096, 7168), (7168, 2048) and (36864, 7168). `--sweep` also times the tile heuristics of the row-tiled
-kernels (TILE_ELEMS x MAX_BLOCK_K) and the per-element tl.div_rn path, so a retune is a measured choice.
+kernels (TILE_ELEMS x MAX_BLOCK_K), the FP4 elements per thread, the fast divisions against tl.div_rn and the
+amax pre-pass steps, so a retune is a measured choice.
 Latency rows time single small calls both ways: a CUDA graph (kernel only) and eager (launch included).
 Bytes count what a kernel must move: the NVFP4 variant with a computed global scale reads its input
 twice (amax pre-pass, then quantize) but is credited one read, so its figure shows the cost of that pass.
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkou
 from dsquant.kernels import quant  # noqa: E402
 from dsquant.kernels.quant import reference as ref  # noqa: E402
 from dsquant.kernels.quant import triton as fp8_kernels  # noqa: E402
+from dsquant.kernels.quant import triton_fp4 as fp4_kernels  # noqa: E402
 
 log = logging.getLogger("bench_quant")
 DEVICE = "cuda"
@@ -157,25 +159,48 @@ def bench_weights(rec: Recorder):
 
 
 def sweep(rec: Recorder, m: int):
-    """Tile heuristics and the division path, on the two kernels they matter most for."""
+    """Every tuning choice of the kernels below 85% before this round, timed in one run against the same copy:
+    tile (TILE_ELEMS x MAX_BLOCK_K), elements per thread of the FP4 quantizers, the fast divisions against
+    tl.div_rn (old path), and the amax pre-pass steps of the computed NVFP4 global scale."""
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    gate_up = torch.randn(m, 2 * HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     n = m * HIDDEN
     gs = torch.tensor(0.01, device=DEVICE)
-    group = rotating(quant.quantize_fp8_per_token_group, x)
-    nvfp4 = rotating(lambda t: quant.quantize_nvfp4(t, gs), x)
-    saved = (fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K, fp8_kernels.FAST_DIVISION)
-    configs = [(4096, 512), (4096, 1024), (8192, 512), (8192, 1024), (16384, 1024), (16384, 2048), (32768, 2048)]
+    cases = [  # kernel, timed fn, bytes, copy size
+        ("fp8_per_token_group", rotating(quant.quantize_fp8_per_token_group, x), 3 * n + 4 * n // 128, n),
+        ("nvfp4 gs given", rotating(lambda t: quant.quantize_nvfp4(t, gs), x), 2 * n + n // 2 + n // 16 + 4, n),
+        ("nvfp4 gs computed", rotating(quant.quantize_nvfp4, x), 2 * n + n // 2 + n // 16 + 4, n),
+        ("mxfp4", rotating(quant.quantize_mxfp4, x), 2 * n + n // 2 + n // 32, n),
+        ("silu_mul_quantize_fp8", rotating(quant.silu_mul_quantize_fp8, gate_up), 5 * n + 4 * n // 128, 2 * n),
+    ]
+    knobs = {  # module -> names; each variant sets some of them, the rest stay at their defaults
+        fp8_kernels: ("TILE_ELEMS", "MAX_BLOCK_K", "FAST_DIVISION", "SILU_FAST_DIVISION"),
+        fp4_kernels: ("QUANT_ELEMS_PER_THREAD", "NVFP4_FAST_DIVISION", "AMAX_BLOCK", "AMAX_STEPS"),
+    }
+    saved = {(mod, k): getattr(mod, k) for mod, names in knobs.items() for k in names}
+    variants = [("default", {}, None)]
+    for tile, block_k in [(4096, 512), (4096, 1024), (16384, 1024), (16384, 2048)]:
+        variants.append((f"tile={tile} block_k={block_k}", {"TILE_ELEMS": tile, "MAX_BLOCK_K": block_k}, None))
+    for per_thread in (16, 64):
+        variants.append((f"fp4 elems/thread={per_thread}", {"QUANT_ELEMS_PER_THREAD": per_thread}, ("nvfp4", "mxfp4")))
+        variants.append((f"fp4 elems/thread={per_thread} tile=16384", {"QUANT_ELEMS_PER_THREAD": per_thread,
+                         "TILE_ELEMS": 16384}, ("nvfp4", "mxfp4")))
+    variants.append(("tl.div_rn per element (old path)", {"FAST_DIVISION": False, "SILU_FAST_DIVISION": False,
+                                                          "NVFP4_FAST_DIVISION": False}, None))
+    for block, steps in [(4096, 4), (8192, 2), (8192, 8), (16384, 4)]:
+        variants.append((f"amax block={block} steps={steps}", {"AMAX_BLOCK": block, "AMAX_STEPS": steps},
+                         ("nvfp4 gs computed",)))
     try:
-        for tile, block_k in configs:
-            fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K = tile, block_k
-            cfg = f"sweep tile={tile} block_k={block_k}"
-            rec.case("fp8_per_token_group", (m, HIDDEN), cfg, group, 3 * n + 4 * n // 128, n)
-            rec.case("nvfp4", (m, HIDDEN), cfg + " gs given", nvfp4, 2 * n + n // 2 + n // 16 + 4, n)
-        fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K = saved[:2]
-        fp8_kernels.FAST_DIVISION = False
-        rec.case("fp8_per_token_group", (m, HIDDEN), "sweep tl.div_rn per element", group, 3 * n + 4 * n // 128, n)
+        for name, change, only in variants:
+            for (mod, k), v in saved.items():
+                setattr(mod, k, change.get(k, v))
+            for kernel, fn, nbytes, copy_numel in cases:
+                if only is None or kernel.startswith(only):
+                    shape = (m, 2 * HIDDEN) if kernel.startswith("silu") else (m, HIDDEN)
+                    rec.case(kernel, shape, f"sweep {name}", fn, nbytes, copy_numel)
     finally:
-        fp8_kernels.TILE_ELEMS, fp8_kernels.MAX_BLOCK_K, fp8_kernels.FAST_DIVISION = saved
+        for (mod, k), v in saved.items():
+            setattr(mod, k, v)
 
 
 def latency(rec: Recorder):
@@ -224,17 +249,19 @@ def main():
     parser.add_argument("--png", type=Path, default=None, help="bar chart of GB/s against the copy ceiling")
     parser.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--sweep", action="store_true", help="also time tile sizes and the tl.div_rn path")
+    parser.add_argument("--sweep-only", action="store_true", help="the sweep alone, at the largest --rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
     rec = Recorder(args.out)
     log.info("gpu %s | torch %s | triton %s | driver %s", rec.meta["gpu"], torch.__version__, triton.__version__,
              os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip())
-    for m in args.rows:
-        bench_activations(rec, m, with_reference=m == args.rows[0])
-    bench_weights(rec)
-    latency(rec)
-    if args.sweep:
+    if not args.sweep_only:
+        for m in args.rows:
+            bench_activations(rec, m, with_reference=m == args.rows[0])
+        bench_weights(rec)
+        latency(rec)
+    if args.sweep or args.sweep_only:
         sweep(rec, max(args.rows))
     if args.png is not None:
         plot(rec.rows, args.png)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from dsquant.kernels.quant.triton import div_rn_shared, row_tiles
+from dsquant.kernels.quant.triton import row_tiles
 
 from dsquant.formats.fp4 import FP4_E2M1_MAX
 from dsquant.formats.fp8 import FP8_E4M3_MAX
@@ -35,7 +35,8 @@ _TWO_POW_M100 = tl.constexpr(2.0**-100)
 # performance hyper-parameters (tile sizes: row_tiles in triton.py)
 AMAX_BLOCK = 8192  # elements per step of the global-amax pre-pass (four 16-byte loads per thread)
 AMAX_STEPS = 4  # unrolled steps per program (32 Ki elements): loads in flight, few one-address atomics
-NVFP4_FAST_DIVISION = True  # one exact reciprocal per block and div_rn_shared, tl.div_rn only for out-of-range tiles
+NVFP4_FAST_DIVISION = True  # one exact reciprocal per block and _div_fast, tl.div_rn only for out-of-range tiles
+QUANT_ELEMS_PER_THREAD = 32  # quantizer warps: row_tiles' tile over this many elements per thread
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -146,7 +147,7 @@ def _store_blocks(codes, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stri
 
 @triton.jit
 def _div_fast(x, d, r):
-    """div_rn_shared(x, d, r) without its sign fix-up, which E2M1 codes do not need: x = -0.0 gives +0.0, code 0
+    """triton.div_rn_shared(x, d, r) without its sign fix-up, which E2M1 codes do not need: x = -0.0 gives +0.0, code 0
     as the spec's -0.0 / d; and r = 0 (with d = 1) gives +-0, code 0, so zero-scale blocks need no select."""
     q0 = x * r
     return tl.fma(tl.fma(-q0, d, x), r, q0)
@@ -242,6 +243,12 @@ def _dequantize_fp4_kernel(p_ptr, s_ptr, gs_ptr, out_ptr, M, K, stride_pm, strid
     tl.store(out_ptr + o_offs, tl.reshape(vb, (BLOCK_M, BLOCK_K)).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+def _quant_tiles(m: int, k: int, block: int):
+    """row_tiles' grid and tile for the FP4 quantizers, with QUANT_ELEMS_PER_THREAD setting the warps."""
+    grid, block_m, block_k, _ = row_tiles(m, k, block)
+    return grid, block_m, block_k, max(1, min(16, block_m * block_k // (32 * QUANT_ELEMS_PER_THREAD)))
+
+
 def _rows(x: torch.Tensor, block: int, what: str) -> torch.Tensor:
     assert x.dtype in _FLOAT_INPUTS, f"{what}: dtype {x.dtype} not in {_FLOAT_INPUTS}"
     assert x.dim() >= 1 and x.shape[-1] % block == 0, f"{what}: last dim of {tuple(x.shape)} not a multiple of {block}"
@@ -274,7 +281,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None):
         assert global_scale.device == x.device, f"global_scale on {global_scale.device}, x on {x.device}"
         gs_in = gs_out = global_scale.float().reshape(()).contiguous()
     if x2.numel() > 0:
-        grid, block_m, block_k, warps = row_tiles(m, k, NVFP4_BLOCK)
+        grid, block_m, block_k, warps = _quant_tiles(m, k, NVFP4_BLOCK)
         gs_arg = gs_in.view(torch.int32) if global_scale is None else gs_in
         pw = packed.view(torch.int32)  # 8 codes per word: k / 2 bytes per row is a multiple of 8
         _quantize_nvfp4_kernel[grid](
@@ -302,7 +309,7 @@ def quantize_mxfp4(x: torch.Tensor, scale_rule: str = "ocp"):
     packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((m, k // MXFP4_BLOCK), dtype=torch.uint8, device=x.device)
     if x2.numel() > 0:
-        grid, block_m, block_k, warps = row_tiles(m, k, MXFP4_BLOCK)
+        grid, block_m, block_k, warps = _quant_tiles(m, k, MXFP4_BLOCK)
         pw = packed.view(torch.int32)
         _quantize_mxfp4_kernel[grid](x2, pw, scale, m, k, x2.stride(0), pw.stride(0), scale.stride(0),
                                      CEIL=scale_rule == "ceil", BLOCK_M=block_m, BLOCK_K=block_k,

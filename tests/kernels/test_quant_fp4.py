@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
+from dsquant.kernels.quant import triton_fp4 as fp4_kernels
+from dsquant.kernels.quant.triton_fp4 import _load_blocks, _nvfp4_fast, _round_to_e2m1, _store_blocks
 from dsquant.kernels.testing import assert_exact
 
-from dsquant.formats.fp4 import E2M1_VALUES, pack_fp4, unpack_fp4
+from dsquant.formats.fp4 import E2M1_VALUES, pack_fp4, round_to_e2m1, unpack_fp4
 from tests.kernels.test_quant_data import (
     E2M1_TIES,
     ROW_KINDS,
@@ -172,3 +176,93 @@ def test_round_trip_through_kernels_is_exact_on_the_grid():
     x = (grid * 2.0 ** torch.randint(-20, 20, (8, 1), generator=g)).to(torch.bfloat16)
     assert_exact(quant.dequantize_mxfp4(*quant.quantize_mxfp4(x)), x + 0.0)  # + 0.0: -0.0 encodes as code 0
 
+
+
+@triton.jit
+def _e2m1_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _round_to_e2m1(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_e2m1_rounding_on_every_bf16_and_around_every_tie():
+    """The kernels' one-add rounding against fp4.round_to_e2m1 on every finite bf16 value (every sign, exponent and
+    7-bit mantissa, so every E2M1 threshold's bf16 neighbourhood) and on the 600 float32 values around each tie,
+    grid point and saturation point (6, 7, 8)."""
+    bf16 = (torch.arange(1 << 16, dtype=torch.int32) << 16).view(torch.float32)
+    points = torch.tensor([*E2M1_TIES, *E2M1_VALUES[:8], 6.5, 7.0, 8.0]).view(torch.int32)
+    near = (points[:, None] + torch.arange(-300, 300, dtype=torch.int32)).flatten().view(torch.float32)
+    x = torch.cat([bf16, near, -near])
+    x = x[torch.isfinite(x)]
+    got = torch.empty(x.shape, dtype=torch.int32)
+    _e2m1_kernel[(triton.cdiv(x.numel(), 8192),)](x, got, x.numel(), BLOCK=8192)
+    assert_exact(got, round_to_e2m1(x).int(), "E2M1 codes")
+
+
+@triton.jit
+def _nvfp4_fast_kernel(x_ptr, pw_ptr, s_ptr, gs_ptr, bad_ptr, M, K, stride_xm, stride_pw, stride_sm,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fast NVFP4 path alone: its outputs and its out-of-range flag, whatever the flag says."""
+    x, block_amax, rows, cols, mask = _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, 16)
+    scale, codes, bad = _nvfp4_fast(x, block_amax, tl.load(gs_ptr))
+    _store_blocks(codes, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, 16)
+    tl.store(bad_ptr + tl.program_id(0), bad.to(tl.int32))
+
+
+def _nvfp4_fast_path(x: torch.Tensor, gs: float):
+    """(packed, block_scale, bad) of one program over all of x [m, k]."""
+    m, k = x.shape
+    packed = torch.empty(m, k // 2, dtype=torch.uint8)
+    scale = torch.empty(m, k // 16, dtype=torch.float8_e4m3fn)
+    bad = torch.empty(1, dtype=torch.int32)
+    pw = packed.view(torch.int32)
+    _nvfp4_fast_kernel[(1,)](x, pw, scale, torch.tensor(gs), bad, m, k, x.stride(0), pw.stride(0), scale.stride(0),
+                             BLOCK_M=triton.next_power_of_2(m), BLOCK_K=triton.next_power_of_2(k))
+    return packed, scale, bool(bad.item())
+
+
+def _tame_ties(m: int, k: int, seed: int) -> torch.Tensor:
+    """E2M1 ties and grid points of both signs, +0 but no -0, each 16-block holding +-6: the tie rows of the
+    adversarial set inside the fast path's range."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.tensor([0.0, 0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, *E2M1_TIES])
+    x = picks[torch.randint(len(picks), (m, k), generator=g)] * torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
+    x[x == 0] = 0.0  # -0.0 * 1 stays -0.0; make every zero +0.0
+    x[:, ::16] = 6.0
+    return x
+
+
+@pytest.mark.parametrize("gs", [1.0, 0.37, 2.0**-7, 3e-3], ids=lambda v: f"gs{v:g}")
+def test_nvfp4_fast_division_stays_on_its_path_and_matches_reference(gs):
+    """Tame data (Gaussians with outliers, ties of both signs, e4m3-subnormal and saturated block scales) takes
+    the fast path (flag clear) and gives the reference's bits without the tl.div_rn fallback."""
+    for x in (gaussian(8, 256, seed=31, dtype=torch.float32), _tame_ties(8, 256, seed=32) * 2.0**-6,
+              _tame_ties(8, 256, seed=33) * 2.0**4):
+        packed, scale, bad = _nvfp4_fast_path(x, gs)
+        assert not bad, "fast path refused tame data"
+        assert_outputs_exact((packed, scale), ref.quantize_nvfp4_ref(x, torch.tensor(gs))[:2], f"nvfp4 fast gs={gs}")
+
+
+@pytest.mark.parametrize("case", ["tiny negative", "negative zero", "tiny block", "tiny global scale",
+                                  "huge global scale"])
+def test_nvfp4_fast_division_flags_out_of_range_tiles(case):
+    """Each range condition of _nvfp4_fast trips the per-program flag, and the kernel (taking tl.div_rn there)
+    still gives the reference's bits."""
+    x, gs = gaussian(4, 64, seed=34, dtype=torch.float32), 0.01
+    if case == "tiny negative":
+        x[1, 3] = -1e-35  # in a block of amax ~1: quotient far below 2^-100
+    elif case == "negative zero":
+        x[2, 5] = -0.0
+    elif case == "tiny block":
+        x[3, 16:32] *= 1e-32
+    else:
+        gs = 2.0**-110 if case == "tiny global scale" else 2.0**110
+    assert _nvfp4_fast_path(x, gs)[2], f"{case} did not trip the flag"
+    _nvfp4(x, torch.tensor(gs))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-division", "div_rn"])
+def test_quantize_nvfp4_both_division_paths_match_reference(monkeypatch, fast):
+    monkeypatch.setattr(fp4_kernels, "NVFP4_FAST_DIVISION", fast)
+    _nvfp4(gaussian(9, 1024 + 64, seed=35))
+    _nvfp4(_tame_ties(6, 512, seed=36), torch.tensor(0.25))
+    _nvfp4(adversarial(2 * len(ROW_KINDS), 256, seed=37))

@@ -183,3 +183,18 @@ def test_per_element_division_path_matches_reference(monkeypatch):
     _check("quantize_fp8_per_token", (x,))
     _check("quantize_int8_per_token", (x,))
     _check("quantize_fp8_block", (x,))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-division", "div_rn"])
+def test_silu_mul_both_division_paths_match_reference(monkeypatch, fast):
+    """Gates down to -85 keep the program on the fast SiLU division (signed zeros, tiny gates where 1 + exp(-g)
+    is 2, exp underflow at +88); a gate below -85 sends the program to tl.div_rn, which must give the same bits."""
+    from dsquant.kernels.quant import triton as kernels
+
+    monkeypatch.setattr(kernels, "SILU_FAST_DIVISION", fast)
+    g = torch.Generator().manual_seed(14)
+    gate_up = (torch.randn(6, 512, generator=g) * 8).clamp(min=-85).to(torch.bfloat16)
+    gate_up[0, :10] = torch.tensor([-85.0, 88.0, -0.0, 0.0, 1e-30, -1e-30, 2.0**-133, -(2.0**-133), 1e-8, -1e-8])
+    _check("silu_mul_quantize_fp8", (gate_up,))
+    gate_up[3, 7] = -86.0  # this program takes tl.div_rn
+    _check("silu_mul_quantize_fp8", (gate_up,))

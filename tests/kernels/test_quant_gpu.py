@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
+from dsquant.kernels.quant.triton import _silu_div
+from dsquant.kernels.quant.triton_fp4 import _div_fast
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_exact
 
 from dsquant.formats.nvfp4 import nvfp4_global_scale
+from triton.language.extra import libdevice
 from tests.kernels.test_quant_data import (
     ROW_KINDS,
     TAME_KINDS,
@@ -163,3 +168,53 @@ def test_outputs_have_no_unwritten_bytes_gpu():
         del pool  # the caching allocator hands these same blocks to the next allocations of these sizes
         outs.append(run())
     assert_outputs_exact(outs[0], outs[1], "outputs over two poisoned pools")
+
+
+@triton.jit
+def _fast_division_kernel(x_ptr, d_ptr, silu_ptr, fp4_ptr, exact_ptr, n, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """SILU: x is a gate, d = 1 + expf(-x); else d is read. Both fast divisions beside tl.div_rn."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=1.0)
+    if SILU:
+        d = 1.0 + libdevice.exp(-x)
+        tl.store(silu_ptr + offs, _silu_div(x, d, True, True), mask=mask)
+    else:
+        d = tl.load(d_ptr + offs, mask=mask, other=1.0)
+        tl.store(fp4_ptr + offs, _div_fast(x, d, tl.div_rn(1.0, d)), mask=mask)
+    tl.store(exact_ptr + offs, tl.div_rn(x, d), mask=mask)
+
+
+def _differing(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    return got.view(torch.int32) != want.view(torch.int32)
+
+
+def test_silu_fast_division_matches_div_rn_on_every_bf16_gate_gpu():
+    """_silu_div (MUFU.RCP, a Newton step, a Markstein correction, no range check) == div.rn bit for bit on every
+    finite bf16 gate >= -85 (the whole bf16 input space of the fast path) and on 2^24 float32 gates: uniform in
+    [-85, 90], and +-2^u with u uniform in [-149, 127] (tiny gates, where 1 + exp(-g) = 2)."""
+    bf16 = (torch.arange(1 << 16, dtype=torch.int32) << 16).view(torch.float32)
+    g = torch.Generator().manual_seed(9)
+    n = 1 << 23
+    wide = torch.exp2(torch.rand(n, generator=g, dtype=torch.float64) * 276 - 149).float()
+    wide = wide * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    gates = torch.cat([bf16, torch.rand(n, generator=g) * 175 - 85, wide])
+    gates = gates[torch.isfinite(gates) & (gates >= -85)].to(DEVICE)
+    fast, exact = torch.empty_like(gates), torch.empty_like(gates)
+    _fast_division_kernel[(triton.cdiv(gates.numel(), 1024),)](gates, gates, fast, fast, exact, gates.numel(),
+                                                              SILU=True, BLOCK=1024)
+    bad = _differing(fast, exact)
+    assert not bool(bad.any()), f"{int(bad.sum())} of {gates.numel()} differ, e.g. gates {gates[bad][:4].tolist()}"
+
+
+def test_fp4_fast_division_matches_div_rn_gpu():
+    """_div_fast (NVFP4's element division, div_rn_shared without the sign copy) == div.rn where the quotient is
+    normal or zero, except that -0 / d gives +0 (code 0 either way)."""
+    x, d = division_cases(1 << 24, seed=10)
+    x, d = x.to(DEVICE), d.to(DEVICE)
+    fast, exact = torch.empty_like(x), torch.empty_like(x)
+    _fast_division_kernel[(triton.cdiv(x.numel(), 1024),)](x, d, fast, fast, exact, x.numel(), SILU=False, BLOCK=1024)
+    normal = (exact.abs() >= 2.0**-126) & (x != 0)
+    bad = normal & _differing(fast, exact)
+    assert not bool(bad.any()), f"{int(bad.sum())} of {int(normal.sum())} differ: x={x[bad][:3]} d={d[bad][:3]}"
+    assert bool((fast[x == 0] == 0).all()) and not bool(torch.signbit(fast[x == 0]).any())
