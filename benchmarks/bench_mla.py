@@ -77,10 +77,12 @@ def sweep_configs(heads: int, kind: str) -> list[AttendConfig]:
     if kind == "bf16":
         extra = {16: [c(16, 64, 8, 3), c(16, 32, 4, 3), c(16, 64, 4, 3)],
                  64: [c(64, 64, 8, 2), c(64, 32, 8, 3), c(64, 64, 8, 1)]}
-    else:  # fp8 tiles: kept live in registers for P.V, or read again (reload)
-        extra = {16: [c(16, 64, 8, 3), c(16, 64, 4, 2), c(16, 32, 4, 3), c(16, 64, 8, 3, True), c(16, 64, 4, 3, True),
-                      c(16, 32, 4, 3, True), c(16, 64, 4, 2, True)],
-                 64: [c(64, 64, 8, 2), c(64, 64, 8, 2, True), c(64, 32, 8, 2), c(64, 32, 8, 3, True)]}
+    else:  # fp8 tiles: per-dot register copies, read twice ("reload", r) or one float16 shared tile ("smem", m)
+        extra = {16: [c(16, 64, 4, 2, "reload"), c(16, 32, 4, 3, "reload"), c(16, 64, 4, 3, "reload"),
+                      c(16, 32, 4, 3, "smem"), c(16, 32, 4, 2, "smem"), c(16, 64, 4, 2, "smem"), c(16, 64, 8, 2, "smem"),
+                      c(16, 32, 8, 3, "smem")],
+                 64: [c(64, 64, 8, 2, "reload"), c(64, 64, 8, 2, "smem"), c(64, 32, 8, 2, "smem"),
+                      c(64, 32, 8, 3, "reload")]}
     base = default_config(heads, kind)
     return [base] + [x for x in extra[min(heads, 64)] if x != base]
 
@@ -122,6 +124,7 @@ def precompile(workers: int) -> None:
                 jobs += [(kind, heads, cfg, 1, PAGE, False), (kind, heads, cfg, 2, PAGE, False)]
         jobs.append((kind, 128, default_config(128, kind), 1, PAGE, True))  # GPU prefill test
     jobs.append(("fp8_ds", 64, default_config(64, "fp8_ds"), 2, 16, False))  # GPU page-16 test
+    jobs += [(kind, 16, AttendConfig(16, 32, 4, 3, "regs"), 2, PAGE, False) for kind in ("fp8", "fp8_ds")]
     with mp.get_context("spawn").Pool(workers) as pool:
         for done in pool.imap_unordered(_precompile_one, jobs):
             log.info("compiled %s", done)
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="time the default schedule only")
     parser.add_argument("--kv-dtypes", default="bf16,fp8,fp8_ds")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--contexts", default="4096,32768", help="first: h_q 16/64/128 with the sweep; others: 16/64")
+    parser.add_argument("--contexts", default="4096,32768", help="h_q 16/64/128 each; the first context with the sweep")
     parser.add_argument("--precompile", type=int, default=0, metavar="N",
                         help="only compile every variant the GPU tests and this benchmark use, with N processes")
     parser.add_argument("--budget-s", type=float, default=0.0, help="skip the remaining cases after this many seconds")
@@ -198,7 +201,7 @@ def main() -> None:
         # The first context with the sweep, the longer ones on the default schedule.
         contexts = [int(c) for c in args.contexts.split(",")]
         for ctx in contexts:
-            batch, head_list = args.batch, (16, 64, 128) if ctx == contexts[0] else (16, 64)
+            batch, head_list = args.batch, (16, 64, 128)
             for kind in args.kv_dtypes.split(","):
                 cache, bt, kv_scale, slots = build_cache(kind, batch, ctx)
                 for heads in head_list:

@@ -32,19 +32,25 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _load_kv_chunk(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, KV_FMT: tl.constexpr,
-                   GROUP: tl.constexpr, EVICT: tl.constexpr):
+                   GROUP: tl.constexpr, EVICT: tl.constexpr, TILE: tl.constexpr):
     """Latent values [G*128, (G+1)*128) of BLOCK_N tokens [BLOCK_N, 128] as MMA operands (masked tokens read 0):
     bf16 as stored; fp8 codes as float16, exact (one cvt.rn.f16x2.e4m3x2 per pair; a bf16 target costs a
     further F2F per value), scales applied outside the tile (see the kernel)."""
     c = tl.arange(0, GROUP)
     kq = tl.load(val_ptr + slot[:, None] * VAL_W + G * GROUP + c[None, :], mask=mask_n[:, None], other=0.0,
                  eviction_policy=EVICT)
-    return kq
+    if TILE == 2 and KV_FMT != 0:
+        # Converted here, once, into a float16 tile that both dots read from shared memory. The select (a
+        # no-op: masked tokens already read 0) keeps the compiler from moving the conversion past the
+        # shared-memory read, where it would convert per dot and gather P.V's 8-bit operand byte by byte.
+        return tl.where(mask_n[:, None], kq.to(tl.float16), 0.0)
+    else:
+        return kq
 
 
 @triton.jit
 def _kt(k):
-    if k.dtype == tl.bfloat16:
+    if k.dtype != tl.float8e4nv:
         return tl.trans(k)
     else:
         return tl.trans(k).to(tl.float16)
@@ -52,7 +58,7 @@ def _kt(k):
 
 @triton.jit
 def _kv(k):
-    if k.dtype == tl.bfloat16:
+    if k.dtype != tl.float8e4nv:
         return k
     else:
         return k.to(tl.float16)
@@ -60,9 +66,9 @@ def _kv(k):
 
 @triton.jit
 def _reload(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, KV_FMT: tl.constexpr, GROUP: tl.constexpr,
-            RELOAD: tl.constexpr, k):
-    if RELOAD:
-        return _load_kv_chunk(val_ptr, slot, mask_n, G, VAL_W, KV_FMT, GROUP, "evict_first")
+            TILE: tl.constexpr, k):
+    if TILE == 1:
+        return _load_kv_chunk(val_ptr, slot, mask_n, G, VAL_W, KV_FMT, GROUP, "evict_first", TILE)
     else:
         return k
 
@@ -104,7 +110,7 @@ def _mla_attend_kernel(
     stride_o_r, stride_o_h, stride_o_s, stride_lse_r, stride_lse_h,
     PAGE_SIZE: tl.constexpr, KV_FMT: tl.constexpr, HAS_ROW_SEQ: tl.constexpr, SPLIT: tl.constexpr,
     VAL_W: tl.constexpr, SC_W: tl.constexpr, SC_OFF: tl.constexpr, PE_W: tl.constexpr, PE_OFF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr, RELOAD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
 ):
     # The 512 latent dims are handled as four 128-wide chunks (the fp8_ds scale groups): Q.K^T becomes
     # five independent MMA chains instead of one 36-step dependent chain, and each fp8_ds chunk needs
@@ -171,10 +177,10 @@ def _mla_attend_kernel(
         page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = page * PAGE_SIZE + offs_n % PAGE_SIZE
         # One converted tile per chunk feeds both dots (key of Q.K^T, value of P.V).
-        k0 = _load_kv_chunk(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
-        k1 = _load_kv_chunk(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
-        k2 = _load_kv_chunk(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
-        k3 = _load_kv_chunk(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, "evict_last" if RELOAD else "")
+        k0 = _load_kv_chunk(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, "evict_last" if TILE == 1 else "", TILE)
+        k1 = _load_kv_chunk(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, "evict_last" if TILE == 1 else "", TILE)
+        k2 = _load_kv_chunk(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, "evict_last" if TILE == 1 else "", TILE)
+        k3 = _load_kv_chunk(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, "evict_last" if TILE == 1 else "", TILE)
         kp = tl.load(pe_ptr + slot[:, None] * PE_W + PE_OFF + r[None, :], mask=mask_n[:, None], other=0.0)
         if KV_FMT == 2:
             # fp8_ds: each chunk's dot times its per-token group scale, exactly the dequantized key.
@@ -197,21 +203,21 @@ def _mla_attend_kernel(
         m_i = m_new
         if KV_FMT == 0:
             pb = p.to(tl.bfloat16)
-            a0 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, RELOAD, k0)), a0 * alpha[:, None])
-            a1 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, RELOAD, k1)), a1 * alpha[:, None])
-            a2 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, RELOAD, k2)), a2 * alpha[:, None])
-            a3 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, RELOAD, k3)), a3 * alpha[:, None])
+            a0 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0)), a0 * alpha[:, None])
+            a1 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1)), a1 * alpha[:, None])
+            a2 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2)), a2 * alpha[:, None])
+            a3 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3)), a3 * alpha[:, None])
         elif KV_FMT == 1:
             pb = (p * 32768.0).to(tl.float16)
-            a0 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, RELOAD, k0)), a0 * alpha[:, None])
-            a1 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, RELOAD, k1)), a1 * alpha[:, None])
-            a2 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, RELOAD, k2)), a2 * alpha[:, None])
-            a3 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, RELOAD, k3)), a3 * alpha[:, None])
+            a0 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0)), a0 * alpha[:, None])
+            a1 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1)), a1 * alpha[:, None])
+            a2 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2)), a2 * alpha[:, None])
+            a3 = tl.dot(pb, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3)), a3 * alpha[:, None])
         else:
-            a0, r0 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, RELOAD, k0)), ks0, a0, r0)
-            a1, r1 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, RELOAD, k1)), ks1, a1, r1)
-            a2, r2 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, RELOAD, k2)), ks2, a2, r2)
-            a3, r3 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, RELOAD, k3)), ks3, a3, r3)
+            a0, r0 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0)), ks0, a0, r0)
+            a1, r1 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1)), ks1, a1, r1)
+            a2, r2 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2)), ks2, a2, r2)
+            a3, r3 = _pv_scaled(p, alpha, _kv(_reload(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3)), ks3, a3, r3)
 
     has = l_i > 0.0
     inv = 1.0 / tl.where(has, l_i, 1.0)
@@ -251,6 +257,10 @@ def _mla_merge_kernel(
     tl.store(out_ptr + row * stride_out_r + h * stride_out_h + d, out.to(out_ptr.dtype.element_ty))
 
 
+_TILE = {"regs": 0, "reload": 1, "smem": 2}
+_TILE_TAG = {"regs": "", "reload": "r", "smem": "m"}
+
+
 class AttendConfig(NamedTuple):
     """Tile sizes and launch parameters of _mla_attend_kernel."""
 
@@ -258,10 +268,13 @@ class AttendConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    reload: bool = False  # P.V reads its tile again (L2) instead of keeping the Q.K^T tile live (fp8 caches)
+    # fp8 caches, how the tile reaches the two dots: "regs" each dot converts its own register copy (P.V's
+    # 8-bit operand gathered byte by byte), "reload" each dot reads the tile from global memory (second read
+    # from L2), "smem" one float16 tile in shared memory feeds both (ldmatrix). bf16 tiles: always "smem".
+    tile: str = "regs"
 
     def __str__(self) -> str:
-        return f"h{self.block_h}n{self.block_n}w{self.num_warps}s{self.num_stages}" + ("r" if self.reload else "")
+        return f"h{self.block_h}n{self.block_n}w{self.num_warps}s{self.num_stages}" + _TILE_TAG[self.tile]
 
 
 # performance hyper-parameters: the fastest of the configs timed on an H100 at batch 64, 4K context
@@ -273,9 +286,11 @@ class AttendConfig(NamedTuple):
 # 32 heads pad to a 64-row block: a 32-row mma.sync block ran 3.3x slower than a 64-row wgmma one at
 # 64 heads (results/mla_h100_before_chunking.csv, 799 vs 240 us).
 def default_config(num_heads: int, kind: str) -> AttendConfig:
+    if kind == "bf16":
+        return AttendConfig(16, 64, 8, 3) if num_heads <= 16 else AttendConfig(64, 64, 8, 2)
     if num_heads <= 16:
-        return AttendConfig(16, 64, 8, 3) if kind == "bf16" else AttendConfig(16, 64, 4, 2)
-    return AttendConfig(64, 64, 8, 2)
+        return AttendConfig(16, 64, 4, 2, "reload") if kind == "fp8" else AttendConfig(16, 32, 4, 3, "reload")
+    return AttendConfig(64, 64, 8, 2, "reload")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -348,7 +363,7 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
         *so, *slse,
         PAGE_SIZE=page_size, KV_FMT=_FMT[kind], HAS_ROW_SEQ=row_seq is not None, SPLIT=split,
         VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4, RELOAD=cfg.reload,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4, TILE=_TILE[cfg.tile],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

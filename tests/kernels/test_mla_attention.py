@@ -83,16 +83,17 @@ def test_mla_decode_matches_reference(kind, num_splits, heads):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_mla_decode_reload_tiles_match_reference(kind):
-    # The reload schedule reads each tile twice (once per dot): same numbers as keeping it live.
+@pytest.mark.parametrize("tile", ["reload", "smem"])
+def test_mla_decode_tile_schedules_match_reference(kind, tile):
+    # How the fp8 tile reaches the two dots (read twice, or one converted shared tile) changes no number.
     cache, bt, lens, kv_scale, _ = make_cache(kind, [64, 23])
     qn, qp = _q(2, 16)
-    cfg = AttendConfig(16, 32, 4, 2, reload=True)
+    cfg = AttendConfig(16, 32, 4, 2, tile)
     got = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=1, config=cfg)
     want = mla_decode_ref(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
-    assert_close_global(got, want, MAX_DIFF, f"decode reload {kind=}")
-    live = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=1, config=cfg._replace(reload=False))
-    assert torch.equal(got, live)
+    assert_close_global(got, want, MAX_DIFF, f"decode {tile} {kind=}")
+    regs = mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale, num_splits=1, config=cfg._replace(tile="regs"))
+    assert torch.equal(got, regs)
 
 
 def test_mla_decode_padded_wgmma_head_block():
@@ -230,3 +231,17 @@ def test_mla_prefill_v3_shapes_gpu(kind):
     got = mla_prefill(qn, qp, cache, bt, lens_t, qsl, SCALE, kv_scale=kv_scale)
     want = mla_prefill_ref(qn, qp, cache, bt, lens_t, qsl, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
     assert_close_global(got, want, MAX_DIFF, f"prefill {kind=}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fp8", "fp8_ds"])
+@pytest.mark.parametrize("tile", ["regs", "reload", "smem"])
+def test_mla_decode_tile_schedules_gpu(kind, tile):
+    # Each way of feeding the fp8 tile to the two dots (bench_mla times them all) at V3 shapes.
+    g = torch.Generator().manual_seed(7)
+    lens = torch.randint(1, 4097, (8,), generator=g).tolist()
+    cache, bt, lens_t, kv_scale, _ = make_cache(kind, lens, page_size=64)
+    qn, qp = _q(8, 16)
+    got = mla_decode(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, config=AttendConfig(16, 32, 4, 3, tile))
+    want = mla_decode_ref(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32)
+    assert_close_global(got, want, MAX_DIFF, f"decode {kind=} {tile=}")
