@@ -54,11 +54,14 @@ _LARGE_M_8BIT = [
     _cfg(64, 128, 128, 4, 5),
 ]
 # FP4 weights: bf16 activations (2 bytes per K) against packed weights (1/2 byte per K).
+# 256-row tiles decode each weight tile once for twice the rows (the decode, not the MMA, bounds these tiles).
 _LARGE_M_FP4 = [
     _cfg(128, 128, 64, 4, 4),
     _cfg(128, 128, 128, 8, 3),
     _cfg(128, 256, 64, 8, 3),
     _cfg(64, 128, 128, 4, 4),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 4),
 ]
 
 
