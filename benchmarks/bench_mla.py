@@ -160,7 +160,7 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
     for i, cfg in enumerate(sweep_configs(heads, kind) if sweep else [default_config(heads, kind)]):
         auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms)
-        for splits in sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto}) if (sweep and i == 0) else [auto]:
+        for splits in sorted({max(1, auto // 2), auto, auto + 1, 2 * auto, 4 * auto}) if (sweep and i == 0) else [auto]:
             try:
                 ms = _time_ms(lambda: mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale,
                                                  num_splits=splits, config=cfg))

@@ -40,10 +40,11 @@ def _load_kv_chunk(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, 
     kq = tl.load(val_ptr + slot[:, None] * VAL_W + G * GROUP + c[None, :], mask=mask_n[:, None], other=0.0,
                  eviction_policy=EVICT)
     if TILE == 2 and KV_FMT != 0:
-        # Converted here, once, into a float16 tile that both dots read from shared memory. The select (a
-        # no-op: masked tokens already read 0) keeps the compiler from moving the conversion past the
-        # shared-memory read, where it would convert per dot and gather P.V's 8-bit operand byte by byte.
-        return tl.where(mask_n[:, None], kq.to(tl.float16), 0.0)
+        # Converted here, once, into a float16 tile that both dots read from shared memory (ldmatrix). The
+        # mask multiply (a no-op: masked tokens already read 0) keeps the compiler from moving the conversion
+        # past the shared-memory read, where it would convert per dot and gather P.V's 8-bit operand byte by
+        # byte (a select does the same at one SEL per value; an inline-asm cvt is moved like a plain cast).
+        return kq.to(tl.float16) * mask_n.to(tl.float16)[:, None]
     else:
         return kq
 
@@ -145,10 +146,10 @@ def _mla_attend_kernel(
     # mantissa bits kept), undone here. P goes to float16 times 2^15 (p <= 1), undone on the output.
     s_scale = tl.full([BLOCK_H], 1.0, tl.float32) * qk_scale
     if KV_FMT != 0:
-        qmax = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), axis=1), tl.max(tl.abs(q1.to(tl.float32)), axis=1)),
-                          tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), axis=1), tl.max(tl.abs(q3.to(tl.float32)), axis=1)))
+        qa = tl.maximum(tl.maximum(tl.abs(q0), tl.abs(q1)), tl.maximum(tl.abs(q2), tl.abs(q3)))
+        qmax = tl.max(qa.to(tl.float32), axis=1)  # one row reduction (elementwise max first)
         if KV_FMT == 1:  # the rope part is fp8 too and shares q's multiplier
-            qmax = tl.maximum(qmax, tl.max(tl.abs(qp.to(tl.float32)), axis=1))
+            qmax = tl.maximum(qmax, tl.max(tl.abs(qp).to(tl.float32), axis=1))
         q_mul, q_inv = _pow2_scale(qmax, 14)
         q0 = (q0.to(tl.float32) * q_mul[:, None]).to(tl.float16)
         q1 = (q1.to(tl.float32) * q_mul[:, None]).to(tl.float16)
