@@ -6,9 +6,9 @@ reading its own copy of the inputs so that the 50 MB L2 cannot serve them.
     python benchmarks/bench_quant.py --out benchmarks/results/quant_h100.csv [--png quant_h100.png] [--sweep]
 
 Activations are [rows, 7168] bf16 (DeepSeek-V3 hidden size) at 4096 and 16384 rows; weight kernels run on
-(4096, 7168), (7168, 2048) and (36864, 7168). `--sweep` also times the tile heuristics of the row-tiled
-kernels (TILE_ELEMS x MAX_BLOCK_K), the FP4 elements per thread, the fast divisions against tl.div_rn and the
-amax pre-pass steps, so a retune is a measured choice.
+(4096, 7168), (7168, 2048) and (36864, 7168). `--sweep` first times the tile choices of the
+FP4 quantizers (elements per program and per thread), the SiLU kernel's tile and the fast divisions against
+tl.div_rn, so a retune is a measured choice.
 Latency rows time single small calls both ways: a CUDA graph (kernel only) and eager (launch included).
 Bytes count what a kernel must move: the NVFP4 variant with a computed global scale reads its input
 twice (amax pre-pass, then quantize) but is credited one read, so its figure shows the cost of that pass.
@@ -159,48 +159,41 @@ def bench_weights(rec: Recorder):
 
 
 def sweep(rec: Recorder, m: int):
-    """Every tuning choice of the kernels below 85% before this round, timed in one run against the same copy:
-    tile (TILE_ELEMS x MAX_BLOCK_K), elements per thread of the FP4 quantizers, the fast divisions against
-    tl.div_rn (old path), and the amax pre-pass steps of the computed NVFP4 global scale."""
+    """The tuning choices of the kernels that were below 85% of copy, timed in one run against the same copy: tile
+    size (elements per program) and elements per thread of the FP4 quantizers, the SiLU kernel's tile, and the
+    fast divisions against tl.div_rn per element (the old path). The first variant of each kernel is its default."""
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     gate_up = torch.randn(m, 2 * HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     n = m * HIDDEN
     gs = torch.tensor(0.01, device=DEVICE)
-    cases = [  # kernel, timed fn, bytes, copy size
-        ("fp8_per_token_group", rotating(quant.quantize_fp8_per_token_group, x), 3 * n + 4 * n // 128, n),
-        ("nvfp4 gs given", rotating(lambda t: quant.quantize_nvfp4(t, gs), x), 2 * n + n // 2 + n // 16 + 4, n),
-        ("nvfp4 gs computed", rotating(quant.quantize_nvfp4, x), 2 * n + n // 2 + n // 16 + 4, n),
-        ("mxfp4", rotating(quant.quantize_mxfp4, x), 2 * n + n // 2 + n // 32, n),
-        ("silu_mul_quantize_fp8", rotating(quant.silu_mul_quantize_fp8, gate_up), 5 * n + 4 * n // 128, 2 * n),
-    ]
-    knobs = {  # module -> names; each variant sets some of them, the rest stay at their defaults
-        fp8_kernels: ("TILE_ELEMS", "MAX_BLOCK_K", "FAST_DIVISION", "SILU_FAST_DIVISION"),
-        fp4_kernels: ("QUANT_ELEMS_PER_THREAD", "NVFP4_FAST_DIVISION", "AMAX_BLOCK", "AMAX_STEPS"),
+    nv, mx, silu = 2 * n + n // 2 + n // 16 + 4, 2 * n + n // 2 + n // 32, 5 * n + 4 * n // 128
+    cases = {  # kernel -> (timed fn, bytes, copy size, shape)
+        "nvfp4 gs given": (rotating(lambda t: quant.quantize_nvfp4(t, gs), x), nv, n, (m, HIDDEN)),
+        "nvfp4 gs computed": (rotating(quant.quantize_nvfp4, x), nv, n, (m, HIDDEN)),
+        "mxfp4": (rotating(quant.quantize_mxfp4, x), mx, n, (m, HIDDEN)),
+        "silu_mul_quantize_fp8": (rotating(quant.silu_mul_quantize_fp8, gate_up), silu, 2 * n, (m, 2 * HIDDEN)),
     }
-    saved = {(mod, k): getattr(mod, k) for mod, names in knobs.items() for k in names}
-    variants = [("default", {}, None)]
-    for tile, block_k in [(4096, 512), (4096, 1024), (16384, 1024), (16384, 2048)]:
-        variants.append((f"tile={tile} block_k={block_k}", {"TILE_ELEMS": tile, "MAX_BLOCK_K": block_k}, None))
-    for per_thread in (16, 64):
-        variants.append((f"fp4 elems/thread={per_thread}", {"QUANT_ELEMS_PER_THREAD": per_thread}, ("nvfp4", "mxfp4")))
-        variants.append((f"fp4 elems/thread={per_thread} tile=16384", {"QUANT_ELEMS_PER_THREAD": per_thread,
-                         "TILE_ELEMS": 16384}, ("nvfp4", "mxfp4")))
-    variants.append(("tl.div_rn per element (old path)", {"FAST_DIVISION": False, "SILU_FAST_DIVISION": False,
-                                                          "NVFP4_FAST_DIVISION": False}, None))
-    for block, steps in [(4096, 4), (8192, 2), (8192, 8), (16384, 4)]:
-        variants.append((f"amax block={block} steps={steps}", {"AMAX_BLOCK": block, "AMAX_STEPS": steps},
-                         ("nvfp4 gs computed",)))
-    try:
-        for name, change, only in variants:
+    fp4_tiles = [dict(QUANT_TILE_ELEMS=t, QUANT_ELEMS_PER_THREAD=e) for t in (1024, 2048, 4096, 8192) for e in (32, 64)]
+    variants = (
+        [("nvfp4 gs given", v) for v in fp4_tiles]
+        + [("nvfp4 gs given", dict(v, NVFP4_FAST_DIVISION=False)) for v in fp4_tiles[4::2]]  # old division
+        + [("nvfp4 gs computed", {})]
+        + [("mxfp4", v) for v in fp4_tiles[::2]]
+        + [("silu_mul_quantize_fp8", dict(SILU_TILE_ELEMS=t)) for t in (1024, 2048, 4096, 8192)]
+        + [("silu_mul_quantize_fp8", dict(SILU_TILE_ELEMS=4096, SILU_FAST_DIVISION=False))]  # old division
+    )
+    modules = [fp8_kernels, fp4_kernels]
+    for kernel, change in variants:
+        saved = {(mod, k): getattr(mod, k) for mod in modules for k in change if hasattr(mod, k)}
+        try:
+            for (mod, k) in saved:
+                setattr(mod, k, change[k])
+            fn, nbytes, copy_numel, shape = cases[kernel]
+            label = " ".join(f"{k}={v}" for k, v in change.items()) or "default"
+            rec.case(kernel, shape, f"sweep {label}", fn, nbytes, copy_numel)
+        finally:
             for (mod, k), v in saved.items():
-                setattr(mod, k, change.get(k, v))
-            for kernel, fn, nbytes, copy_numel in cases:
-                if only is None or kernel.startswith(only):
-                    shape = (m, 2 * HIDDEN) if kernel.startswith("silu") else (m, HIDDEN)
-                    rec.case(kernel, shape, f"sweep {name}", fn, nbytes, copy_numel)
-    finally:
-        for (mod, k), v in saved.items():
-            setattr(mod, k, v)
+                setattr(mod, k, v)
 
 
 def latency(rec: Recorder):
@@ -256,13 +249,13 @@ def main():
     rec = Recorder(args.out)
     log.info("gpu %s | torch %s | triton %s | driver %s", rec.meta["gpu"], torch.__version__, triton.__version__,
              os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip())
+    if args.sweep or args.sweep_only:  # first: the variants decide the defaults
+        sweep(rec, max(args.rows))
     if not args.sweep_only:
         for m in args.rows:
             bench_activations(rec, m, with_reference=m == args.rows[0])
         bench_weights(rec)
         latency(rec)
-    if args.sweep or args.sweep_only:
-        sweep(rec, max(args.rows))
     if args.png is not None:
         plot(rec.rows, args.png)
 

@@ -36,7 +36,8 @@ _TWO_POW_M100 = tl.constexpr(2.0**-100)
 AMAX_BLOCK = 8192  # elements per step of the global-amax pre-pass (four 16-byte loads per thread)
 AMAX_STEPS = 4  # unrolled steps per program (32 Ki elements): loads in flight, few one-address atomics
 NVFP4_FAST_DIVISION = True  # one exact reciprocal per block and _div_fast, tl.div_rn only for out-of-range tiles
-QUANT_ELEMS_PER_THREAD = 32  # quantizer warps: row_tiles' tile over this many elements per thread
+QUANT_TILE_ELEMS = 1024  # elements per program of the FP4 quantizers: one warp, so the NVFP4 range flag needs no barrier
+QUANT_ELEMS_PER_THREAD = 32  # their warps: the tile over this many elements per thread
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -135,11 +136,15 @@ def _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
-def _store_blocks(codes, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK: tl.constexpr):
-    """codes int32 [blocks, BLOCK / 8, 8] -> one int32 word of 8 nibbles per piece (element 2i in the low nibble of
-    byte i, the little-endian uint8 order), stored through pw_ptr, the packed uint8 output seen as int32; and
-    the block scales [blocks]. The shifted nibbles do not overlap, so their sum is their OR."""
-    words = tl.sum(codes << (tl.arange(0, 8) * 4)[None, None, :], axis=2)
+def _pack_words(codes):
+    """codes int32 [blocks, pieces, 8] -> int32 words [blocks, pieces] of 8 nibbles, element 2i in the low nibble of
+    byte i (the little-endian uint8 order); thread-local. The shifted nibbles do not overlap: the sum is their OR."""
+    return tl.sum(codes << (tl.arange(0, 8) * 4)[None, None, :], axis=2)
+
+
+@triton.jit
+def _store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK: tl.constexpr):
+    """words [blocks, BLOCK / 8] through pw_ptr (the packed uint8 output seen as int32) and scales [blocks]."""
     j = tl.arange(0, BLOCK // 8)[None, :]
     tl.store(pw_ptr + (rows.to(tl.int64) * stride_pw + cols // 8)[:, None] + j, words, mask=mask[:, None])
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + cols // BLOCK, scale, mask=mask)
@@ -155,38 +160,43 @@ def _div_fast(x, d, r):
 
 @triton.jit
 def _nvfp4_exact(x, block_amax, gs):
-    """Block scales [blocks] and codes of x [blocks, pieces, 8] by the spec's divisions, tl.div_rn throughout."""
+    """Block scales [blocks] and code words of x [blocks, pieces, 8] by the spec's divisions, tl.div_rn throughout."""
     scale = tl.minimum(tl.div_rn(tl.div_rn(block_amax, _E2M1_MAX), gs), _FP8_MAX).to(tl.float8e4nv)
     denom = (scale.to(tl.float32) * gs)[:, None, None]
     safe = tl.where(denom > 0, denom, 1.0)  # a block whose e4m3 scale underflows to 0 gets code 0
-    return scale, _round_to_e2m1(tl.where(denom > 0, tl.div_rn(x, safe), 0.0))
+    return scale, _pack_words(_round_to_e2m1(tl.where(denom > 0, tl.div_rn(x, safe), 0.0)))
 
 
 @triton.jit
-def _nvfp4_fast(x, block_amax, gs):
-    """_nvfp4_exact's bits with one exact reciprocal per block and _div_fast per element (3 FMA-pipe instructions
-    instead of div.rn's ~20), and the two scale divisions the same way (rn(1/6) is a constant, 1/gs per program).
+def _nvfp4_fast_scales(x, block_amax, gs):
+    """_nvfp4_exact's block scales with the divisions by 6 and by gs done as _div_fast (rn(1/6) is a constant, 1/gs
+    one division per program), the divisor and exact reciprocal per block for _nvfp4_fast_words, and `bad`.
 
-    Returns (scale, codes, bad): bad is true when a block of the tile leaves the range where that gives div.rn's
-    bits, and the caller recomputes the tile with _nvfp4_exact. The range: the global scale, the block amax
-    and the unclamped scale quotient within 2^+-100 (normal operands and quotients, no overflow of x * r), and
-    no negative element below 2^-100 of its block amax (its quotient could be subnormal, where the sign of a
-    zero code, 0 or 8, hangs on the last bit). -0.0 also trips that test (its int32 bits are the smallest
-    ones); its fast quotient is +0.0, code 0 like the spec's, so that is caution only.
+    bad is true when a block of the tile leaves the range where _div_fast gives div.rn's bits, and the caller
+    takes _nvfp4_exact for the tile. The range: the global scale, the block amax and the unclamped scale
+    quotient within 2^+-100 (normal operands and quotients, no overflow of x * r), and no negative element below
+    2^-100 of its block amax (its quotient could be subnormal, where the sign of a zero code, 0 or 8, hangs on
+    the last bit). -0.0 also trips that test (its int32 bits are the smallest ones); its fast quotient is +0.0,
+    code 0 like the spec's, so that is caution only. Decided before the per-element work, so that the branch
+    (one CTA-wide reduction) comes right after the loads and each path packs its own codes.
     """
-    rgs = tl.div_rn(1.0, gs)
-    t = _div_fast(_div_fast(block_amax, _E2M1_MAX, _RCP_E2M1_MAX), gs, rgs)
+    t = _div_fast(_div_fast(block_amax, _E2M1_MAX, _RCP_E2M1_MAX), gs, tl.div_rn(1.0, gs))
     scale = tl.minimum(t, _FP8_MAX).to(tl.float8e4nv)
     denom = scale.to(tl.float32) * gs
     safe = tl.where(denom > 0, denom, 1.0)
     rcp = tl.where(denom > 0, tl.div_rn(1.0, safe), 0.0)
-    codes = _round_to_e2m1(_div_fast(x, safe[:, None, None], rcp[:, None, None]))
     low = tl.min(tl.min(x.to(tl.int32, bitcast=True), axis=2), axis=1)  # the least negative element's bits
     tiny_neg = (low < 0) & ((low & 0x7FFFFFFF).to(tl.float32, bitcast=True) * _TWO_POW_100 < block_amax)
     in_range = ((t == 0) | ((t > _TWO_POW_M100) & (t < _TWO_POW_100))) & (
         (block_amax == 0) | (block_amax > _TWO_POW_M100)) & ~tiny_neg
     ok = (tl.min(in_range.to(tl.int32), axis=0) > 0) & (gs > _TWO_POW_M100) & (gs < _TWO_POW_100)
-    return scale, codes, ~ok
+    return scale, safe, rcp, ~ok
+
+
+@triton.jit
+def _nvfp4_fast_words(x, safe, rcp):
+    """Code words of x [blocks, pieces, 8]: _div_fast per element, 3 FMA-pipe instructions instead of div.rn's ~20."""
+    return _pack_words(_round_to_e2m1(_div_fast(x, safe[:, None, None], rcp[:, None, None])))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -205,12 +215,14 @@ def _quantize_nvfp4_kernel(
         gs = tl.load(gs_ptr)
     x, block_amax, rows, cols, mask = _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, BLOCK)
     if FAST_DIV:
-        scale, codes, bad = _nvfp4_fast(x, block_amax, gs)
+        scale, safe, rcp, bad = _nvfp4_fast_scales(x, block_amax, gs)
         if bad:  # one scalar branch per program: free on data inside the range
-            scale, codes = _nvfp4_exact(x, block_amax, gs)
+            scale, words = _nvfp4_exact(x, block_amax, gs)
+        else:
+            words = _nvfp4_fast_words(x, safe, rcp)
     else:
-        scale, codes = _nvfp4_exact(x, block_amax, gs)
-    _store_blocks(codes, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
+        scale, words = _nvfp4_exact(x, block_amax, gs)
+    _store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -223,8 +235,8 @@ def _quantize_mxfp4_kernel(x_ptr, pw_ptr, s_ptr, M, K, stride_xm, stride_pw, str
         e += ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # mantissa > 1.5: the max would clip at 6
     b = tl.minimum(tl.maximum(e, -_E8M0_BIAS), _E8M0_BIAS) + _E8M0_BIAS
     # x / 2^e == x * 2^-e bit for bit: 2^-e is exact, so both are the one rounding of the same real number
-    codes = _round_to_e2m1(x * _e8m0_reciprocal(b)[:, None, None])
-    _store_blocks(codes, b.to(tl.uint8), rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
+    words = _pack_words(_round_to_e2m1(x * _e8m0_reciprocal(b)[:, None, None]))
+    _store_blocks(words, b.to(tl.uint8), rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -244,8 +256,8 @@ def _dequantize_fp4_kernel(p_ptr, s_ptr, gs_ptr, out_ptr, M, K, stride_pm, strid
 
 
 def _quant_tiles(m: int, k: int, block: int):
-    """row_tiles' grid and tile for the FP4 quantizers, with QUANT_ELEMS_PER_THREAD setting the warps."""
-    grid, block_m, block_k, _ = row_tiles(m, k, block)
+    """row_tiles' grid and tile of QUANT_TILE_ELEMS for the FP4 quantizers, QUANT_ELEMS_PER_THREAD setting the warps."""
+    grid, block_m, block_k, _ = row_tiles(m, k, block, QUANT_TILE_ELEMS)
     return grid, block_m, block_k, max(1, min(16, block_m * block_k // (32 * QUANT_ELEMS_PER_THREAD)))
 
 
