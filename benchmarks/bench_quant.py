@@ -161,7 +161,8 @@ def bench_weights(rec: Recorder):
 def sweep(rec: Recorder, m: int):
     """The tuning choices of the kernels that were below 85% of copy, timed in one run against the same copy: tile
     size (elements per program) and elements per thread of the FP4 quantizers, the SiLU kernel's tile, and the
-    fast divisions against tl.div_rn per element (the old path). The first variant of each kernel is its default."""
+    fast divisions against tl.div_rn per element (the old path). Labels name the module knobs set (the round of
+    quant_h100_sweep.csv set one QUANT_TILE_ELEMS for both FP4 kernels, since split into NVFP4_ and MXFP4_)."""
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     gate_up = torch.randn(m, 2 * HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     n = m * HIDDEN
@@ -173,14 +174,14 @@ def sweep(rec: Recorder, m: int):
         "mxfp4": (rotating(quant.quantize_mxfp4, x), mx, n, (m, HIDDEN)),
         "silu_mul_quantize_fp8": (rotating(quant.silu_mul_quantize_fp8, gate_up), silu, 2 * n, (m, 2 * HIDDEN)),
     }
-    fp4_tiles = [dict(QUANT_TILE_ELEMS=t, QUANT_ELEMS_PER_THREAD=e) for t in (1024, 2048, 4096, 8192) for e in (32, 64)]
+    tiles = (1024, 2048, 4096, 8192)
     variants = (
-        [("nvfp4 gs given", v) for v in fp4_tiles]
-        + [("nvfp4 gs given", dict(v, NVFP4_FAST_DIVISION=False)) for v in fp4_tiles[4::2]]  # old division
+        [("nvfp4 gs given", dict(NVFP4_TILE_ELEMS=t, QUANT_ELEMS_PER_THREAD=e)) for t in tiles for e in (32, 64)]
+        + [("nvfp4 gs given", dict(NVFP4_TILE_ELEMS=t, NVFP4_FAST_DIVISION=False)) for t in (1024, 8192)]  # old div
         + [("nvfp4 gs computed", {})]
-        + [("mxfp4", v) for v in fp4_tiles[::2]]
-        + [("silu_mul_quantize_fp8", dict(SILU_TILE_ELEMS=t)) for t in (1024, 2048, 4096, 8192)]
-        + [("silu_mul_quantize_fp8", dict(SILU_TILE_ELEMS=4096, SILU_FAST_DIVISION=False))]  # old division
+        + [("mxfp4", dict(MXFP4_TILE_ELEMS=t)) for t in tiles]
+        + [("silu_mul_quantize_fp8", dict(SILU_TILE_ELEMS=t)) for t in tiles]
+        + [("silu_mul_quantize_fp8", dict(SILU_TILE_ELEMS=2048, SILU_FAST_DIVISION=False))]  # old division
     )
     modules = [fp8_kernels, fp4_kernels]
     for kernel, change in variants:

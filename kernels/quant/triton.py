@@ -8,9 +8,9 @@ Exactness rules kept in every kernel (each is needed for codes to agree with the
     ulp as often as not; either moves values that sit exactly on a rounding midpoint;
   - float32 -> e4m3 and float32 -> bf16 casts round to nearest-even (Triton's default for downcasts).
 Memory-bound: one read of the input, one write of codes and scales; tile sizes are fixed heuristics
-(see "performance hyper-parameters", chosen by the sweep in benchmarks/results/quant_h100_sweep.csv),
+(see "performance hyper-parameters", chosen by the sweeps in benchmarks/results/quant_h100_sweep*.csv),
 never autotuned. Measured on an H100 (benchmarks/results/quant_h100.csv): 96-99% of the device copy
-bandwidth at 4096-16384 x 7168.
+bandwidth at 4096-16384 x 7168; silu_mul_quantize_fp8 95% at 16384 x 14336 (88-90% with 4096-element tiles).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ FAST_DIVISION = True
 # SiLU's gate / (1 + exp(-gate)) by div.rn's own fast path without its range check (_silu_div), tl.div_rn for
 # tiles holding a gate below -85.
 SILU_FAST_DIVISION = True
-SILU_TILE_ELEMS = 4096  # outputs per program of silu_mul_quantize_fp8 (H100, 16384 x 14336: 90% of copy; 8192: 86%)
+SILU_TILE_ELEMS = 2048  # outputs per program of silu_mul_quantize_fp8 (H100, 16384 x 14336: 95% of copy; 4096: 90%)
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -124,13 +124,15 @@ def _silu_div(gate, d, NATIVE: tl.constexpr, FAST_DIV: tl.constexpr):
     every bf16 gate on an H100 (tests/kernels/test_quant_gpu.py)."""
     if FAST_DIV:
         if NATIVE:  # MUFU.RCP, div.rn's first step (Triton's 1.0 / d would add range scaling: 9 instructions)
-            r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True, pack=1)
+            r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32,
+                                           is_pure=True, pack=1)
         else:  # the interpreter runs no PTX; a correctly rounded start gives the same quotient
             r0 = 1.0 / d
         r = tl.fma(tl.fma(-d, r0, 1.0), r0, r0)
         q0 = gate * r
         q = tl.fma(tl.fma(-d, q0, gate), r, q0)
-        return (q.to(tl.int32, bitcast=True) | (gate.to(tl.int32, bitcast=True) & _SIGN_BIT)).to(tl.float32, bitcast=True)
+        sign = gate.to(tl.int32, bitcast=True) & _SIGN_BIT
+        return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     else:
         return tl.div_rn(gate, d)
 

@@ -1,14 +1,17 @@
 """Triton NVFP4 and MXFP4 quantizers and dequantizers, with E2M1 rounding in software (Hopper has no FP4
 conversion instruction). Bit-identical to reference.py (dsquant.formats.nvfp4 / mxfp4 / fp4).
 
-E2M1 rounding gives the codes of dsquant.formats.fp4.round_to_e2m1 (ties to the even code, saturation
-at 6, sign from x < 0 so -0.0 is code 0 and a small negative that rounds to zero is code 8) with two
-float32 bit tricks instead of seven compares (_round_to_e2m1). Codes pack two per byte along K, element
-2i in the low nibble. NVFP4 divides with tl.div_rn (Triton's `/` is div.full.f32, up to 2 ulp off, which
-would move exact ties), in the order the format docstring states; MXFP4 multiplies by the exact power of
-two 2^-e, which is the same rounding of the same real number as dividing by 2^e.
-Measured on an H100 (benchmarks/results/quant_h100.csv, 16384 x 7168): MXFP4 84%, NVFP4 63% (41% when
-the global scale is computed: an extra read), dequantization 89-90% of the device copy bandwidth.
+Quantizers: one thread holds whole 16- (NVFP4) or 32-element (MXFP4) blocks (_block_tile), so the block max,
+the scale and the nibble packing are thread-local and the codes leave as int32 words of 8 nibbles. E2M1
+rounding is one float add (_round_to_e2m1: ties to the even code, saturation at 6, sign from x < 0 so -0.0
+is code 0 and a small negative that rounds to zero is code 8). MXFP4 multiplies by the exact power of two
+2^-e, the same rounding of the same real number as dividing by 2^e. NVFP4 divides in the order the format
+docstring states, each quotient correctly rounded (Triton's `/` is div.full.f32, up to 2 ulp off, which
+would move exact ties): by one exact reciprocal per block and a Markstein correction per element
+(_div_fast), with tl.div_rn for any program whose tile holds a block outside that method's range.
+Measured on an H100 (benchmarks/results/quant_h100.csv and quant_h100_sweep.csv; % of the device copy
+bandwidth at 4096 / 16384 x 7168): MXFP4 94 / 95-97%, NVFP4 with the global scale given 80 / 81-82%, with it
+computed 43 / 48% (an extra read for the amax), dequantization 88-90%.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ _TWO_POW_M100 = tl.constexpr(2.0**-100)
 AMAX_BLOCK = 8192  # elements per step of the global-amax pre-pass (four 16-byte loads per thread)
 AMAX_STEPS = 4  # unrolled steps per program (32 Ki elements): loads in flight, few one-address atomics
 NVFP4_FAST_DIVISION = True  # one exact reciprocal per block and _div_fast, tl.div_rn only for out-of-range tiles
-QUANT_TILE_ELEMS = 1024  # elements per program of the FP4 quantizers: one warp, so the NVFP4 range flag needs no barrier
-QUANT_ELEMS_PER_THREAD = 32  # their warps: the tile over this many elements per thread
+# Elements per program of the FP4 quantizers (benchmarks/results/quant_h100_sweep.csv, H100, 16384 x 7168): NVFP4
+# one warp, so that its range flag needs no barrier (1024: 81.7% of copy; 2048: 79.9%; 4096: 76.7%; 8192: 74.0%);
+# MXFP4 4096 (97.2%; 1024-8192: 95.5-96.2%).
+NVFP4_TILE_ELEMS = 1024
+MXFP4_TILE_ELEMS = 4096
+QUANT_ELEMS_PER_THREAD = 32  # their warps: the tile over this many elements per thread (64: the same or slower)
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -255,9 +262,9 @@ def _dequantize_fp4_kernel(p_ptr, s_ptr, gs_ptr, out_ptr, M, K, stride_pm, strid
     tl.store(out_ptr + o_offs, tl.reshape(vb, (BLOCK_M, BLOCK_K)).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def _quant_tiles(m: int, k: int, block: int):
-    """row_tiles' grid and tile of QUANT_TILE_ELEMS for the FP4 quantizers, QUANT_ELEMS_PER_THREAD setting the warps."""
-    grid, block_m, block_k, _ = row_tiles(m, k, block, QUANT_TILE_ELEMS)
+def _quant_tiles(m: int, k: int, block: int, tile_elems: int):
+    """row_tiles' grid and tile of tile_elems for the FP4 quantizers, QUANT_ELEMS_PER_THREAD setting the warps."""
+    grid, block_m, block_k, _ = row_tiles(m, k, block, tile_elems)
     return grid, block_m, block_k, max(1, min(16, block_m * block_k // (32 * QUANT_ELEMS_PER_THREAD)))
 
 
@@ -293,7 +300,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None):
         assert global_scale.device == x.device, f"global_scale on {global_scale.device}, x on {x.device}"
         gs_in = gs_out = global_scale.float().reshape(()).contiguous()
     if x2.numel() > 0:
-        grid, block_m, block_k, warps = _quant_tiles(m, k, NVFP4_BLOCK)
+        grid, block_m, block_k, warps = _quant_tiles(m, k, NVFP4_BLOCK, NVFP4_TILE_ELEMS)
         gs_arg = gs_in.view(torch.int32) if global_scale is None else gs_in
         pw = packed.view(torch.int32)  # 8 codes per word: k / 2 bytes per row is a multiple of 8
         _quantize_nvfp4_kernel[grid](
@@ -321,7 +328,7 @@ def quantize_mxfp4(x: torch.Tensor, scale_rule: str = "ocp"):
     packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((m, k // MXFP4_BLOCK), dtype=torch.uint8, device=x.device)
     if x2.numel() > 0:
-        grid, block_m, block_k, warps = _quant_tiles(m, k, MXFP4_BLOCK)
+        grid, block_m, block_k, warps = _quant_tiles(m, k, MXFP4_BLOCK, MXFP4_TILE_ELEMS)
         pw = packed.view(torch.int32)
         _quantize_mxfp4_kernel[grid](x2, pw, scale, m, k, x2.stride(0), pw.stride(0), scale.stride(0),
                                      CEIL=scale_rule == "ceil", BLOCK_M=block_m, BLOCK_K=block_k,

@@ -232,7 +232,8 @@ def _tame_ties(m: int, k: int, seed: int) -> torch.Tensor:
     adversarial set inside the fast path's range."""
     g = torch.Generator().manual_seed(seed)
     picks = torch.tensor([0.0, 0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, *E2M1_TIES])
-    x = picks[torch.randint(len(picks), (m, k), generator=g)] * torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
+    signs = torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
+    x = picks[torch.randint(len(picks), (m, k), generator=g)] * signs
     x[x == 0] = 0.0  # -0.0 * 1 stays -0.0; make every zero +0.0
     x[:, ::16] = 6.0
     return x

@@ -17,9 +17,9 @@ from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.quant.triton import _silu_div
 from dsquant.kernels.quant.triton_fp4 import _div_fast
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_exact
+from triton.language.extra import libdevice
 
 from dsquant.formats.nvfp4 import nvfp4_global_scale
-from triton.language.extra import libdevice
 from tests.kernels.test_quant_data import (
     ROW_KINDS,
     TAME_KINDS,
