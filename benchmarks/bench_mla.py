@@ -77,12 +77,12 @@ def sweep_configs(heads: int, kind: str) -> list[AttendConfig]:
     if kind == "bf16":
         extra = {16: [c(16, 64, 8, 3), c(16, 32, 4, 3), c(16, 64, 4, 3)],
                  64: [c(64, 64, 8, 2), c(64, 32, 8, 3), c(64, 64, 8, 1)]}
-    else:  # fp8 tiles: per-dot register copies, read twice ("reload", r) or one float16 shared tile ("smem", m)
-        extra = {16: [c(16, 64, 4, 2, "reload"), c(16, 32, 4, 3, "reload"), c(16, 64, 4, 3, "reload"),
-                      c(16, 32, 4, 3, "smem"), c(16, 32, 4, 2, "smem"), c(16, 64, 4, 2, "smem"), c(16, 64, 8, 2, "smem"),
-                      c(16, 32, 8, 3, "smem")],
-                 64: [c(64, 64, 8, 2, "reload"), c(64, 64, 8, 2, "smem"), c(64, 32, 8, 2, "smem"),
-                      c(64, 32, 8, 3, "reload")]}
+    else:  # fp8 tiles on float16 MMAs read twice ("reload", r) or via one float16 shared tile ("smem", m),
+        # or dequantized to bf16 tiles ("dequant", d)
+        extra = {16: [c(16, 64, 4, 2, "reload"), c(16, 32, 4, 3, "reload"), c(16, 32, 4, 3, "smem"),
+                      c(16, 32, 4, 2, "smem"), c(16, 64, 4, 2, "dequant")],
+                 64: [c(64, 64, 8, 2, "smem"), c(64, 64, 8, 2, "reload"), c(64, 64, 8, 2, "dequant"),
+                      c(64, 32, 8, 2, "dequant")]}
     base = default_config(heads, kind)
     return [base] + [x for x in extra[min(heads, 64)] if x != base]
 

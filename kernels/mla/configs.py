@@ -1,0 +1,80 @@
+"""Launch configurations of the MLA attend kernel: tile sizes, the fp8 tile schedule, the timed defaults
+and the static split-count heuristic (no GPU needed to import)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+from dsquant.kernels.mla.cache import KV_LORA_RANK, kv_cache_bytes_per_token
+
+TILE_CODE = {"regs": 0, "reload": 1, "smem": 2, "dequant": 3}
+TILE_TAG = {"regs": "", "reload": "r", "smem": "m", "dequant": "d"}
+
+
+class AttendConfig(NamedTuple):
+    """Tile sizes and launch parameters of _mla_attend_kernel."""
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    # fp8 caches, how the tile reaches the two dots: "regs" each dot converts its own register copy (P.V's
+    # 8-bit operand gathered byte by byte), "reload" each dot reads the tile from global memory (second read
+    # from L2), "smem" one float16 tile in shared memory feeds both (ldmatrix), all three on float16 MMAs;
+    # "dequant" bf16 tiles (fp8_ds: codes times group scale, rounded to bf16) on bf16 MMAs. bf16 caches
+    # ignore it (their tile is read once into shared memory by the pipeliner).
+    tile: str = "regs"
+
+    def __str__(self) -> str:
+        return f"h{self.block_h}n{self.block_n}w{self.num_warps}s{self.num_stages}" + TILE_TAG[self.tile]
+
+
+# performance hyper-parameters: the fastest configs timed on an H100 at batch 64, 4K context
+# (benchmarks/results/mla_h100.csv; 32K rows use the same defaults). <= 16 heads (memory-bound): 16-row head
+# blocks on mma.sync. bf16: 64-token tiles read once into shared memory, 8 warps, 3 stages (127 us, 79% of
+# copy bandwidth). fp8 / fp8_ds: float16 MMAs, tiles read twice ("reload": 110 / 152 us against 127-170 us
+# for one float16 shared tile and 185 / 172 us for the former bf16 dequantization). More heads: 64-row head
+# blocks for wgmma, 64-token tiles (32-token tiles were 1.3-1.4x slower). fp8 there: one float16 shared tile
+# ("smem": 191 us at 64 heads, 213 TFLOPS at 128, against 206 us / 197 TFLOPS dequantized to bf16); fp8_ds:
+# bf16 dequantization ("dequant", the former kernel, same SASS: 210 us / 196 TFLOPS, results/
+# mla_h100_bf16_dequant.csv), since the float16 path's per-chunk scales spill at 64 rows (411 us).
+# 32 heads pad to a 64-row block: a 32-row mma.sync block ran 3.3x slower than a 64-row wgmma one at
+# 64 heads (results/mla_h100_before_chunking.csv, 799 vs 240 us).
+def default_config(num_heads: int, kind: str) -> AttendConfig:
+    if kind == "bf16":
+        return AttendConfig(16, 64, 8, 3) if num_heads <= 16 else AttendConfig(64, 64, 8, 2)
+    if num_heads <= 16:
+        return AttendConfig(16, 64, 4, 2, "reload") if kind == "fp8" else AttendConfig(16, 32, 4, 3, "reload")
+    return AttendConfig(64, 64, 8, 2, "smem" if kind == "fp8" else "dequant")
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def default_num_splits(rows: int, num_heads: int, max_kv: int, kind: str, block_h: int, n_sms: int) -> int:
+    """Splits per row minimising KV time / wave fill + partial-output traffic (static sizes only).
+
+    Every row is assumed to use the block table's full capacity `max_kv`; a split is worth its
+    float32 partial output (written and read back) only while programs do not fill the SMs. A
+    16-row head block is small enough (<= 128 registers, < 100 KB shared) for 2 programs per SM.
+    """
+    slots = n_sms * (2 if block_h <= 16 else 1)
+    base = rows * triton.cdiv(num_heads, block_h)
+    kv_bytes = rows * max_kv * kv_cache_bytes_per_token(kind)
+    best, best_cost = 1, float("inf")
+    for splits in range(1, 65):
+        if splits > 1 and max_kv < 256 * splits:
+            break
+        programs = base * splits
+        fill = programs / (math.ceil(programs / slots) * slots)
+        partial = 0 if splits == 1 else 2 * rows * num_heads * splits * (KV_LORA_RANK + 1) * 4
+        cost = kv_bytes / fill + partial
+        if cost < best_cost * 0.98:  # a split must win clearly to be worth it
+            best, best_cost = splits, cost
+    return best

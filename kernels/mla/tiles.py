@@ -1,0 +1,88 @@
+"""Tile-level Triton helpers of the MLA attend kernel (triton.py): KV chunk loads per tile schedule, the
+power-of-two multipliers of the float16 path, fp8_ds P.V and the output store. Shapes: BLOCK_N tokens x
+128 latent values per chunk, BLOCK_H heads. TILE is configs.TILE_CODE: 0 regs, 1 reload, 2 smem, 3 dequant;
+KV_FMT 0 bf16, 1 fp8, 2 fp8_ds."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, SC_W: tl.constexpr,
+                  SC_OFF: tl.constexpr, KV_FMT: tl.constexpr, GROUP: tl.constexpr, EVICT: tl.constexpr,
+                  TILE: tl.constexpr):
+    """Latent values [G*128, (G+1)*128) of BLOCK_N tokens, [BLOCK_N, 128] (masked tokens read 0), as the dots
+    take them: bf16 as stored; "dequant": fp8 -> bf16 (fp8_ds: q * group scale rounded to bf16, as FlashMLA);
+    "smem": the exact float16 image of the E4M3 codes; "regs" / "reload": the codes (converted at each dot)."""
+    c = tl.arange(0, GROUP)
+    kq = tl.load(val_ptr + slot[:, None] * VAL_W + G * GROUP + c[None, :], mask=mask_n[:, None], other=0.0,
+                 eviction_policy=EVICT)
+    if TILE == 3 and KV_FMT == 2:
+        ks = tl.load(sc_ptr + slot * SC_W + SC_OFF + G, mask=mask_n, other=0.0)
+        return (kq.to(tl.float32) * ks[:, None]).to(tl.bfloat16)
+    elif TILE == 3:
+        return kq.to(tl.bfloat16)
+    elif TILE == 2 and KV_FMT != 0:
+        # Converted here, once, into a float16 tile that both dots read from shared memory (ldmatrix). The
+        # mask multiply (a no-op: masked tokens already read 0) keeps the compiler from moving the conversion
+        # past the shared-memory read, where it would convert per dot and gather P.V's 8-bit operand byte by
+        # byte (a select does the same at one SEL per value; an inline-asm cvt is moved like a plain cast).
+        return kq.to(tl.float16) * mask_n.to(tl.float16)[:, None]
+    else:
+        return kq
+
+
+@triton.jit
+def key_operand(k):
+    """Q.K^T's B operand [128, BLOCK_N]: 8-bit codes become float16 after the transpose (per dot)."""
+    if k.dtype != tl.float8e4nv:
+        return tl.trans(k)
+    else:
+        return tl.trans(k).to(tl.float16)
+
+
+@triton.jit
+def value_operand(k):
+    """P.V's B operand [BLOCK_N, 128]: 8-bit codes become float16 (per dot)."""
+    if k.dtype != tl.float8e4nv:
+        return k
+    else:
+        return k.to(tl.float16)
+
+
+@triton.jit
+def pv_tile(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, KV_FMT: tl.constexpr, GROUP: tl.constexpr,
+            TILE: tl.constexpr, k):
+    """P.V's tile: under "reload" the chunk read again (a second, L2-hit read), else the Q.K^T tile `k`."""
+    if TILE == 1:
+        return load_kv_chunk(val_ptr, val_ptr, slot, mask_n, G, VAL_W, VAL_W, 0, KV_FMT, GROUP, "evict_first", TILE)
+    else:
+        return k
+
+
+@triton.jit
+def pow2_scale(x, TOP: tl.constexpr):
+    """(2^(TOP - e), 2^(e - TOP)) for x >= 0 in [2^e, 2^(e+1)): x * first < 2^(TOP+1). Exact powers of two
+    from the exponent bits; e clamped to [-100, 100] so zero / padding rows stay finite."""
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(e, -100), 100)
+    mul = (((127 + TOP) - e) << 23).to(tl.float32, bitcast=True)
+    return mul, (((127 - TOP) + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pv_scaled(p, alpha, kq, ks, acc, acc_mul):
+    """fp8_ds P.V for one chunk: (p * ks) @ codes with p * ks in float16 times a power of two per tile (max in
+    [2^14, 2^15): float16 keeps 11 bits where bf16 keeps 8). The accumulator stays in the multiplier of the
+    last tile (acc_mul), so a change of multiplier costs nothing beyond the alpha rescale: returns (acc, mul)."""
+    mul, _ = pow2_scale(tl.max(ks, axis=0), 14)
+    pg = (p * (ks * mul)[None, :]).to(tl.float16)
+    return tl.dot(pg, kq, acc * (alpha * (mul / acc_mul))[:, None]), mul
+
+
+@triton.jit
+def store_out_chunk(o_base, o, mask_h, G: tl.constexpr, GROUP: tl.constexpr):
+    c = tl.arange(0, GROUP)
+    tl.store(o_base + G * GROUP + c[None, :], o.to(o_base.dtype.element_ty), mask=mask_h[:, None])
