@@ -162,7 +162,7 @@ def bench_weights(rec: Recorder):
 def sweep(rec: Recorder, m: int):
     """The tuning choices of the kernels that were below 85% of copy, timed in one run against the same copy: tile
     size (elements per program) and elements per thread of the FP4 quantizers, the SiLU kernel's tile, and the
-    fast divisions against tl.div_rn per element (the old path). Labels name the module knobs set (the round of
+    fast divisions against tl.div_rn per element (the old path). Labels name the module knobs set (the run of
     quant_h100_sweep.csv set one QUANT_TILE_ELEMS for both FP4 kernels, since split into NVFP4_ and MXFP4_)."""
     x = torch.randn(m, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     gate_up = torch.randn(m, 2 * HIDDEN, device=DEVICE, dtype=torch.bfloat16)
