@@ -35,7 +35,7 @@ class AttendConfig(NamedTuple):
 # performance hyper-parameters: the fastest configs timed on an H100 at batch 64, 4K context
 # (benchmarks/results/mla_h100.csv; 32K rows use the same defaults). <= 16 heads (memory-bound): 16-row head
 # blocks on mma.sync. bf16: 64-token tiles read once into shared memory, 8 warps, 3 stages (127 us, 79% of
-# copy bandwidth). fp8 / fp8_ds: float16 MMAs, tiles read twice ("reload": 110 / 152 us against 127-170 us
+# copy bandwidth). fp8 / fp8_ds: float16 MMAs, tiles read twice ("reload": 110 / 152 us against 147 / 164 us
 # for one float16 shared tile and 185 / 172 us for the former bf16 dequantization). More heads: 64-row head
 # blocks for wgmma, 64-token tiles (32-token tiles were 1.3-1.4x slower). fp8 there: one float16 shared tile
 # ("smem": 191 us at 64 heads, 213 TFLOPS at 128, against 206 us / 197 TFLOPS dequantized to bf16); fp8_ds:
