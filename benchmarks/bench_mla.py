@@ -77,12 +77,13 @@ def sweep_configs(heads: int, kind: str) -> list[AttendConfig]:
     if kind == "bf16":
         extra = {16: [c(16, 64, 8, 3), c(16, 32, 4, 3), c(16, 64, 4, 3)],
                  64: [c(64, 64, 8, 2), c(64, 32, 8, 3), c(64, 64, 8, 1)]}
-    else:  # fp8 tiles on float16 MMAs read twice ("reload", r) or via one float16 shared tile ("smem", m),
-        # or dequantized to bf16 tiles ("dequant", d)
+    else:  # fp8 tiles on float16 MMAs read twice ("reload", r) or via one float16 shared tile ("smem", m; with
+        # 16-bit operand layouts "smem16", m16), or dequantized to bf16 tiles ("dequant", d)
         extra = {16: [c(16, 64, 4, 2, "reload"), c(16, 32, 4, 3, "reload"), c(16, 32, 4, 3, "smem"),
-                      c(16, 32, 4, 2, "smem"), c(16, 64, 4, 2, "dequant")],
-                 64: [c(64, 64, 8, 2, "smem"), c(64, 64, 8, 2, "reload"), c(64, 64, 8, 2, "dequant"),
-                      c(64, 32, 8, 2, "dequant")]}
+                      c(16, 32, 4, 3, "smem16"), c(16, 64, 4, 2, "smem16"), c(16, 32, 4, 2, "smem16"),
+                      c(16, 64, 8, 2, "smem16"), c(16, 64, 4, 2, "dequant")],
+                 64: [c(64, 64, 8, 2, "smem"), c(64, 64, 8, 2, "smem16"), c(64, 64, 8, 2, "reload"),
+                      c(64, 64, 8, 2, "dequant"), c(64, 32, 8, 2, "dequant")]}
     base = default_config(heads, kind)
     return [base] + [x for x in extra[min(heads, 64)] if x != base]
 
@@ -124,7 +125,8 @@ def precompile(workers: int) -> None:
                 jobs += [(kind, heads, cfg, 1, PAGE, False), (kind, heads, cfg, 2, PAGE, False)]
         jobs.append((kind, 128, default_config(128, kind), 1, PAGE, True))  # GPU prefill test
     jobs.append(("fp8_ds", 64, default_config(64, "fp8_ds"), 2, 16, False))  # GPU page-16 test
-    jobs += [(kind, 16, AttendConfig(16, 32, 4, 3, "regs"), 2, PAGE, False) for kind in ("fp8", "fp8_ds")]
+    jobs += [(kind, 16, AttendConfig(16, 32, 4, 3, tile), 2, PAGE, False)  # GPU tile-schedule tests
+             for kind in ("fp8", "fp8_ds") for tile in ("regs", "dequant")]
     with mp.get_context("spawn").Pool(workers) as pool:
         for done in pool.imap_unordered(_precompile_one, jobs):
             log.info("compiled %s", done)

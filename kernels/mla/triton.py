@@ -25,6 +25,8 @@ bounds the context, and the split count trades partial-output traffic against SM
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,7 @@ def _mla_attend_kernel(
     PAGE_SIZE: tl.constexpr, KV_FMT: tl.constexpr, HAS_ROW_SEQ: tl.constexpr, SPLIT: tl.constexpr,
     VAL_W: tl.constexpr, SC_W: tl.constexpr, SC_OFF: tl.constexpr, PE_W: tl.constexpr, PE_OFF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DR: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
-    MMA_BF16: tl.constexpr, EV: tl.constexpr,
+    MMA_BF16: tl.constexpr, EV: tl.constexpr, ASM: tl.constexpr,
 ):
     # The 512 latent dims are handled as four 128-wide chunks (the fp8_ds scale groups): Q.K^T becomes
     # five independent MMA chains instead of one 36-step dependent chain, and each fp8_ds chunk needs
@@ -130,10 +132,10 @@ def _mla_attend_kernel(
         page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = page * PAGE_SIZE + offs_n % PAGE_SIZE
         # One tile per chunk feeds both dots (key of Q.K^T, value of P.V).
-        k0 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 0, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE)
-        k1 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 1, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE)
-        k2 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 2, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE)
-        k3 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 3, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE)
+        k0 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 0, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE, ASM)
+        k1 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 1, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE, ASM)
+        k2 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 2, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE, ASM)
+        k3 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 3, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE, ASM)
         kp = tl.load(pe_ptr + slot[:, None] * PE_W + PE_OFF + r[None, :], mask=mask_n[:, None], other=0.0)
         if MMA_BF16:
             s01 = tl.dot(q0, key_operand(k0)) + tl.dot(q1, key_operand(k1))
@@ -275,7 +277,7 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
         VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4, TILE=TILE_CODE[cfg.tile],
         MMA_BF16=kind == "bf16" or cfg.tile == "dequant",
-        EV="evict_last" if cfg.tile == "reload" else "",
+        EV="evict_last" if cfg.tile == "reload" else "", ASM=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

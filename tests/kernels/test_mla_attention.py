@@ -84,9 +84,10 @@ def test_mla_decode_matches_reference(kind, num_splits, heads):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("tile", ["reload", "smem", "dequant"])
+@pytest.mark.parametrize("tile", ["reload", "smem", "smem16", "dequant"])
 def test_mla_decode_tile_schedules_match_reference(kind, tile):
-    # How the fp8 tile reaches the two dots (read twice, or one converted shared tile) changes no number.
+    # How the fp8 tile reaches the two dots (read twice, or one converted shared tile) changes no number
+    # (the interpreter runs "smem16" as "smem": its inline-PTX pin exists on the GPU only).
     cache, bt, lens, kv_scale, _ = make_cache(kind, [64, 23])
     qn, qp = _q(2, 16)
     cfg = AttendConfig(16, 32, 4, 2, tile)
@@ -238,7 +239,7 @@ def test_mla_prefill_v3_shapes_gpu(kind):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["fp8", "fp8_ds"])
-@pytest.mark.parametrize("tile", ["regs", "reload", "smem", "dequant"])
+@pytest.mark.parametrize("tile", ["regs", "reload", "smem", "smem16", "dequant"])
 def test_mla_decode_tile_schedules_gpu(kind, tile):
     # Each way of feeding the fp8 tile to the two dots (bench_mla times them all) at V3 shapes.
     g = torch.Generator().manual_seed(7)
