@@ -10,6 +10,7 @@ are timed so the CSV shows what the defaults leave on the table.
 
     PYTHONPATH=. python3 benchmarks/bench_mla.py --precompile 16   # optional: compile all variants in parallel
     PYTHONPATH=. python3 benchmarks/bench_mla.py --out benchmarks/results/mla_h100.csv
+    PYTHONPATH=. python3 benchmarks/bench_mla.py --sass benchmarks/results/mla_sm90_sass.csv  # no GPU needed
 """
 
 from __future__ import annotations
@@ -173,6 +174,62 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
             row(name, str(cfg), splits, ms)
 
 
+def sass_report(path: str) -> None:
+    """Compile the decode kernel's sweep variants for sm_90a (no GPU needed) and write, per variant, registers,
+    spill bytes, shared memory and the SASS instruction count of the KV loop per warp and per token: the static
+    side of the tile-schedule choice (the fp8 tiles are issue-bound where bf16 is memory-bound)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from dsquant.kernels.mla.configs import TILE_CODE
+    from dsquant.kernels.mla.triton import _FMT, _mla_attend_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    fn = _mla_attend_kernel
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["kv_dtype", "config", "registers", "spill_bytes", "shared_bytes", "loop_sass_per_warp",
+                      "loop_sass_per_token"])
+        for kind in ("bf16", "fp8", "fp8_ds"):
+            ds = kind == "fp8_ds"
+            vals = "*bf16" if kind == "bf16" else "*fp8e4nv"
+            for cfg in dict.fromkeys(sweep_configs(16, kind) + sweep_configs(64, kind)):
+                const = dict(PAGE_SIZE=PAGE, KV_FMT=_FMT[kind], HAS_ROW_SEQ=False, SPLIT=True, VAL_W=656 if ds else 576,
+                             SC_W=164 if ds else 576, SC_OFF=128 if ds else 0, PE_W=328 if ds else 576,
+                             PE_OFF=264 if ds else 512, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=64, GROUP=128,
+                             TILE=TILE_CODE[cfg.tile], MMA_BF16=kind == "bf16" or cfg.tile == "dequant",
+                             EV="evict_last" if cfg.tile == "reload" else "", ASM=True)
+                ptrs = dict(qn_ptr="*bf16", qp_ptr="*bf16", val_ptr=vals, sc_ptr="*fp32" if ds else vals,
+                            pe_ptr="*bf16" if ds else vals, kv_scale_ptr="*fp32", bt_ptr="*i32", row_seq_ptr="*i32",
+                            row_len_ptr="*i32", o_ptr="*fp32", lse_ptr="*fp32")
+                sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "qk_scale" else "i32")
+                       for n in fn.arg_names}
+                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptrs}
+                k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                with tempfile.TemporaryDirectory() as tmp:
+                    ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
+                    ptx.write_text(k.asm["ptx"])
+                    info = subprocess.run([str(bindir / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                                          capture_output=True, text=True, check=True).stderr
+                    sass = subprocess.run([str(bindir / "cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                                          text=True, check=True).stdout
+                ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)]
+                pos = {a: i for i, (a, _) in enumerate(ins)}
+                back = [i - pos[int(t, 16)] + 1 for i, (a, b) in enumerate(ins)
+                        for t in re.findall(r"BRA\s+(?:`\()?0x([0-9a-f]+)", b) if int(t, 16) < a and int(t, 16) in pos]
+                loop = max(back, default=0)  # the KV loop: the longest backward branch
+                regs = re.search(r"Used (\d+) registers", info).group(1)
+                spill = re.search(r"(\d+) bytes spill stores", info).group(1)
+                out.writerow([kind, str(cfg), regs, spill, k.metadata.shared, loop,
+                              f"{loop * cfg.num_warps / cfg.block_n:.0f}"])
+                log.info("%s %s: %s regs, %s B spills, loop %d SASS/warp", kind, cfg, regs, spill, loop)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/mla_h100.csv")
@@ -182,9 +239,13 @@ def main() -> None:
     parser.add_argument("--contexts", default="4096,32768", help="h_q 16/64/128 each; the first context with the sweep")
     parser.add_argument("--precompile", type=int, default=0, metavar="N",
                         help="only compile every variant the GPU tests and this benchmark use, with N processes")
+    parser.add_argument("--sass", metavar="CSV", help="only write sm_90a register / SASS counts per variant (no GPU)")
     parser.add_argument("--budget-s", type=float, default=0.0, help="skip the remaining cases after this many seconds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.sass:
+        sass_report(args.sass)
+        return
     if args.precompile:
         precompile(args.precompile)
         return
