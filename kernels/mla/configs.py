@@ -25,7 +25,7 @@ class AttendConfig(NamedTuple):
     # 8-bit operand gathered byte by byte), "reload" each dot reads the tile from global memory (second read
     # from L2), "smem" one float16 tile in shared memory feeds both (ldmatrix), all three on float16 MMAs;
     # "dequant" bf16 tiles (fp8_ds: codes times group scale, rounded to bf16) on bf16 MMAs; "smem16" as "smem"
-    # with 16-bit operand layouts (ldmatrix), not yet timed on a GPU (tiles.load_kv_chunk). bf16 caches
+    # with 16-bit operand layouts (ldmatrix; tiles.load_kv_chunk). bf16 caches
     # ignore it (their tile is read once into shared memory by the pipeliner).
     tile: str = "regs"
 
@@ -36,8 +36,10 @@ class AttendConfig(NamedTuple):
 # performance hyper-parameters: the fastest configs timed on an H100 at batch 64, 4K context
 # (benchmarks/results/mla_h100.csv; 32K rows use the same defaults). <= 16 heads (memory-bound): 16-row head
 # blocks on mma.sync. bf16: 64-token tiles read once into shared memory, 8 warps, 3 stages (127 us, 79% of
-# copy bandwidth). fp8 / fp8_ds: float16 MMAs, tiles read twice ("reload": 110 / 152 us against 147 / 164 us
-# for one float16 shared tile and 185 / 172 us for the former bf16 dequantization). More heads: 64-row head
+# copy bandwidth). fp8 / fp8_ds: float16 MMAs. fp8: tiles read twice ("reload"), 32-token tiles, 3 stages:
+# 112 / 113 us in two runs (64-token tiles: 110 / 140 us; one float16 shared tile 147 us; the former bf16
+# dequantization 185 us). fp8_ds: one float16 shared tile pinned for 16-bit ldmatrix ("smem16"), 140 us
+# against 152 / 153 us reloaded (results/mla_h100_smem16.csv, the second run). More heads: 64-row head
 # blocks for wgmma, 64-token tiles (32-token tiles were 1.3-1.4x slower). fp8 there: one float16 shared tile
 # ("smem": 191 us at 64 heads, 213 TFLOPS at 128, against 206 us / 197 TFLOPS dequantized to bf16); fp8_ds:
 # bf16 dequantization ("dequant", the former kernel, same SASS: 210 us / 196 TFLOPS, results/
@@ -48,7 +50,7 @@ def default_config(num_heads: int, kind: str) -> AttendConfig:
     if kind == "bf16":
         return AttendConfig(16, 64, 8, 3) if num_heads <= 16 else AttendConfig(64, 64, 8, 2)
     if num_heads <= 16:
-        return AttendConfig(16, 64, 4, 2, "reload") if kind == "fp8" else AttendConfig(16, 32, 4, 3, "reload")
+        return AttendConfig(16, 32, 4, 3, "reload") if kind == "fp8" else AttendConfig(16, 32, 4, 3, "smem16")
     return AttendConfig(64, 64, 8, 2, "smem" if kind == "fp8" else "dequant")
 
 
