@@ -28,10 +28,31 @@ import triton.language as tl
 _USE_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 _TWO_POW_126 = tl.constexpr(2.0**126)
 
+
+def _decode_2_bytes(first: int) -> str:
+    """PTX for bytes `first` and `first` + 1 of $4 (m holds their magnitudes in its low 16 bits): the low-nibble
+    values into output $first, the high-nibble values into $(first + 2), each times the scales in $(5 + first)."""
+    spread = ("0x1404", "0x3424")[first]  # [0, byte, 0, byte + 1]: the sign bits of the low nibbles at 11 and 27
+    return f"""prmt.b32 h, th0, th1, m;
+prmt.b32 l, tl0, tl1, m;
+prmt.b32 e, l, h, 0x6240;
+prmt.b32 o, l, h, 0x7351;
+prmt.b32 y, $4, z, {spread};
+shl.b32 sg, y, 4;
+and.b32 sg, sg, 0x80008000;
+or.b32 e, e, sg;
+and.b32 sg, y, 0x80008000;
+or.b32 o, o, sg;
+mul.rn.bf16x2 ${first}, e, ${5 + first};
+mul.rn.bf16x2 ${first + 2}, o, ${5 + first};
+"""
+
+
 # Inputs $4 (four packed bytes, byte j = element j) and $5, $6 (bf16 scales of bytes 0-1 and 2-3).
 # Outputs $0, $1 (low-nibble values of bytes 0-1, 2-3) and $2, $3 (high-nibble values), bf16x2 each.
-_DECODE_4_BYTES = tl.constexpr("""
-{
+# Tables: th0 / th1 hold the high bytes, tl0 / tl1 the low bytes of the bf16 values of magnitudes 0..7.
+_DECODE_4_BYTES = tl.constexpr(f"""
+{{
 .reg .b32 th0, th1, tl0, tl1, z, m, h, l, y, e, o, sg;
 mov.b32 th0, 0x3F3F3F00;
 mov.b32 th1, 0x40404040;
@@ -39,32 +60,8 @@ mov.b32 tl0, 0xC0800000;
 mov.b32 tl1, 0xC0804000;
 mov.b32 z, 0;
 and.b32 m, $4, 0x77777777;
-prmt.b32 h, th0, th1, m;
-prmt.b32 l, tl0, tl1, m;
-prmt.b32 e, l, h, 0x6240;
-prmt.b32 o, l, h, 0x7351;
-prmt.b32 y, $4, z, 0x1404;
-shl.b32 sg, y, 4;
-and.b32 sg, sg, 0x80008000;
-or.b32 e, e, sg;
-and.b32 sg, y, 0x80008000;
-or.b32 o, o, sg;
-mul.rn.bf16x2 $0, e, $5;
-mul.rn.bf16x2 $2, o, $5;
-shr.b32 m, m, 16;
-prmt.b32 h, th0, th1, m;
-prmt.b32 l, tl0, tl1, m;
-prmt.b32 e, l, h, 0x6240;
-prmt.b32 o, l, h, 0x7351;
-prmt.b32 y, $4, z, 0x3424;
-shl.b32 sg, y, 4;
-and.b32 sg, sg, 0x80008000;
-or.b32 e, e, sg;
-and.b32 sg, y, 0x80008000;
-or.b32 o, o, sg;
-mul.rn.bf16x2 $1, e, $6;
-mul.rn.bf16x2 $3, o, $6;
-}
+{_decode_2_bytes(0)}shr.b32 m, m, 16;
+{_decode_2_bytes(1)}}}
 """)
 
 
