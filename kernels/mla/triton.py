@@ -160,18 +160,11 @@ def _mla_attend_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        if MMA_BF16:
-            pb = p.to(tl.bfloat16)
-            a0 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0)),
-                        a0 * alpha[:, None])
-            a1 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1)),
-                        a1 * alpha[:, None])
-            a2 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2)),
-                        a2 * alpha[:, None])
-            a3 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3)),
-                        a3 * alpha[:, None])
-        elif KV_FMT == 1:
-            pb = (p * 32768.0).to(tl.float16)
+        if MMA_BF16 or KV_FMT == 1:
+            if MMA_BF16:
+                pb = p.to(tl.bfloat16)
+            else:  # float16 MMAs: P times 2^15 (undone in the output scale) keeps small weights out of subnormals
+                pb = (p * 32768.0).to(tl.float16)
             a0 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0)),
                         a0 * alpha[:, None])
             a1 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1)),
