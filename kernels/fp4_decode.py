@@ -97,6 +97,16 @@ def e2m1_pairs_bf16(packed, scale):
 
 
 @triton.jit
+def e2m1_groups_bf16(packed, scale, GROUP: tl.constexpr):
+    """Packed E2M1 rows [R, C] with one bf16 scale per GROUP codes ([R, 2C / GROUP]) -> (even, odd) bf16 [R, C]:
+    each scale repeated over its GROUP / 2 bytes, then e2m1_pairs_bf16."""
+    R: tl.constexpr = packed.shape[0]
+    C: tl.constexpr = packed.shape[1]
+    per_byte = tl.reshape(tl.broadcast_to(scale[:, :, None], (R, 2 * C // GROUP, GROUP // 2)), (R, C))
+    return e2m1_pairs_bf16(packed, per_byte)
+
+
+@triton.jit
 def e8m0_to_bf16(b):
     """E8M0 bytes (uint8) -> bf16 2^(b - 127) by its bits, exact; b = 0 is the bf16 subnormal 2^-127, 255 is Inf."""
     e = b.to(tl.int16)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from dsquant.kernels.fp4_decode import e2m1_float32, e2m1_pairs_bf16, e8m0_to_bf16
+from dsquant.kernels.fp4_decode import e2m1_float32, e2m1_groups_bf16, e8m0_to_bf16
 from dsquant.kernels.gemm import configs
 
 _FP8_BLOCK = tl.constexpr(configs.FP8_BLOCK)
@@ -44,9 +44,7 @@ def _load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
         s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask)
         scale = s.to(tl.bfloat16) if W_FMT == _NVFP4 else e8m0_to_bf16(s)
         scale = tl.where(mask, scale, 0.0).to(tl.bfloat16)  # past N or K: a masked byte may read as NaN
-        per_byte = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // SCALE_GROUP, SCALE_GROUP // 2)),
-                              (BLOCK_N, BLOCK_K // 2))
-        even, odd = e2m1_pairs_bf16(packed, per_byte)  # exact: E2M1 x (E4M3 or 2^e) fits bf16
+        even, odd = e2m1_groups_bf16(packed, scale, SCALE_GROUP)  # exact: E2M1 x (E4M3 or 2^e) fits bf16
         w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # element 2i is the low nibble of byte i
     else:
         w = w_desc.load([off_n, off_k])

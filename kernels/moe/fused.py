@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from dsquant.kernels.fp4_decode import e2m1_pairs_bf16, e8m0_to_bf16
+from dsquant.kernels.fp4_decode import e2m1_groups_bf16, e8m0_to_bf16
 from dsquant.kernels.moe.align import moe_align
 from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
 from dsquant.kernels.quant.triton import (
@@ -49,9 +49,7 @@ def _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.
     HALF: tl.constexpr = BLOCK_K // 2
     p = tl.load(w_ptr + rows_w[:, None] + (k0 // 2 + tl.arange(0, HALF))[None, :])  # [BN, BK/2] uint8
     s = tl.load(s_ptr + rows_s[:, None] + (k0 // SB + tl.arange(0, BLOCK_K // SB))[None, :])  # [BN, BK/SB]
-    sb = s.to(tl.bfloat16) if FMT == 3 else e8m0_to_bf16(s)
-    per_byte = tl.reshape(tl.broadcast_to(sb[:, :, None], [BLOCK_N, BLOCK_K // SB, SB // 2]), [BLOCK_N, HALF])
-    return e2m1_pairs_bf16(p, per_byte)
+    return e2m1_groups_bf16(p, s.to(tl.bfloat16) if FMT == 3 else e8m0_to_bf16(s), SB)
 
 
 @triton.jit
