@@ -54,23 +54,17 @@ def key_operand(k):
 
 
 @triton.jit
-def value_operand(k):
-    """P.V's B operand [BLOCK_N, 128]: 8-bit codes become float16 (per dot)."""
+def pv_operand(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, KV_FMT: tl.constexpr,
+               GROUP: tl.constexpr, TILE: tl.constexpr, k):
+    """P.V's B operand [BLOCK_N, 128]: under "reload" the chunk read again (a second, L2-hit read), else the
+    Q.K^T tile `k`; 8-bit codes become float16 (per dot)."""
+    if TILE == 1:
+        k = load_kv_chunk(val_ptr, val_ptr, slot, mask_n, G, VAL_W, VAL_W, 0, KV_FMT, GROUP, "evict_first", TILE,
+                          False)
     if k.dtype != tl.float8e4nv:
         return k
     else:
         return k.to(tl.float16)
-
-
-@triton.jit
-def pv_tile(val_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.constexpr, KV_FMT: tl.constexpr, GROUP: tl.constexpr,
-            TILE: tl.constexpr, k):
-    """P.V's tile: under "reload" the chunk read again (a second, L2-hit read), else the Q.K^T tile `k`."""
-    if TILE == 1:
-        return load_kv_chunk(val_ptr, val_ptr, slot, mask_n, G, VAL_W, VAL_W, 0, KV_FMT, GROUP, "evict_first", TILE,
-                             False)
-    else:
-        return k
 
 
 @triton.jit

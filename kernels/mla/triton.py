@@ -37,10 +37,9 @@ from dsquant.kernels.mla.tiles import (
     key_operand,
     load_kv_chunk,
     pow2_scale,
+    pv_operand,
     pv_scaled,
-    pv_tile,
     store_out_chunk,
-    value_operand,
 )
 
 __all__ = ["AttendConfig", "default_config", "default_num_splits", "mla_decode", "mla_prefill"]
@@ -165,26 +164,26 @@ def _mla_attend_kernel(
                 pb = p.to(tl.bfloat16)
             else:  # float16 MMAs: P times 2^15 (undone in the output scale) keeps small weights out of subnormals
                 pb = (p * 32768.0).to(tl.float16)
-            a0 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0)),
+            a0 = tl.dot(pb, pv_operand(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0),
                         a0 * alpha[:, None])
-            a1 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1)),
+            a1 = tl.dot(pb, pv_operand(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1),
                         a1 * alpha[:, None])
-            a2 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2)),
+            a2 = tl.dot(pb, pv_operand(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2),
                         a2 * alpha[:, None])
-            a3 = tl.dot(pb, value_operand(pv_tile(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3)),
+            a3 = tl.dot(pb, pv_operand(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3),
                         a3 * alpha[:, None])
         else:
             a0, r0 = pv_scaled(p, alpha,
-                               value_operand(pv_tile(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0)),
+                               pv_operand(val_ptr, slot, mask_n, 0, VAL_W, KV_FMT, GROUP, TILE, k0),
                                ks0, a0, r0)
             a1, r1 = pv_scaled(p, alpha,
-                               value_operand(pv_tile(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1)),
+                               pv_operand(val_ptr, slot, mask_n, 1, VAL_W, KV_FMT, GROUP, TILE, k1),
                                ks1, a1, r1)
             a2, r2 = pv_scaled(p, alpha,
-                               value_operand(pv_tile(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2)),
+                               pv_operand(val_ptr, slot, mask_n, 2, VAL_W, KV_FMT, GROUP, TILE, k2),
                                ks2, a2, r2)
             a3, r3 = pv_scaled(p, alpha,
-                               value_operand(pv_tile(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3)),
+                               pv_operand(val_ptr, slot, mask_n, 3, VAL_W, KV_FMT, GROUP, TILE, k3),
                                ks3, a3, r3)
 
     has = l_i > 0.0
