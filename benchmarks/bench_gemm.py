@@ -211,13 +211,6 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
                     rows.add(path, m, n, k, t, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / t)
 
 
-def _split_for(base: dict, k: int, block_k: int) -> int:
-    """The heuristic's split count for another BLOCK_K: about as many K steps per split, none empty."""
-    k_tiles = triton.cdiv(k, block_k)
-    split = max(1, min(k_tiles, base["SPLIT_K"] * base["BLOCK_K"] // block_k))
-    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
-
-
 def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
     """Swap-AB split-K tiles around the heuristic, at decode M; rows named kernel[variant]."""
     for fmt in ("fp8", "nvfp4"):
@@ -237,8 +230,10 @@ def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
                         ("split*2", dict(SPLIT_K=min(k_tiles, base["SPLIT_K"] * 2))),
                         ("stages3", dict(num_stages=3)), (f"bn{other['BLOCK_N']}", other)]
             if fmt == "nvfp4":  # FP4: wider K steps (bytes per weight row per request), fewer or more warps
-                variants += [("bk256", dict(BLOCK_K=256, SPLIT_K=_split_for(base, k, 256))),
-                             ("bk256w8", dict(BLOCK_K=256, SPLIT_K=_split_for(base, k, 256), num_warps=8)),
+                # about as many K steps per split as the heuristic's
+                split256 = configs.split_k(triton.cdiv(k, 256), base["SPLIT_K"] * base["BLOCK_K"] // 256)
+                variants += [("bk256", dict(BLOCK_K=256, SPLIT_K=split256)),
+                             ("bk256w8", dict(BLOCK_K=256, SPLIT_K=split256, num_warps=8)),
                              ("w2", dict(num_warps=2)), ("w8", dict(num_warps=8)), ("bn32", dict(BLOCK_N=32)),
                              ("bn32w2", dict(BLOCK_N=32, num_warps=2))]
             for name, change in variants:

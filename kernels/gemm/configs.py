@@ -91,6 +91,12 @@ def early_prune(configs, named_args, **kwargs):
     return keep
 
 
+def split_k(k_tiles: int, want: int) -> int:
+    """About `want` K splits of k_tiles steps, at least one, and none left empty."""
+    split = max(1, min(k_tiles, want))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+
+
 def small_m_config(m: int, n: int, k: int, fmt: int, num_sms: int) -> dict:
     """Swap-AB split-K launch parameters for M <= SMALL_M_MAX.
 
@@ -105,6 +111,5 @@ def small_m_config(m: int, n: int, k: int, fmt: int, num_sms: int) -> dict:
     block_k = 128
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
-    split = max(1, min(k_tiles, round(2 * num_sms / n_tiles)))
-    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty split
+    split = split_k(k_tiles, round(2 * num_sms / n_tiles))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)
