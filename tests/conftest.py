@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the checkout on sys.path, where its kernels/ folder would hide Hugging Face's
+# `kernels` package, which transformers imports. The project's kernels are always `dsquant.kernels`, and the
+# test modules reach each other through the `tests` package that pytest already registered, so the checkout
+# itself is dropped from the path before anything imports transformers.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+if "kernels" in sys.modules and Path(getattr(sys.modules["kernels"], "__file__", "") or "").parent == _CHECKOUT / "kernels":
+    del sys.modules["kernels"]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     from tests import interpreter_fixes
