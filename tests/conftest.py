@@ -9,7 +9,10 @@ from pathlib import Path
 # `python -m pytest` puts the checkout on sys.path, where its kernels/ folder would hide Hugging Face's
 # `kernels` package, which transformers imports. The project's kernels are always `dsquant.kernels`, and the
 # test modules reach each other through the `tests` package that pytest already registered, so the checkout
-# itself is dropped from the path before anything imports transformers.
+# itself is dropped from the path before anything imports transformers. dsquant is imported first, so that an
+# uninstalled checkout (the GPU machine) keeps it: its subpackages resolve through dsquant.__path__.
+import dsquant  # noqa: E402, F401
+
 _CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
 if "kernels" in sys.modules and Path(getattr(sys.modules["kernels"], "__file__", "") or "").parent == _CHECKOUT / "kernels":
