@@ -29,7 +29,8 @@ def _cache_store_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    keep = slot >= 0  # negative slot: padding token, nothing is written
+    if slot < 0:  # padding token: nothing is written (an early exit, not a scalar store mask, which newer
+        return  # Triton interpreters reject)
     r = tl.arange(0, DR)
     pe = tl.load(kpe_ptr + t * stride_kpe + r).to(tl.float32)
     if KV_FMT == 2:
@@ -44,9 +45,9 @@ def _cache_store_kernel(
             exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
             scale = (exp << 23).to(tl.float32, bitcast=True)
         q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -FP8_MAX, FP8_MAX)
-        tl.store(val_ptr + slot * VAL_W + offs, q.to(val_ptr.dtype.element_ty), mask=keep)
-        tl.store(sc_ptr + slot * SC_W + SC_OFF + g, scale, mask=keep)
-        tl.store(pe_ptr + slot * PE_W + PE_OFF + r, pe.to(tl.bfloat16), mask=keep)
+        tl.store(val_ptr + slot * VAL_W + offs, q.to(val_ptr.dtype.element_ty))
+        tl.store(sc_ptr + slot * SC_W + SC_OFF + g, scale)
+        tl.store(pe_ptr + slot * PE_W + PE_OFF + r, pe.to(tl.bfloat16))
     else:
         d = tl.arange(0, D)
         x = tl.load(kvc_ptr + t * stride_kvc + d).to(tl.float32)
@@ -54,8 +55,8 @@ def _cache_store_kernel(
             s = tl.load(kv_scale_ptr)
             x = tl.clamp(tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * s), -FP8_MAX, FP8_MAX)
             pe = tl.clamp(tl.math.div_rn(pe, tl.full(pe.shape, 1.0, tl.float32) * s), -FP8_MAX, FP8_MAX)
-        tl.store(val_ptr + slot * VAL_W + d, x.to(val_ptr.dtype.element_ty), mask=keep)
-        tl.store(pe_ptr + slot * PE_W + PE_OFF + r, pe.to(pe_ptr.dtype.element_ty), mask=keep)
+        tl.store(val_ptr + slot * VAL_W + d, x.to(val_ptr.dtype.element_ty))
+        tl.store(pe_ptr + slot * PE_W + PE_OFF + r, pe.to(pe_ptr.dtype.element_ty))
 
 
 def cache_views(kv_cache: torch.Tensor):
