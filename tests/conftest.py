@@ -15,7 +15,8 @@ import dsquant  # noqa: E402, F401
 
 _CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
-if "kernels" in sys.modules and Path(getattr(sys.modules["kernels"], "__file__", "") or "").parent == _CHECKOUT / "kernels":
+_shadow = sys.modules.get("kernels")
+if _shadow is not None and Path(getattr(_shadow, "__file__", None) or ".").resolve().parent == _CHECKOUT / "kernels":
     del sys.modules["kernels"]
 
 import pytest  # noqa: E402
