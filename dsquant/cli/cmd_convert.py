@@ -123,10 +123,12 @@ def convert(
     try:
         calibration = (_calibration(src, calibrate, device, calib_method or "mse", calib_rows)
                        if calibrate is not None and not dry_run else None)
+        calib_options = ("--calibrate", str(calibrate.resolve()), "--calib-method", calib_method or "mse",
+                         "--calib-rows", str(calib_rows)) if calibration is not None else ()
         summary = run_convert(src, dst, recipe, convention=fmt, device=device, workers=workers,
                               max_shard_size=max_shard_size, resume=resume, dry_run=dry_run,
                               progress=sys.stderr.isatty() and not as_json, push_to_hub=push_to_hub,
-                              calibration=calibration)
+                              calibration=calibration, resume_options=calib_options)
     except ValueError as exc:
         fail(str(exc))
     except OSError as exc:  # ENOSPC, EROFS, EACCES while writing: one line naming the file
