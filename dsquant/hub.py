@@ -23,6 +23,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from dsquant.checkpoint.manifest import unfinished_conversion
 from dsquant.model_card import CARD_MARKER, RECIPE_FILE, write_model_card
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ HF_SPEC = re.compile(r"^hf://(?P<repo>[^@\s]+?)(?:@(?P<rev>[^@\s]+))?$")
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py", "README.md", "LICENSE*"]
 # Never uploaded: the converter's lock/manifest/partial shards, hidden files, huggingface_hub's upload cache.
 UPLOAD_IGNORE = [".*", "*/.*", ".cache/*", "*.partial"]
-PARTIAL_MARKERS = (".dsquant-manifest.json", ".dsquant.lock")
 
 
 @dataclass
@@ -65,10 +65,8 @@ def check_dsquant_output(folder: Path) -> None:
     """ValueError unless `folder` is a finished dsquant output (config, recipe record, weights; no partial run)."""
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a directory")
-    for marker in PARTIAL_MARKERS:
-        if (folder / marker).exists():
-            raise ValueError(f"{folder}: unfinished conversion ({marker} present); finish it with "
-                             "`dsquant convert ... --resume` before pushing")
+    if unfinished := unfinished_conversion(folder):
+        raise ValueError(f"{unfinished} before pushing")
     missing = [n for n in ("config.json", RECIPE_FILE) if not (folder / n).is_file()]
     if not any(folder.glob("*.safetensors")):
         missing.append("*.safetensors")
