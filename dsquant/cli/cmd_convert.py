@@ -43,12 +43,10 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
         raise ValueError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
     if rows < 1:
         raise ValueError(f"--calib-rows {rows}: must be at least 1")
-    if not text_file.is_file():
-        raise ValueError(f"--calibrate {text_file}: no such text file")
-    text = text_file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ValueError(f"--calibrate {text_file}: the file is empty")
     from dsquant.runner.calibrate import calibrate_all
+    from dsquant.runner.data import read_user_text
+
+    text = read_user_text(text_file, "--calibrate")
 
     if src is None:
         from dsquant.demo import demo_model_dir
