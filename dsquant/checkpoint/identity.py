@@ -3,12 +3,12 @@
 A resume keeps the output shards of the interrupted run and converts the rest from the source given now,
 so both runs must read the same weights. The tensor layout cannot tell: DeepSeek-V3 and R1 (and a model
 and its fine-tune) have the same names, shapes, shard files and byte offsets, so their headers, the
-weight_map and every file size are equal too. What differs is the tensor data, so for each shard:
+weight_map and every file size can be equal too. What differs is the tensor data, so for each shard:
 
 - `bytes` and `header` (SHA-256 of the safetensors header): a re-sharded or re-saved file, cheaply;
 - `sample` (SHA-256 of SAMPLES windows of WINDOW bytes spread evenly over the data section, the last
   byte included): a different model of the same layout, whose weights differ nearly everywhere, from
-  about 64 KiB per shard (a few MB for a 163-shard model) instead of the 1.3 TB of weights;
+  about 64 KiB per shard (a few MB for a 163-shard model) instead of every byte (690 GB for V3 in FP8);
 - `blob`: where the file is a Hugging Face cache link, its blob's name, which is the SHA-256 of the whole
   file as the Hub computed it (a full content hash for free).
 

@@ -15,6 +15,7 @@ import pytest
 
 import dsquant.checkpoint.writer as writer_mod
 import dsquant.convert as convert_mod
+from dsquant.checkpoint.identity import shard_identity
 from dsquant.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
@@ -54,6 +55,7 @@ def test_resume_refuses_another_model_of_the_same_layout(synth, reference_run, t
     assert {n: (i.file, i.dtype, i.shape, i.start, i.end) for n, i in ca.infos.items()} == \
         {n: (i.file, i.dtype, i.shape, i.start, i.end) for n, i in cb.infos.items()}
     assert [(a / f).stat().st_size for f in ca.files] == [(b / f).stat().st_size for f in cb.files]
+    assert [shard_identity(a / f)["header"] for f in ca.files] == [shard_identity(b / f)["header"] for f in cb.files]
     assert kill_conversion(a, dst, "nvfp4", "commit", 2).returncode == -9
     before = disk_state(dst, skip=(LOCK_NAME,))  # the killed run's stale lock is taken over and released
     with pytest.raises(ValueError) as refused:
