@@ -10,6 +10,7 @@ writing) and convert_config.py (configs and the record of what was done).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsquant.checkpoint.identity import identity_difference, source_identity
 from dsquant.checkpoint.index import write_index, write_json_atomic
 from dsquant.checkpoint.manifest import LOCK_NAME, DstLock, Manifest
 from dsquant.checkpoint.reader import Checkpoint
@@ -123,16 +125,55 @@ def _make_dst(dst: Path) -> None:
         raise ValueError(f"{dst}: destination folder is not writable")
 
 
-def _resume_state(dst: Path, resume: bool, plan: Plan) -> Manifest | None:
+def _source_name(source: dict, identity: dict) -> str:
+    """How the refusal and the resume command name a source: its folder, or hf://repo@commit."""
+    if "repo_id" in source:
+        return f"hf://{source['repo_id']}@{identity.get('commit') or source['revision']}"
+    return source["path"]
+
+
+def _run_record(ckpt: Checkpoint, source: dict, dst: Path, recipe, rec: Recipe, convention: str, max_shard_size,
+                calibration: dict | None, resume_options, plan: Plan) -> dict:
+    """What the manifest binds a resume to, and the command that finishes the run."""
+    identity = source_identity(ckpt.path, ckpt.files)
+    name = _source_name(source, identity)
+    recipe_arg = recipe if isinstance(recipe, str) and not Path(recipe).is_file() else \
+        str(Path(recipe).resolve()) if isinstance(recipe, (str, Path)) else rec.name
+    command = ["dsquant", "convert", name, str(dst.resolve()), "--recipe", str(recipe_arg), "--format", convention,
+               "--max-shard-size", str(max_shard_size), *resume_options, "--resume"]
+    digest = None if calibration is None else \
+        hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()
+    return {"source": name, "identity": identity, "calibration": digest, "shards": len(plan.shards),
+            "command": command}
+
+
+def _resume_state(dst: Path, resume: bool, plan: Plan, run: dict) -> Manifest | None:
     """Under the lock: the manifest to resume from, None for a fresh start, or ValueError saying what to do."""
     manifest = Manifest.load(dst)
     if manifest is not None:
+        finish = f"`{manifest.resume_command}`" if manifest.resume_command else "the same command with --resume"
         if not resume:
             raise ValueError(f"{dst}: holds an unfinished conversion; run the same command with --resume to finish "
-                             f"it, or delete the folder to start again")
+                             f"it ({finish}), or delete the folder to start again")
+        recorded = manifest.run.get("identity")
+        if recorded is None:
+            raise ValueError(f"{dst}: the unfinished conversion there did not record which source it read, so "
+                             f"resuming could mix two models; delete the folder and convert again")
+        diff = identity_difference(recorded, run["identity"])
+        if diff is not None:
+            raise ValueError(f"{dst}: the unfinished conversion there is of {manifest.run.get('source')}, not of "
+                             f"{run['source']} ({diff}); finish it from its own source with {finish}, or convert "
+                             f"{run['source']} into a new, empty destination")
         if manifest.fingerprint != plan.fingerprint:
-            raise ValueError(f"{dst}: the unfinished conversion there used another source, recipe, format or "
-                             f"--max-shard-size; resume with the same settings, or delete the folder")
+            raise ValueError(f"{dst}: the unfinished conversion there used another recipe, format, "
+                             f"--max-shard-size or source layout; resume with the same settings ({finish}), or "
+                             f"delete the folder")
+        calibrated = manifest.run.get("calibration")
+        if calibrated != run["calibration"]:
+            how = "not calibrated" if calibrated is None else \
+                "calibrated on other values" if run["calibration"] else "calibrated"
+            raise ValueError(f"{dst}: the unfinished conversion there was {how}; resume with the same calibration "
+                             f"({finish}), or delete the folder")
         return manifest
     entries = [p.name for p in dst.iterdir() if p.name != LOCK_NAME]
     if (dst / RECIPE_FILE).is_file():
@@ -199,6 +240,8 @@ def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress)
 
 def _finalize(ckpt: Checkpoint, plan: Plan, dst: Path, source: dict, created: str, calibrated: bool,
               warnings: list[str]) -> int:
+    """Index, configs, copied files, recipe record, loading check, model card. The caller then removes the
+    manifest, the last step: until then every command sees an unfinished output (checkpoint.manifest)."""
     weight_map = {name: shard.file for shard in plan.shards for name, _, _ in shard.entries}
     total = sum(math.prod(s) * d.itemsize for shard in plan.shards for _, d, s in shard.entries)
     write_index(dst, weight_map, total)
@@ -210,10 +253,12 @@ def _finalize(ckpt: Checkpoint, plan: Plan, dst: Path, source: dict, created: st
     write_json_atomic(dst / RECIPE_FILE, recipe_record(plan, source, bytes_out, created, calibrated))
     try:
         from dsquant.check import check_checkpoint
+        from dsquant.check.structure import UNFINISHED
     except ImportError as e:
         warnings.append(f"dsquant.check is not available ({e}); the engine-loading check was skipped")
     else:
-        errors = [f for f in check_checkpoint(dst) if f.severity == "error"]
+        # `unfinished` holds until this run removes its manifest, the step after this one
+        errors = [f for f in check_checkpoint(dst) if f.severity == "error" and f.rule != UNFINISHED]
         if errors:
             (dst / RECIPE_FILE).unlink(missing_ok=True)  # an output that fails the check must not look complete
             shown = "; ".join(f"[{f.rule}] {f.message}" for f in errors[:5])
@@ -229,7 +274,8 @@ def _finalize(ckpt: Checkpoint, plan: Plan, dst: Path, source: dict, created: st
 
 def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: str = "auto", device: str = "cpu",
             workers: int | None = None, max_shard_size: str | int = "5GB", resume: bool = False, dry_run: bool = False,
-            calibration=None, progress: bool = True, push_to_hub: str | None = None) -> ConvertSummary:
+            calibration=None, progress: bool = True, push_to_hub: str | None = None,
+            resume_options: tuple[str, ...] = ()) -> ConvertSummary:
     """Convert checkpoint SRC into DST with a recipe. User errors raise ValueError naming the file or tensor.
 
     Args:
@@ -245,6 +291,8 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
         calibration: {module name: NVFP4 activation global scale (amax / 2688)} or a JSON file of it.
         progress: show a tqdm bar over source bytes.
         push_to_hub: "org/name" to upload DST when done (dsquant.hub.push_to_hub).
+        resume_options: the command-line options that produced `calibration` (--calibrate FILE ...), repeated
+            in the resume command that an unfinished output names.
     """
     start = time.perf_counter()
     src_path, source = _resolve_source(src)
@@ -272,10 +320,11 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
         summary.seconds = time.perf_counter() - start
         return summary
     _make_dst(dst_path)
+    run = _run_record(ckpt, source, dst_path, recipe, rec, convention, max_shard_size, calib, resume_options, plan)
     with DstLock(dst_path):
-        manifest = _resume_state(dst_path, resume, plan)
+        manifest = _resume_state(dst_path, resume, plan, run)
         if manifest is None:
-            manifest = Manifest(dst_path, plan.fingerprint, utc_now())
+            manifest = Manifest(dst_path, plan.fingerprint, utc_now(), run=run)
             manifest.save()
         done = manifest.verified(dst_path)
         for stray in dst_path.glob(".*.partial"):

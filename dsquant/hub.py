@@ -23,7 +23,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from dsquant.model_card import CARD_MARKER, RECIPE_FILE, write_model_card
+from dsquant.checkpoint.manifest import unfinished_conversion
+from dsquant.model_card import CARD_MARKER, RECIPE_FILE, render_model_card
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ HF_SPEC = re.compile(r"^hf://(?P<repo>[^@\s]+?)(?:@(?P<rev>[^@\s]+))?$")
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py", "README.md", "LICENSE*"]
 # Never uploaded: the converter's lock/manifest/partial shards, hidden files, huggingface_hub's upload cache.
 UPLOAD_IGNORE = [".*", "*/.*", ".cache/*", "*.partial"]
-PARTIAL_MARKERS = (".dsquant-manifest.json", ".dsquant.lock")
 
 
 @dataclass
@@ -65,10 +65,8 @@ def check_dsquant_output(folder: Path) -> None:
     """ValueError unless `folder` is a finished dsquant output (config, recipe record, weights; no partial run)."""
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a directory")
-    for marker in PARTIAL_MARKERS:
-        if (folder / marker).exists():
-            raise ValueError(f"{folder}: unfinished conversion ({marker} present); finish it with "
-                             "`dsquant convert ... --resume` before pushing")
+    if unfinished := unfinished_conversion(folder):
+        raise ValueError(f"{unfinished} before pushing")
     missing = [n for n in ("config.json", RECIPE_FILE) if not (folder / n).is_file()]
     if not any(folder.glob("*.safetensors")):
         missing.append("*.safetensors")
@@ -77,25 +75,29 @@ def check_dsquant_output(folder: Path) -> None:
                          "push the directory `dsquant convert` wrote")
 
 
-def upload_plan(folder: Path) -> list[tuple[str, int]]:
-    """(path in repo, bytes) of every file an upload of `folder` sends, sorted by path."""
+def upload_plan(folder: Path, card: str | None = None) -> list[tuple[str, int]]:
+    """(path in repo, bytes) of every file an upload of `folder` sends, sorted by path; `card` is the model
+    card text to be written as README.md before the upload (its size is the one listed)."""
     import fnmatch
 
-    out = []
+    out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if any(fnmatch.fnmatch(rel, pat) for pat in UPLOAD_IGNORE):
             continue
-        out.append((rel, path.stat().st_size))
-    return out
+        out[rel] = path.stat().st_size
+    if card is not None:
+        out["README.md"] = len(card.encode())
+    return sorted(out.items())
 
 
-def _refresh_card(folder: Path, repo_id: str) -> None:
+def _refreshed_card(folder: Path, repo_id: str) -> str | None:
+    """The model card to write before uploading, or None to keep a README.md edited by hand."""
     card = folder / "README.md"
     if card.is_file() and CARD_MARKER not in card.read_text(errors="replace"):
         log.info("%s has no dsquant marker (edited by hand?); keeping it as it is", card)
-        return
-    write_model_card(folder, repo_id=repo_id)
+        return None
+    return render_model_card(folder, repo_id=repo_id)
 
 
 def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -104,9 +106,10 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
     """Publish the dsquant output `folder` to the model repo `repo_id`.
 
     Order: validate -> `dsquant inspect --check` rules (errors refuse the push unless check=False) ->
-    refresh README.md -> create_repo(exist_ok=True) -> create_branch(revision) when given -> resumable
-    upload. `api` is an HfApi-like object (tests pass a fake); when None, one is built with the token
-    huggingface_hub finds, and a missing token is a ValueError before any network call.
+    render the model card (dry_run stops here, having written nothing) -> write README.md ->
+    create_repo(exist_ok=True) -> create_branch(revision) when given -> resumable upload. `api` is an
+    HfApi-like object (tests pass a fake); when None, one is built with the token huggingface_hub finds, and
+    a missing token is a ValueError before any network call.
     """
     folder = Path(folder)
     validate_repo_id(repo_id)
@@ -119,10 +122,12 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
             shown = "; ".join(str(f) for f in errors[:3])
             raise ValueError(f"{folder}: fails {len(errors)} engine loading check(s), not pushing: {shown}. "
                              f"See `dsquant inspect {folder} --check` (or push anyway with --no-check)")
-    _refresh_card(folder, repo_id)
-    result = PushResult(repo_id, revision, upload_plan(folder), dry_run=dry_run)
-    if dry_run:
+    card = _refreshed_card(folder, repo_id)
+    result = PushResult(repo_id, revision, upload_plan(folder, card), dry_run=dry_run)
+    if dry_run:  # changes nothing on disk: the card that would be written is only measured
         return result
+    if card is not None:
+        (folder / "README.md").write_text(card)
     if api is None:
         token = get_token()
         if not token:

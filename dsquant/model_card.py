@@ -194,9 +194,12 @@ def _cell(text) -> str:
 def _check_section(dst: Path) -> list[str]:
     """What the engine loading checks (`dsquant inspect --check`) found, so readers know it was linted."""
     from dsquant.check import check_checkpoint
+    from dsquant.check.structure import UNFINISHED
 
     try:
-        findings = check_checkpoint(dst)
+        # the card is written before the converter's last step, which ends `unfinished`; an unfinished folder
+        # is never pushed
+        findings = [f for f in check_checkpoint(dst) if f.rule != UNFINISHED]
     except ValueError as exc:
         log.warning("model card: cannot check %s (%s)", dst, exc)
         return []

@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub import constants
 
 import dsquant.hub as hub
-from dsquant.model_card import CARD_MARKER
+from dsquant.model_card import CARD_MARKER, render_model_card
 from tests.check.ckpt_factory import build
 
 FAKE_TOKEN = "hf_FAKEtokenTHATmustNEVERbeSHOWN1234567890"
@@ -100,9 +100,11 @@ def test_dry_run_lists_files_and_bytes_without_calls(tmp_path):
     api = FakeApi()
     result = hub.push_to_hub(out, "me/model", dry_run=True, api=api)
     assert api.calls == []
-    expected = sorted((p.name, p.stat().st_size) for p in out.iterdir() if not p.name.startswith("."))
+    assert not (out / "README.md").exists()  # a dry run writes nothing; the card it would write is listed
+    card = render_model_card(out, repo_id="me/model").encode()
+    expected = sorted([(p.name, p.stat().st_size) for p in out.iterdir() if not p.name.startswith(".")] +
+                      [("README.md", len(card))])
     assert result.files == expected and result.total_bytes == sum(n for _, n in expected)
-    assert "README.md" in dict(result.files)
 
 
 @pytest.mark.parametrize("repo_id", ["noslash", "a/b/c", "-bad/name", "org/na me", "org--x/name", "org/..x", ""])

@@ -7,6 +7,8 @@
   do not need it, but tools that size downloads and disks do).
 - unlisted-shard: a *.safetensors file the index does not list (left over from an earlier run). Warning.
 - layers: config.json's num_hidden_layers / n_routed_experts disagree with the tensors stored. Error.
+- unfinished: the folder is a dsquant conversion that has not finished (checkpoint.manifest decides); its
+  files may all be consistent and still hold only part of the model's tensors, or no model card. Error.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from dsquant.check.finding import Finding
 from dsquant.check.names import expert_index, layer_index, num_layers
 from dsquant.check.view import CheckpointView
 from dsquant.checkpoint.index import INDEX_NAME
+from dsquant.checkpoint.manifest import unfinished_conversion
 
 MAX_LISTED = 3
+UNFINISHED = "unfinished"  # the rule name; the converter's own check, run while it finishes, leaves it out
 
 
 def check(view: CheckpointView) -> list[Finding]:
-    out = [Finding("index", "error", p.message, tensor=p.tensor, file=p.file) for p in view.problems[:50]]
+    unfinished = unfinished_conversion(view.path) if view.remote is None else None
+    out = [Finding(UNFINISHED, "error", unfinished)] if unfinished else []
+    out += [Finding("index", "error", p.message, tensor=p.tensor, file=p.file) for p in view.problems[:50]]
     if len(view.problems) > 50:
         out.append(Finding("index", "error", f"{len(view.problems) - 50} more index/shard problems not listed",
                            file=INDEX_NAME))

@@ -1,10 +1,15 @@
 """Resume bookkeeping and the destination lock.
 
-The manifest (`DST/.dsquant-manifest.json`) records the plan's fingerprint, the run's start time and every
-finished output shard with its size and SHA-256; it is rewritten atomically after each shard. A resumed run
-checks the fingerprint (same source, recipe, convention and shard layout), keeps shards whose checksum
-still matches and redoes the rest, so the result is byte-identical to an uninterrupted run. The manifest is
-removed when the output is complete: a folder with a manifest is a partial output.
+The manifest (`DST/.dsquant-manifest.json`) records the plan's fingerprint, the run's start time, what the
+run was started with (`run`: the source's name and identity, see identity.py, the calibration's digest,
+the shard count and the command that finishes it) and every finished output shard with its size and
+SHA-256; it is rewritten atomically after each shard. A resumed run checks the source's identity and the
+fingerprint (recipe, convention and shard layout), keeps shards whose checksum still matches and redoes
+the rest, so the result is byte-identical to an uninterrupted run.
+
+The manifest is removed as the very last step, after the index, configs, recipe record and model card:
+a folder with a manifest is an unfinished output, whatever else it holds, and `unfinished_conversion`
+is the one place every command asks.
 
 The lock (`DST/.dsquant.lock`, created with O_EXCL) holds the writer's host and pid; a lock whose process is
 gone (kill -9) is stale and taken over.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import socket
 import threading
 from pathlib import Path
@@ -34,11 +40,12 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 class Manifest:
-    def __init__(self, dst: Path, fingerprint: str, created: str, shards: dict | None = None):
+    def __init__(self, dst: Path, fingerprint: str, created: str, shards: dict | None = None, run: dict | None = None):
         self.path = Path(dst) / MANIFEST_NAME
         self.fingerprint = fingerprint
         self.created = created
         self.shards: dict[str, dict] = dict(shards or {})
+        self.run: dict = dict(run or {})
         self._lock = threading.Lock()
 
     @classmethod
@@ -48,12 +55,12 @@ class Manifest:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(dst, data["fingerprint"], data["created"], data.get("shards"))
+            return cls(dst, data["fingerprint"], data["created"], data.get("shards"), data.get("run"))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: unreadable resume manifest ({e}); delete the destination and start again")
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "created": self.created,
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "created": self.created, "run": self.run,
                                       "shards": dict(sorted(self.shards.items()))})
 
     def record(self, fname: str, nbytes: int, sha256: str) -> None:
@@ -72,6 +79,29 @@ class Manifest:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    @property
+    def resume_command(self) -> str | None:
+        """The shell command that finishes this conversion, or None for a manifest that did not record it."""
+        command = self.run.get("command")
+        return shlex.join(command) if isinstance(command, list) and command else None
+
+
+def unfinished_conversion(folder) -> str | None:
+    """None when `folder` holds no unfinished dsquant conversion (a finished one, or another tool's
+    checkpoint); else one line saying it is unfinished and how to finish it. Every command that reads or
+    publishes a checkpoint asks this, so that a half-written output is never taken for a model."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = Manifest.load(folder)
+    except ValueError as e:
+        return f"{folder}: unfinished conversion, and {e}"
+    done, total = len(manifest.shards), manifest.run.get("shards", "?")
+    how = (f"`{manifest.resume_command}`" if manifest.resume_command else
+           f"`dsquant convert SRC {shlex.quote(str(folder))} --resume` with the options it was started with")
+    return f"{folder}: unfinished conversion ({done} of {total} output shards written); finish it with {how}"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -43,12 +43,10 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
         raise ValueError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
     if rows < 1:
         raise ValueError(f"--calib-rows {rows}: must be at least 1")
-    if not text_file.is_file():
-        raise ValueError(f"--calibrate {text_file}: no such text file")
-    text = text_file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ValueError(f"--calibrate {text_file}: the file is empty")
     from dsquant.runner.calibrate import calibrate_all
+    from dsquant.runner.data import read_user_text
+
+    text = read_user_text(text_file, "--calibrate")
 
     if src is None:
         from dsquant.demo import demo_model_dir
@@ -123,10 +121,12 @@ def convert(
     try:
         calibration = (_calibration(src, calibrate, device, calib_method or "mse", calib_rows)
                        if calibrate is not None and not dry_run else None)
+        calib_options = ("--calibrate", str(calibrate.resolve()), "--calib-method", calib_method or "mse",
+                         "--calib-rows", str(calib_rows)) if calibration is not None else ()
         summary = run_convert(src, dst, recipe, convention=fmt, device=device, workers=workers,
                               max_shard_size=max_shard_size, resume=resume, dry_run=dry_run,
                               progress=sys.stderr.isatty() and not as_json, push_to_hub=push_to_hub,
-                              calibration=calibration)
+                              calibration=calibration, resume_options=calib_options)
     except ValueError as exc:
         fail(str(exc))
     except OSError as exc:  # ENOSPC, EROFS, EACCES while writing: one line naming the file

@@ -63,6 +63,7 @@ def eval_cmd(
 
     Example: dsquant eval ./V3-nvfp4 --base ./DeepSeek-V3 --text-file wiki.test.raw --offload layer --device cuda
     """
+    from dsquant.checkpoint.manifest import unfinished_conversion
     from dsquant.demo import demo_model_dir
     from dsquant.runner.evaluate import evaluate, load_text
 
@@ -70,6 +71,8 @@ def eval_cmd(
     for what, path in (("CKPT", ckpt), ("--base", base)):
         if path is not None and not Path(path).is_dir():
             fail(f"{what} {path}: no such checkpoint directory")
+        if path is not None and (unfinished := unfinished_conversion(path)):
+            fail(unfinished)
     if max_tokens is not None and max_tokens < 1:
         fail(f"--max-tokens must be positive, got {max_tokens}")
     if batch_size < 1:

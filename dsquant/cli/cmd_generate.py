@@ -27,12 +27,15 @@ def generate_cmd(
 
     Example: dsquant generate ./demo-nvfp4 "def fibonacci(n):" -n 80
     """
+    from dsquant.checkpoint.manifest import unfinished_conversion
     from dsquant.runner.generate import generate
     from dsquant.runner.load import load_model
     from dsquant.runner.tokenizer import load_tokenizer
 
     if not Path(ckpt).is_dir():
         fail(f"CKPT {ckpt}: no such checkpoint directory")
+    if unfinished := unfinished_conversion(ckpt):
+        fail(unfinished)
     if device.startswith("cuda"):
         import torch
 

@@ -10,10 +10,15 @@ rule that depends only on the path, so the split is the same on every machine an
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import sysconfig
 from pathlib import Path
 
+# Control characters other than whitespace (\t \n \v \f \r). Text, logs with colour escapes included, has
+# almost none; binary data that happens to be valid UTF-8 (bytes below 0x80) is over a fifth of them.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+CONTROL_LIMIT = 0.1
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 
 
@@ -43,3 +48,27 @@ def stdlib_text(split: str = "heldout") -> tuple[str, dict]:
         "chars": len(text),
     }
     return text, info
+
+
+def read_user_text(path: str | Path, option: str) -> str:
+    """The text of a file given on the command line (`option` names it: --text-file, --calibrate).
+
+    Refuses, with a ValueError naming the option and file, what would be scored or calibrated on as if it were
+    text: a missing file, bytes that are not UTF-8, a file that is empty or mostly control characters.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{option} {p}: no such text file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{option} {p}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); give a "
+                         f"UTF-8 text file") from None
+    if not text.strip():
+        raise ValueError(f"{option} {p}: the file is empty")
+    control = len(_CONTROL.findall(text))
+    if control > CONTROL_LIMIT * len(text):
+        raise ValueError(f"{option} {p}: {100 * control / len(text):.0f}% of its characters are control "
+                         f"characters, so it is binary data, not text; give a UTF-8 text file")
+    return text

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dsquant.devices import resolve_devices
-from dsquant.runner.data import stdlib_text
+from dsquant.runner.data import read_user_text, stdlib_text
 from dsquant.runner.load import CheckpointReader, load_model
 from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import Accumulator, make_windows
@@ -33,13 +33,8 @@ def load_text(text_file: str | Path | None = None, dataset: str | None = None) -
     if text_file is not None and dataset is not None:
         raise ValueError("give either --text-file or --dataset, not both")
     if text_file is not None:
-        p = Path(text_file)
-        if not p.is_file():
-            raise ValueError(f"--text-file {p}: no such file")
-        text = p.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise ValueError(f"--text-file {p}: the file is empty")
-        return text, {"source": str(p), "chars": len(text)}
+        text = read_user_text(text_file, "--text-file")
+        return text, {"source": str(text_file), "chars": len(text)}
     if dataset is None:
         return stdlib_text("heldout")
     if dataset != "wikitext2":

@@ -1,87 +1,32 @@
-"""Streaming guarantees: kill -9 + --resume is byte-identical, bounded peak RSS, the lock, parallel workers,
-a partial destination refused without --resume, and ENOSPC mid-write."""
+"""Streaming guarantees: kill -9 + --resume is byte-identical, a resume from another source, commit or
+calibration is refused, bounded peak RSS, the lock, parallel workers, a partial destination refused without
+--resume, and ENOSPC mid-write."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import dsquant.checkpoint.writer as writer_mod
+import dsquant.convert as convert_mod
+from dsquant.checkpoint.identity import shard_identity
 from dsquant.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
+from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
 from dsquant.convert import convert
-
-REPO = Path(__file__).resolve().parents[2]
-
-# Runs one conversion in a child process and SIGKILLs it at a chosen point: the n-th tensor write
-# (mid-shard), right after the n-th shard is renamed but before the manifest records it, or when the
-# finalize step starts writing configs (all shards and the index done).
-_KILLER = r"""
-import os, sys
-import dsquant.checkpoint.writer as w
-import dsquant.convert as c
-src, dst, recipe, point, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-hits = {"n": 0}
-def hit():
-    hits["n"] += 1
-    if hits["n"] == n:
-        os.kill(os.getpid(), 9)
-if point == "write":
-    orig_write = w.ShardWriter.write
-    def write(self, *a):
-        hit()
-        return orig_write(self, *a)
-    w.ShardWriter.write = write
-elif point == "commit":
-    orig_commit = w.ShardWriter.commit
-    def commit(self):
-        out = orig_commit(self)
-        hit()
-        return out
-    w.ShardWriter.commit = commit
-elif point == "configs":
-    orig_configs = c.write_configs
-    def configs(*a):
-        hit()
-        return orig_configs(*a)
-    c.write_configs = configs
-c.convert(src, dst, recipe, max_shard_size="1MB", progress=False)
-"""
-
-
-def _run_child(code: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def _tree(dst: Path) -> dict[str, bytes]:
-    files = {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()}
-    record = json.loads(files.pop("dsquant_recipe.json"))
-    created = record.pop("created")
-    files["dsquant_recipe.json"] = json.dumps(record, sort_keys=True).encode()
-    if "README.md" in files:  # the model card quotes the creation time; nothing else may differ
-        files["README.md"] = files["README.md"].replace(created.encode(), b"<created>")
-    return files
-
-
-@pytest.fixture(scope="module")
-def reference_run(synth, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("ref") / "out"
-    convert(synth("v3", "fp8"), dst, "nvfp4", max_shard_size="1MB", progress=False)
-    return dst
+from tests.checkpoint.interrupt import disk_state, kill_conversion, output_tree, run_child
 
 
 @pytest.mark.parametrize("point,n", [("write", 3), ("write", 150), ("commit", 2), ("configs", 1)])
 def test_kill_9_then_resume_is_byte_identical(synth, reference_run, tmp_path, point, n):
     src, dst = synth("v3", "fp8"), tmp_path / "out"
-    child = _run_child(_KILLER, src, dst, "nvfp4", point, n)
+    child = kill_conversion(src, dst, "nvfp4", point, n)
     assert child.returncode == -9, child.stderr[-2000:]
     assert (dst / MANIFEST_NAME).is_file() and not (dst / "dsquant_recipe.json").exists()
     recorded = len(json.loads((dst / MANIFEST_NAME).read_text())["shards"])
@@ -92,21 +37,81 @@ def test_kill_9_then_resume_is_byte_identical(synth, reference_run, tmp_path, po
     # that shard is on disk but unrecorded, so it is redone; at configs: every shard is kept.
     expected = {"write": (0 if n == 3 else recorded), "commit": n - 1, "configs": summary.shards}[point]
     assert recorded == expected and summary.resumed_shards == expected and (point != "write" or n == 3 or expected)
-    assert _tree(dst) == _tree(reference_run)
+    assert output_tree(dst) == output_tree(reference_run)
     assert not (dst / MANIFEST_NAME).exists() and not (dst / LOCK_NAME).exists()
 
 
 def test_resume_refuses_other_settings(synth, tmp_path):
     src, dst = synth("v3", "fp8"), tmp_path / "out"
-    assert _run_child(_KILLER, src, dst, "nvfp4", "commit", 1).returncode == -9
+    assert kill_conversion(src, dst, "nvfp4", "commit", 1).returncode == -9
     with pytest.raises(ValueError, match="same settings"):
         convert(src, dst, "nvfp4-experts-only", max_shard_size="1MB", resume=True, progress=False)
+
+
+def test_resume_refuses_another_model_of_the_same_layout(synth, reference_run, tmp_path):
+    a, b, dst = synth("v3", "fp8"), synth("v3", "fp8", seed=1), tmp_path / "out"
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    # B is what the layout alone cannot tell from A: same names, dtypes, shapes, offsets, files and sizes
+    assert {n: (i.file, i.dtype, i.shape, i.start, i.end) for n, i in ca.infos.items()} == \
+        {n: (i.file, i.dtype, i.shape, i.start, i.end) for n, i in cb.infos.items()}
+    assert [(a / f).stat().st_size for f in ca.files] == [(b / f).stat().st_size for f in cb.files]
+    assert [shard_identity(a / f)["header"] for f in ca.files] == [shard_identity(b / f)["header"] for f in cb.files]
+    assert kill_conversion(a, dst, "nvfp4", "commit", 2).returncode == -9
+    before = disk_state(dst, skip=(LOCK_NAME,))  # the killed run's stale lock is taken over and released
+    with pytest.raises(ValueError) as refused:
+        convert(b, dst, "nvfp4", max_shard_size="1MB", resume=True, progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and f"is of {a.resolve()}, not of {b.resolve()}" in message
+    assert "contents" in message and "new, empty destination" in message and "--resume" in message
+    assert disk_state(dst, skip=(LOCK_NAME,)) == before
+    summary = convert(a, dst, "nvfp4", max_shard_size="1MB", resume=True, progress=False)
+    assert summary.resumed_shards == 1
+    assert output_tree(dst) == output_tree(reference_run)
+
+
+def test_resume_refuses_a_hub_branch_that_moved(synth, tmp_path, monkeypatch):
+    hub = pytest.importorskip("dsquant.hub")
+    repo = tmp_path / "hub" / "models--org--name" / "snapshots"
+    old, new = repo / ("1" * 40), repo / ("2" * 40)
+    for snapshot in (old, new):  # the same files at two commits: only the commit tells them apart
+        shutil.copytree(synth("v3", "bf16"), snapshot)
+    main = {"at": old}
+    monkeypatch.setattr(hub, "resolve_source", lambda spec: old if spec.endswith("@" + "1" * 40) else main["at"])
+    dst = tmp_path / "out"
+    with pytest.raises(RuntimeError), monkeypatch.context() as m:
+        m.setattr(convert_mod, "write_configs", _interrupt)
+        convert("hf://org/name@main", dst, "int8", progress=False)
+    main["at"] = new
+    with pytest.raises(ValueError, match=f"is of hf://org/name@{'1' * 40}, not of hf://org/name@{'2' * 40} "
+                                         f"\\(Hub commit {'1' * 40} vs {'2' * 40}\\)"):
+        convert("hf://org/name@main", dst, "int8", resume=True, progress=False)
+    convert(f"hf://org/name@{'1' * 40}", dst, "int8", resume=True, progress=False)  # the command it names
+    assert (dst / "dsquant_recipe.json").is_file() and not (dst / MANIFEST_NAME).exists()
+
+
+def test_resume_refuses_another_calibration(synth, tmp_path, monkeypatch):
+    src, dst = synth("v3", "bf16"), tmp_path / "out"
+    calib = {"model.layers.1.mlp.experts.0.gate_proj": 0.25}
+    with pytest.raises(RuntimeError), monkeypatch.context() as m:
+        m.setattr(convert_mod, "write_configs", _interrupt)
+        convert(src, dst, "nvfp4", calibration=calib, progress=False)
+    with pytest.raises(ValueError, match="was calibrated; resume with the same calibration"):
+        convert(src, dst, "nvfp4", resume=True, progress=False)
+    with pytest.raises(ValueError, match="was calibrated on other values"):
+        convert(src, dst, "nvfp4", calibration={**calib, "model.layers.1.self_attn.o_proj": 2.0}, resume=True,
+                progress=False)
+    convert(src, dst, "nvfp4", calibration=calib, resume=True, progress=False)
+    assert json.loads((dst / "dsquant_recipe.json").read_text())["activation_scales"] == "calibrated"
+
+
+def _interrupt(*args):
+    raise RuntimeError("interrupted after the shards")
 
 
 def test_workers_give_the_same_bytes(synth, reference_run, tmp_path):
     dst = tmp_path / reference_run.name  # the model card names the output folder
     convert(synth("v3", "fp8"), dst, "nvfp4", max_shard_size="1MB", workers=3, progress=False)
-    assert _tree(dst) == _tree(reference_run)
+    assert output_tree(dst) == output_tree(reference_run)
 
 
 def test_lock_refuses_a_second_writer_and_takes_over_a_stale_one(synth, tmp_path):
@@ -154,7 +159,7 @@ def test_enospc_mid_write_fails_cleanly_and_resumes(synth, reference_run, tmp_pa
     assert not (dst / "model.safetensors.index.json").exists() and not (dst / "config.json").exists()
     monkeypatch.undo()
     convert(src, dst, "nvfp4", max_shard_size="1MB", resume=True, progress=False)
-    assert _tree(dst) == _tree(reference_run)
+    assert output_tree(dst) == output_tree(reference_run)
 
 
 _RSS = r"""
@@ -171,8 +176,8 @@ def test_peak_rss_is_bounded_by_one_shard_not_the_model(synth, tmp_path):
                                     intermediate_size=2048, n_routed_experts=8)
     model = sum(p.stat().st_size for p in big.glob("*.safetensors"))
     shard = max(p.stat().st_size for p in big.glob("*.safetensors"))
-    small = _run_child(_RSS, synth("v3", "bf16"), tmp_path / "small-out", "20MB")
-    large = _run_child(_RSS, big, tmp_path / "big-out", "20MB")
+    small = run_child(_RSS, synth("v3", "bf16"), tmp_path / "small-out", "20MB")
+    large = run_child(_RSS, big, tmp_path / "big-out", "20MB")
     assert small.returncode == 0 and large.returncode == 0, large.stderr[-2000:]
     growth = int(large.stdout.split()[-1]) - int(small.stdout.split()[-1])
     # Bound from the design: one source shard (its partners are fetched tensor by tensor) plus one 20 MB

@@ -45,9 +45,12 @@ def test_calibrated_input_scales_are_written_and_declared(tmp_path):
 
 
 def test_calibration_text_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 64)
     for args, message in ((["--calibrate", str(tmp_path / "missing.txt")], "no such text file"),
-                          (["--calibrate", str(tmp_path / "empty.txt")], "empty")):
-        (tmp_path / "empty.txt").write_text("  \n")
+                          (["--calibrate", str(tmp_path / "empty.txt")], "empty"),
+                          (["--calibrate", str(tmp_path / "model.bin")],
+                           f"--calibrate {tmp_path / 'model.bin'}: not UTF-8 text")):
         dst = tmp_path / "out"
         result = runner.invoke(app, ["convert", "-r", "nvfp4", *args, str(demo_model_dir()), str(dst)])
         assert result.exit_code == 1

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
 import dsquant.hub as hub
 from dsquant.cli import app
+from dsquant.model_card import CARD_MARKER, render_model_card
 from tests.check.ckpt_factory import build
 
 runner = CliRunner()
@@ -47,9 +49,28 @@ def test_dry_run_lists_files_and_bytes(tmp_path):
     assert result.exit_code == 0, result.output
     size = (out / "config.json").stat().st_size
     assert any(line.split() == [f"{size:,d}", "config.json"] for line in result.output.splitlines())
+    card = len(render_model_card(out, repo_id="me/tiny").encode())  # the card a real push writes first
+    assert any(line.split() == [f"{card:,d}", "README.md"] for line in result.output.splitlines())
     files = [p for p in out.iterdir() if p.is_file()]
-    total = sum(p.stat().st_size for p in files)
-    assert f"would upload {len(files)} files" in result.output and f"({total:,d} bytes) to me/tiny" in result.output
+    total = sum(p.stat().st_size for p in files) + card
+    assert f"would upload {len(files) + 1} files" in result.output
+    assert f"({total:,d} bytes) to me/tiny" in result.output
+
+
+@pytest.mark.parametrize("card", ["none", "generated", "edited"])
+def test_dry_run_changes_nothing_on_disk(tmp_path, card):
+    out = output_dir(tmp_path)
+    if card != "none":
+        (out / "README.md").write_text((CARD_MARKER + "\n" if card == "generated" else "") + "an older card\n")
+
+    def state():  # every file's bytes and mtime, and the folder's own mtime (a file made and removed shows)
+        return out.stat().st_mtime_ns, {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*")
+                                        if p.is_file()}
+
+    before = state()
+    result = runner.invoke(app, ["push", str(out), "--repo-id", "me/tiny", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert state() == before
 
 
 def test_push_with_token_never_prints_it(tmp_path, monkeypatch):

@@ -69,7 +69,7 @@ def test_eval_fp8_kv_cache_and_layer_offload(demo_copy, tmp_path):
         (["--seq-len", "64", "--max-tokens", "50"], "fewer than one window of --seq-len 64"),
         (["--seq-len", "200000"], "max_position_embeddings"),
         (["--max-tokens", "0"], "--max-tokens must be positive"),
-        (["--text-file", "/nonexistent/x.txt"], "no such file"),
+        (["--text-file", "/nonexistent/x.txt"], "no such text file"),
         (["--dataset", "imagenet"], "only 'wikitext2'"),
         (["--kv-cache", "int4", *FAST], "--kv-cache"),
         (["--offload", "disk", *FAST], "--offload 'disk'"),
@@ -88,6 +88,18 @@ def test_eval_empty_text_file(demo_copy, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     r = runner.invoke(app, ["eval", str(demo_copy), "--text-file", str(tmp_path / "empty.txt")])
     assert r.exit_code == 1 and "empty" in r.output
+
+
+@pytest.mark.parametrize("data,message", [
+    (bytes(range(256)) * 64, "not UTF-8 text (byte 0x80 at offset 128)"),  # a binary file
+    (bytes(range(128)) * 64, "22% of its characters are control characters"),  # 28 of each 128 bytes
+    (b"\0" * 4096, "100% of its characters are control characters"),
+], ids=["not-utf8", "ascii-binary", "zeros"])
+def test_eval_refuses_a_binary_text_file(demo_copy, tmp_path, data, message):
+    (tmp_path / "data.bin").write_bytes(data)
+    r = runner.invoke(app, ["eval", str(demo_copy), "--text-file", str(tmp_path / "data.bin"), *FAST])
+    assert r.exit_code == 1, r.output
+    assert f"--text-file {tmp_path / 'data.bin'}: {message}" in r.output and "ppl" not in r.output
 
 
 def test_eval_missing_checkpoint(tmp_path):
