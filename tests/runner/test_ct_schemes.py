@@ -1,0 +1,152 @@
+"""Each compressed-tensors module runs its own scheme: weights and activations as its config group declares.
+
+References come from compressed_tensors itself: its compressor writes the FP8 checkpoints' bytes, its
+decompressor gives the weights, and its activation quantizer (`compute_dynamic_scales_and_zp` + `fake_quantize`)
+gives the activations a scheme's kernel multiplies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dsquant.checkpoint.reader import Checkpoint
+from dsquant.checkpoint.synth import make_synthetic_checkpoint
+from dsquant.runner.linear import QuantLinear
+from dsquant.runner.load import load_model
+
+ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
+from compressed_tensors.compressors.base import BaseCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, preset_name_to_scheme  # noqa: E402
+from compressed_tensors.quantization.lifecycle.forward import dequantize, fake_quantize  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams, compute_dynamic_scales_and_zp  # noqa: E402
+
+# A static per-tensor activation scale for the FP8 preset (what calibration would store; any positive value).
+STATIC_INPUT_SCALE = 0.004
+
+
+@pytest.fixture(scope="module")
+def bf16_source(tmp_path_factory):
+    return make_synthetic_checkpoint(tmp_path_factory.mktemp("src") / "v3", variant="v3", source="bf16", num_shards=1,
+                                     n_routed_experts=4)
+
+
+def _library_checkpoint(src, dst, preset: str):
+    """A compressed-tensors checkpoint whose quantized tensors and config the library writes from `src`."""
+    shutil.copytree(src, dst)
+    ckpt = Checkpoint(dst)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    compressor = BaseCompressor.get_value_from_registry("float-quantized")
+    tensors = {}
+    for name in ckpt.infos:
+        t = ckpt.get(name)
+        module = name[: -len(".weight")]
+        if not (name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and t.ndim == 2):
+            tensors[name] = t
+            continue
+        dims = 1 if scheme.weights.strategy == "channel" else None
+        mn = t.amin(dim=dims, keepdim=True) if dims else t.amin()
+        mx = t.amax(dim=dims, keepdim=True) if dims else t.amax()
+        scale, zp = calculate_qparams(mn, mx, scheme.weights)
+        local = compressor.compress({"weight": t, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+        if not scheme.input_activations.dynamic:
+            local["input_scale"] = torch.tensor([STATIC_INPUT_SCALE], dtype=t.dtype)
+        tensors.update({f"{module}.{k}": v.contiguous() for k, v in local.items()})
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    save_file(tensors, str(dst / "model.safetensors"))
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, quantization_status="compressed",
+                            format="float-quantized", ignore=["lm_head"])
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors",
+                                     **qc.model_dump(mode="json", exclude=["quant_method"])}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _library_output(mod: QuantLinear, local: dict, scheme: QuantizationScheme, x: torch.Tensor) -> torch.Tensor:
+    """compressed_tensors' own numerics for one linear: its activation quantizer, its weight decompression."""
+    # The library's own dequantization, in float32: its decompressor would round the product to the scale's dtype
+    # (BF16), which no FP8 GEMM does (engines apply the scales to the float32 accumulator).
+    w = dequantize(local["weight"], local["weight_scale"].float(), args=scheme.weights, dtype=torch.float32)
+    args = scheme.input_activations
+    if args is None:
+        return x @ w.t()
+    if args.dynamic:  # the library reduces per token over [batch, seq, hidden] activations
+        scale, zp = compute_dynamic_scales_and_zp(x[None], args, mod)
+        return (fake_quantize(x[None], scale, zp, args) @ w.t())[0]
+    else:
+        scale, zp = local["input_scale"].float(), None
+    return fake_quantize(x, scale, zp, args) @ w.t()
+
+
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8"])
+def test_fp8_channel_and_tensor_presets_evaluate_as_the_library_computes(tmp_path, bf16_source, preset):
+    dst = _library_checkpoint(bf16_source, tmp_path / preset, preset)
+    model, reader = load_model(dst)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    ckpt = Checkpoint(dst)
+    x = torch.randn(7, model.args.dim, generator=torch.Generator().manual_seed(0)) * 0.05
+    checked = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear) or mod.in_features != model.args.dim or name == "lm_head":
+            continue
+        assert mod.w.fmt == "fp8_channel", name
+        local = {n[len(name) + 1:]: ckpt.get(n) for n in ckpt.infos if n.startswith(name + ".")}
+        expected = _library_output(mod, local, scheme, x)
+        actual = mod(x)
+        err = (actual - expected).abs().max() / expected.abs().max()
+        assert err < 1e-6, f"{preset} {name}: relative difference {err:.2e} from compressed-tensors"
+        checked += 1
+    assert checked > 10
+    tokens = torch.randint(0, reader.args.vocab_size, (1, 9))
+    assert torch.isfinite(model(tokens)).all()
+
+
+def test_mxfp4_recipe_experts_run_weight_only(tmp_path, bf16_source):
+    """The mxfp4 recipe's experts declare input_activations null (W4A16): no activation quantization for them,
+    while its FP8-block attention keeps dynamic 1x128 FP8 activations."""
+    from dsquant.convert import convert
+
+    dst = tmp_path / "mxfp4"
+    convert(bf16_source, dst, "mxfp4", convention="compressed-tensors", progress=False)
+    model, _ = load_model(dst)
+    ckpt = Checkpoint(dst)
+    qc = ckpt.config["quantization_config"]
+    x = torch.randn(5, model.args.dim, generator=torch.Generator().manual_seed(1))
+    experts = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear) or ".mlp.experts." not in name or not name.endswith(("gate_proj",
+                                                                                                "up_proj")):
+            continue
+        group = next(g for g in qc["config_groups"].values() if g["format"] == "mxfp4-pack-quantized")
+        scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"],
+                                    input_activations=group["input_activations"])
+        local = {n[len(name) + 1:]: ckpt.get(n) for n in ckpt.infos if n.startswith(name + ".")}
+        w = BaseCompressor.get_value_from_registry("mxfp4-pack-quantized").decompress(local, scheme)["weight"]
+        expected = x @ w.float().t()  # MXFP4 values are exact in BF16, so this is the W4A16 product
+        assert torch.allclose(mod(x), expected, rtol=1e-6, atol=1e-6), f"{name}: experts must run W4A16"
+        experts += 1
+    assert experts >= 8
+    attn = model.model.layers[0].self_attn.o_proj
+    assert (attn.w.fmt, attn.w.act) == ("fp8_block", "fp8_group")
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda g: g.update(weights={"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                 "group_size": 128, "dynamic": False}), "int4 group(128)"),
+    (lambda g: g["input_activations"].update(symmetric=False), "asymmetric"),
+    (lambda g: g["input_activations"].update(strategy="group", group_size=64), "float8 group(64)"),
+], ids=["int4_weights", "asymmetric_activations", "unpaired_activation_groups"])
+def test_schemes_the_runner_cannot_execute_are_refused_by_name(tmp_path, bf16_source, change, named):
+    dst = _library_checkpoint(bf16_source, tmp_path / "fp8", "FP8_DYNAMIC")
+    config = json.loads((dst / "config.json").read_text())
+    change(config["quantization_config"]["config_groups"]["group_0"])
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"model\.layers\.\d+\..*compressed-tensors scheme .*{re.escape(named)}"):
+        load_model(dst)
