@@ -50,8 +50,6 @@ _CT_ARGS = {
     "mxfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
                "dynamic": False, "scale_dtype": "torch.uint8"}, None, "mxfp4-pack-quantized"),
 }
-# The compressed-tensors preset each entry of _CT_ARGS reproduces (tests compare them field by field).
-CT_PRESETS = {"fp8-block": "FP8_BLOCK", "int8": "W8A8", "nvfp4": "NVFP4", "mxfp4": "MXFP4A16"}
 
 
 def _quantized_modules(plan: Plan) -> dict[str, list[str]]:
