@@ -28,7 +28,8 @@ _SKIP = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|" + re.escape(INDEX_
 
 # (weights, input_activations, format) per format: the QuantizationArgs that compressed-tensors itself writes for
 # the matching preset (`QuantizationConfig.model_dump(mode="json")` of FP8_BLOCK, W8A8, NVFP4 and MXFP4A16 in
-# compressed_tensors/quantization/quant_scheme.py; llm-compressor saves that dump through
+# compressed_tensors/quantization/quant_scheme.py; llm-compressor's save_pretrained wrapper in
+# src/llmcompressor/transformers/compression/compressed_tensors_utils.py writes that dump through
 # ModelCompressor.update_config), field for field, so the library and transformers load what they would
 # load from llm-compressor. NVFP4 activations are dynamic "local": per-16 scales computed at run time under
 # the static global `input_global_scale` (dynamic False would promise a static per-group input_scale).
