@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
@@ -22,51 +20,17 @@ from dsquant.runner.load import load_model
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
 from compressed_tensors.compressors.base import BaseCompressor  # noqa: E402
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, preset_name_to_scheme  # noqa: E402
+from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme  # noqa: E402
 from compressed_tensors.quantization.lifecycle.forward import dequantize, fake_quantize  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams, compute_dynamic_scales_and_zp  # noqa: E402
+from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp  # noqa: E402
 
-# A static per-tensor activation scale for the FP8 preset (what calibration would store; any positive value).
-STATIC_INPUT_SCALE = 0.004
+from tests.ct_library import library_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bf16_source(tmp_path_factory):
     return make_synthetic_checkpoint(tmp_path_factory.mktemp("src") / "v3", variant="v3", source="bf16", num_shards=1,
                                      n_routed_experts=4)
-
-
-def _library_checkpoint(src, dst, preset: str):
-    """A compressed-tensors checkpoint whose quantized tensors and config the library writes from `src`."""
-    shutil.copytree(src, dst)
-    ckpt = Checkpoint(dst)
-    scheme = preset_name_to_scheme(preset, ["Linear"])
-    compressor = BaseCompressor.get_value_from_registry("float-quantized")
-    tensors = {}
-    for name in ckpt.infos:
-        t = ckpt.get(name)
-        module = name[: -len(".weight")]
-        if not (name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and t.ndim == 2):
-            tensors[name] = t
-            continue
-        dims = 1 if scheme.weights.strategy == "channel" else None
-        mn = t.amin(dim=dims, keepdim=True) if dims else t.amin()
-        mx = t.amax(dim=dims, keepdim=True) if dims else t.amax()
-        scale, zp = calculate_qparams(mn, mx, scheme.weights)
-        local = compressor.compress({"weight": t, "weight_scale": scale, "weight_zero_point": zp}, scheme)
-        if not scheme.input_activations.dynamic:
-            local["input_scale"] = torch.tensor([STATIC_INPUT_SCALE], dtype=t.dtype)
-        tensors.update({f"{module}.{k}": v.contiguous() for k, v in local.items()})
-    for f in dst.glob("*.safetensors*"):
-        f.unlink()
-    save_file(tensors, str(dst / "model.safetensors"))
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, quantization_status="compressed",
-                            format="float-quantized", ignore=["lm_head"])
-    config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "compressed-tensors",
-                                     **qc.model_dump(mode="json", exclude=["quant_method"])}
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
 
 
 def _library_output(mod: QuantLinear, local: dict, scheme: QuantizationScheme, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +51,7 @@ def _library_output(mod: QuantLinear, local: dict, scheme: QuantizationScheme, x
 
 @pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8"])
 def test_fp8_channel_and_tensor_presets_evaluate_as_the_library_computes(tmp_path, bf16_source, preset):
-    dst = _library_checkpoint(bf16_source, tmp_path / preset, preset)
+    dst = library_checkpoint(bf16_source, tmp_path / preset, preset)
     model, reader = load_model(dst)
     scheme = preset_name_to_scheme(preset, ["Linear"])
     ckpt = Checkpoint(dst)
@@ -144,7 +108,7 @@ def test_mxfp4_recipe_experts_run_weight_only(tmp_path, bf16_source):
     (lambda g: g["input_activations"].update(strategy="group", group_size=64), "float8 group(64)"),
 ], ids=["int4_weights", "asymmetric_activations", "unpaired_activation_groups"])
 def test_schemes_the_runner_cannot_execute_are_refused_by_name(tmp_path, bf16_source, change, named):
-    dst = _library_checkpoint(bf16_source, tmp_path / "fp8", "FP8_DYNAMIC")
+    dst = library_checkpoint(bf16_source, tmp_path / "fp8", "FP8_DYNAMIC")
     config = json.loads((dst / "config.json").read_text())
     change(config["quantization_config"]["config_groups"]["group_0"])
     (dst / "config.json").write_text(json.dumps(config))
