@@ -4,7 +4,12 @@
 - scale-name: the scale's name does not match the declared convention (`quant_method: fp8` loads
   `weight_scale_inv`; compressed-tensors loads `weight_scale`). Error.
 - scale-shape: a block scale that is not [ceil(N/bn), ceil(K/bk)], a channel scale that is not [N, 1],
-  or a global scale that is not one float32 value. Error.
+  or a global / per-tensor scale that is not one float value. Error.
+- scale-dtype: a global / per-tensor scale stored as BF16/FP16 instead of float32 (compressed-tensors and
+  llm-compressor write FP8 `input_scale` in the model's dtype). It loads: vLLM creates the parameter in
+  float32 and the weight loader casts into it (vllm/model_executor/layers/quantization/utils/fp8_utils.py
+  `create_fp8_input_scale`, used by compressed_tensors_w8a8_fp8.py). Warning, as the value keeps its
+  stored precision.
 - swizzled-block-scale: an NVFP4/MXFP4 block scale stored padded/swizzled (the 128x4 layout engines
   build at load) instead of linear [N, K/16] (or [N, K/32]). Error.
 - packed-shape: a stored weight whose (unpacked) shape disagrees with config.json, including FP4
@@ -54,6 +59,7 @@ LEAD = {
     "missing-scale": "quantized weight(s) without a scale tensor",
     "scale-name": "scale tensor name does not match the declared convention",
     "scale-shape": "scale tensor(s) with the wrong shape or dtype",
+    "scale-dtype": "scale tensor(s) stored in lower precision than float32",
     "swizzled-block-scale": "block scales stored swizzled/padded; engines expect them linear [N, K/group] and "
     "swizzle at load",
     "packed-shape": "weight shape(s) disagree with config.json",
@@ -162,10 +168,16 @@ def _check_globals(view, out, module, params, fmt) -> None:
         info = params.get(pname)
         if info is None:
             continue
-        if info.dtype != "F32" or math.prod(info.shape) != 1:
+        if math.prod(info.shape) != 1:
             out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype} {list(info.shape)}, "
                     "expected one float32 value")
             continue
+        if info.dtype not in ("F32", "BF16", "F16"):
+            out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype}, expected a float value")
+            continue
+        if info.dtype != "F32":
+            out.add("scale-dtype", "warning", info.name, f"{info.name} is {info.dtype}; engines cast it to "
+                    "float32 on load, keeping its stored precision")
         if not view.can_read_values:
             continue
         value = view.read_scalar(info.name)
