@@ -134,6 +134,16 @@ def test_global_scale_not_one_value(tmp_path):
     assert "expected one float32 value" in f.message
 
 
+def test_deepseek_fp8_block_scale_in_bf16_is_a_warning(tmp_path):
+    """vLLM and SGLang create weight_scale_inv as a float32 parameter and cast the stored tensor on load."""
+    ck = build("deepseek-fp8")
+    name = L0 + "mlp.down_proj.weight_scale_inv"
+    ck.tensors[name] = ck.tensors[name].to(torch.bfloat16)
+    fs = run(tmp_path, ck)
+    assert not [f for f in fs if f.severity == "error"], [str(f) for f in fs]
+    assert only(fs, "scale-dtype", "warning").tensor == name
+
+
 def test_global_scale_in_bf16_is_a_warning(tmp_path):
     """Engines create global scales as float32 parameters and cast the stored value on load."""
     ck = build("modelopt")
