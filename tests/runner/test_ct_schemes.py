@@ -101,6 +101,38 @@ def test_mxfp4_recipe_experts_run_weight_only(tmp_path, bf16_source):
     assert (attn.w.fmt, attn.w.act) == ("fp8_block", "fp8_group")
 
 
+def test_mxfp4_demo_logits_match_a_weight_only_reference(tmp_path):
+    """The bundled demo converted with the mxfp4 recipe evaluates its experts W4A16: its logits are those of
+    the same model whose expert weights are the library-decompressed MXFP4 values run without any activation
+    quantization (attention keeps its FP8-block weights and activations in both)."""
+    from dsquant.convert import convert
+    from dsquant.demo import ASSET_DIR
+    from dsquant.runner.linear import LinearWeight
+
+    dst = tmp_path / "demo-mxfp4"
+    convert(ASSET_DIR, dst, "mxfp4", convention="compressed-tensors", progress=False)
+    model, _ = load_model(dst)
+    reference, _ = load_model(dst)
+    ckpt = Checkpoint(dst)
+    group = next(g for g in ckpt.config["quantization_config"]["config_groups"].values()
+                 if g["format"] == "mxfp4-pack-quantized")
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"], input_activations=None)
+    replaced = 0
+    for name, mod in reference.named_modules():
+        if isinstance(mod, QuantLinear) and ".mlp.experts." in name:
+            local = {n[len(name) + 1:]: ckpt.get(n) for n in ckpt.infos if n.startswith(name + ".")}
+            w = BaseCompressor.get_value_from_registry("mxfp4-pack-quantized").decompress(local, scheme)["weight"]
+            mod.set_weight(LinearWeight("bf16", w.float()), name=name)
+            replaced += 1
+    assert replaced == 3 * 8 * 3  # gate/up/down of 8 experts in each of the 3 MoE layers
+    tokens = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        actual, expected = model(tokens), reference(tokens)
+    # Float32 both ways; only the summation order of the expert products differs (~1e-6 relative).
+    err = (actual - expected).abs().max().item()
+    assert err < 1e-3 * expected.abs().max().item(), f"max |logit diff| {err:.3e}: experts ran with quantized inputs"
+
+
 @pytest.mark.parametrize("change,named", [
     (lambda g: g.update(weights={"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
                                  "group_size": 128, "dynamic": False}), "int4 group(128)"),
