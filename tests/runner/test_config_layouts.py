@@ -83,3 +83,22 @@ def test_rope_type_the_runner_cannot_compute_is_refused(tmp_path):
     config = _saved(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ValueError, match="RoPE type 'linear'"):
         ModelArgs.from_config(config)
+
+
+def test_eval_cli_refuses_disagreeing_rope_layouts(tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dsquant.cli import app
+    from dsquant.demo import ASSET_DIR
+
+    dst = tmp_path / "demo"
+    shutil.copytree(ASSET_DIR, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", **config["rope_scaling"], "rope_theta": 50000.0}
+    (dst / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(app, ["eval", str(dst), "--seq-len", "16", "--max-tokens", "64"])
+    assert r.exit_code == 1, r.output
+    assert "rope_theta 10000.0 disagrees with rope_parameters.rope_theta 50000.0" in r.output
+    assert "Traceback" not in r.output

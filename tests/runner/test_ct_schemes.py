@@ -146,3 +146,19 @@ def test_schemes_the_runner_cannot_execute_are_refused_by_name(tmp_path, bf16_so
     (dst / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"model\.layers\.\d+\..*compressed-tensors scheme .*{re.escape(named)}"):
         load_model(dst)
+
+
+def test_eval_cli_names_a_scheme_it_cannot_execute(tmp_path, bf16_source):
+    from typer.testing import CliRunner
+
+    from dsquant.cli import app
+
+    dst = library_checkpoint(bf16_source, tmp_path / "w4a16", "FP8_DYNAMIC")
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"].update(
+        weights={"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
+                 "dynamic": False}, input_activations=None)
+    (dst / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(app, ["eval", str(dst), "--seq-len", "16", "--max-tokens", "64"])
+    assert r.exit_code == 1, r.output
+    assert "compressed-tensors scheme (weights int4 group(128)" in r.output and "Traceback" not in r.output
