@@ -208,7 +208,8 @@ def _ct_scheme(qc, module):
 # llm-compressor writes for that scheme: ModelCompressor.update_config dumps the preset's QuantizationConfig).
 CT_PRESET = {"float-quantized": "FP8_BLOCK", "int-quantized": "W8A8", "nvfp4-pack-quantized": "NVFP4",
              "mxfp4-pack-quantized": "MXFP4A16"}
-CT_OUTPUTS = [("v3", "bf16", "int8"), ("v3", "bf16", "nvfp4"), ("v3", "fp8", "mxfp4"), ("v3", "fp8", "fp8-block")]
+CT_OUTPUTS = [(variant, source, recipe) for variant, source, recipe, convention in MATRIX
+              if convention == "compressed-tensors"]
 
 
 def _linear_tree(ckpt: Checkpoint) -> torch.nn.Module:
@@ -242,7 +243,7 @@ def _assert_linears_match(model: torch.nn.Module, out: Checkpoint, qc: dict, wha
     return checked
 
 
-@pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS)
+@pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS, ids=lambda v: str(v))
 def test_compressed_tensors_config_groups_are_the_library_presets(converted, variant, source, recipe):
     ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
     from compressed_tensors.quantization import preset_name_to_scheme
@@ -256,7 +257,7 @@ def test_compressed_tensors_config_groups_are_the_library_presets(converted, var
             assert group[key] == theirs[key], f"{name} {key}: {group[key]} != the preset's {theirs[key]}"
 
 
-@pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS)
+@pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS, ids=lambda v: str(v))
 def test_compressed_tensors_library_decompresses_like_dsquant(converted, variant, source, recipe):
     ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
     from compressed_tensors.compressors import ModelCompressor
