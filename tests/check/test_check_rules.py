@@ -366,3 +366,13 @@ def test_mla_projection_stored_as_fp4(tmp_path):
     fs = run(tmp_path, ck)
     assert only(fs, "mla-format").tensor == m
     assert [f.rule for f in fs if f.severity == "error"] == ["mla-format"]  # otherwise consistent
+
+
+def test_nvfp4_activations_not_dynamic_local_is_a_warning(tmp_path):
+    """compressed-tensors and transformers need dynamic "local" for NVFP4 activations; vLLM loads either."""
+    ck = build("ct-nvfp4")
+    assert not [f for f in run(tmp_path, ck) if f.rule == "quant-config-keys"]
+    ck.config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    fs = run(tmp_path / "b", ck)
+    assert "dynamic is False" in only(fs, "quant-config-keys", "warning").message
+    assert not [f for f in fs if f.severity == "error"], [str(f) for f in fs]
