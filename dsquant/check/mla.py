@@ -4,14 +4,15 @@
   llm-compressor's default NVFP4 scheme (every Linear but lm_head) writes them. vLLM loads them: it
   dequantizes kv_b_proj through the layer's own quant method whatever the format, and builds
   q_a_proj + kv_a_proj_with_mqa as one merged linear with per-partition scales
-  (vllm/model_executor/models/deepseek_v2.py). SGLang cannot (python/sglang/srt/models/deepseek_v2.py):
-  `post_load_weights` reads `kv_b_proj.weight` and splits it into w_kc/w_vc, converting only FP8
-  (block/channel), INT8 and AWQ weights, so packed FP4 bytes (ModelOpt) or a missing `weight`
-  (compressed-tensors `weight_packed`) fail there; and `load_weights` concatenates each q_a_proj tensor with
-  its kv_a_proj_with_mqa partner into `fused_qkv_a_proj_with_mqa`, which fails on the per-projection
-  global scales FP4 carries (0-d ModelOpt scalars cannot be concatenated; two [1] divisors do not fit the
-  fused [1] parameter). TensorRT-LLM's DeepSeek loader fuses q_a/kv_a and splits kv_b only as BF16 or
-  FP8-block. NVIDIA's FP4 checkpoints keep MLA BF16. Error: one of the two engines fails to load.
+  (vllm/model_executor/models/deepseek_v2.py). SGLang does not
+  (python/sglang/srt/models/deepseek_common/deepseek_weight_loader.py): `post_load_weights` reads
+  `kv_b_proj.weight` and splits it into w_kc/w_vc, converting only FP8 (block/channel), INT8 and AWQ weights,
+  so packed FP4 bytes (ModelOpt) are used as values and a missing `weight` (compressed-tensors
+  `weight_packed`) fails; and `do_load_weights` concatenates each q_a_proj tensor with its kv_a_proj_with_mqa
+  partner into `fused_qkv_a_proj_with_mqa`, where a pair of 0-d ModelOpt global scales keeps q_a_proj's value
+  for both (kv_a_proj_with_mqa then dequantizes with the wrong scale) and [1] divisors become a [2] tensor
+  for a one-partition parameter. TensorRT-LLM's DeepSeek loader fuses q_a/kv_a and splits kv_b only as BF16
+  or FP8-block. NVIDIA's FP4 checkpoints keep MLA BF16. Error: SGLang fails or computes wrong.
 """
 
 from __future__ import annotations
