@@ -22,6 +22,10 @@
   or per-layer entry (ModelOpt MIXED_PRECISION `quantized_layers`) that applies to it. Error.
 - tokenizer-missing: no tokenizer file beside the weights; engines fail at start-up unless given
   `--tokenizer`. Warning.
+- config-layout: config.json states a field in both the transformers < 5 layout (`rope_theta`,
+  `rope_scaling`, `torch_dtype`) and the transformers >= 5 one (`rope_parameters`, `dtype`) with different
+  values (dsquant.runner.config.layout_disagreements). Which one an engine uses depends on the transformers
+  version it parses the config with, and `dsquant eval` refuses it. Warning.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dsquant.check.declared import ct_group
 from dsquant.check.finding import Finding
 from dsquant.check.names import is_quantized, module_format
 from dsquant.check.view import CheckpointView
+from dsquant.runner.config import layout_disagreements
 
 DEEPSEEK_ARCHS = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tokenizer_config.json")
@@ -112,6 +117,9 @@ def check(view: CheckpointView) -> list[Finding]:
     if not set(TOKENIZER_FILES) & view.files():
         findings.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
                                 "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
+    findings += [Finding("config-layout", "warning", f"{phrase}: the value an engine uses depends on its "
+                         "transformers version; keep one layout", file="config.json")
+                 for _, phrase in layout_disagreements(view.config)]
     findings += _agreement(view)
     findings += _per_module(view)
     findings += _hq_keys(view)

@@ -182,13 +182,34 @@ DEFAULT_ROPE_THETA = 10000.0
 ROPE_TYPES = ("default", "yarn")
 
 
-def rope_fields(config: dict, name: str = "config.json") -> tuple[float, dict | None]:
-    """(rope_theta, YaRN rope_scaling or None) from either layout of a config.json.
+def layout_disagreements(config: dict) -> list[tuple[str, str]]:
+    """Fields a config.json states in both layouts with different values: ("rope" | "dtype", phrase) each.
 
-    transformers < 5: top-level `rope_theta` and `rope_scaling` ({"type": "yarn", ...}). transformers >= 5:
-    `rope_parameters` = {"rope_type": ..., "rope_theta": ..., <scaling fields>}. Where both are present, every
-    field they share must be equal (ValueError naming the file and the field otherwise), as must the types.
+    transformers < 5: top-level `rope_theta`, `rope_scaling` ({"type": "yarn", ...}) and `torch_dtype`.
+    transformers >= 5: `rope_parameters` = {"rope_type": ..., "rope_theta": ..., <scaling fields>} and `dtype`.
     """
+    out = []
+    params = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    scaling = config.get("rope_scaling") if isinstance(config.get("rope_scaling"), dict) else {}
+    params = dict(params)
+    theta = params.pop("rope_theta", None)
+    if "rope_theta" in config and theta is not None and float(config["rope_theta"]) != float(theta):
+        out.append(("rope", f"rope_theta {config['rope_theta']} disagrees with rope_parameters.rope_theta {theta}"))
+    if params and scaling:
+        if _rope_type(params) != _rope_type(scaling):
+            out.append(("rope", f"rope_scaling type {_rope_type(scaling)!r} disagrees with rope_parameters "
+                                f"rope_type {_rope_type(params)!r}"))
+        out += [("rope", f"rope_scaling.{key} {scaling[key]!r} disagrees with rope_parameters.{key} {params[key]!r}")
+                for key in sorted(set(params) & set(scaling) - {"type", "rope_type"}) if params[key] != scaling[key]]
+    new, old = config.get("dtype"), config.get("torch_dtype")
+    if new is not None and old is not None and str(new) != str(old):
+        out.append(("dtype", f"dtype {new!r} disagrees with torch_dtype {old!r}"))
+    return out
+
+
+def rope_fields(config: dict, name: str = "config.json") -> tuple[float, dict | None]:
+    """(rope_theta, YaRN rope_scaling or None) from either layout of a config.json (see layout_disagreements);
+    ValueError naming the file where the layouts disagree, or for a RoPE the runner does not compute."""
     params = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
@@ -196,20 +217,12 @@ def rope_fields(config: dict, name: str = "config.json") -> tuple[float, dict | 
             raise ValueError(f"{name}: {key} must be an object, got {value!r}")
         if value and any(isinstance(v, dict) for v in value.values()):
             raise ValueError(f"{name}: {key} holds per-layer-type RoPE settings, which DeepSeek models do not use")
+    problems = [phrase for field, phrase in layout_disagreements(config) if field == "rope"]
+    if problems:
+        raise ValueError(f"{name}: {problems[0]}; remove one of them")
     params, scaling = dict(params or {}), dict(scaling or {})
     theta = params.pop("rope_theta", None)
-    if "rope_theta" in config and theta is not None and float(config["rope_theta"]) != float(theta):
-        raise ValueError(f"{name}: rope_theta {config['rope_theta']} disagrees with rope_parameters.rope_theta "
-                         f"{theta}; remove one of them")
     theta = float(theta if theta is not None else config.get("rope_theta", DEFAULT_ROPE_THETA))
-    if params and scaling:
-        if _rope_type(params) != _rope_type(scaling):
-            raise ValueError(f"{name}: rope_scaling type {_rope_type(scaling)!r} disagrees with rope_parameters "
-                             f"rope_type {_rope_type(params)!r}; remove one of them")
-        for key in sorted(set(params) & set(scaling) - {"type", "rope_type"}):
-            if params[key] != scaling[key]:
-                raise ValueError(f"{name}: rope_scaling.{key} {scaling[key]!r} disagrees with rope_parameters.{key} "
-                                 f"{params[key]!r}; remove one of them")
     merged = {**scaling, **params}
     kind = _rope_type(merged)
     if kind not in ROPE_TYPES:
@@ -225,10 +238,10 @@ def rope_fields(config: dict, name: str = "config.json") -> tuple[float, dict | 
 
 def dtype_field(config: dict, name: str = "config.json") -> str | None:
     """The checkpoint's declared dtype: `dtype` (transformers >= 5) or `torch_dtype`; both must agree."""
-    new, old = config.get("dtype"), config.get("torch_dtype")
-    if new is not None and old is not None and str(new) != str(old):
-        raise ValueError(f"{name}: dtype {new!r} disagrees with torch_dtype {old!r}; remove one of them")
-    value = new if new is not None else old
+    problems = [phrase for field, phrase in layout_disagreements(config) if field == "dtype"]
+    if problems:
+        raise ValueError(f"{name}: {problems[0]}; remove one of them")
+    value = config.get("dtype") if config.get("dtype") is not None else config.get("torch_dtype")
     return None if value is None else str(value).removeprefix("torch.")
 
 

@@ -376,3 +376,12 @@ def test_nvfp4_activations_not_dynamic_local_is_a_warning(tmp_path):
     fs = run(tmp_path / "b", ck)
     assert "dynamic is False" in only(fs, "quant-config-keys", "warning").message
     assert not [f for f in fs if f.severity == "error"], [str(f) for f in fs]
+
+
+def test_config_stating_rope_in_two_disagreeing_layouts_is_a_warning(tmp_path):
+    ck = build("bf16")
+    assert not [f for f in run(tmp_path, ck) if f.rule == "config-layout"]
+    ck.config["rope_parameters"] = {"rope_type": "default", "rope_theta": 50000.0}
+    ck.config["rope_theta"] = 10000.0
+    f = only(run(tmp_path / "b", ck), "config-layout", "warning")
+    assert "rope_theta 10000.0 disagrees with rope_parameters.rope_theta 50000.0" in f.message
