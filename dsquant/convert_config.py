@@ -26,21 +26,30 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 _SKIP = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|" + re.escape(INDEX_NAME) +
                    r"|config\.json|hf_quant_config\.json|dsquant_recipe\.json|README\.md|\..*")
 
+# (weights, input_activations, format) per format: the QuantizationArgs that compressed-tensors itself writes for
+# the matching preset (`QuantizationConfig.model_dump(mode="json")` of FP8_BLOCK, W8A8, NVFP4 and MXFP4A16 in
+# compressed_tensors/quantization/quant_scheme.py; llm-compressor's save_pretrained wrapper in
+# src/llmcompressor/transformers/compression/compressed_tensors_utils.py writes that dump through
+# ModelCompressor.update_config), field for field, so the library and transformers load what they would
+# load from llm-compressor. NVFP4 activations are dynamic "local": per-16 scales computed at run time under
+# the static global `input_global_scale` (dynamic False would promise a static per-group input_scale).
 _CT_ARGS = {
-    "fp8-block": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
+    "fp8-block": ({"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "block",
                    "block_structure": [128, 128], "dynamic": False},
-                  {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": 128,
+                  {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 128, "strategy": "group",
                    "dynamic": True}, "float-quantized"),
-    "int8": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
-             {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
-             "int-quantized"),
-    "nvfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
-               "dynamic": False},
-              {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
-               "dynamic": False}, "nvfp4-pack-quantized"),
+    "int8": ({"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+              "dynamic": False},
+             {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+              "dynamic": True}, "int-quantized"),
+    "nvfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+               "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"},
+              {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+               "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn", "observer": "static_minmax"},
+              "nvfp4-pack-quantized"),
     # weight-only (W4A16): Hopper has no FP4 tensor cores; vLLM and SGLang run MXFP4 experts this way.
-    "mxfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32,
-               "dynamic": False}, None, "mxfp4-pack-quantized"),
+    "mxfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
+               "dynamic": False, "scale_dtype": "torch.uint8"}, None, "mxfp4-pack-quantized"),
 }
 
 

@@ -12,11 +12,20 @@
   `exclude_modules` must be present in hf_quant_config.json (vLLM requires the keys; older SGLang
   rejects empty or null values). Error, or warning for a null kv_cache_quant_algo.
 - quant-config-keys: `quant_method: fp8` needs `activation_scheme: dynamic` and `weight_block_size`
-  for block weights; compressed-tensors needs `config_groups`. Error.
+  for block weights; compressed-tensors needs `config_groups`. Error. A compressed-tensors NVFP4 group whose
+  input activations are not `dynamic: "local"` (the library's NVFP4 preset: per-16 scales computed at run
+  time under the static `input_global_scale`): vLLM picks its W4A4 NVFP4 scheme from type, bits, strategy
+  and group size alone and loads it (`_is_fp4a4_nvfp4` in vllm/model_executor/layers/quantization/
+  compressed_tensors/compressed_tensors.py), but compressed-tensors and transformers then expect a static
+  per-group `input_scale` and fail to load. Warning.
 - declared-format: a module stored in another format family than the config group (compressed-tensors)
   or per-layer entry (ModelOpt MIXED_PRECISION `quantized_layers`) that applies to it. Error.
 - tokenizer-missing: no tokenizer file beside the weights; engines fail at start-up unless given
   `--tokenizer`. Warning.
+- config-layout: config.json states a field in both the transformers < 5 layout (`rope_theta`,
+  `rope_scaling`, `torch_dtype`) and the transformers >= 5 one (`rope_parameters`, `dtype`) with different
+  values (dsquant.runner.config.layout_disagreements). Which one an engine uses depends on the transformers
+  version it parses the config with, and `dsquant eval` refuses it. Warning.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dsquant.check.declared import ct_group
 from dsquant.check.finding import Finding
 from dsquant.check.names import is_quantized, module_format
 from dsquant.check.view import CheckpointView
+from dsquant.runner.config import layout_disagreements
 
 DEEPSEEK_ARCHS = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tokenizer_config.json")
@@ -107,6 +117,9 @@ def check(view: CheckpointView) -> list[Finding]:
     if not set(TOKENIZER_FILES) & view.files():
         findings.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
                                 "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
+    findings += [Finding("config-layout", "warning", f"{phrase}: the value an engine uses depends on its "
+                         "transformers version; keep one layout", file="config.json")
+                 for _, phrase in layout_disagreements(view.config)]
     findings += _agreement(view)
     findings += _per_module(view)
     findings += _hq_keys(view)
@@ -202,6 +215,15 @@ def _qc_keys(view: CheckpointView) -> list[Finding]:
     if method == "compressed-tensors" and not qc.get("config_groups"):
         out.append(Finding("quant-config-keys", "error", "compressed-tensors config without config_groups",
                            file="config.json"))
+    if method == "compressed-tensors":
+        for name, group in (qc.get("config_groups") or {}).items():
+            inputs = (group or {}).get("input_activations") or {}
+            if _args_family(inputs) == "nvfp4" and inputs.get("dynamic") != "local":
+                out.append(Finding("quant-config-keys", "warning", f"config_groups.{name}.input_activations.dynamic "
+                                   f"is {inputs.get('dynamic')!r}; NVFP4 activations are dynamic \"local\" under "
+                                   "input_global_scale (compressed-tensors' NVFP4 preset): compressed-tensors and "
+                                   "transformers otherwise expect a static per-group input_scale and fail to load",
+                                   file="config.json"))
     return out
 
 

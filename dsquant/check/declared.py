@@ -204,6 +204,13 @@ def declared_quantized(view: CheckpointView, module: str) -> bool | None:
     return True
 
 
+def ct_scheme(qc: dict, module: str) -> dict | None:
+    """The compressed-tensors config group that quantizes `module` as compressed-tensors itself decides it
+    (`match_named_modules`): None when an `ignore` entry (exact name or `re:`) matches it, else `ct_group`."""
+    ignore = ExcludeList("quantization_config.ignore", "compressed-tensors", tuple(map(str, qc.get("ignore") or ())))
+    return None if ignore.excludes(module) else ct_group(qc, module)
+
+
 def _ct_targeted(qc: dict, module: str) -> bool:
     return ct_group(qc, module) is not None
 

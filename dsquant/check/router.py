@@ -2,10 +2,14 @@
 
 - router-dtype: `mlp.gate.weight` stored quantized (error: vLLM builds the router without a quant
   config) or in a float type other than BF16 (warning).
-- router-bias: `e_score_correction_bias` not float32. BF16 rounds the bias to steps of 2^-6 at
-  DeepSeek's magnitudes (~2-8) while the gaps between experts' scores are far smaller, so top-k
-  selection changes (HF keeps it fp32 through `_keep_in_fp32_modules_strict`). Error. Missing while
-  `topk_method` is `noaux_tc`: engines leave it at zero. Error.
+- router-bias: `e_score_correction_bias` not float32. Engines load it: vLLM (`DeepseekV2MoE` in
+  vllm/model_executor/models/deepseek_v2.py) and SGLang (`MoEGate` in python/sglang/srt/models/deepseek_v2.py)
+  create the parameter in float32 and the default weight loader casts the stored values into it (SGLang even
+  keeps it BF16 for ModelOpt FP4 on its FlashInfer TRT-LLM MoE backend). But the stored values carry the
+  rounding: BF16 has steps of 2^-6 at DeepSeek's bias magnitudes (~2-8) while the gaps between experts'
+  scores are far smaller, so top-k selection can differ from the float32 original. Warning. Missing while
+  `topk_method` is `noaux_tc`: both engines create the parameter with `torch.empty` and route with whatever
+  memory it holds. Error.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ def check(view: CheckpointView) -> list[Finding]:
     if not_bf16:
         out.append(_finding("router-dtype", "warning", "router weights not BF16", not_bf16))
     if bias_bad:
-        out.append(_finding("router-bias", "error", "e_score_correction_bias must stay float32 (lower precision "
-                            "changes which experts are selected)", bias_bad))
+        out.append(_finding("router-bias", "warning", "e_score_correction_bias is not float32; vLLM and SGLang "
+                            "load it into a float32 parameter, but its values keep the lower precision, which can "
+                            "change which experts are selected (store the source's float32 values)", bias_bad))
     if bias_missing:
-        out.append(_finding("router-bias", "error", "topk_method is noaux_tc but the routing bias is missing",
-                            bias_missing))
+        out.append(_finding("router-bias", "error", "topk_method is noaux_tc but the routing bias is missing; "
+                            "engines would route with an uninitialized bias", bias_missing))
     return out

@@ -4,7 +4,15 @@
 - scale-name: the scale's name does not match the declared convention (`quant_method: fp8` loads
   `weight_scale_inv`; compressed-tensors loads `weight_scale`). Error.
 - scale-shape: a block scale that is not [ceil(N/bn), ceil(K/bk)], a channel scale that is not [N, 1],
-  or a global scale that is not one float32 value. Error.
+  or a global / per-tensor scale that is not one float value. Error.
+- scale-dtype: a global / per-tensor scale stored as BF16/FP16 instead of float32 (compressed-tensors and
+  llm-compressor write FP8 `input_scale` in the model's dtype), or a DeepSeek FP8 `weight_scale_inv` /
+  SGLang `w8a8_int8` channel scale likewise. It loads: the engines create these parameters in float32 and
+  the weight loader copies (casts) the stored tensor into them (vLLM
+  vllm/model_executor/layers/quantization/utils/fp8_utils.py `create_fp8_input_scale` /
+  `create_fp8_scale_parameter`, loaded by vllm/model_executor/parameter.py; SGLang's
+  python/sglang/srt/layers/quantization/w8a8_int8.py `ChannelQuantScaleParameter` in float32). Warning, as
+  the value keeps its stored precision.
 - swizzled-block-scale: an NVFP4/MXFP4 block scale stored padded/swizzled (the 128x4 layout engines
   build at load) instead of linear [N, K/16] (or [N, K/32]). Error.
 - packed-shape: a stored weight whose (unpacked) shape disagrees with config.json, including FP4
@@ -54,6 +62,7 @@ LEAD = {
     "missing-scale": "quantized weight(s) without a scale tensor",
     "scale-name": "scale tensor name does not match the declared convention",
     "scale-shape": "scale tensor(s) with the wrong shape or dtype",
+    "scale-dtype": "scale tensor(s) stored in lower precision than float32",
     "swizzled-block-scale": "block scales stored swizzled/padded; engines expect them linear [N, K/group] and "
     "swizzle at load",
     "packed-shape": "weight shape(s) disagree with config.json",
@@ -126,11 +135,9 @@ def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> Non
                     f"for a [{n}, {k}] weight in {block[0]}x{block[1]} blocks")
         elif ue8m0 and scale.dtype == "F32" and view.can_read_values and not _is_pow2(view.read_tensor(scale.name)):
             out.add("ue8m0-scale", "error", scale.name, scale.name)
-    if fmt.endswith("-channel") and method == "w8a8_int8" and scale.dtype != "F32":
-        out.add("scale-shape", "error", scale.name,
-                f"{scale.name} is {scale.dtype}; SGLang w8a8_int8 needs float32 [N, 1]")
-    if method == "fp8" and scale.dtype != "F32":
-        out.add("scale-shape", "error", scale.name, f"{scale.name} is {scale.dtype}; DeepSeek FP8 scales are float32")
+    if method in ("fp8", "w8a8_int8") and scale.dtype != "F32":
+        out.add("scale-dtype", "warning", scale.name, f"{scale.name} is {scale.dtype}; engines cast it to float32 "
+                "on load, keeping its stored precision")
 
 
 def _check_fp4(out, module, params, fmt) -> None:
@@ -162,10 +169,16 @@ def _check_globals(view, out, module, params, fmt) -> None:
         info = params.get(pname)
         if info is None:
             continue
-        if info.dtype != "F32" or math.prod(info.shape) != 1:
+        if math.prod(info.shape) != 1:
             out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype} {list(info.shape)}, "
                     "expected one float32 value")
             continue
+        if info.dtype not in ("F32", "BF16", "F16"):
+            out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype}, expected a float value")
+            continue
+        if info.dtype != "F32":
+            out.add("scale-dtype", "warning", info.name, f"{info.name} is {info.dtype}; engines cast it to "
+                    "float32 on load, keeping its stored precision")
         if not view.can_read_values:
             continue
         value = view.read_scalar(info.name)

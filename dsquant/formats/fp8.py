@@ -55,10 +55,12 @@ def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
 
 
-def quantize_fp8_per_tensor(x: torch.Tensor, *, ue8m0: bool = False, name: str = "tensor"):
-    """x (any shape) -> (q float8_e4m3fn, same shape; scale float32 [])."""
+def quantize_fp8_per_tensor(
+    x: torch.Tensor, *, ue8m0: bool = False, name: str = "tensor", scale: torch.Tensor | None = None
+):
+    """x (any shape) -> (q float8_e4m3fn, same shape; scale float32 []); `scale` given: a static scale, used as is."""
     check_finite(x, name)
-    scale = fp8_scale(x.abs().amax().float(), ue8m0)
+    scale = fp8_scale(x.abs().amax().float(), ue8m0) if scale is None else scale.float().reshape(())
     return _cast(x, scale), scale
 
 

@@ -9,6 +9,9 @@ compressed-tensors, fp8-block (`float-quantized`, strategy block):
     weight float8_e4m3fn [N, K]; weight_scale float32 [ceil(N/128), ceil(K/128)] (multiplier)
 compressed-tensors, int8 (`int-quantized`, strategy channel):
     weight int8 [N, K]; weight_scale float32 [N, 1] (multiplier)
+compressed-tensors, fp8-channel (`float-quantized`, strategy channel or tensor; read only, llm-compressor's
+FP8_DYNAMIC and FP8 presets): weight float8_e4m3fn [N, K]; weight_scale [N, 1] or [1] in the model's dtype
+    (multiplier; read as float32 [N, 1]); a static activation scale `input_scale` [1] (multiplier) with FP8
 compressed-tensors, nvfp4 (`nvfp4-pack-quantized`):
     weight_packed uint8 [N, K/2]; weight_scale float8_e4m3fn [N, K/16];
     weight_global_scale float32 [1] = 1 / global_scale and input_global_scale float32 [1] = 1 / input_scale
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsquant.formats.fp8 import dequantize_fp8_block
+from dsquant.formats.fp8 import dequantize_fp8, dequantize_fp8_block
 from dsquant.formats.int8 import dequantize_int8
 from dsquant.formats.mxfp4 import dequantize_mxfp4
 from dsquant.formats.nvfp4 import dequantize_nvfp4
@@ -57,12 +60,13 @@ DEFAULT_NVFP4_INPUT_SCALE = 1.0
 class QuantizedWeight:
     """One weight in dsquant's scale directions (every scale multiplies to dequantize).
 
-    fmt: "bf16" | "fp8-block" | "int8" | "nvfp4" | "mxfp4".
+    fmt: "bf16" | "fp8-block" | "fp8-channel" | "int8" | "nvfp4" | "mxfp4".
     q: the codes as stored: bf16 [N, K] | float8_e4m3fn [N, K] | int8 [N, K] | uint8 packed [N, K/2].
-    scale: None (bf16) | float32 [ceil(N/128), ceil(K/128)] | float32 [N, 1] | float8_e4m3fn [N, K/16] |
-        uint8 E8M0 [N, K/32].
+    scale: None (bf16) | float32 [ceil(N/128), ceil(K/128)] | float32 [N, 1] (fp8-channel, int8) |
+        float8_e4m3fn [N, K/16] | uint8 E8M0 [N, K/32].
     global_scale: float32 [] (nvfp4 weight global scale), else None.
-    input_scale: float32 [] (nvfp4 static activation global scale), else None.
+    input_scale: float32 [] (nvfp4 static activation global scale, or fp8-channel static per-tensor activation
+        scale), else None.
     """
 
     fmt: str
@@ -189,8 +193,12 @@ def read_quantized(prefix: str, tensors, quantization_config: dict | None) -> Qu
             return QuantizedWeight("int8", q, scale)
         if q.dtype == torch.float8_e4m3fn and tuple(scale.shape) == (-(-q.shape[0] // 128), -(-q.shape[1] // 128)):
             return QuantizedWeight("fp8-block", q, scale)
+        if q.dtype == torch.float8_e4m3fn and (scale.numel() == 1 or tuple(scale.shape) == (q.shape[0], 1)):
+            inp = tensors[p + "input_scale"].float().reshape(()) if p + "input_scale" in tensors else None
+            return QuantizedWeight("fp8-channel", q, scale.reshape(-1, 1).expand(q.shape[0], 1).contiguous(),
+                                   input_scale=inp)
         raise ValueError(f"{prefix}: compressed-tensors weight {q.dtype} {tuple(q.shape)} with scale "
-                         f"{tuple(scale.shape)} is neither int8 channel nor fp8 128x128 block")
+                         f"{tuple(scale.shape)} is neither int8 channel nor fp8 channel, tensor or 128x128 block")
     if p + "weight" not in tensors:
         raise ValueError(f"{prefix}: no tensor {p}weight (nor a packed weight) in the checkpoint")
     w = tensors[p + "weight"]
@@ -207,6 +215,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torc
         return dequantize_fp8_block(qw.q, qw.scale, dtype=dtype)
     if qw.fmt == "int8":
         return dequantize_int8(qw.q, qw.scale, dtype)
+    if qw.fmt == "fp8-channel":
+        return dequantize_fp8(qw.q, qw.scale, dtype)
     if qw.fmt == "nvfp4":
         return dequantize_nvfp4(qw.q, qw.scale, qw.global_scale, dtype)
     if qw.fmt == "mxfp4":

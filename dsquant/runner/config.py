@@ -4,6 +4,11 @@ Field names follow DeepSeek-V3 `inference/model.py` (`dim`, `inter_dim`, `n_dens
 mapping from the Hugging Face config keys is the table `_KEYS` below, so every key is read in one place.
 V2-Lite has no `q_lora_rank` (the query is one `q_proj`); V2 routes with softmax scores (`greedy` or
 `group_limited_greedy`), V3/Kimi-K2 with sigmoid scores plus `e_score_correction_bias` (`noaux_tc`).
+
+transformers >= 5 moved some keys (`rope_fields`, `dtype_field` read both layouts): the RoPE base and scaling
+live in one `rope_parameters` object (`rope_theta` plus `rope_type` and the YaRN fields) instead of the
+top-level `rope_theta` and `rope_scaling`, and `torch_dtype` became `dtype`. A config carrying both layouts
+must say the same thing in each, or it is refused: there is no telling which one its producer meant.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ _KEYS = {
     "qk_nope_head_dim": ("qk_nope_head_dim", None),
     "qk_rope_head_dim": ("qk_rope_head_dim", None),
     "v_head_dim": ("v_head_dim", None),
-    "rope_theta": ("rope_theta", 10000.0),
     "max_position_embeddings": ("max_position_embeddings", 4096),
     "rms_norm_eps": ("rms_norm_eps", 1e-6),
     "n_mtp_layers": ("num_nextn_predict_layers", 0),
@@ -77,6 +81,7 @@ class ModelArgs:
     v_head_dim: int = 64
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    dtype: str | None = None
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     n_mtp_layers: int = 0
@@ -128,9 +133,9 @@ class ModelArgs:
             raise ValueError(f"{name}: unsupported scoring_func {kwargs['score_func']!r}")
         if kwargs["topk_method"] not in ("noaux_tc", "greedy", "group_limited_greedy"):
             raise ValueError(f"{name}: unsupported topk_method {kwargs['topk_method']!r}")
-        rs = config.get("rope_scaling") or config.get("rope_parameters")
-        kwargs["rope_scaling"] = dict(rs) if rs and _rope_type(rs) == "yarn" else None
-        known = {k for k, _ in _KEYS.values()} | {"rope_scaling"}
+        kwargs["rope_theta"], kwargs["rope_scaling"] = rope_fields(config, name)
+        kwargs["dtype"] = dtype_field(config, name)
+        known = {k for k, _ in _KEYS.values()} | set(MOVED_KEYS)
         kwargs["extra"] = {k: v for k, v in config.items() if k not in known}
         return cls(**kwargs)
 
@@ -154,8 +159,9 @@ class ModelArgs:
             out[key] = getattr(self, attr)
         out["q_lora_rank"] = self.q_lora_rank or None
         out["num_key_value_heads"] = self.n_heads
+        out["rope_theta"] = self.rope_theta
         out["rope_scaling"] = self.rope_scaling
-        out["torch_dtype"] = "bfloat16"
+        out["torch_dtype"] = self.dtype or "bfloat16"
         out.update(self.extra)
         return out
 
@@ -166,7 +172,77 @@ class ModelArgs:
 
 
 def _rope_type(rs: dict) -> str:
-    return str(rs.get("type") or rs.get("rope_type") or "default")
+    return str(rs.get("rope_type") or rs.get("type") or "default")
+
+
+# Keys transformers >= 5 renamed or regrouped, read only through rope_fields / dtype_field.
+MOVED_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "dtype", "torch_dtype")
+DEFAULT_ROPE_THETA = 10000.0
+# RoPE variants the runner computes (kernels.rope.reference: plain RoPE and DeepSeek's YaRN).
+ROPE_TYPES = ("default", "yarn")
+
+
+def layout_disagreements(config: dict) -> list[tuple[str, str]]:
+    """Fields a config.json states in both layouts with different values: ("rope" | "dtype", phrase) each.
+
+    transformers < 5: top-level `rope_theta`, `rope_scaling` ({"type": "yarn", ...}) and `torch_dtype`.
+    transformers >= 5: `rope_parameters` = {"rope_type": ..., "rope_theta": ..., <scaling fields>} and `dtype`.
+    """
+    out = []
+    params = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    scaling = config.get("rope_scaling") if isinstance(config.get("rope_scaling"), dict) else {}
+    params = dict(params)
+    theta = params.pop("rope_theta", None)
+    if "rope_theta" in config and theta is not None and float(config["rope_theta"]) != float(theta):
+        out.append(("rope", f"rope_theta {config['rope_theta']} disagrees with rope_parameters.rope_theta {theta}"))
+    if params and scaling:
+        if _rope_type(params) != _rope_type(scaling):
+            out.append(("rope", f"rope_scaling type {_rope_type(scaling)!r} disagrees with rope_parameters "
+                                f"rope_type {_rope_type(params)!r}"))
+        out += [("rope", f"rope_scaling.{key} {scaling[key]!r} disagrees with rope_parameters.{key} {params[key]!r}")
+                for key in sorted(set(params) & set(scaling) - {"type", "rope_type"}) if params[key] != scaling[key]]
+    new, old = config.get("dtype"), config.get("torch_dtype")
+    if new is not None and old is not None and str(new) != str(old):
+        out.append(("dtype", f"dtype {new!r} disagrees with torch_dtype {old!r}"))
+    return out
+
+
+def rope_fields(config: dict, name: str = "config.json") -> tuple[float, dict | None]:
+    """(rope_theta, YaRN rope_scaling or None) from either layout of a config.json (see layout_disagreements);
+    ValueError naming the file where the layouts disagree, or for a RoPE the runner does not compute."""
+    params = config.get("rope_parameters")
+    scaling = config.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{name}: {key} must be an object, got {value!r}")
+        if value and any(isinstance(v, dict) for v in value.values()):
+            raise ValueError(f"{name}: {key} holds per-layer-type RoPE settings, which DeepSeek models do not use")
+    problems = [phrase for field, phrase in layout_disagreements(config) if field == "rope"]
+    if problems:
+        raise ValueError(f"{name}: {problems[0]}; remove one of them")
+    params, scaling = dict(params or {}), dict(scaling or {})
+    theta = params.pop("rope_theta", None)
+    theta = float(theta if theta is not None else config.get("rope_theta", DEFAULT_ROPE_THETA))
+    merged = {**scaling, **params}
+    kind = _rope_type(merged)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{name}: RoPE type {kind!r} is not one the runner computes ({', '.join(ROPE_TYPES)})")
+    if kind != "yarn":
+        return theta, None
+    merged.pop("rope_type", None)
+    merged["type"] = "yarn"
+    if "factor" not in merged:
+        raise ValueError(f"{name}: YaRN RoPE without a factor")
+    return theta, merged
+
+
+def dtype_field(config: dict, name: str = "config.json") -> str | None:
+    """The checkpoint's declared dtype: `dtype` (transformers >= 5) or `torch_dtype`; both must agree."""
+    problems = [phrase for field, phrase in layout_disagreements(config) if field == "dtype"]
+    if problems:
+        raise ValueError(f"{name}: {problems[0]}; remove one of them")
+    value = config.get("dtype") if config.get("dtype") is not None else config.get("torch_dtype")
+    return None if value is None else str(value).removeprefix("torch.")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

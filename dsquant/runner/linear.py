@@ -3,10 +3,15 @@
 Formats (`fmt`) and the activation scheme each implies (`act`), after what the serving engines run:
     bf16       y = x @ W^T                                       act "none"
     fp8_block  W float8_e4m3fn [N, K] * scale [N/128, K/128]     act "fp8_group": dynamic 1x128 FP8 (DeepSeek)
+    fp8_channel W float8_e4m3fn [N, K] * scale [N, 1]            act "fp8_token": dynamic per-token FP8, or
+                                                                 "fp8_tensor": per-tensor FP8 (static with
+                                                                 the input_scale, else dynamic)
     int8       W int8 [N, K] * scale [N, 1]                      act "int8_token": dynamic per-token INT8
     nvfp4      W packed uint8 [N, K/2], block e4m3 [N, K/16],    act "nvfp4": NVFP4 with the calibrated
                global scale []                                   input global scale (dynamic when absent)
     mxfp4      W packed uint8 [N, K/2], E8M0 scale [N, K/32]     act "none" (W4A16) or "mxfp4" (W4A4)
+Any format may also run weight-only (act "none") when its checkpoint declares no input activations; a
+compressed-tensors module's act comes from its own config group (dsquant.runner.schemes).
 Every scale multiplies (dsquant.formats convention); on-disk names are resolved in load.py.
 
 impl="reference" (CPU): the activation is quantized and dequantized with dsquant.formats and the weight
@@ -23,15 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsquant.formats.fp8 import dequantize_fp8_block, dequantize_fp8_per_token_group, quantize_fp8_per_token_group
+from dsquant.formats.fp8 import (
+    dequantize_fp8,
+    dequantize_fp8_block,
+    dequantize_fp8_per_token_group,
+    quantize_fp8_per_tensor,
+    quantize_fp8_per_token,
+    quantize_fp8_per_token_group,
+)
 from dsquant.formats.int8 import quantize_int8_per_token
 from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from dsquant.runner.ops import kernels_can_run
 
-FORMATS = ("bf16", "fp8_block", "int8", "nvfp4", "mxfp4")
-ACTS = ("none", "fp8_group", "int8_token", "nvfp4", "mxfp4")
-_DEFAULT_ACT = {"bf16": "none", "fp8_block": "fp8_group", "int8": "int8_token", "nvfp4": "nvfp4", "mxfp4": "none"}
+FORMATS = ("bf16", "fp8_block", "fp8_channel", "int8", "nvfp4", "mxfp4")
+ACTS = ("none", "fp8_group", "fp8_token", "fp8_tensor", "int8_token", "nvfp4", "mxfp4")
+_DEFAULT_ACT = {"bf16": "none", "fp8_block": "fp8_group", "fp8_channel": "fp8_token", "int8": "int8_token",
+                "nvfp4": "nvfp4", "mxfp4": "none"}
 
 
 @dataclass
@@ -69,6 +82,8 @@ class LinearWeight:
             return dequantize_fp8_block(self.q, self.scale, dtype=dtype)
         if self.fmt == "int8":
             return (self.q.float() * self.scale.float()).to(dtype)
+        if self.fmt == "fp8_channel":
+            return dequantize_fp8(self.q, self.scale, dtype)
         if self.fmt == "nvfp4":
             return dequantize_nvfp4(self.q, self.scale, self.global_scale, dtype=dtype)
         return dequantize_mxfp4(self.q, self.scale, dtype=dtype)
@@ -81,6 +96,12 @@ def fake_quant_activation(x: torch.Tensor, act: str, input_scale: torch.Tensor |
     if act == "fp8_group":
         q, s = quantize_fp8_per_token_group(x, name="activation")
         return dequantize_fp8_per_token_group(q, s, dtype=torch.float32)
+    if act == "fp8_token":
+        q, s = quantize_fp8_per_token(x, name="activation")
+        return dequantize_fp8(q, s, dtype=torch.float32)
+    if act == "fp8_tensor":
+        q, s = quantize_fp8_per_tensor(x, name="activation", scale=input_scale)
+        return dequantize_fp8(q, s, dtype=torch.float32)
     if act == "int8_token":
         q, s = quantize_int8_per_token(x, name="activation")
         return q.float() * s

@@ -5,6 +5,7 @@ linear's tensors are normalised to a LinearWeight (scales that multiply) by dsqu
 from the names each convention writes:
     DeepSeek FP8          weight f8e4m3 [N, K] + weight_scale_inv f32 [N/128, K/128]
     compressed-tensors    FP8 block: weight f8e4m3 + weight_scale [N/128, K/128];
+                          FP8 channel / tensor: weight f8e4m3 + weight_scale [N, 1] or [1] (+ input_scale);
                           INT8: weight int8 + weight_scale [N, 1];
                           NVFP4: weight_packed + weight_scale e4m3 + weight_global_scale (a divisor)
                                  + input_global_scale (a divisor);
@@ -29,10 +30,11 @@ import torch
 from safetensors import safe_open
 
 from dsquant.checkpoint.index import ST_DTYPE_BYTES
-from dsquant.formats.ondisk import read_quantized
+from dsquant.formats.ondisk import convention_of, read_quantized
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.linear import LinearWeight, QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
+from dsquant.runner.schemes import activation_scheme
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +127,11 @@ class CheckpointReader:
 
 
 
-def _activation_scheme(qc: dict, fmt: str) -> str | None:
-    """Weight-only MXFP4 unless a compressed-tensors group quantizes input activations."""
-    if fmt != "mxfp4":
-        return None
-    for group in (qc.get("config_groups") or {}).values():
-        if group.get("input_activations"):
-            return "mxfp4"
-    return "none"
-
-
 def read_linear(reader: CheckpointReader, prefix: str, device: torch.device | str = "cpu") -> LinearWeight:
     """The tensors `<prefix>.*` of one linear -> LinearWeight on device (ValueError names what is wrong).
 
-    Names and scale directions per convention come from dsquant.formats.ondisk, the one place that knows them.
+    Names and scale directions per convention come from dsquant.formats.ondisk, the one place that knows them;
+    a compressed-tensors module's activation scheme is its own config group's (dsquant.runner.schemes).
     """
     t = {f"{prefix}.{s}": reader.get(f"{prefix}.{s}").to(device)
          for s in _LINEAR_SUFFIXES if f"{prefix}.{s}" in reader}  # fmt: skip
@@ -146,17 +139,19 @@ def read_linear(reader: CheckpointReader, prefix: str, device: torch.device | st
         qw = read_quantized(prefix, t, reader.quant_config)
     except ValueError as e:
         raise ValueError(f"{reader.path}: {e}") from None
-    if qw.fmt == "fp8-block":
-        w, scale = qw.q, qw.scale
-        nb, kb = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
-        if tuple(scale.shape) != (nb, kb):
-            raise ValueError(f"{reader.path}: {prefix} scale shape {tuple(scale.shape)}, expected {(nb, kb)}")
-        return LinearWeight("fp8_block", w, scale)
-    if qw.fmt == "int8":
-        return LinearWeight("int8", qw.q, qw.scale.reshape(-1, 1))
-    if qw.fmt == "mxfp4":
-        return LinearWeight("mxfp4", qw.q, qw.scale, act=_activation_scheme(reader.quant_config, "mxfp4"))
-    return LinearWeight(qw.fmt, qw.q, qw.scale, qw.global_scale, qw.input_scale)
+    fmt = qw.fmt.replace("-", "_")
+    if fmt == "fp8_block":
+        nb, kb = -(-qw.q.shape[0] // 128), -(-qw.q.shape[1] // 128)
+        if tuple(qw.scale.shape) != (nb, kb):
+            raise ValueError(f"{reader.path}: {prefix} scale shape {tuple(qw.scale.shape)}, expected {(nb, kb)}")
+    act = None
+    if fmt != "bf16" and convention_of(reader.quant_config) == "compressed-tensors":
+        try:
+            act = activation_scheme(reader.quant_config, prefix, fmt)
+        except ValueError as e:
+            raise ValueError(f"{reader.path}: {e}") from None
+    scale = qw.scale.reshape(-1, 1) if fmt == "int8" else qw.scale
+    return LinearWeight(fmt, qw.q, scale, qw.global_scale, qw.input_scale, act=act)
 
 
 def _assign(model: Transformer, reader: CheckpointReader, names: list[str], device) -> int:

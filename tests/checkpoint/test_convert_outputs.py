@@ -204,16 +204,70 @@ def _ct_scheme(qc, module):
     raise AssertionError(f"{module}: no config group targets it")
 
 
-@pytest.mark.parametrize("variant,source,recipe", [("v3", "bf16", "int8"), ("v3", "bf16", "nvfp4"),
-                                                   ("v3", "fp8", "mxfp4"), ("v3", "fp8", "fp8-block")])
+# The compressed-tensors preset whose QuantizationArgs each format's config group must carry (what
+# llm-compressor writes for that scheme: ModelCompressor.update_config dumps the preset's QuantizationConfig).
+CT_PRESET = {"float-quantized": "FP8_BLOCK", "int-quantized": "W8A8", "nvfp4-pack-quantized": "NVFP4",
+             "mxfp4-pack-quantized": "MXFP4A16"}
+CT_OUTPUTS = [(variant, source, recipe) for variant, source, recipe, convention in MATRIX
+              if convention == "compressed-tensors"]
+
+
+def _linear_tree(ckpt: Checkpoint) -> torch.nn.Module:
+    """Float32 nn.Linear modules under the checkpoint's module names, for every stored 2-D projection (a model
+    that compressed-tensors can quantize and decompress without transformers' fused experts)."""
+    root = torch.nn.Module()
+    for name, info in ckpt.infos.items():
+        module, _, attr = name.rpartition(".")
+        if attr not in ("weight", "weight_packed") or len(info.shape) != 2 or module.endswith(("embed_tokens",
+                                                                                            "mlp.gate")):
+            continue
+        n, k = info.shape
+        parent, *path = root, *module.split(".")
+        for part in path[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(path[-1], torch.nn.Linear(k * (2 if attr == "weight_packed" else 1), n, bias=False))
+    return root
+
+
+def _assert_linears_match(model: torch.nn.Module, out: Checkpoint, qc: dict, what: str) -> int:
+    """Every quantized linear the library decompressed equals dsquant's dequantization, bit for bit, in the dtype
+    the library gives it (the float32 model's for INT8/FP8, BF16 for FP4)."""
+    checked = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and f"{name}.weight_scale" in out.infos:
+            ours = dequantize(read_quantized(name, out, qc), mod.weight.dtype)
+            assert torch.equal(mod.weight.data, ours), f"{what}: {name} differs from dsquant's dequantization"
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS, ids=lambda v: str(v))
+def test_compressed_tensors_config_groups_are_the_library_presets(converted, variant, source, recipe):
+    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    qc = Checkpoint(converted(variant, source, recipe, "compressed-tensors")).config["quantization_config"]
+    for name, group in qc["config_groups"].items():
+        scheme = preset_name_to_scheme(CT_PRESET[group["format"]], ["Linear"])
+        preset = ct.QuantizationConfig(config_groups={"g": scheme})
+        theirs = preset.model_dump(mode="json")["config_groups"]["g"]
+        for key in ("weights", "input_activations", "output_activations"):
+            assert group[key] == theirs[key], f"{name} {key}: {group[key]} != the preset's {theirs[key]}"
+
+
+@pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS, ids=lambda v: str(v))
 def test_compressed_tensors_library_decompresses_like_dsquant(converted, variant, source, recipe):
     ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
+    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import apply_quantization_config
 
     dst = converted(variant, source, recipe, "compressed-tensors")
     out = Checkpoint(dst)
     qc = out.config["quantization_config"]
-    ct.QuantizationConfig.model_validate(qc)  # the library parses our config
+    config = ct.QuantizationConfig.model_validate(qc)  # the library parses our config
     checked = 0
     for name in out.infos:
         if not name.endswith("weight_scale") or name.rsplit(".", 1)[0] in qc["ignore"]:
@@ -227,3 +281,51 @@ def test_compressed_tensors_library_decompresses_like_dsquant(converted, variant
         assert theirs.shape == ours.shape and torch.equal(theirs, ours), f"{module}: {fmt} decompression differs"
         checked += 1
     assert checked > 10
+
+    # Model level, as transformers and llm-compressor load a checkpoint: the library assigns each module its
+    # scheme from our config (targets, ignore), lays out the parameters it expects, takes exactly our tensors
+    # (strict: a tensor it expects and we did not write, e.g. a static input_scale, fails here) and decompresses.
+    model = _linear_tree(out)
+    apply_quantization_config(model, config, show_progress=False)
+    compressor = ModelCompressor(quantization_config=config)
+    compressor.compress_model(model)
+    modules = dict(model.named_modules())
+    model.load_state_dict({n: out.get(n) for n in out.infos if n.rpartition(".")[0] in modules}, strict=True)
+    compressor.decompress_model(model)
+    assert _assert_linears_match(model, out, qc, "compressed-tensors decompress_model") == checked
+
+
+@pytest.fixture(scope="module")
+def dense_source(tmp_path_factory):
+    """DeepSeek-V3 layout without routed experts (every layer, MTP included, dense)."""
+    from dsquant.checkpoint.synth import make_synthetic_checkpoint
+
+    def get(source):
+        return make_synthetic_checkpoint(tmp_path_factory.mktemp(f"dense-{source}"), variant="v3", source=source,
+                                         num_shards=1, first_k_dense_replace=4)
+
+    return get
+
+
+@pytest.mark.parametrize("source,recipe", [("bf16", "int8"), ("bf16", "nvfp4"), ("fp8", "fp8-block"),
+                                           ("fp8", "mxfp4")])
+def test_transformers_loads_compressed_tensors_outputs(tmp_path, dense_source, source, recipe):
+    """transformers' from_pretrained (its compressed-tensors quantizer) loads the output and the library's
+    decompression gives dsquant's weights. Routed experts are left out: transformers fuses DeepSeek's experts
+    into 3-D parameters that compressed-tensors does not quantize, so it cannot load quantized per-expert tensors
+    from any producer (INT8/FP8 stop in CompressedTensorsDequantize, NVFP4 codes are read as values). The
+    mxfp4 recipe therefore shows here only its FP8-block part; its MXFP4 experts are checked at model level by
+    test_compressed_tensors_library_decompresses_like_dsquant."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
+
+    dst = tmp_path / recipe
+    convert(dense_source(source), dst, recipe, convention="compressed-tensors", progress=False)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32,
+                                                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    mtp = f"model.layers.{model.config.num_hidden_layers}."  # transformers builds no MTP layer
+    assert all(k.startswith(mtp) for k in info["unexpected_keys"]), sorted(info["unexpected_keys"])[:5]
+    model.hf_quantizer.compressor.decompress_model(model)
+    out = Checkpoint(dst)
+    assert _assert_linears_match(model, out, out.config["quantization_config"], "transformers") > 8

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -16,13 +14,13 @@ YARN = {"type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale
         "original_max_position_embeddings": 16}
 
 
-def _hf_model(q_lora_rank, rope_scaling, seed=0):
+def _hf_model(q_lora_rank, rope_scaling, seed=0, rope_theta=10000.0):
     cfg = transformers.DeepseekV3Config(
         vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
         n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=q_lora_rank,
         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
-        rope_scaling=rope_scaling, max_position_embeddings=640, initializer_range=0.15,
+        rope_scaling=rope_scaling, max_position_embeddings=640, initializer_range=0.15, rope_theta=rope_theta,
     )
     torch.manual_seed(seed)
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
@@ -51,15 +49,14 @@ def _save_as_checkpoint(cfg, model, path):
         else:
             sd[name] = t.contiguous()
     save_file(sd, str(path / "model.safetensors"))
-    config = cfg.to_dict()
-    config["architectures"] = ["DeepseekV3ForCausalLM"]
-    (path / "config.json").write_text(json.dumps(config))
+    model.save_pretrained(path / "hf")  # config.json exactly as transformers writes it (rope_parameters, dtype)
+    (path / "config.json").write_text((path / "hf" / "config.json").read_text())
 
 
-@pytest.mark.parametrize("q_lora_rank", [32, None], ids=["q_lora", "no_q_lora"])
+@pytest.mark.parametrize("q_lora_rank,rope_theta", [(32, 10000.0), (None, 50000.0)], ids=["q_lora", "no_q_lora"])
 @pytest.mark.parametrize("rope_scaling", [YARN, None], ids=["yarn", "plain_rope"])
-def test_logits_match_transformers(tmp_path, q_lora_rank, rope_scaling):
-    cfg, hf = _hf_model(q_lora_rank, rope_scaling)
+def test_logits_match_transformers(tmp_path, q_lora_rank, rope_scaling, rope_theta):
+    cfg, hf = _hf_model(q_lora_rank, rope_scaling, rope_theta=rope_theta)
     _save_as_checkpoint(cfg, hf, tmp_path)
     ours, _ = load_model(tmp_path, impl="reference", dtype=torch.float32)
     tokens = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
