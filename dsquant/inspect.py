@@ -15,19 +15,10 @@ from dsquant.check import structure
 from dsquant.check.config import declared_families, stored_families
 from dsquant.check.names import module_convention, module_format, role
 from dsquant.check.view import CheckpointView
+from dsquant.units import human_bytes
 
 GROUP_ORDER = ("embeddings", "attention", "indexer", "dense MLP", "shared experts", "routed experts", "router",
                "norms", "lm_head", "mtp", "other")
-
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def detect_convention(view: CheckpointView) -> str:

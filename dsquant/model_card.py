@@ -18,7 +18,7 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 import dsquant
-from dsquant.inspect import human_bytes
+from dsquant.units import human_bytes
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from dsquant.cli.app import app, fail
+from dsquant.units import human_bytes
 
 log = logging.getLogger(__name__)
 # = dsquant.runner.calib_search's METHODS and DEFAULT_SAMPLE_ROWS (not imported: that pulls in torch at CLI start;
@@ -18,22 +19,15 @@ CALIB_METHODS = ("mse", "amax")
 CALIB_ROWS = 256
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _print_plan(summary) -> None:
     rows = sorted(summary.plan, key=lambda r: -r["bytes_in"])
     typer.echo(f"{'tensor pattern':<52} {'rule':<24} {'format':<10} {'count':>6} {'in':>10} {'out':>10}")
     for r in rows:
         typer.echo(f"{r['pattern']:<52} {r['rule']:<24} {r['format']:<10} {r['count']:>6} "
-                   f"{_human(r['bytes_in']):>10} {_human(r['bytes_out']):>10}")
+                   f"{human_bytes(r['bytes_in']):>10} {human_bytes(r['bytes_out']):>10}")
     typer.echo(f"dry run: {summary.src} -> {summary.dst} as {summary.recipe} ({summary.convention}); "
-               f"{_human(summary.bytes_in)} in, {_human(summary.bytes_out)} out in {summary.shards} shard(s), "
+               f"{human_bytes(summary.bytes_in)} in, {human_bytes(summary.bytes_out)} out in {summary.shards} "
+               f"shard(s), "
                f"ratio {summary.ratio:.2f}x; plan validated, nothing written")
 
 
@@ -137,7 +131,8 @@ def convert(
         _print_plan(summary)
     else:
         typer.echo(f"converted {summary.src} -> {summary.dst} ({summary.recipe}, {summary.convention}): "
-                   f"{_human(summary.bytes_in)} in, {_human(summary.bytes_out)} out (ratio {summary.ratio:.2f}x), "
+                   f"{human_bytes(summary.bytes_in)} in, {human_bytes(summary.bytes_out)} out "
+                   f"(ratio {summary.ratio:.2f}x), "
                    f"{summary.seconds:.1f} s, {summary.gb_per_s:.2f} GB/s"
                    + (f", {summary.resumed_shards} shard(s) kept from the interrupted run" if summary.resumed_shards
                       else ""))

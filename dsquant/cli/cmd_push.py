@@ -25,7 +25,7 @@ def push(
     The token comes from HF_TOKEN or `hf auth login`; it is never printed. Interrupted uploads resume
     when the same command is run again."""
     from dsquant.hub import push_to_hub
-    from dsquant.inspect import human_bytes
+    from dsquant.units import human_bytes
 
     try:
         result = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
