@@ -58,5 +58,5 @@ def context_length(ckpt, args) -> tuple[int, str]:
     config's max_position_embeddings."""
     n = demo_settings(ckpt).get("context_length")
     if n:
-        return int(n), f"the context it was trained at ({SETTINGS_FILE})"
-    return int(args.max_position_embeddings), "max_position_embeddings"
+        return int(n), f"the length it was trained at, per {SETTINGS_FILE}"
+    return int(args.max_position_embeddings), "max_position_embeddings in config.json"
