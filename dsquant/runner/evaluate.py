@@ -50,11 +50,15 @@ def load_text(text_file: str | Path | None = None, dataset: str | None = None) -
         raise ValueError(f"--dataset {dataset!r}: only 'wikitext2' is known (or use --text-file)")
     from huggingface_hub import hf_hub_download
 
+    from dsquant.hub import hub_errors
+
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("--dataset wikitext2 reads a parquet file and needs pyarrow; or pass --text-file") from None
-    file = hf_hub_download(WIKITEXT2[0], WIKITEXT2[1], repo_type="dataset")
+        raise ValueError("--dataset wikitext2 reads a parquet file, which needs pyarrow: pip install "
+                         "'dsquant[data]' (or pass the text itself with --text-file)") from None
+    with hub_errors(f"--dataset wikitext2 ({WIKITEXT2[0]})", WIKITEXT2[0]):
+        file = hf_hub_download(WIKITEXT2[0], WIKITEXT2[1], repo_type="dataset")
     text = "".join(pq.read_table(file).column("text").to_pylist())  # lines keep their own "\n"
     return text, {"source": f"{WIKITEXT2[0]} {WIKITEXT2[1]}", "chars": len(text)}
 
