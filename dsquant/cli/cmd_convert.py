@@ -116,9 +116,10 @@ def convert(
                                    "range and warns where an FP8 KV cache would saturate (no KV scales are written: "
                                    "no engine applies one to DeepSeek MLA)."),
     calib_method: str = typer.Option(None, "--calib-method", show_default=False,
-                                     help="With --calibrate: mse (the power of two with the least NVFP4 error on a "
-                                          "sample of each linear's inputs, taking up to 4x headroom where that "
-                                          "costs nothing) or amax (amax / 2688) [default: mse]."),
+                                     help="With --calibrate: mse (per linear, the power of two with the least NVFP4 "
+                                          "error on a sample of its inputs, from 1/4-1/2 to 4-8x the amax rule, "
+                                          "taking the most headroom that costs nothing) or amax (amax / 2688) "
+                                          "[default: mse]."),
     calib_rows: int = typer.Option(CALIB_ROWS, "--calib-rows", help="With --calibrate: input rows "
                                    "sampled per linear for the mse search (memory: one layer's samples)."),
     threads: int = THREADS,
