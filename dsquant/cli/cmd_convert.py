@@ -33,7 +33,7 @@ def _print_plan(summary) -> None:
 
 
 def _calibration(src: str | None, text_file: Path, device: str, method: str, rows: int,
-                 threads: int | None = None) -> dict[str, float]:  # fmt: skip
+                 threads: int | None = None, progress: bool = True) -> dict[str, float]:  # fmt: skip
     """Run the layer-streamed calibration pass of the source on `text_file`: {module: activation input scale}."""
     if method not in CALIB_METHODS:
         raise ValueError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
@@ -55,7 +55,7 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
 
         source = resolve_source(src)
     cal = calibrate_all(str(source), text, device=device, method=method, sample_rows=rows, threads=threads,
-                        progress=True)  # fmt: skip
+                        progress=progress)  # fmt: skip
     log.info("calibration (%s): %d linear input scales; FP8 KV-cache scales per layer, max(amax / 448, 1), not "
              "written (no engine loads an MLA k_scale from a DeepSeek checkpoint): %s", method,
              len(cal.input_scales), cal.kv_scales())
@@ -153,8 +153,9 @@ def convert(
 
             validate_repo_id(push_to_hub)
             check_token()
-        calibration = (_calibration(src, calibrate, device, calib_method or "mse", calib_rows, threads)
-                       if calibrate is not None and not dry_run else None)
+        calibration = (_calibration(src, calibrate, device, calib_method or "mse", calib_rows, threads,
+                                    progress=not as_json)
+                       if calibrate is not None and not dry_run else None)  # fmt: skip
         calibration_s = time.perf_counter() - start
         summary = run_convert(src, dst, recipe, convention=fmt, device=device, workers=workers,
                               max_shard_size=max_shard_size, resume=resume, dry_run=dry_run,
@@ -174,7 +175,8 @@ def convert(
         typer.echo(f"converted {summary.src} -> {summary.dst} ({summary.recipe}, {summary.convention}): "
                    f"{human_bytes(summary.bytes_in)} in, {human_bytes(summary.bytes_out)} out "
                    f"(ratio {summary.ratio:.2f}x), "
-                   f"{summary.seconds:.1f} s" + (f" ({calibration_s:.1f} s calibrating)" if calibration else "")
+                   f"{summary.seconds:.1f} s"
+                   + (f" ({calibration_s:.1f} s calibrating)" if calibration is not None else "")
                    + f", {summary.gb_per_s:.2f} GB/s"
                    + (f", {summary.resumed_shards} shard(s) kept from the interrupted run" if summary.resumed_shards
                       else ""))
