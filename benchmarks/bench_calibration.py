@@ -18,21 +18,19 @@ import json
 import logging
 import platform
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dsquant.convert import convert  # noqa: E402
-from dsquant.demo import demo_model_dir  # noqa: E402
-from dsquant.runner.calibrate import calibrate_all, calibration_windows, finish, record  # noqa: E402
-from dsquant.runner.data import stdlib_text  # noqa: E402
-from dsquant.runner.evaluate import evaluate, load_text  # noqa: E402
+from dsquant.convert import convert
+from dsquant.demo import demo_model_dir
+from dsquant.runner.calibrate import calibrate_all, calibration_windows, finish, record
+from dsquant.runner.data import stdlib_text
+from dsquant.runner.evaluate import evaluate, load_text
 
 MSE = "mse (default: power of two; largest within 2%)"
 QUARTER = "mse-quarter-octave argmin (amax/2688*2^(k/4) k=-8..4)"

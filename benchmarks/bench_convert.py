@@ -19,24 +19,22 @@ import datetime
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dsquant import formats  # noqa: E402
-from dsquant.checkpoint.reader import Checkpoint  # noqa: E402
-from dsquant.checkpoint.synth import make_synthetic_checkpoint  # noqa: E402
-from dsquant.convert import convert  # noqa: E402
-from dsquant.convert_plan import build_plan  # noqa: E402
-from dsquant.formats.ondisk import QuantizedWeight, write_quantized  # noqa: E402
-from dsquant.recipe import load_recipe  # noqa: E402
+from dsquant import formats
+from dsquant.checkpoint.reader import Checkpoint
+from dsquant.checkpoint.synth import make_synthetic_checkpoint
+from dsquant.convert import convert
+from dsquant.convert_plan import build_plan
+from dsquant.formats.ondisk import QuantizedWeight, write_quantized
+from dsquant.recipe import load_recipe
 
 EXPERT_BYTES = 3 * 2048 * 7168 * 2  # one BF16 expert (gate, up, down)
 out_bytes: dict[str, int] = {}  # recipe -> bytes of its last output, for the raw-write baseline

@@ -17,18 +17,12 @@ import argparse
 import csv
 import logging
 import math
-import sys
 import time
-from pathlib import Path
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 import triton
-from triton.testing import do_bench
-
-if __package__ in (None, ""):  # run as a script from a checkout: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dsquant.kernels.gemm import (  # noqa: E402
+from dsquant.kernels.gemm import (
     configs,
     fp8_block_gemm,
     fp8_block_gemm_ref,
@@ -36,10 +30,11 @@ from dsquant.kernels.gemm import (  # noqa: E402
     mxfp4_gemm,
     nvfp4_gemm,
 )
-from dsquant.kernels.gemm.triton import _launch  # noqa: E402
-from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8  # noqa: E402
-from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff  # noqa: E402
-from timing import copy_bandwidth, gpu_header  # noqa: E402  (benchmarks/ is the script's folder)
+from dsquant.kernels.gemm.triton import _launch
+from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8
+from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff
+from timing import copy_bandwidth, gpu_header  # benchmarks/ is the script's folder
+from triton.testing import do_bench
 
 log = logging.getLogger("bench_gemm")
 FIELDS = ["gpu", "torch", "triton", "date", "kernel", "M", "N", "K", "us", "TFLOPS", "GB/s", "baseline", "ratio"]

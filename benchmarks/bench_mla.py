@@ -22,13 +22,14 @@ import logging
 import os
 import time
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 import triton
 from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_per_token, mla_decode, mla_prefill
 from dsquant.kernels.mla.cache import dequantize_kv_tokens
 from dsquant.kernels.mla.triton import AttendConfig, default_config, default_num_splits
 from dsquant.kernels.testing import calc_diff
-from timing import copy_bandwidth  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import copy_bandwidth  # benchmarks/ is the script's folder
 from triton.testing import do_bench
 
 log = logging.getLogger("bench_mla")

@@ -23,6 +23,7 @@ import logging
 import re
 import time
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 import torch.nn.functional as F
 import triton
@@ -31,7 +32,7 @@ from dsquant.kernels.moe.fused import _tiles
 from dsquant.kernels.moe.reference import ExpertWeights
 from dsquant.kernels.quant import quantize_fp8_per_token_group
 from dsquant.kernels.testing import DEEPSEEK_V3_MOE
-from timing import copy_bandwidth, gpu_header  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import copy_bandwidth, gpu_header  # benchmarks/ is the script's folder
 from triton.testing import do_bench, do_bench_cudagraph
 
 log = logging.getLogger("bench_moe")

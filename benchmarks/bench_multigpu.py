@@ -27,13 +27,10 @@ import time
 import traceback
 from pathlib import Path
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_convert import drop_cache, dsquant_convert, make_source, raw_read  # noqa: E402
-from bench_runner import _write_v3_layers  # noqa: E402
+from bench_convert import drop_cache, dsquant_convert, make_source, raw_read
+from bench_runner import _write_v3_layers
 
 
 def _digest(folder: Path) -> dict[str, str]:

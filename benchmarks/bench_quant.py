@@ -26,19 +26,16 @@ import datetime
 import itertools
 import logging
 import os
-import sys
 from pathlib import Path
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 import triton
+from dsquant.kernels import quant
+from dsquant.kernels.quant import reference as ref
+from dsquant.kernels.quant import triton as fp8_kernels
+from dsquant.kernels.quant import triton_fp4 as fp4_kernels
 from triton.testing import do_bench, do_bench_cudagraph
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout, nothing installed
-
-from dsquant.kernels import quant  # noqa: E402
-from dsquant.kernels.quant import reference as ref  # noqa: E402
-from dsquant.kernels.quant import triton as fp8_kernels  # noqa: E402
-from dsquant.kernels.quant import triton_fp4 as fp4_kernels  # noqa: E402
 
 log = logging.getLogger("bench_quant")
 DEVICE = "cuda"

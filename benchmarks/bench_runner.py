@@ -19,13 +19,11 @@ import csv
 import datetime
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout, nothing installed
 
 
 def _env(device: str) -> dict:

@@ -31,7 +31,7 @@ from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert_config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
 from dsquant.convert_plan import Plan, build_plan
 from dsquant.convert_process import select_quantizers, write_shard
-from dsquant.devices import resolve_devices
+from dsquant.devices import resolve_devices, usable_cores
 from dsquant.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,11 @@ def _run_shards(ckpt, plan, dst, devices, manifest, todo, calibration, progress)
     total = sum(ckpt.infos[s].nbytes for shard in todo for item in shard.items for job in item for s in job.sources)
     threads = torch.get_num_threads()
     cpu = devices[0].type == "cpu"
-    chunk_pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="dsquant-chunk") \
+    chunk_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="dsquant-chunk") \
         if cpu else None
     if cpu:
         torch.set_num_threads(1)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", disable=not progress,
                smoothing=0.1)
     try:
         with ThreadPoolExecutor(max_workers=len(devices)) as pool:

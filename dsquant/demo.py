@@ -7,6 +7,7 @@ dsquant.checkpoint.synth into the cache ($DSQUANT_CACHE, else ~/.cache/dsquant) 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +16,9 @@ from pathlib import Path
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+# The demo's own settings (context length, evaluation size), kept beside its weights and copied with them into
+# every conversion of it.
+SETTINGS_FILE = "dsquant_demo.json"
 SYNTH_NAME = "dsquant-demo-random-v3-fp8"
 # Bump when the synthetic demo's shape or contents change, so stale caches are rebuilt.
 SYNTH_VERSION = 1
@@ -41,3 +45,18 @@ def demo_model_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def demo_settings(ckpt) -> dict:
+    """The demo's recorded settings when `ckpt` is the demo or a conversion of it, else {}."""
+    path = Path(ckpt) / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def context_length(ckpt, args) -> tuple[int, str]:
+    """(longest sequence the model handles, where that comes from): the demo's trained window, else the
+    config's max_position_embeddings."""
+    n = demo_settings(ckpt).get("context_length")
+    if n:
+        return int(n), f"the length it was trained at, per {SETTINGS_FILE}"
+    return int(args.max_position_embeddings), "max_position_embeddings in config.json"

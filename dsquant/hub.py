@@ -9,16 +9,19 @@ and resumes by re-running. A `--revision` branch is created first (`create_branc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_token, snapshot_download
+from huggingface_hub import HfApi, constants, get_session, get_token, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
+    HfHubHTTPError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -152,6 +155,90 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+# Libraries huggingface_hub sends requests through (by version); their errors are network failures.
+_HTTP_LIBRARIES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.split(".")[0] in _HTTP_LIBRARIES
+
+
+def _unreachable(what: str, exc: BaseException) -> ValueError:
+    return ValueError(f"{what}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(exc).__name__}); "
+                      "check the network, or set HF_HUB_OFFLINE=1 to use what the local Hugging Face cache holds, "
+                      "or give a local path instead")
+
+
+def check_reachable(what: str) -> None:
+    """One short request to the Hub (HF_HUB_ETAG_TIMEOUT seconds); ValueError naming `what` when it cannot be
+    reached. Skipped with HF_HUB_OFFLINE, where only the cache is read."""
+    if _offline():
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:
+        if _is_network_error(exc):
+            raise _unreachable(what, exc) from None
+        raise
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, repo: str | None = None, revision: str | None = None, probe: bool = True):
+    """Run Hub calls so that any failure is one ValueError line naming `what` and what to do.
+
+    With probe, check_reachable runs first: an unreachable Hub is said at once instead of after
+    huggingface_hub's retries (about half a minute of backoff). Callers that pass their own HfApi-like
+    object skip it."""
+    if probe:
+        check_reachable(what)
+    try:
+        yield
+    except GatedRepoError:
+        raise ValueError(f"{what}: gated repository; accept its terms on huggingface.co and log in "
+                         "(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{what}: repository {repo} not found (or private: log in with `hf auth login` or "
+                         "HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"{what}: revision {revision!r} not found in {repo}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        if _offline():
+            raise ValueError(f"{what}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; run once "
+                             "online (unset HF_HUB_OFFLINE) to fetch it, or give a local path instead") from None
+        raise ValueError(f"{what}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} and the files are not "
+                         "cached; check the network and rerun (finished files are kept), or give a local path "
+                         "instead") from None
+    except ValueError:
+        raise
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise ValueError(f"{what}: the Hub refused the request (HTTP {status or '?'}); rerun later, or give a "
+                         "local path instead") from None
+    except Exception as exc:
+        if _is_network_error(exc):
+            raise _unreachable(what, exc) from None
+        raise
+
+
+def check_token(api=None) -> str:
+    """The user name the Hugging Face token belongs to (HfApi.whoami); ValueError when there is no token or the
+    Hub refuses it, so that `convert --push-to-hub` stops before converting, not after."""
+    token = get_token()
+    if not token:
+        raise ValueError("--push-to-hub: no Hugging Face token found; set HF_TOKEN or run `hf auth login` (a "
+                         "token with write access)")
+    with hub_errors("--push-to-hub", probe=api is None):
+        api = api or HfApi(token=token)
+        try:
+            info = api.whoami()
+        except HfHubHTTPError as exc:
+            if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
+                raise ValueError("--push-to-hub: the Hugging Face token was refused (invalid or expired); set "
+                                 "HF_TOKEN or run `hf auth login` again") from None
+            raise
+    return str(info.get("name") or "?")
+
+
 def parse_hf_spec(src: str) -> tuple[str, str | None]:
     """'hf://org/name@rev' -> ('org/name', 'rev'); ValueError for anything else."""
     m = HF_SPEC.match(src)
@@ -179,22 +266,8 @@ def resolve_source(src: str) -> Path:
         return path
     repo, rev = parse_hf_spec(str(src))
     offline = _offline()
-    try:
+    with hub_errors(str(src), repo, rev):
         folder = Path(snapshot_download(repo, revision=rev, allow_patterns=SOURCE_PATTERNS, local_files_only=offline))
-    except GatedRepoError:
-        raise ValueError(f"{src}: gated repository; accept its terms on huggingface.co and log in "
-                         "(`hf auth login` or HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"{src}: repository {repo} not found (or private: log in with `hf auth login` or "
-                         "HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise ValueError(f"{src}: revision {rev!r} not found in {repo}") from None
-    except LocalEntryNotFoundError:
-        if offline:
-            raise ValueError(f"{src}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
-                             "once online (or unset HF_HUB_OFFLINE)") from None
-        raise ValueError(f"{src}: cannot reach the Hub and the files are not cached; check the network and "
-                         "rerun: finished files are kept and the download resumes") from None
     _check_complete(src, folder, offline)
     return folder
 

@@ -15,19 +15,10 @@ from dsquant.check import structure
 from dsquant.check.config import declared_families, stored_families
 from dsquant.check.names import module_convention, module_format, role
 from dsquant.check.view import CheckpointView
+from dsquant.units import human_bytes
 
 GROUP_ORDER = ("embeddings", "attention", "indexer", "dense MLP", "shared experts", "routed experts", "router",
                "norms", "lm_head", "mtp", "other")
-
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def detect_convention(view: CheckpointView) -> str:
@@ -139,22 +130,11 @@ def open_checkpoint(spec: str | Path, api=None) -> CheckpointView:
     are downloaded). ValueError (CheckpointError for local paths) names what could not be read."""
     if not str(spec).startswith("hf://"):
         return CheckpointView.open(spec)
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    from dsquant.hub import parse_hf_spec
+    from dsquant.hub import hub_errors, parse_hf_spec
 
     repo, rev = parse_hf_spec(str(spec))
-    try:
+    with hub_errors(str(spec), repo, rev, probe=api is None):
         return CheckpointView.from_hub(repo, rev, api=api)
-    except GatedRepoError:
-        raise ValueError(f"{spec}: gated repository; accept its terms on huggingface.co and log in") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"{spec}: repository {repo} not found (or private: log in with `hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise ValueError(f"{spec}: revision {rev!r} not found in {repo}") from None
-    except (HfHubHTTPError, OSError) as exc:  # network down, HF_HUB_OFFLINE set, ...
-        raise ValueError(f"{spec}: cannot read the checkpoint's headers from the Hub ({type(exc).__name__}: "
-                         f"{exc})") from None
 
 
 def summarize_checkpoint(path: str | Path) -> dict:

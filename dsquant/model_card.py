@@ -18,7 +18,7 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 import dsquant
-from dsquant.inspect import human_bytes
+from dsquant.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,9 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
     if base:
         meta.update(base_model=base, base_model_relation="quantized")
     else:
-        log.warning("model card: the source has no Hub id; base_model is left out of the metadata")
+        # normal for a local source; worth a warning only when the card is about to be published
+        (log.warning if repo_id else log.debug)("model card: the source has no Hub id; base_model is left out of "
+                                                "the metadata")
     yaml = ModelCardData(**meta).to_yaml()
     bytes_in, bytes_out = recipe.get("bytes_in"), recipe.get("bytes_out")
     stem = base.split("/")[-1] if base else Path(str(source.get("path") or config.get("model_type", "model"))).name

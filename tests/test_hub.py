@@ -198,6 +198,7 @@ def test_hf_source_downloads_only_what_conversion_needs(tmp_path, monkeypatch):
         return str(build("bf16").write(tmp_path / "snap"))
 
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "check_reachable", lambda what: None)  # no request leaves the test
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hub.resolve_source("hf://org/name@dev")
     assert seen["repo"] == "org/name" and seen["revision"] == "dev" and seen["local_files_only"] is False
@@ -223,6 +224,7 @@ def test_hf_source_errors_from_the_hub_are_named(tmp_path, monkeypatch):
         return f
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "check_reachable", lambda what: None)  # no request leaves the test
     for exc, text in ((RepositoryNotFoundError, "not found"), (RevisionNotFoundError, "revision 'r' not found")):
         monkeypatch.setattr(hub, "snapshot_download", raiser(exc))
         with pytest.raises(ValueError, match=text):

@@ -19,7 +19,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich markup would swallow bracketed text such as [default: ...] and print <bool> metavars.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
+
+
+# --threads, the same option on every command that runs a model on the CPU (dsquant.devices.cpu_threads).
+THREADS = typer.Option(None, "--threads", min=1, show_default=False,
+                       help="CPU threads for torch [default: the cores this process may use that are not already "
+                            "busy, at least 1].")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -45,3 +54,6 @@ def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # huggingface_hub logs every retry through its own handler and again through the root one; dsquant turns
+    # its failures into one line (dsquant.hub.hub_errors), so its chatter shows only with --verbose.
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if verbose else logging.ERROR)

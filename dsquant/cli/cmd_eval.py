@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dsquant.cli.app import app, fail
+from dsquant.cli.app import THREADS, app, fail
 
 
 def _fmt(v, spec: str) -> str:
@@ -33,7 +33,8 @@ def print_protocol(p: dict) -> None:
         f"protocol: {p['metric']}, {p['windows']} non-overlapping windows x {p['seq_len']} tokens "
         f"({p['scored_per_window']} scored each, {p['tokens_scored']} in all), BOS {p['bos']}; "
         f"text {text.get('source')}" + (f" ({text['files']} files)" if "files" in text else "")
-        + f"; {p['impl']} on {p['device']}, offload {p['offload']}, {p['seconds']} s"
+        + f"; {p['impl']} on {p['device']}" + (f" ({p['threads']} CPU threads)" if "threads" in p else "")
+        + f", offload {p['offload']}, {p['seconds']} s"
     )
 
 
@@ -44,8 +45,12 @@ def eval_cmd(
                                                    "agreement and delta perplexity, from one pass over both."),
     text_file: Path = typer.Option(None, "--text-file", help="UTF-8 text to evaluate on."),
     dataset: str = typer.Option(None, "--dataset", help="wikitext2: the raw test split, fetched from the Hub."),
-    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per non-overlapping window."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Use at most this many tokens of the text."),
+    seq_len: int = typer.Option(None, "--seq-len", show_default=False,
+                                help="Tokens per non-overlapping window [default: the model's own: the context the "
+                                     "demo trained at (512), else 2048 bounded by max_position_embeddings]."),
+    max_tokens: int = typer.Option(None, "--max-tokens", show_default=False,
+                                   help="Use at most this many tokens of the text [default: the demo's 8192 for the "
+                                        "demo and its conversions, else all of it]."),
     kv_cache: str = typer.Option("bf16", "--kv-cache", help="Latent KV cache of the evaluated model: bf16 or fp8 "
                                                             "(the base always uses bf16)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. With --offload layer, "
@@ -57,17 +62,25 @@ def eval_cmd(
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     save: bool = typer.Option(False, "--save", help="Write eval_results.json into CKPT (for the model card)."),
+    threads: int = THREADS,
 ) -> None:
     """Measure perplexity (and, with --base, KL divergence and top-1 agreement) of a checkpoint with the bundled
-    runner. Default text: the held-out split of the Python standard library's source.
+    runner. Default text: held-out Python stdlib files shipped with dsquant (the demo's evaluation text, the same
+    on every machine). Progress (tokens/s, time left) goes to stderr.
 
-    Example: dsquant eval ./V3-nvfp4 --base ./DeepSeek-V3 --text-file wiki.test.raw --offload layer --device cuda
+    Examples:
+
+    \b
+      dsquant eval
+      dsquant eval ./V3-nvfp4 --base ./DeepSeek-V3 --text-file wiki.test.raw --offload layer --device cuda
     """
     from dsquant.checkpoint.manifest import unfinished_conversion
-    from dsquant.demo import demo_model_dir
+    from dsquant.demo import demo_model_dir, demo_settings
     from dsquant.runner.evaluate import evaluate, load_text
 
     ckpt = ckpt or str(demo_model_dir())
+    if max_tokens is None and Path(ckpt).is_dir():
+        max_tokens = demo_settings(ckpt).get("eval_tokens")
     for what, path in (("CKPT", ckpt), ("--base", base)):
         if path is not None and not Path(path).is_dir():
             fail(f"{what} {path}: no such checkpoint directory")
@@ -86,7 +99,7 @@ def eval_cmd(
         text, info = load_text(text_file, dataset)
         out = evaluate(ckpt, base=base, text=text, text_info=info, seq_len=seq_len, max_tokens=max_tokens,
                        kv_cache=kv_cache, device=device, offload=offload, tokenizer=tokenizer,
-                       batch_size=batch_size)  # fmt: skip
+                       batch_size=batch_size, threads=threads, progress=not as_json)  # fmt: skip
     except ValueError as exc:
         fail(str(exc))
     if save:

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import typer
 
-from dsquant.cli.app import app, fail
+from dsquant.cli.app import THREADS, app, fail
 
 
 @app.command("generate")
 def generate_cmd(
     ckpt: str = typer.Argument(..., help="Checkpoint folder (any format dsquant writes or reads)."),
     prompt: str = typer.Argument(..., help="Prompt text."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most; with the "
+                                       "prompt, within the model's context."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; otherwise sample."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = no limit)."),
@@ -22,12 +23,19 @@ def generate_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="tokenizer.json when the checkpoint has none."),
     stats: bool = typer.Option(False, "--stats", help="Print prefill time and decode tokens/s to stderr."),
+    threads: int = THREADS,
 ) -> None:
     """Generate text with the bundled runner, through the paged latent cache (MLA decode kernel on CUDA).
+    Progress (tokens/s, time left) goes to stderr, the text to stdout.
 
-    Example: dsquant generate ./demo-nvfp4 "def fibonacci(n):" -n 80
+    Example:
+
+    \b
+      dsquant generate ./demo-nvfp4 "def fibonacci(n):" -n 80
     """
     from dsquant.checkpoint.manifest import unfinished_conversion
+    from dsquant.demo import context_length
+    from dsquant.devices import cpu_threads
     from dsquant.runner.generate import generate
     from dsquant.runner.load import load_model
     from dsquant.runner.tokenizer import load_tokenizer
@@ -42,13 +50,16 @@ def generate_cmd(
         if not torch.cuda.is_available():
             fail(f"--device {device}: CUDA is not available on this machine")
     try:
-        tok = load_tokenizer(ckpt, tokenizer)
-        model, reader = load_model(ckpt, impl="triton" if device.startswith("cuda") else "reference", device=device)
-        ids = tok.encode(prompt, add_special_tokens=False).ids
-        if reader.args.bos_token_id is not None:
-            ids = [reader.args.bos_token_id] + ids
-        g = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     kv_cache=kv_cache, eos_id=reader.args.eos_token_id, seed=seed, device=device)  # fmt: skip
+        with cpu_threads(threads):
+            tok = load_tokenizer(ckpt, tokenizer)
+            model, reader = load_model(ckpt, impl="triton" if device.startswith("cuda") else "reference",
+                                       device=device)  # fmt: skip
+            ids = tok.encode(prompt, add_special_tokens=False).ids
+            if reader.args.bos_token_id is not None:
+                ids = [reader.args.bos_token_id] + ids
+            g = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, kv_cache=kv_cache, eos_id=reader.args.eos_token_id, seed=seed, device=device,
+                         context=context_length(ckpt, reader.args), progress=True)  # fmt: skip
     except ValueError as exc:
         fail(str(exc))
     typer.echo(prompt + tok.decode(g.token_ids, skip_special_tokens=True))

@@ -19,7 +19,14 @@ def inspect(
 ) -> None:
     """Summarise a checkpoint: architecture, format per tensor group, bytes, and whether index, config and
     shards agree (exit 1 if they do not). With --check, also list what would make vLLM, SGLang or
-    TensorRT-LLM refuse it (exit 1 on any error)."""
+    TensorRT-LLM refuse it (exit 1 on any error).
+
+    Examples:
+
+    \b
+      dsquant inspect ./V3-nvfp4 --check
+      dsquant inspect hf://nvidia/DeepSeek-R1-FP4 --json
+    """
     from dsquant.check import check_view
     from dsquant.inspect import format_summary, open_checkpoint, summarize_view
 

@@ -14,8 +14,10 @@ def push(
     folder: Path = typer.Argument(..., help="A finished `dsquant convert` output directory."),
     repo_id: str = typer.Option(..., "--repo-id", help="Target model repo, ORG/NAME (created if missing)."),
     private: bool = typer.Option(False, "--private", help="Create the repo private."),
-    revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
-    commit_message: str | None = typer.Option(None, "--commit-message", help="Commit message."),
+    revision: str | None = typer.Option(None, "--revision", show_default=False,
+                                        help="Branch to push to (created if missing) [default: main]."),
+    commit_message: str | None = typer.Option(None, "--commit-message", show_default=False,
+                                              help="Commit message [default: Upload DIR (dsquant)]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and bytes that would be uploaded."),
     no_check: bool = typer.Option(False, "--no-check", help="Push even if `dsquant inspect --check` finds errors."),
 ) -> None:
@@ -23,9 +25,16 @@ def push(
     that fails the engine loading checks (`dsquant inspect DIR --check`) is not pushed.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed. Interrupted uploads resume
-    when the same command is run again."""
+    when the same command is run again.
+
+    Examples:
+
+    \b
+      dsquant push ./V3-nvfp4 --repo-id my-org/DeepSeek-V3-NVFP4 --dry-run
+      dsquant push ./V3-nvfp4 --repo-id my-org/DeepSeek-V3-NVFP4 --private
+    """
     from dsquant.hub import push_to_hub
-    from dsquant.inspect import human_bytes
+    from dsquant.units import human_bytes
 
     try:
         result = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=commit_message,

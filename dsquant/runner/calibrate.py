@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsquant.devices import cpu_threads
 from dsquant.formats.fp8 import FP8_E4M3_MAX
+from dsquant.progress import Progress
 from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import CheckpointReader
@@ -86,10 +88,10 @@ class Calibration:
 
 def record(
     ckpt, windows: torch.Tensor, *, method: str = "mse", device: str = "cpu", batch_size: int = 8,
-    sample_rows: int = DEFAULT_SAMPLE_ROWS, tol: float = TOLERANCE, grid: str = "pow2",
+    sample_rows: int = DEFAULT_SAMPLE_ROWS, tol: float = TOLERANCE, grid: str = "pow2", progress=None,
 ) -> Calibration:  # fmt: skip
     """Stream `windows` [W, S] through the checkpoint and choose every linear's input scale (before the
-    idle-expert fallback and partner sharing, which `finish` applies)."""
+    idle-expert fallback and partner sharing, which `finish` applies). progress: a dsquant.progress.Progress."""
     if method not in METHODS:
         raise ValueError(f"--calib-method {method!r}: choose one of {METHODS}")
     cap = sample_rows if method == "mse" else 1  # the amax rule needs no rows
@@ -114,7 +116,8 @@ def record(
         block.self_attn.register_forward_pre_hook(lambda m, args, layer=layer: _watch_cache(cal.kv_amax, layer, args))
 
     impl = "triton" if str(device).startswith("cuda") else "reference"
-    for _ in stream_logits(ckpt, windows, impl=impl, device=device, batch_size=batch_size, on_layer=on_layer):
+    for _ in stream_logits(ckpt, windows, impl=impl, device=device, batch_size=batch_size, on_layer=on_layer,
+                           progress=progress):  # fmt: skip
         pass
     settle()
     return cal
@@ -173,18 +176,23 @@ def calibration_windows(ckpt, text: str, *, seq_len: int = 512, max_tokens: int 
 def calibrate_all(
     ckpt, text: str, *, seq_len: int = 512, max_tokens: int = 32768, device: str = "cpu", tokenizer=None,
     batch_size: int = 8, method: str = "mse", sample_rows: int = DEFAULT_SAMPLE_ROWS, grid: str = "pow2",
+    threads: int | None = None, progress: bool = False,
 ) -> Calibration:  # fmt: skip
-    """Everything one pass over `text` finds: input scales (fallback and partners applied) and KV amaxes."""
+    """Everything one pass over `text` finds: input scales (fallback and partners applied) and KV amaxes.
+    threads: torch CPU threads (None: devices.default_threads); progress: tokens/s and time left on stderr."""
     windows = calibration_windows(ckpt, text, seq_len=seq_len, max_tokens=max_tokens, tokenizer=tokenizer)
-    cal = record(ckpt, windows, method=method, device=device, batch_size=batch_size, sample_rows=sample_rows,
-                 grid=grid)
+    with cpu_threads(threads), Progress("calibrate", windows.numel(), enabled=progress) as bar:
+        cal = record(ckpt, windows, method=method, device=device, batch_size=batch_size, sample_rows=sample_rows,
+                     grid=grid, progress=bar)  # fmt: skip
     return finish(ckpt, cal)
 
 
 def calibrate(
     ckpt, text: str, *, seq_len: int = 512, max_tokens: int = 32768, device: str = "cpu", tokenizer=None,
-    batch_size: int = 8, method: str = "mse", sample_rows: int = DEFAULT_SAMPLE_ROWS,
+    batch_size: int = 8, method: str = "mse", sample_rows: int = DEFAULT_SAMPLE_ROWS, threads: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """{module: NVFP4 activation input scale}, what dsquant.convert.convert(calibration=...) takes."""
     return calibrate_all(ckpt, text, seq_len=seq_len, max_tokens=max_tokens, device=device, tokenizer=tokenizer,
-                         batch_size=batch_size, method=method, sample_rows=sample_rows).input_scales
+                         batch_size=batch_size, method=method, sample_rows=sample_rows, threads=threads,
+                         progress=progress).input_scales  # fmt: skip

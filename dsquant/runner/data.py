@@ -10,6 +10,7 @@ rule that depends only on the path, so the split is the same on every machine an
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 import sysconfig
@@ -72,3 +73,19 @@ def read_user_text(path: str | Path, option: str) -> str:
         raise ValueError(f"{option} {p}: {100 * control / len(text):.0f}% of its characters are control "
                          f"characters, so it is binary data, not text; give a UTF-8 text file")
     return text
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo" / "eval"
+
+
+def shipped_text(split: str = "heldout") -> tuple[str, dict]:
+    """The demo's own text (assets/demo/eval/, described in texts.json): "heldout" files for evaluation or the
+    "calibration" slice of the train split, from the Python the demo trained on. The same bytes on every machine,
+    so the demo's table does not depend on the local Python."""
+    about = json.loads((SHIPPED_DIR / "texts.json").read_text())
+    if split not in ("heldout", "calibration"):
+        raise ValueError(f"split must be 'heldout' or 'calibration', got {split!r}")
+    part = about[split]
+    text = (SHIPPED_DIR / part["file"]).read_text(encoding="utf-8")
+    info = {"source": f"python{about['python']} stdlib ({split} text shipped with dsquant)", "chars": len(text)}
+    if "files" in part:
+        info["files"] = len(part["files"])
+    return text, info

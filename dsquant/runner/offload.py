@@ -76,6 +76,7 @@ class _Resident:
 def stream_logits(
     path, windows: torch.Tensor, *, impl: str = "reference", device: str = "cpu", kv_cache: str = "bf16",
     batch_size: int = 8, stats: StreamStats | None = None, on_layer=None, devices: list[str] | None = None,
+    progress=None,
 ):  # fmt: skip
     """Yield (first window index, logits float32 [b, S, V]) per batch, after streaming all layers.
 
@@ -86,7 +87,8 @@ def stream_logits(
 
     on_layer(layer index, block) is called once each layer is loaded, before it runs (calibration
     registers its hooks there); with several devices it is called once per device's copy of the layer,
-    from that device's thread."""
+    from that device's thread. progress (a dsquant.progress.Progress) counts each layer as its share of the
+    windows' tokens."""
     stats = stats if stats is not None else StreamStats()
     devs = [str(d) for d in devices] if devices else [str(device)]
     parts = [_DevicePart(path, d, impl) for d in devs]
@@ -106,6 +108,8 @@ def stream_logits(
             stats.layers.append({"layer": layer, "bytes": timings[0][0],
                                  "load_s": read_s + max(t[1] for t in timings),
                                  "compute_s": max(t[2] for t in timings)})  # fmt: skip
+            if progress is not None:
+                progress.update(windows.numel() / a.n_layers)
     stats.peak_resident_bytes = max(part.resident.peak for part in parts)
     heads = sorted(((j, h, part) for part in parts for j, h in part.hidden), key=lambda x: x[0])
     with torch.no_grad():

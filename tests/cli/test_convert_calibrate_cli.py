@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from safetensors import safe_open
@@ -33,6 +34,9 @@ def test_calibrated_input_scales_are_written_and_declared(tmp_path):
     result = runner.invoke(app, ["convert", "--recipe", "nvfp4-experts-only", "--format", "modelopt",
                                  "--calibrate", str(text_file), str(demo_model_dir()), str(dst)])
     assert result.exit_code == 0, result.output
+    # the pass reports its progress off a terminal too: plain lines, the last one complete
+    assert "\r" not in result.stderr and re.search(r"^calibrate: ([\d,]+)/\1 tokens \(100%\), [\d,]+ tokens/s, done$",
+                                                   result.stderr, re.M), result.stderr
     recipe = json.loads((dst / "dsquant_recipe.json").read_text())
     assert recipe["activation_scales"] == "calibrated"
     written = _input_scales(dst)

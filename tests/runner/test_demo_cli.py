@@ -29,9 +29,13 @@ def test_demo_refuses_a_non_empty_out(tmp_path):
 
 
 def test_demo_adds_a_calibrated_row_for_nvfp4(tmp_path, monkeypatch):
+    import sysconfig
+
     import dsquant.cli.cmd_demo as cmd_demo
 
     monkeypatch.setattr(cmd_demo, "CALIBRATION_TOKENS", 512)  # the path, not the figure, is under test
+    # the demo's texts ship with it: a Python without its stdlib source gives the same table
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(tmp_path / "no-stdlib")})
     r = runner.invoke(app, ["demo", "--recipe", "nvfp4-experts-only", "--max-tokens", "256", "--seq-len", "128",
                             "--out", str(tmp_path / "out"), "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -51,3 +55,14 @@ def test_demo_adds_a_calibrated_row_for_nvfp4(tmp_path, monkeypatch):
 
     # a calibrated scale may equal 1.0 (the search picks powers of two), so the record says which it is
     assert (declared("nvfp4-experts-only"), declared("nvfp4-experts-only+calib")) == ("default", "calibrated")
+
+
+def test_demo_reports_each_step_as_a_plain_line(tmp_path):
+    r = runner.invoke(app, ["demo", "--recipe", "fp8-block", "--max-tokens", "512", "--seq-len", "128",
+                            "--out", str(tmp_path / "out")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert "\r" not in r.stderr
+    assert "demo: convert: 1/1 checkpoints (100%)" in lines[0], r.stderr
+    assert lines[-1].startswith("eval: 1,024/1,024 tokens (100%), ") and lines[-1].endswith(" done"), r.stderr
+    assert r.stdout.startswith("demo: 508 tokens of python3.12.1 stdlib (heldout text shipped with dsquant)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -35,7 +36,7 @@ def test_eval_prints_protocol_and_table(demo_copy):
     assert r.exit_code == 0, r.output
     protocol = "protocol: token-level perplexity, 4 non-overlapping windows x 64 tokens (63 scored each, 252 in all)"
     assert protocol in r.output
-    assert "stdlib (heldout split)" in r.output and "demo" in r.output
+    assert "heldout text shipped with dsquant" in r.output and "demo" in r.output
 
 
 def test_eval_json_save_and_base_comparison_with_itself(demo_copy):
@@ -67,7 +68,7 @@ def test_eval_fp8_kv_cache_and_layer_offload(demo_copy, tmp_path):
     [
         (["--seq-len", "1"], "--seq-len must be at least 2"),
         (["--seq-len", "64", "--max-tokens", "50"], "fewer than one window of --seq-len 64"),
-        (["--seq-len", "200000"], "max_position_embeddings"),
+        (["--seq-len", "1024"], "exceeds the model's context, 512 (the length it was trained at"),
         (["--max-tokens", "0"], "--max-tokens must be positive"),
         (["--text-file", "/nonexistent/x.txt"], "no such text file"),
         (["--dataset", "imagenet"], "only 'wikitext2'"),
@@ -126,3 +127,73 @@ def test_eval_cuda_request_without_gpu(demo_copy):
         pytest.skip("this machine has a GPU")
     r = runner.invoke(app, ["eval", str(demo_copy), "--device", "cuda", *FAST])
     assert r.exit_code == 1 and "CUDA is not available" in r.output
+
+
+# --- defaults from the model, progress, threads, the shipped text ---------------------------------------------
+
+
+def test_eval_with_no_arguments_uses_the_demos_own_window_and_size():
+    r = runner.invoke(app, ["eval", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)["protocol"]
+    # the demo trained on 512-byte windows and its table scores 8192 tokens (assets/demo/dsquant_demo.json)
+    assert (p["seq_len"], p["windows"], p["tokens_scored"]) == (512, 16, 16 * 511)
+
+
+def test_a_real_models_window_is_bounded_by_max_position_embeddings(tmp_path):
+    ckpt = make_synthetic_checkpoint(tmp_path / "v3", variant="v3", source="bf16", num_shards=1)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert "dsquant_demo.json" not in {p.name for p in ckpt.iterdir()}
+    cfg["max_position_embeddings"] = 96
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["eval", str(ckpt), "--max-tokens", "200", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["protocol"]["seq_len"] == 96
+    r = runner.invoke(app, ["eval", str(ckpt), "--seq-len", "128"])
+    assert r.exit_code == 1 and "exceeds the model's context, 96 (max_position_embeddings in config.json)" in r.output
+
+
+def test_eval_progress_is_one_plain_line_per_step_off_a_terminal(demo_copy):
+    r = runner.invoke(app, ["eval", str(demo_copy), "--base", str(demo_copy), *FAST])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert "\r" not in r.stderr and len(lines) == 2, r.stderr  # 4 windows, batch 4: one step per model
+    assert re.fullmatch(r"eval: 256/512 tokens \(50%\), [\d,]+ tokens/s, \S+ s left", lines[0]), lines[0]
+    assert re.fullmatch(r"eval: 512/512 tokens \(100%\), [\d,]+ tokens/s, done", lines[1]), lines[1]
+    r = runner.invoke(app, ["eval", str(demo_copy), "--json", *FAST])
+    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)  # --json: nothing but the JSON
+
+
+def test_eval_threads_are_chosen_and_restored(demo_copy, monkeypatch):
+    import torch
+
+    from dsquant.runner import evaluate as ev
+
+    before, seen, make_windows = torch.get_num_threads(), [], ev.make_windows
+
+    def spy(*a, **k):  # the thread count in force while the eval runs
+        seen.append(torch.get_num_threads())
+        return make_windows(*a, **k)
+
+    monkeypatch.setattr(ev, "make_windows", spy)
+    r = runner.invoke(app, ["eval", str(demo_copy), "--threads", "1", "--json", *FAST])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["protocol"]["threads"] == 1 and seen == [1]
+    assert torch.get_num_threads() == before
+    r = runner.invoke(app, ["eval", str(demo_copy), "--threads", "0", *FAST])
+    assert r.exit_code == 2 and "--threads" in r.output
+
+
+def test_the_default_text_does_not_depend_on_the_local_python(demo_copy, tmp_path, monkeypatch):
+    import sysconfig
+
+    from dsquant.runner.data import SHIPPED_DIR
+
+    want = runner.invoke(app, ["eval", str(demo_copy), "--json", *FAST])
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(tmp_path)})  # no stdlib at all
+    got = runner.invoke(app, ["eval", str(demo_copy), "--json", *FAST])
+    assert want.exit_code == 0 and got.exit_code == 0, got.output
+    a, b = json.loads(want.stdout), json.loads(got.stdout)
+    assert a["results"][0]["ppl"] == b["results"][0]["ppl"]
+    text = (SHIPPED_DIR / "heldout.txt").read_text(encoding="utf-8")
+    assert b["protocol"]["text"]["chars"] == len(text)

@@ -28,12 +28,12 @@ def test_cached_greedy_decode_equals_full_recompute():
 def test_generate_cli_greedy_sampled_and_fp8_cache():
     r = runner.invoke(app, ["generate", str(ASSET_DIR), "def main(", "-n", "6"])
     assert r.exit_code == 0, r.output
-    assert r.output.startswith("def main(")
+    assert r.stdout.startswith("def main(")
     a = runner.invoke(app, ["generate", str(ASSET_DIR), "import ", "-n", "6", "-t", "0.8", "--top-p", "0.9",
                             "--seed", "3", "--kv-cache", "fp8"])  # fmt: skip
     b = runner.invoke(app, ["generate", str(ASSET_DIR), "import ", "-n", "6", "-t", "0.8", "--top-p", "0.9",
                             "--seed", "3", "--kv-cache", "fp8"])  # fmt: skip
-    assert a.exit_code == 0 and a.output == b.output, "a seed must reproduce the sample"
+    assert a.exit_code == 0 and a.stdout == b.stdout, "a seed must reproduce the sample"
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,21 @@ def test_generate_errors(args, message):
 def test_generate_missing_checkpoint(tmp_path):
     r = runner.invoke(app, ["generate", str(tmp_path / "nope"), "x"])
     assert r.exit_code == 1 and "no such checkpoint directory" in r.output
+
+
+def test_generate_checks_the_length_against_the_context_first(monkeypatch):
+    import dsquant.runner.generate as gen
+
+    monkeypatch.setattr(gen, "PagedLatentCache", None)  # refused before any cache is built or token decoded
+    r = runner.invoke(app, ["generate", str(ASSET_DIR), "x", "-n", "600"])
+    # the demo trained on 512-byte windows (dsquant_demo.json); the prompt is BOS + "x"
+    assert r.exit_code == 1, r.output
+    assert ("the prompt (2 tokens) plus --max-new-tokens 600 exceeds the model's context, 512 tokens (the length it "
+            "was trained at, per dsquant_demo.json); use --max-new-tokens 510 or less") in r.output
+
+
+def test_generate_progress_goes_to_stderr_as_plain_lines():
+    r = runner.invoke(app, ["generate", str(ASSET_DIR), "def ", "-n", "5"])
+    assert r.exit_code == 0, r.output
+    assert "\r" not in r.stderr and r.stderr.splitlines()[-1].startswith("generate: 5/5 tokens (100%), ")
+    assert "tokens/s, done" in r.stderr and "generate:" not in r.stdout
