@@ -26,3 +26,18 @@ def synth(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def synth_v4(tmp_path_factory):
+    """synth_v4(variant) -> path of a cached synthetic DeepSeek-V4 checkpoint (do not modify it)."""
+    from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
+
+    cache = {}
+
+    def get(variant: str = "flash"):
+        if variant not in cache:
+            cache[variant] = make_synthetic_v4_checkpoint(tmp_path_factory.mktemp(f"v4-{variant}"), variant=variant)
+        return cache[variant]
+
+    return get
