@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from dsquant.checkpoint.names_v4 import is_v4, transformers_names
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth_v4 import V4_VARIANTS, make_synthetic_v4_checkpoint
 from dsquant.formats.ondisk import dequantize, read_quantized
@@ -226,3 +227,5 @@ def test_transformers_save_pretrained_writes_its_mixed_namespace(synth_v4, tmp_p
     assert not any(n.startswith("mtp.") or n.endswith(".scale") for n in names)
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and "compress_ratios" not in cfg and "layer_types" in cfg
+    # dsquant recognises the family and every name but the one transformers writes back officially
+    assert is_v4(cfg) and names - set(transformers_names(names)) == {"head.weight"}
