@@ -36,6 +36,8 @@ EXPERT_DTYPES = ("fp4", "fp8")
 # vLLM reads expert_dtype from config.json and assumes FP4 experts when the key is missing.
 ENGINE_DEFAULT_EXPERT_DTYPE = "fp4"
 ATTENTION_OF_RATIO = {0: "sliding", 4: "csa", 128: "hca"}
+# transformers' DeepseekV4Config default compress_rates (layer_types in place of compress_ratios)
+TRANSFORMERS_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
 KINDS = ("fp8", "expert", "bf16", "f32", "i64")
 # safetensors dtypes of the official layout
 STORED_DTYPE = {"bf16": "BF16", "f32": "F32", "i64": "I64"}
@@ -101,19 +103,32 @@ def draft_stages(config: dict) -> int:
     return int(config.get("num_nextn_predict_layers") or 0) if kind == "mtp" else 0
 
 
+def _ratios_and_hash(config: dict, n: int) -> tuple[list, list[bool]]:
+    """Per-layer compress ratios and hash routing: DeepSeek's compress_ratios / num_hash_layers, or the layer_types /
+    mlp_layer_types that transformers' DeepseekV4Config writes instead when it saves."""
+    ratios = config.get("compress_ratios")
+    if ratios is None and isinstance(config.get("layer_types"), list):
+        rates = {**TRANSFORMERS_COMPRESS_RATES, **(config.get("compress_rates") or {})}
+        ratios = [0 if t == "sliding_attention" else rates.get(t, t) for t in config["layer_types"]]
+    n_hash = int(config.get("num_hash_layers") or 0)
+    hashed = [i < n_hash for i in range(n)]
+    if "num_hash_layers" not in config and isinstance(config.get("mlp_layer_types"), list):
+        hashed = [t == "hash_moe" for t in config["mlp_layer_types"]] + [False] * n
+    return ratios, hashed[:n]
+
+
 def blocks(config: dict) -> list[Block]:
     """Backbone layers then draft stages. ValueError naming the field when config.json cannot describe them."""
     n = config.get("num_hidden_layers")
-    ratios = config.get("compress_ratios")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"config.json: num_hidden_layers {n!r} is not a positive integer")
+    ratios, hashed = _ratios_and_hash(config, n)
     if not isinstance(ratios, list) or len(ratios) < n:
         raise ValueError(f"config.json: compress_ratios must list one ratio per layer ({n}), got {ratios!r}")
-    bad = sorted({r for r in ratios if r not in ATTENTION_OF_RATIO})
+    bad = sorted({r for r in ratios if r not in ATTENTION_OF_RATIO}, key=str)
     if bad:
         raise ValueError(f"config.json: compress_ratios holds {bad}; V4 layers use {sorted(ATTENTION_OF_RATIO)}")
-    n_hash = int(config.get("num_hash_layers") or 0)
-    out = [Block(f"layers.{i}", ratios[i], i < n_hash) for i in range(n)]
+    out = [Block(f"layers.{i}", ratios[i], hashed[i]) for i in range(n)]
     kind, stages = draft_kind(config), draft_stages(config)
     for s in range(stages):
         ratio = ratios[n + s] if n + s < len(ratios) else 0

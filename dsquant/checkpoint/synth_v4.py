@@ -8,7 +8,9 @@ index, plus config.json with the release's fields, generation_config.json and to
                   experts FP4, two E2M1 codes per I8 byte (even K in the low nibble) with one F8_E8M0 scale per
                   32 along K; `expert_dtype: "fp4"`; the 1-stage MTP draft `mtp.0` (e_proj / h_proj / enorm /
                   hnorm / norm / hc_head_*).
-    "flash-base"  -Base: experts F8_E4M3 too, and every `.scale` F32 (`expert_dtype: "fp8"`).
+    "flash-base"  -Base: experts F8_E4M3 too, and every `.scale` F32 (`expert_dtype: "fp8"`). The Base
+                  quantization_config is not published first-hand; it keeps instruct's `scale_fmt: ue8m0`, as one
+                  third-party table lists it, and the F32 scales are powers of two accordingly.
     "flash-0731"  the 0731 / 0813 refresh: as "flash", with the 3-stage DSpark draft `mtp.0..2` (main_proj and
                   main_norm on stage 0; norm, hc_head_*, markov_head and confidence_head on the last) and the
                   dspark_* config keys.

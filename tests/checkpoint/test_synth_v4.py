@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from dsquant.checkpoint.names_v4 import is_v4, transformers_names
+from dsquant.checkpoint.names_v4 import blocks, is_v4, transformers_names
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth_v4 import V4_VARIANTS, make_synthetic_v4_checkpoint
 from dsquant.formats.ondisk import dequantize, read_quantized
@@ -91,6 +91,27 @@ def test_0731_layout_dspark_draft(synth_v4):
         assert f"mtp.2.{last_only}" in info and f"mtp.0.{last_only}" not in info, last_only
     assert not any(re.search(r"\.(e_proj|h_proj|enorm|hnorm)\.", x) for x in info)  # no MTP inputs in DSpark
     assert info["mtp.1.ffn.experts.0.w2.weight"].dtype == I8 and info["mtp.1.ffn.gate.bias"].dtype == F32
+
+
+# deepseek-v4.md 1.6: the keys of Flash's config.json, and what 0731 adds
+FLASH_KEYS = """architectures model_type torch_dtype transformers_version vocab_size hidden_size num_hidden_layers
+num_attention_heads num_key_value_heads head_dim qk_rope_head_dim q_lora_rank o_lora_rank o_groups
+moe_intermediate_size n_routed_experts n_shared_experts num_experts_per_tok num_hash_layers scoring_func topk_method
+norm_topk_prob routed_scaling_factor swiglu_limit hidden_act sliding_window compress_rope_theta rope_theta
+rope_scaling max_position_embeddings index_n_heads index_head_dim index_topk hc_mult hc_sinkhorn_iters hc_eps
+rms_norm_eps num_nextn_predict_layers expert_dtype quantization_config compress_ratios bos_token_id eos_token_id
+tie_word_embeddings""".split()
+DSPARK_KEYS = ["dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank"]
+
+
+@pytest.mark.parametrize("variant", V4_VARIANTS)
+def test_config_has_the_release_fields(synth_v4, variant):
+    cfg = json.loads((synth_v4(variant) / "config.json").read_text())
+    assert set(cfg) == set(FLASH_KEYS) | (set(DSPARK_KEYS) if variant == "flash-0731" else set())
+    assert set(cfg["quantization_config"]) == {"quant_method", "fmt", "activation_scheme", "scale_fmt",
+                                               "weight_block_size"}
+    assert set(cfg["rope_scaling"]) == {"type", "factor", "original_max_position_embeddings", "beta_fast",
+                                        "beta_slow"}
 
 
 def test_shards_index_and_partners(synth_v4):
@@ -227,5 +248,7 @@ def test_transformers_save_pretrained_writes_its_mixed_namespace(synth_v4, tmp_p
     assert not any(n.startswith("mtp.") or n.endswith(".scale") for n in names)
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and "compress_ratios" not in cfg and "layer_types" in cfg
-    # dsquant recognises the family and every name but the one transformers writes back officially
+    # dsquant recognises the family and every name but the one transformers writes back officially, and reads the
+    # layer kinds from the layer_types / mlp_layer_types transformers writes in place of DeepSeek's keys
     assert is_v4(cfg) and names - set(transformers_names(names)) == {"head.weight"}
+    assert blocks(cfg) == blocks(json.loads((synth_v4("flash") / "config.json").read_text()))
