@@ -9,13 +9,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dsquant.check import check_checkpoint
+from dsquant.check import check_checkpoint, check_view
+from dsquant.check.view import CheckpointView, TensorInfo
+from dsquant.checkpoint.names_v4 import expected_tensors, stored_tensors
 from dsquant.checkpoint.synth_v4 import V4_VARIANTS
 from dsquant.cli import app
 from dsquant.formats import quantize_fp8_block
-from dsquant.inspect import format_summary, summarize_checkpoint
+from dsquant.inspect import format_summary, summarize_checkpoint, summarize_view
 from tests.check.check_helpers import hits, only, run
 from tests.check.ckpt_factory_v4 import build_v4, to_nvfp4_experts
+from tests.checkpoint.v4_releases import FLASH
 
 EXP = "layers.3.ffn.experts.0."
 
@@ -23,6 +26,19 @@ EXP = "layers.3.ffn.experts.0."
 @pytest.mark.parametrize("variant", V4_VARIANTS)
 def test_official_layouts_pass(tmp_path, variant):
     assert run(tmp_path, build_v4(variant), num_shards=3) == []
+
+
+def test_full_size_flash_headers_pass(tmp_path):
+    """The rules at the release's real dims (wo_a [8192, 4096], experts [2048, 4096] packed), from headers only."""
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
+          "weight_block_size": [128, 128]}
+    (tmp_path / "tokenizer.json").write_text("{}")
+    view = CheckpointView(path=tmp_path, config=dict(FLASH, quantization_config=qc))
+    for spec in expected_tensors(view.config):
+        for name, dtype, shape in stored_tensors(spec, "fp4"):
+            view.tensors[name] = TensorInfo(name, dtype, shape, "model.safetensors", (0, 0))
+    assert check_view(view) == []
+    assert summarize_view(view)["architecture"]["v4"]["attention"] == {"sliding": 2, "csa": 21, "hca": 20}
 
 
 def test_nvidia_nvfp4_layout_passes_and_needs_moe_quant_algo(tmp_path):

@@ -3,10 +3,12 @@ releases (deepseek-v4.md 1.3 and 1.8, counted from the Hub index files), and the
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
 
+from dsquant.checkpoint.index import ST_DTYPE_BYTES
 from dsquant.checkpoint.names_v4 import (
     blocks,
     expected_tensors,
@@ -17,21 +19,12 @@ from dsquant.checkpoint.names_v4 import (
 )
 from dsquant.checkpoint.synth import variant_config
 from dsquant.checkpoint.synth_v4 import V4_VARIANTS, v4_config
+from tests.checkpoint.v4_releases import FLASH, FLASH_0731, PRO
 
-# config.json fields of the releases (deepseek-v4.md 1.6), only those the inventory depends on
-FLASH = {
-    "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": 129280,
-    "hidden_size": 4096, "num_hidden_layers": 43, "num_attention_heads": 64, "head_dim": 512, "q_lora_rank": 1024,
-    "o_lora_rank": 1024, "o_groups": 8, "moe_intermediate_size": 2048, "n_routed_experts": 256,
-    "n_shared_experts": 1, "num_experts_per_tok": 6, "num_hash_layers": 3, "index_n_heads": 64,
-    "index_head_dim": 128, "hc_mult": 4, "num_nextn_predict_layers": 1, "expert_dtype": "fp4",
-    "compress_ratios": [0, 0] + [4 if i % 2 == 0 else 128 for i in range(2, 43)] + [0],
-}
-FLASH_0731 = dict(FLASH, compress_ratios=FLASH["compress_ratios"][:43] + [0, 0, 0], dspark_block_size=5,
-                  dspark_target_layer_ids=[40, 41, 42], dspark_markov_rank=256)
-PRO = dict(FLASH, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
-           n_routed_experts=384, moe_intermediate_size=3072, o_groups=16,
-           compress_ratios=[128, 128] + [4 if i % 2 == 0 else 128 for i in range(2, 61)] + [0])
+
+def _bytes(config) -> int:
+    return sum(ST_DTYPE_BYTES[dtype] * math.prod(shape) for spec in expected_tensors(config)
+               for _, dtype, shape in stored_tensors(spec, config["expert_dtype"]))
 
 
 def _dtypes(config, prefix=""):
@@ -65,6 +58,11 @@ def test_flash_0731_dspark_namespace_is_the_published_one():
 
 def test_pro_inventory_has_the_published_size():
     assert sum(_dtypes(PRO).values()) == 145116
+
+
+@pytest.mark.parametrize("config,gigabytes", [(FLASH, 159.6), (FLASH_0731, 166.9), (PRO, 864.7)])
+def test_inventories_weigh_what_the_releases_weigh(config, gigabytes):
+    assert round(_bytes(config) / 1e9, 1) == gigabytes
 
 
 def test_base_stores_fp8_experts_with_f32_scales():
