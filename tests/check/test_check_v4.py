@@ -192,6 +192,9 @@ def test_quantization_config(tmp_path):
     findings = hits(run(tmp_path, ck), "v4-quant-config")
     assert sorted(f.message.split(" is ")[0] for f in findings) == [
         "quantization_config: activation_scheme", "quantization_config: weight_block_size"]
+    qc.update(weight_block_size=[128, 128], activation_scheme="dynamic", quant_method="modelopt")
+    f = only(run(tmp_path / "m", ck), "v4-quant-config")
+    assert "quant_method is 'modelopt'" in f.message and "DeepseekV4FP8Config" in f.message
     del ck.config["quantization_config"]
     f = only(run(tmp_path / "b", ck), "v4-quant-config")
     assert "no quantization_config" in f.message
