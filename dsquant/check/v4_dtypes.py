@@ -28,7 +28,7 @@ import math
 from collections import Counter
 
 from dsquant.check.declared import declared_quantized
-from dsquant.check.finding import Finding
+from dsquant.check.finding import Collector, Finding
 from dsquant.check.names import FP8_DTYPES, SCALE_PARAMS, is_quantized, module_format
 from dsquant.check.v4_layout import expected, module_of
 from dsquant.check.view import CheckpointView
@@ -42,10 +42,10 @@ from dsquant.checkpoint.names_v4 import (
     expert_dtype,
     keep_reason,
 )
+from dsquant.formats.nvfp4 import NVFP4_BLOCK
 
 # expert format as stored -> the expert_dtype engines need to build it
 EXPERT_DTYPE_OF = {"mxfp4": "fp4", "nvfp4": "fp4", "fp8-block": "fp8"}
-NVFP4_GROUP = 16
 
 
 def check(view: CheckpointView) -> list[Finding]:
@@ -53,7 +53,7 @@ def check(view: CheckpointView) -> list[Finding]:
         specs = expected(view)
     except (KeyError, ValueError, TypeError):
         return []  # v4_layout reports it
-    out = _Collector()
+    out = Collector()
     declared = expert_dtype(view.config)
     engine = declared if declared in EXPERT_DTYPES else ENGINE_DEFAULT_EXPERT_DTYPE
     experts: dict[str, Counter] = {"backbone": Counter(), "draft": Counter()}
@@ -68,40 +68,27 @@ def check(view: CheckpointView) -> list[Finding]:
             _grid(out, view, spec, params, fmt, engine)
         else:
             _kept(out, view, spec, params)
-    return out.findings() + _expert_dtype(view, declared, engine, experts)
+    return out.findings(LEAD) + _expert_dtype(view, declared, engine, experts)
 
 
-class _Collector:
-    """Findings of one rule and severity merged into one line with examples."""
-
-    def __init__(self):
-        self.hits: dict[tuple[str, str], list[str]] = {}
-
-    def add(self, rule: str, severity: str, what: str) -> None:
-        self.hits.setdefault((rule, severity), []).append(what)
-
-    def findings(self) -> list[Finding]:
-        lead = {
-            "v4-scale-dtype": "scale(s) in a dtype engines do not load beside these experts",
-            "v4-scale-grid": "weight(s) without the scale grid their format needs",
-            "v4-unquantized": "tensor(s) stored otherwise than the release, which engines need as it is",
-            "v4-quantized": "linear(s) stored BF16 while quant_method fp8 makes engines build FP8 layers with "
-                            "scales (quantize them, or list them in quantization_config.ignore)",
-        }
-        return [Finding(rule, sev, f"{len(items)} {lead[rule]}: {'; '.join(items[:3])}"
-                        + (f" (and {len(items) - 3} more)" if len(items) > 3 else ""), tensor=items[0].split()[0])
-                for (rule, sev), items in self.hits.items()]
+LEAD = {
+    "v4-scale-dtype": "scale(s) in a dtype engines do not load beside these experts",
+    "v4-scale-grid": "weight(s) without the scale grid their format needs",
+    "v4-unquantized": "tensor(s) stored otherwise than the release, which engines need as it is",
+    "v4-quantized": "linear(s) stored BF16 while quant_method fp8 makes engines build FP8 layers with scales "
+                    "(quantize them, or list them in quantization_config.ignored_layers)",
+}
 
 
-def _grid(out: _Collector, view: CheckpointView, spec, params, fmt: str, engine: str) -> None:
+def _grid(out: Collector, view: CheckpointView, spec, params, fmt: str, engine: str) -> None:
     w = params["weight"]
     n, k = spec.shape
     if fmt == "fp8-noscale":
-        out.add("v4-scale-grid", "error", f"{w.name} ({w.dtype}) has no .scale")
+        out.add("v4-scale-grid", "error", w.name, f"{w.name} ({w.dtype}) has no .scale")
         return
     if not is_quantized(fmt):
         if view.quantization_config is not None and declared_quantized(view, module_of(spec)) is not False:
-            out.add("v4-quantized", "error", f"{w.name} ({w.dtype})")
+            out.add("v4-quantized", "error", w.name, f"{w.name} ({w.dtype})")
         return
     scale = params.get("scale")
     if fmt == "fp8-block" and scale is not None:
@@ -110,19 +97,19 @@ def _grid(out: _Collector, view: CheckpointView, spec, params, fmt: str, engine:
         if scale.dtype != want_dtype:
             why = (f"expert_dtype {engine!r} makes vLLM load dense scales as {want_dtype}" if spec.kind == "fp8"
                    else "vLLM's Fp8MoEMethod loads FP8 expert scales as F32")
-            out.add("v4-scale-dtype", "error", f"{scale.name} is {scale.dtype} ({why})")
+            out.add("v4-scale-dtype", "error", scale.name, f"{scale.name} is {scale.dtype} ({why})")
     elif fmt == "mxfp4" and scale is not None:
         want_grid = (n, k // FP4_GROUP)
     elif fmt == "nvfp4" and "weight_scale" in params:
-        scale, want_grid = params["weight_scale"], (n, k // NVFP4_GROUP)
+        scale, want_grid = params["weight_scale"], (n, k // NVFP4_BLOCK)
     else:
         return  # not a format V4 loaders read: v4-expert-dtype names it
     if tuple(scale.shape) != want_grid:
-        out.add("v4-scale-grid", "error", f"{scale.name} is {list(scale.shape)}, expected {list(want_grid)} for "
-                f"the [{n}, {k}] weight ({fmt})")
+        out.add("v4-scale-grid", "error", scale.name, f"{scale.name} is {list(scale.shape)}, expected "
+                f"{list(want_grid)} for the [{n}, {k}] weight ({fmt})")
 
 
-def _kept(out: _Collector, view: CheckpointView, spec, params) -> None:
+def _kept(out: Collector, view: CheckpointView, spec, params) -> None:
     info = params.get("weight") if spec.name.endswith(".weight") else view.tensors.get(spec.name)
     if info is None:
         return
@@ -130,11 +117,12 @@ def _kept(out: _Collector, view: CheckpointView, spec, params) -> None:
     scales = [p for p in params if p in SCALE_PARAMS or p == "scale"]
     why = keep_reason(spec.name) or "the release stores it so"
     if scales or info.dtype in FP8_DTYPES or info.dtype in ("I8", "U8") and want != "I64":
-        out.add("v4-unquantized", "error", f"{info.name} is stored quantized ({info.dtype}"
+        out.add("v4-unquantized", "error", info.name, f"{info.name} is stored quantized ({info.dtype}"
                 f"{', ' + ', '.join(scales) if scales else ''}); keep it {want}: {why}")
     elif info.dtype != want:
         severity = "error" if want == "F32" else "warning"
-        out.add("v4-unquantized", severity, f"{info.name} is {info.dtype}, the release stores {want}: {why}")
+        out.add("v4-unquantized", severity, info.name,
+                f"{info.name} is {info.dtype}, the release stores {want}: {why}")
 
 
 def _expert_dtype(view: CheckpointView, declared, engine: str, experts: dict[str, Counter]) -> list[Finding]:

@@ -17,12 +17,11 @@
 
 from __future__ import annotations
 
-from dsquant.check.finding import Finding
+from dsquant.check.finding import MAX_LISTED, Finding
 from dsquant.check.names import SCALE_PARAMS, logical_shape, module_format
 from dsquant.check.view import CheckpointView
 from dsquant.checkpoint.names_v4 import Spec, expected_tensors, transformers_names
 
-MAX_LISTED = 3
 WEIGHT_PARAMS = ("weight", "scale", *SCALE_PARAMS)
 
 

@@ -157,7 +157,7 @@ def test_scale_grids(tmp_path):
         torch.float8_e8m0fnu)
     del ck.tensors["layers.1.attn.wo_b.scale"]
     f = only(run(tmp_path, ck), "v4-scale-grid")
-    assert "2 weight(s)" in f.message and f"{EXP}w1.scale is [128, 4], expected [128, 8]" in f.message
+    assert f"{EXP}w1.scale is [128, 4], expected [128, 8]" in f.message
     assert "layers.1.attn.wo_b.weight (F8_E4M3) has no .scale" in f.message
 
 
