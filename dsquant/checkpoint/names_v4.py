@@ -299,6 +299,21 @@ def transformers_names(names) -> list[str]:
     return sorted(n for n in names if _TRANSFORMERS_NAME.search(n))
 
 
+# transformers 5 save_pretrained name -> official name, applied in order (deepseek-v4.md 2.3): it strips nothing
+# but prefixes `model.`, keeps its own names for the embedding, final hc_head, and writes the attention's kv_norm
+# back as `attn.norm` (its `.norm.` -> `.kv_norm.` load rule read backwards).
+_FROM_TRANSFORMERS = ((re.compile(r"^model\."), ""), (re.compile(r"^embed_tokens\."), "embed."),
+                      (re.compile(r"^hc_head\.hc_(fn|base|scale)$"), r"hc_head_\1"),
+                      (re.compile(r"^(layers\.\d+\.attn)\.norm\."), r"\1.kv_norm."))
+
+
+def official_name(name: str) -> str:
+    """The official name of a tensor as transformers' save_pretrained writes it (official names pass unchanged)."""
+    for pattern, repl in _FROM_TRANSFORMERS:
+        name = pattern.sub(repl, name)
+    return name
+
+
 _LAYER = re.compile(r"^(layers|mtp)\.(\d+)\.")
 _EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
 _BLOCK = re.compile(r"(layers|mtp)\.\d+")

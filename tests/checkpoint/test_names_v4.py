@@ -14,6 +14,7 @@ from dsquant.checkpoint.names_v4 import (
     expected_tensors,
     is_v4,
     keep_reason,
+    official_name,
     stored_tensors,
     transformers_names,
 )
@@ -98,4 +99,6 @@ def test_family_detection():
 
 
 def test_official_names_are_not_taken_for_the_transformers_namespace():
-    assert transformers_names([s.name for s in expected_tensors(FLASH_0731)]) == []
+    names = [n for spec in expected_tensors(FLASH_0731) for n, _, _ in stored_tensors(spec, "fp4")]
+    assert transformers_names(names) == []
+    assert [official_name(n) for n in names] == names

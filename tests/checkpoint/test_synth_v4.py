@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from dsquant.checkpoint.names_v4 import blocks, is_v4, transformers_names
+from dsquant.checkpoint.names_v4 import blocks, is_v4, official_name, transformers_names
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth_v4 import V4_VARIANTS, make_synthetic_v4_checkpoint
 from dsquant.formats.ondisk import dequantize, read_quantized
@@ -252,3 +252,7 @@ def test_transformers_save_pretrained_writes_its_mixed_namespace(synth_v4, tmp_p
     # layer kinds from the layer_types / mlp_layer_types transformers writes in place of DeepSeek's keys
     assert is_v4(cfg) and names - set(transformers_names(names)) == {"head.weight"}
     assert blocks(cfg) == blocks(json.loads((synth_v4("flash") / "config.json").read_text()))
+    # and maps every name back to the official one
+    official = {n for n in Checkpoint(synth_v4("flash")).infos if not n.endswith(".scale") and not n.startswith("mtp.")}
+    assert {official_name(n) for n in names} == official
+    assert all(official_name(n) == n for n in official)
