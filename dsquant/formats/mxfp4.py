@@ -51,13 +51,14 @@ def mxfp4_scale_exponent(amax: torch.Tensor, rule: str = "ocp") -> torch.Tensor:
     return e.clamp(-E8M0_BIAS, E8M0_BIAS)
 
 
-def e8m0_bytes(scale: torch.Tensor) -> torch.Tensor:
-    """E8M0 scales as their uint8 bytes: compressed-tensors stores uint8, DeepSeek-V4 `torch.float8_e8m0fnu`."""
-    if scale.dtype == E8M0_DTYPE:
-        return scale.view(torch.uint8)
-    if scale.dtype != torch.uint8:
-        raise ValueError(f"E8M0 scales are uint8 or float8_e8m0fnu, got {scale.dtype}")
-    return scale
+def e8m0_bytes(scale: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """E8M0 scales as their uint8 bytes, from any 1-byte storage: compressed-tensors writes uint8, DeepSeek-V4
+    `torch.float8_e8m0fnu` (safetensors F8_E8M0)."""
+    if scale.dtype == torch.uint8:
+        return scale
+    if scale.element_size() != 1:
+        raise ValueError(f"{name}: E8M0 scales must be 1-byte values, got {scale.dtype}")
+    return scale.view(torch.uint8)
 
 
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
