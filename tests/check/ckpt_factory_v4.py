@@ -13,6 +13,11 @@ from dsquant.checkpoint.synth_v4 import v4_config, v4_tensors
 from dsquant.formats import quantize_nvfp4
 from tests.check.ckpt_factory import Ckpt
 
+# hf_quant_config.json exclude_modules of NVIDIA's V4 NVFP4 releases (deepseek-v4.md 3.3)
+NVIDIA_EXCLUDE = ["*.attn.*", "*.attn_norm.*", "*.ffn.shared_experts.*", "*.ffn.gate.*", "*.ffn_norm.*",
+                  "embed.weight", "head.weight", "*.hc_*", "*.h_proj.*", "*.e_proj.*", "*.enorm.*", "*.hnorm.*",
+                  "mtp.*.norm.*", "norm.weight"]
+
 
 @lru_cache(maxsize=None)
 def _tensors(variant: str) -> dict[str, torch.Tensor]:
@@ -41,3 +46,8 @@ def to_nvfp4_experts(ck: Ckpt, prefix: str = "layers.") -> None:
         ck.tensors.update({m + ".weight": q, m + ".weight_scale": bs, m + ".weight_scale_2": g,
                            m + ".input_scale": torch.tensor(1.0)})
     ck.config["quantization_config"]["moe_quant_algo"] = "NVFP4"
+    layers = {m: {"quant_algo": "NVFP4", "group_size": 16} for m in expert_modules(ck, prefix)}
+    ck.hf_quant_config = {"producer": {"name": "modelopt", "version": "dsv4-nvfp4-experts"},
+                          "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None,
+                                           "group_size": 16, "quantized_layers": layers,
+                                           "exclude_modules": NVIDIA_EXCLUDE}}

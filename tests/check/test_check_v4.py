@@ -50,6 +50,21 @@ def test_nvidia_nvfp4_layout_passes_and_needs_moe_quant_algo(tmp_path):
     assert "moe_quant_algo" in f.message and "NVFP4" in f.message
 
 
+def test_nvfp4_experts_and_hf_quant_config(tmp_path):
+    ck = build_v4("flash")
+    to_nvfp4_experts(ck, prefix="")
+    layers = ck.hf_quant_config["quantization"]["quantized_layers"]
+    del layers[EXP + "w2"]
+    layers["layers.0.attn.wq_a"] = {"quant_algo": "NVFP4", "group_size": 16}
+    ck.hf_quant_config["quantization"]["exclude_modules"] = []
+    got = sorted(f.message for f in hits(run(tmp_path, ck), "v4-hf-quant-config"))
+    assert got == ["quantization.exclude_modules is missing or empty",
+                   "quantized_layers lacks 1 stored NVFP4 module(s), e.g. layers.3.ffn.experts.0.w2",
+                   "quantized_layers lists 1 module(s) as NVFP4 that are not stored NVFP4, e.g. layers.0.attn.wq_a"]
+    ck.hf_quant_config = None
+    assert "SGLang reads group_size" in only(run(tmp_path / "b", ck), "v4-hf-quant-config", "warning").message
+
+
 def test_transformers_namespace_is_an_error_with_the_fix(tmp_path):
     from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
     from tests.checkpoint.v4_transformers import save_transformers_namespace
