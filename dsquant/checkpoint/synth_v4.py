@@ -24,7 +24,7 @@ the releases, so 128x128 grids have no ragged edge.
 
 Values: seeded random weights quantized by dsquant.formats (FP8 blocks with power-of-two scales, which E8M0
 holds exactly; MXFP4 with the OCP exponent rule), so dequantizing the stored bytes gives exactly what the scales
-say. Same arguments, same bytes. About 5 MB at the default size.
+say. Same arguments, same bytes. 6 to 8 MB at the default size.
 """
 
 from __future__ import annotations
