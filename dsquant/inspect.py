@@ -15,10 +15,13 @@ from dsquant.check import structure
 from dsquant.check.config import declared_families, stored_families
 from dsquant.check.names import module_convention, module_format, role
 from dsquant.check.view import CheckpointView
+from dsquant.checkpoint import names_v4
+from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.units import human_bytes
 
-GROUP_ORDER = ("embeddings", "attention", "indexer", "dense MLP", "shared experts", "routed experts", "router",
-               "norms", "lm_head", "mtp", "other")
+DRAFT_NAMES = {"mtp": "MTP", "dspark": "DSpark"}
+GROUP_ORDER = ("embeddings", "attention", "compressor", "indexer", "dense MLP", "shared experts", "routed experts",
+               "router", "mhc", "norms", "lm_head", "mtp", "other")
 
 
 def detect_convention(view: CheckpointView) -> str:
@@ -31,7 +34,7 @@ def detect_convention(view: CheckpointView) -> str:
     if method.startswith("modelopt"):
         return "modelopt"
     if method == "fp8":
-        return "deepseek-fp8"
+        return "deepseek-v4-fp8" if is_v4(view.config) else "deepseek-fp8"
     if method:
         return method
     return "undeclared" if stored_families(view) else "unquantized"
@@ -73,6 +76,10 @@ def _architecture(view: CheckpointView) -> dict:
     archs = c.get("architectures") or []
     experts = {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in view.tensors if ".mlp.experts." in n}
     layers = {int(n.split(".")[2]) for n in view.tensors if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    v4 = _v4_layers(view) if is_v4(c) else None
+    if v4 is not None:
+        experts = {e for n in view.tensors if (e := names_v4.expert_of(n)) is not None}
+        layers = {b for n in view.tensors if (b := names_v4.block_of(n)) and b.startswith("layers.")}
     return {
         "architecture": archs[0] if archs else None,
         "model_type": c.get("model_type"),
@@ -84,7 +91,21 @@ def _architecture(view: CheckpointView) -> dict:
         "num_experts_per_tok": c.get("num_experts_per_tok"),
         "layers_stored": len(layers),
         "experts_stored": len(experts),
+        "v4": v4,
     }
+
+
+def _v4_layers(view: CheckpointView) -> dict | None:
+    """DeepSeek-V4 layer kinds from config.json: attention kinds, hash-routed layers, the draft, expert_dtype."""
+    try:
+        blocks = names_v4.blocks(view.config)
+    except (KeyError, TypeError, ValueError):
+        return None  # inspect --check names the field
+    backbone = [b for b in blocks if b.draft is None]
+    return {"attention": dict(Counter(b.attention for b in backbone)),
+            "hash_layers": sum(b.hash_routing for b in backbone),
+            "draft": next((b.draft for b in blocks if b.draft), None), "draft_stages": len(blocks) - len(backbone),
+            "expert_dtype": names_v4.expert_dtype(view.config)}
 
 
 # Tensor-parallel sharding of DeepSeek projections in vLLM/SGLang: column-parallel layers split N, row-parallel
@@ -181,10 +202,16 @@ def format_summary(s: dict) -> str:
     if a["num_hidden_layers"] is not None:
         dense = f", {a['first_k_dense_replace']} dense" if a["first_k_dense_replace"] is not None else ""
         mtp = f" + {a['num_nextn_predict_layers']} MTP" if a["num_nextn_predict_layers"] else ""
+        v4 = a.get("v4")
+        if v4 is not None:
+            kinds = ", ".join(f"{n} {k}" for k, n in v4["attention"].items())
+            draft = f" + {v4['draft_stages']} {DRAFT_NAMES[v4['draft']]}" if v4["draft"] else ""
+            mtp = f" ({kinds}; {v4['hash_layers']} hash-routed){draft}"
         lines.append(f"layers        {a['num_hidden_layers']} decoder{dense}{mtp}; {a['layers_stored']} stored")
     if a["n_routed_experts"]:
+        dtype = f"; expert_dtype {a['v4']['expert_dtype']}" if a.get("v4") else ""
         lines.append(f"experts       {a['n_routed_experts']} routed (top-{a['num_experts_per_tok']}) + "
-                     f"{a['n_shared_experts'] or 0} shared; {a['experts_stored']} stored per MoE layer")
+                     f"{a['n_shared_experts'] or 0} shared; {a['experts_stored']} stored per MoE layer{dtype}")
     declared = "; ".join(f"{k}: {v}" for k, v in s["declared"].items() if k != "families") or "none"
     lines += [f"convention    {s['convention']} (declared: {declared})",
               f"size          {human_bytes(s['bytes'])} in {s['tensors']} tensors, {s['shards']} shard(s)"]

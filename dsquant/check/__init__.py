@@ -13,19 +13,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsquant.check import config, exclusions, fused, mla, mtp, router, scales, structure
+from dsquant.check import (
+    config,
+    exclusions,
+    fused,
+    mla,
+    mtp,
+    router,
+    scales,
+    structure,
+    v4_config,
+    v4_dtypes,
+    v4_layout,
+)
 from dsquant.check.finding import Finding, Severity
 from dsquant.check.view import CheckpointError, CheckpointView
+from dsquant.checkpoint.names_v4 import is_v4
 
-__all__ = ["Finding", "Severity", "CheckpointError", "check_checkpoint", "check_view", "RULE_FAMILIES"]
+__all__ = ["Finding", "Severity", "CheckpointError", "check_checkpoint", "check_view", "RULE_FAMILIES",
+           "V4_RULE_FAMILIES"]
 
 RULE_FAMILIES = (structure, config, exclusions, fused, scales, mla, router, mtp)
+# DeepSeek-V4 (official unprefixed names, `.scale` tensors) has its own layout rules; index and shards are common.
+V4_RULE_FAMILIES = (structure, v4_config, v4_layout, v4_dtypes)
 
 
 def check_view(view: CheckpointView) -> list[Finding]:
     """Run every rule family on an opened checkpoint; errors first, then warnings, each in family order."""
     findings: list[Finding] = []
-    for family in RULE_FAMILIES:
+    for family in V4_RULE_FAMILIES if is_v4(view.config) else RULE_FAMILIES:
         findings += family.check(view)
     if not view.can_read_values:
         findings.append(Finding("values-not-read", "warning", f"{view.remote}: checked from headers only; the rules "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 
 from dsquant.check.view import TensorInfo
+from dsquant.checkpoint import names_v4
+from dsquant.checkpoint.names_v4 import is_v4
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 FLOAT_FORMATS = {"BF16": "bf16", "F16": "f16", "F32": "f32", "F64": "f64"}
@@ -59,6 +61,8 @@ def is_decoder_linear(module: str) -> bool:
 
 def role(module: str, config: dict | None) -> str:
     """Tensor group used in summaries: attention, dense MLP, experts, router, norms, ..."""
+    if is_v4(config):
+        return names_v4.role(module)
     if is_mtp(module, config):
         return "mtp"
     tail = module.rsplit(".", 1)[-1]
@@ -89,6 +93,11 @@ def module_format(params: dict[str, TensorInfo]) -> str | None:
     if w is None:
         return None
     scale = params.get("weight_scale")
+    v4_scale = params.get("scale")  # DeepSeek-V4 names the scale of `weight` just `scale`
+    if v4_scale is not None and w.dtype == "I8" and v4_scale.dtype == "F8_E8M0":
+        return "mxfp4"
+    if v4_scale is not None and w.dtype in FP8_DTYPES:
+        return "fp8-block"
     if w.dtype == "U8":
         if scale is not None and scale.dtype in ("U8", "F8_E8M0"):
             return "mxfp4"

@@ -32,30 +32,11 @@ import math
 
 import torch
 
-from dsquant.check.finding import Finding
+from dsquant.check.finding import Collector, Finding
 from dsquant.check.names import expected_shape, logical_shape, module_format
 from dsquant.check.view import CheckpointView, TensorInfo
 
-MAX_LISTED = 3
 FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}
-
-
-class _Collector:
-    def __init__(self) -> None:
-        self.items: dict[tuple[str, str], list[str]] = {}
-        self.first: dict[tuple[str, str], str] = {}
-
-    def add(self, rule: str, severity: str, tensor: str, detail: str) -> None:
-        self.items.setdefault((rule, severity), []).append(detail)
-        self.first.setdefault((rule, severity), tensor)
-
-    def findings(self, lead: dict[str, str]) -> list[Finding]:
-        out = []
-        for (rule, severity), details in self.items.items():
-            more = f" (and {len(details) - MAX_LISTED} more)" if len(details) > MAX_LISTED else ""
-            out.append(Finding(rule, severity, f"{lead[rule]}: {'; '.join(details[:MAX_LISTED])}{more}",
-                               tensor=self.first[(rule, severity)]))
-        return out
 
 
 LEAD = {
@@ -90,7 +71,7 @@ def _is_pow2(x: torch.Tensor) -> bool:
 
 
 def check(view: CheckpointView) -> list[Finding]:
-    out = _Collector()
+    out = Collector()
     qc = view.quantization_config or {}
     method = str(qc.get("quant_method", ""))
     block = _block_size(view)

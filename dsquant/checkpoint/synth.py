@@ -198,19 +198,57 @@ def _tokenizer_json() -> dict:
     }
 
 
-def _split_partners(names: list[str], shard_of: dict[str, int], num_shards: int) -> None:
-    """Put one member of several partner pairs in another shard than its partner, so readers must fetch across."""
+# V3 partners read together: gate/up of one expert, q_a/kv_a of one layer, an FP8 weight and its scale.
+V3_PARTNERS = ((".mlp.experts.0.up_proj.weight", ".mlp.experts.0.gate_proj.weight"),
+               ("self_attn.kv_a_proj_with_mqa.weight", "self_attn.q_a_proj.weight"),
+               ("mlp.down_proj.weight_scale_inv", "mlp.down_proj.weight"))
+
+
+def assign_shards(tensors: dict[str, torch.Tensor], num_shards: int, partners=()) -> dict[str, int]:
+    """Tensor -> shard number, by cumulative size in the given order; then the first tensor ending in each
+    partners[i][0] goes to another shard than its partner (same stem, ending partners[i][1]), so that
+    readers must fetch partners across shards."""
+    names = list(tensors)
+    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    per_shard = sum(sizes) / num_shards
+    shard_of, acc = {}, 0
+    for n, size in zip(names, sizes):
+        shard_of[n] = min(int(acc // per_shard), num_shards - 1)
+        acc += size
     if num_shards < 2:
-        return
-    pairs = [(".mlp.experts.0.up_proj.weight", ".mlp.experts.0.gate_proj.weight"),
-             ("self_attn.kv_a_proj_with_mqa.weight", "self_attn.q_a_proj.weight"),
-             ("mlp.down_proj.weight_scale_inv", "mlp.down_proj.weight")]
-    for suffix, partner_suffix in pairs:
-        movers = [n for n in names if n.endswith(suffix)][:1]
-        for n in movers:
+        return shard_of
+    for suffix, partner_suffix in partners:
+        for n in [n for n in names if n.endswith(suffix)][:1]:
             partner = n[: -len(suffix)] + partner_suffix
             if partner in shard_of and shard_of[partner] == shard_of[n]:
                 shard_of[n] = 0 if shard_of[partner] == num_shards - 1 else num_shards - 1
+    return shard_of
+
+
+def write_shards(out: Path, tensors: dict[str, torch.Tensor], shard_of: dict[str, int], num_shards: int) -> None:
+    """`model-0000i-of-0000n.safetensors` files and model.safetensors.index.json (with metadata.total_size)."""
+    files = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    weight_map = {}
+    for i, fname in enumerate(files):
+        part = {n: t.contiguous() for n, t in tensors.items() if shard_of[n] == i}
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def write_side_files(out: Path, cfg: dict) -> None:
+    """config.json, generation_config.json and the byte-level tokenizer files beside the weights."""
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.6,
+         "top_p": 0.95, "transformers_version": "4.46.3"}, indent=2) + "\n")
+    (out / "tokenizer.json").write_text(json.dumps(_tokenizer_json(), ensure_ascii=False) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True,
+         "model_max_length": cfg["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast"},
+        ensure_ascii=False, indent=2) + "\n")
 
 
 def make_synthetic_checkpoint(
@@ -252,31 +290,6 @@ def make_synthetic_checkpoint(
         else:
             tensors[name] = t
 
-    names = list(tensors)
-    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
-    per_shard = sum(sizes) / num_shards
-    shard_of, acc = {}, 0
-    for n, size in zip(names, sizes):
-        shard_of[n] = min(int(acc // per_shard), num_shards - 1)
-        acc += size
-    _split_partners(names, shard_of, num_shards)
-
-    files = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
-    weight_map = {}
-    for i, fname in enumerate(files):
-        part = {n: tensors[n].contiguous() for n in names if shard_of[n] == i}
-        save_file(part, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    total = sum(sizes)
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.6,
-         "top_p": 0.95, "transformers_version": "4.46.3"}, indent=2) + "\n")
-    (out / "tokenizer.json").write_text(json.dumps(_tokenizer_json(), ensure_ascii=False) + "\n")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True,
-         "model_max_length": cfg["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast"},
-        ensure_ascii=False, indent=2) + "\n")
+    write_shards(out, tensors, assign_shards(tensors, num_shards, V3_PARTNERS), num_shards)
+    write_side_files(out, cfg)
     return out

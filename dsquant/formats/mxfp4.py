@@ -19,6 +19,8 @@ Dequantize: e2m1_value * 2^(b - 127).
 
 On disk (compressed-tensors `mxfp4-pack-quantized`): `<name>.weight_packed` uint8 [N, K/2] and
 `<name>.weight_scale` uint8 [N, K/32] (E8M0 bytes). No global scale.
+DeepSeek-V4 routed experts (`expert_dtype: fp4`): `<name>.weight` I8 [N, K/2] and `<name>.scale` F8_E8M0
+[N, K/32]: the same bytes under other dtypes (deepseek-v4.md 1.4).
 NaN/Inf input raises ValueError.
 """
 
@@ -31,6 +33,8 @@ from dsquant.formats.fp4 import e2m1_to_float, pack_fp4, round_to_e2m1, unpack_f
 
 MXFP4_BLOCK = 32
 E8M0_BIAS = 127
+E8M0_NAN = 255
+E8M0_DTYPE = torch.float8_e8m0fnu
 MXFP4_SCALE_RULES = ("ceil", "ocp")
 
 
@@ -47,9 +51,34 @@ def mxfp4_scale_exponent(amax: torch.Tensor, rule: str = "ocp") -> torch.Tensor:
     return e.clamp(-E8M0_BIAS, E8M0_BIAS)
 
 
+def e8m0_bytes(scale: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """E8M0 scales as their uint8 bytes, from any 1-byte storage: compressed-tensors writes uint8, DeepSeek-V4
+    `torch.float8_e8m0fnu` (safetensors F8_E8M0)."""
+    if scale.dtype == torch.uint8:
+        return scale
+    if scale.element_size() != 1:
+        raise ValueError(f"{name}: E8M0 scales must be 1-byte values, got {scale.dtype}")
+    return scale.view(torch.uint8)
+
+
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
-    """E8M0 bytes (uint8) -> float32 2^(b - 127), exact (b = 0 gives the subnormal 2^-127)."""
-    return torch.ldexp(torch.ones(scale.shape, dtype=torch.float32, device=scale.device), scale.int() - E8M0_BIAS)
+    """E8M0 bytes (uint8 or float8_e8m0fnu) -> float32 2^(b - 127), exact (b = 0 gives the subnormal 2^-127;
+    b = 255 is NaN)."""
+    b = e8m0_bytes(scale).int()
+    value = torch.ldexp(torch.ones(scale.shape, dtype=torch.float32, device=scale.device), b - E8M0_BIAS)
+    return torch.where(b == E8M0_NAN, torch.full_like(value, float("nan")), value)
+
+
+def e8m0_from_float(scale: torch.Tensor) -> torch.Tensor:
+    """float32 powers of two (as `ceil_to_ue8m0` makes them) -> float8_e8m0fnu with the same value, exactly.
+    ValueError if a value is not a positive normal power of two, which E8M0 cannot hold."""
+    bits = scale.float().contiguous().view(torch.int32)
+    exp = (bits >> 23) & 0xFF
+    bad = (bits & 0x7FFFFF != 0) | (exp == 0) | (exp == 0xFF) | (bits < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{int(bad.sum())} scale(s) are not positive normal powers of two (first: "
+                         f"{float(scale.reshape(-1)[bad.reshape(-1)][0])}); E8M0 holds only 2^e")
+    return exp.to(torch.uint8).view(E8M0_DTYPE)
 
 
 def quantize_mxfp4(x: torch.Tensor, *, scale_rule: str = "ocp", name: str = "tensor"):
@@ -65,8 +94,11 @@ def quantize_mxfp4(x: torch.Tensor, *, scale_rule: str = "ocp", name: str = "ten
 
 
 def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """(packed [..., K/2], scale uint8 [..., K/32]) -> dtype [..., K]."""
-    values = e2m1_to_float(unpack_fp4(packed))
+    """(packed uint8 or int8 [..., K/2], scale E8M0 [..., K/32]) -> dtype [..., K].
+
+    int8 packed bytes and float8_e8m0fnu scales are DeepSeek-V4's routed experts as stored (safetensors I8 and
+    F8_E8M0): the same bits as compressed-tensors' uint8, element 2j in the low nibble."""
+    values = e2m1_to_float(unpack_fp4(packed.view(torch.uint8) if packed.dtype == torch.int8 else packed))
     k = values.shape[-1]
     vb = values.reshape(*values.shape[:-1], k // MXFP4_BLOCK, MXFP4_BLOCK)
     return (vb * e8m0_to_float(scale).unsqueeze(-1)).reshape(values.shape).to(dtype)

@@ -5,6 +5,10 @@ for a module M the tensors `M.<name>` are:
 
 deepseek (`quant_method: fp8`), fp8-block:
     weight float8_e4m3fn [N, K]; weight_scale_inv float32 [ceil(N/128), ceil(K/128)] (a multiplier despite its name)
+deepseek-v4 (`quant_method: fp8`, official names without `model.`), read by read_quantized:
+    fp8-block: weight float8_e4m3fn [N, K]; scale float8_e8m0fnu (instruct) or float32 (Base) [ceil(N/128), ceil(K/128)]
+    mxfp4 (routed experts, `expert_dtype: fp4`): weight int8 [N, K/2] (E2M1 pairs, even K low); scale
+    float8_e8m0fnu [N, K/32]
 compressed-tensors, fp8-block (`float-quantized`, strategy block):
     weight float8_e4m3fn [N, K]; weight_scale float32 [ceil(N/128), ceil(K/128)] (multiplier)
 compressed-tensors, int8 (`int-quantized`, strategy channel):
@@ -40,7 +44,7 @@ import torch
 
 from dsquant.formats.fp8 import dequantize_fp8, dequantize_fp8_block
 from dsquant.formats.int8 import dequantize_int8
-from dsquant.formats.mxfp4 import dequantize_mxfp4
+from dsquant.formats.mxfp4 import E8M0_DTYPE, dequantize_mxfp4, e8m0_bytes
 from dsquant.formats.nvfp4 import dequantize_nvfp4
 
 CONVENTIONS = ("deepseek", "modelopt", "compressed-tensors")
@@ -54,6 +58,8 @@ FORMAT_CONVENTIONS = {
     "mxfp4": ("compressed-tensors",),
 }
 DEFAULT_NVFP4_INPUT_SCALE = 1.0
+# DeepSeek-V4 names the scale of `M.weight` `M.scale` (read only: deepseek-v4.md 1.3-1.5)
+V4_SCALE = "scale"
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,8 @@ def read_quantized(prefix: str, tensors, quantization_config: dict | None) -> Qu
     p = prefix + "."
     if convention == "deepseek" and p + "weight_scale_inv" in tensors:
         return QuantizedWeight("fp8-block", tensors[p + "weight"], tensors[p + "weight_scale_inv"].float())
+    if convention == "deepseek" and p + V4_SCALE in tensors:
+        return _read_v4(prefix, tensors[p + "weight"], tensors[p + V4_SCALE])
     if convention == "modelopt" and p + "weight_scale_2" in tensors:
         inp = tensors[p + "input_scale"].float().reshape(()) if p + "input_scale" in tensors else None
         return QuantizedWeight("nvfp4", tensors[p + "weight"], tensors[p + "weight_scale"],
@@ -205,6 +213,16 @@ def read_quantized(prefix: str, tensors, quantization_config: dict | None) -> Qu
     if w.element_size() == 1:
         raise ValueError(f"{prefix}: 1-byte weight {w.dtype} without the scale tensors its convention needs")
     return QuantizedWeight("bf16", w)
+
+
+def _read_v4(prefix: str, w: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
+    """DeepSeek-V4's `weight` + `scale`: FP8 with a 128x128 grid (E8M0 or F32), or FP4 packed in I8 with E8M0 per 32."""
+    if w.dtype == torch.float8_e4m3fn:
+        return QuantizedWeight("fp8-block", w, scale.float())
+    if w.dtype == torch.int8 and scale.dtype == E8M0_DTYPE:
+        return QuantizedWeight("mxfp4", w.view(torch.uint8), e8m0_bytes(scale))
+    raise ValueError(f"{prefix}: weight {w.dtype} {tuple(w.shape)} with scale {scale.dtype} {tuple(scale.shape)} is "
+                     "neither DeepSeek-V4 FP8 (float8_e4m3fn) nor FP4 (int8 packed, float8_e8m0fnu scales)")
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from dsquant.formats.fp8 import dequantize_fp8_block, quantize_fp8_block
-from dsquant.formats.mxfp4 import E8M0_BIAS, MXFP4_BLOCK, dequantize_mxfp4
+from dsquant.formats.mxfp4 import E8M0_BIAS, E8M0_NAN, MXFP4_BLOCK, dequantize_mxfp4, e8m0_bytes
 from dsquant.formats.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, quantize_nvfp4
 
 E4M3_POW2_MIN, E4M3_POW2_MAX = -9, 8  # exponents d whose 2^d E4M3 holds exactly
@@ -46,13 +46,10 @@ class Exactness:
                          max(self.max_abs_error, other.max_abs_error))
 
 
-def e8m0_bytes(scale: torch.Tensor, name: str = "tensor") -> torch.Tensor:
-    """E8M0 scales as uint8 bytes (from uint8, int8 or float8_e8m0fnu storage); refuses the NaN byte 255."""
-    if scale.dtype != torch.uint8:
-        if scale.element_size() != 1:
-            raise ValueError(f"{name}: E8M0 scales must be 1-byte values, got {scale.dtype}")
-        scale = scale.view(torch.uint8)
-    if bool((scale == 255).any()):
+def _source_e8m0(scale: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """A source's E8M0 scales as uint8 bytes; refuses the NaN byte 255."""
+    scale = e8m0_bytes(scale, name)
+    if bool((scale == E8M0_NAN).any()):
         raise ValueError(f"{name}: E8M0 scale byte 255 (NaN) in the source")
     return scale
 
@@ -67,7 +64,7 @@ def _exactness(before: torch.Tensor, after: torch.Tensor) -> Exactness:
 
 def nvfp4_shared_exponent(*scales: torch.Tensor) -> int:
     """m = k_max - 8 over every given MXFP4 scale tensor (fused partners pass all of theirs)."""
-    k_max = max(int(e8m0_bytes(s).max()) for s in scales) - E8M0_BIAS
+    k_max = max(int(_source_e8m0(s).max()) for s in scales) - E8M0_BIAS
     return k_max - NVFP4_HEADROOM
 
 
@@ -78,7 +75,7 @@ def mxfp4_to_nvfp4(packed: torch.Tensor, scale: torch.Tensor, exponent: int | No
     exponent: m of the global scale 2^m; default nvfp4_shared_exponent(scale). Nibbles of in-range blocks are
     copied, so equal values come with equal bytes.
     """
-    sb = e8m0_bytes(scale, name)
+    sb = _source_e8m0(scale, name)
     packed = packed.view(torch.uint8)
     m = nvfp4_shared_exponent(sb) if exponent is None else exponent
     global_scale = torch.ldexp(torch.tensor(1.0), torch.tensor(m)).float()
@@ -104,7 +101,7 @@ def mxfp4_to_nvfp4(packed: torch.Tensor, scale: torch.Tensor, exponent: int | No
 def mxfp4_to_fp8_block(packed: torch.Tensor, scale: torch.Tensor, *, name: str = "tensor"):
     """MXFP4 (packed [N, K/2], E8M0 [N, K/32]) -> (float8_e4m3fn [N, K], float32 [N/128, K/128] power-of-two
     block scales, Exactness)."""
-    values = dequantize_mxfp4(packed.view(torch.uint8), e8m0_bytes(scale, name), torch.float32)
+    values = dequantize_mxfp4(packed.view(torch.uint8), _source_e8m0(scale, name), torch.float32)
     q, block_scale = quantize_fp8_block(values, ue8m0=True, name=name)
     after = dequantize_fp8_block(q, block_scale, dtype=torch.float32)
     return q, block_scale, _exactness(values, after)

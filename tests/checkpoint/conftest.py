@@ -36,3 +36,18 @@ def reference_run(synth, tmp_path_factory):
     dst = tmp_path_factory.mktemp("ref") / "out"
     convert(synth("v3", "fp8"), dst, "nvfp4", max_shard_size="1MB", progress=False)
     return dst
+
+
+@pytest.fixture(scope="session")
+def synth_v4(tmp_path_factory):
+    """synth_v4(variant) -> path of a cached synthetic DeepSeek-V4 checkpoint (do not modify it)."""
+    from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
+
+    cache = {}
+
+    def get(variant: str = "flash"):
+        if variant not in cache:
+            cache[variant] = make_synthetic_v4_checkpoint(tmp_path_factory.mktemp(f"v4-{variant}"), variant=variant)
+        return cache[variant]
+
+    return get

@@ -1,0 +1,165 @@
+"""DeepSeek-V4 dtypes and scale grids per tensor, by what vLLM, SGLang and transformers load (deepseek-v4.md 1, 3).
+
+The experts' format decides the rest. vLLM `vllm/models/deepseek_v4/quant_config.py` (DeepseekV4FP8Config) reads
+`expert_dtype` from config.json (missing = "fp4", anything but fp4 / fp8 raises ValueError): "fp4" builds
+Mxfp4MoEMethod (or ModelOptNvFp4FusedMoE when quantization_config.moe_quant_algo is "NVFP4") and expects the dense
+FP8 scales as E8M0 (`is_scale_e8m0 = expert_dtype == "fp4"`); "fp8" builds Fp8MoEMethod with float32 block scales
+and expects float32 dense scales.
+
+- v4-expert-dtype: the routed experts are stored in another format than config.json's expert_dtype makes engines
+  build (FP8 experts without `expert_dtype: "fp8"` are read as MXFP4; NVFP4 experts need expert_dtype fp4 and
+  moe_quant_algo NVFP4), an unsupported expert_dtype, or backbone experts in several formats. Error.
+- v4-draft-experts: draft (mtp.*) experts in another format than the backbone's: engines dispatch one expert
+  method from the config unless its ignore list exempts the draft (NVIDIA keeps DSpark MXFP4 that way). Warning.
+- v4-scale-dtype: a dense FP8 `.scale` not in the dtype that goes with the experts (E8M0 beside FP4, F32 beside
+  FP8), or an FP8 expert's scale not F32. Error.
+- v4-scale-grid: an FP8 weight without its `.scale`, or a scale grid other than [ceil(N/128), ceil(K/128)]
+  (FP8) / [N, K/32] (FP4 experts) / [N, K/16] (NVFP4 experts). Error.
+- v4-unquantized: a tensor that must stay as the release stores it (names_v4.KEEP says why for each: compressor
+  wkv / wgate, indexer weights_proj, router, hc_*, attn_sink, ape, gate.bias, tid2eid, norms, embed, head, DSpark
+  heads) stored quantized, or a float32 one stored narrower (error); another dtype otherwise (warning).
+- v4-quantized: a linear the release quantizes stored in BF16 while the quantization config neither excludes it
+  nor leaves it out: engines build an FP8 layer and find no scale for it. Error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from dsquant.check.declared import declared_quantized
+from dsquant.check.finding import Collector, Finding
+from dsquant.check.names import FP8_DTYPES, SCALE_PARAMS, is_quantized, module_format
+from dsquant.check.v4_layout import expected, module_of
+from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.names_v4 import (
+    ENGINE_DEFAULT_EXPERT_DTYPE,
+    EXPERT_DTYPES,
+    FP4_GROUP,
+    FP8_BLOCK,
+    STORED_DTYPE,
+    dense_scale_dtype,
+    expert_dtype,
+    keep_reason,
+)
+from dsquant.formats.nvfp4 import NVFP4_BLOCK
+
+# expert format as stored -> the expert_dtype engines need to build it
+EXPERT_DTYPE_OF = {"mxfp4": "fp4", "nvfp4": "fp4", "fp8-block": "fp8"}
+
+
+def check(view: CheckpointView) -> list[Finding]:
+    try:
+        specs = expected(view)
+    except (KeyError, ValueError, TypeError):
+        return []  # v4_layout reports it
+    out = Collector()
+    declared = expert_dtype(view.config)
+    engine = declared if declared in EXPERT_DTYPES else ENGINE_DEFAULT_EXPERT_DTYPE
+    experts: dict[str, Counter] = {"backbone": Counter(), "draft": Counter()}
+    for spec in specs:
+        params = view.modules.get(module_of(spec), {}) if spec.name.endswith(".weight") else {}
+        if spec.kind in ("fp8", "expert"):
+            fmt = module_format(params) if "weight" in params else None
+            if fmt is None:
+                continue
+            if spec.kind == "expert":
+                experts["draft" if spec.name.startswith("mtp.") else "backbone"][fmt] += 1
+            _grid(out, view, spec, params, fmt, engine)
+        else:
+            _kept(out, view, spec, params)
+    return out.findings(LEAD) + _expert_dtype(view, declared, engine, experts)
+
+
+LEAD = {
+    "v4-scale-dtype": "scale(s) in a dtype engines do not load beside these experts",
+    "v4-scale-grid": "weight(s) without the scale grid their format needs",
+    "v4-unquantized": "tensor(s) stored otherwise than the release, which engines need as it is",
+    "v4-quantized": "linear(s) stored BF16 while quant_method fp8 makes engines build FP8 layers with scales "
+                    "(quantize them, or list them in quantization_config.ignored_layers)",
+}
+
+
+def _grid(out: Collector, view: CheckpointView, spec, params, fmt: str, engine: str) -> None:
+    w = params["weight"]
+    n, k = spec.shape
+    if fmt == "fp8-noscale":
+        out.add("v4-scale-grid", "error", w.name, f"{w.name} ({w.dtype}) has no .scale")
+        return
+    if not is_quantized(fmt):
+        if view.quantization_config is not None and declared_quantized(view, module_of(spec)) is not False:
+            out.add("v4-quantized", "error", w.name, f"{w.name} ({w.dtype})")
+        return
+    scale = params.get("scale")
+    if fmt == "fp8-block" and scale is not None:
+        want_grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+        want_dtype = dense_scale_dtype(engine) if spec.kind == "fp8" else "F32"
+        if scale.dtype != want_dtype:
+            why = (f"expert_dtype {engine!r} makes vLLM load dense scales as {want_dtype}" if spec.kind == "fp8"
+                   else "vLLM's Fp8MoEMethod loads FP8 expert scales as F32")
+            out.add("v4-scale-dtype", "error", scale.name, f"{scale.name} is {scale.dtype} ({why})")
+    elif fmt == "mxfp4" and scale is not None:
+        want_grid = (n, k // FP4_GROUP)
+    elif fmt == "nvfp4" and "weight_scale" in params:
+        scale, want_grid = params["weight_scale"], (n, k // NVFP4_BLOCK)
+    else:
+        return  # not a format V4 loaders read: v4-expert-dtype names it
+    if tuple(scale.shape) != want_grid:
+        out.add("v4-scale-grid", "error", scale.name, f"{scale.name} is {list(scale.shape)}, expected "
+                f"{list(want_grid)} for the [{n}, {k}] weight ({fmt})")
+
+
+def _kept(out: Collector, view: CheckpointView, spec, params) -> None:
+    info = params.get("weight") if spec.name.endswith(".weight") else view.tensors.get(spec.name)
+    if info is None:
+        return
+    want = STORED_DTYPE[spec.kind]
+    scales = [p for p in params if p in SCALE_PARAMS or p == "scale"]
+    why = keep_reason(spec.name) or "the release stores it so"
+    if scales or info.dtype in FP8_DTYPES or info.dtype in ("I8", "U8") and want != "I64":
+        out.add("v4-unquantized", "error", info.name, f"{info.name} is stored quantized ({info.dtype}"
+                f"{', ' + ', '.join(scales) if scales else ''}); keep it {want}: {why}")
+    elif info.dtype != want:
+        severity = "error" if want == "F32" else "warning"
+        out.add("v4-unquantized", severity, info.name,
+                f"{info.name} is {info.dtype}, the release stores {want}: {why}")
+
+
+def _expert_dtype(view: CheckpointView, declared, engine: str, experts: dict[str, Counter]) -> list[Finding]:
+    out = []
+    if declared is not None and declared not in EXPERT_DTYPES:
+        out.append(Finding("v4-expert-dtype", "error", f"expert_dtype {declared!r} is not one of {EXPERT_DTYPES}; "
+                           "vLLM raises ValueError('Unsupported DeepSeek V4 expert_dtype')", file="config.json"))
+        return out
+    backbone = experts["backbone"]
+    quantized = {f for f in backbone if is_quantized(f)}
+    if len(backbone) > 1:
+        out.append(Finding("v4-expert-dtype", "error", f"routed experts are stored in several formats "
+                           f"({dict(backbone)}); engines build every expert with one method", file="config.json"))
+        return out
+    if not backbone:
+        return out
+    fmt = next(iter(backbone))
+    need = EXPERT_DTYPE_OF.get(fmt)
+    said = f"expert_dtype {declared!r}" if declared is not None else f"no expert_dtype (vLLM assumes {engine!r})"
+    if need is None and (quantized or view.quantization_config is not None):
+        out.append(Finding("v4-expert-dtype", "error", f"routed experts are stored as {fmt}, which DeepSeek-V4 "
+                           "loaders do not read under a quantization_config (vLLM: MXFP4 or NVFP4 with expert_dtype "
+                           "fp4, FP8 blocks with fp8)", file="config.json"))
+    elif need is None:
+        pass  # an unquantized checkpoint: engines build BF16 experts
+    elif need != engine:
+        out.append(Finding("v4-expert-dtype", "error", f"routed experts are stored as {fmt} but config.json has "
+                           f"{said}, so vLLM builds {'MXFP4' if engine == 'fp4' else 'FP8'} experts: set "
+                           f"\"expert_dtype\": \"{need}\" in config.json", file="config.json"))
+    elif fmt == "nvfp4" and str((view.quantization_config or {}).get("moe_quant_algo", "")).upper() != "NVFP4":
+        out.append(Finding("v4-expert-dtype", "error", "routed experts are NVFP4 but quantization_config has no "
+                           "\"moe_quant_algo\": \"NVFP4\"; vLLM and SGLang then build MXFP4 experts",
+                           file="config.json"))
+    draft = {f for f in experts["draft"] if f != fmt}
+    if draft:
+        out.append(Finding("v4-draft-experts", "warning", f"draft experts are stored as {sorted(draft)}, the "
+                           f"backbone's as {fmt}: engines build draft experts from the same config unless its "
+                           "ignore list exempts mtp.* (as NVIDIA's NVFP4 releases do for the MXFP4 DSpark draft)",
+                           file="config.json"))
+    return out
