@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsquant import convert_v4
 from dsquant.checkpoint.identity import identity_difference, source_identity
 from dsquant.checkpoint.index import write_index, write_json_atomic
 from dsquant.checkpoint.manifest import LOCK_NAME, DstLock, Manifest
+from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert_config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
 from dsquant.convert_plan import Plan, build_plan
@@ -63,6 +65,7 @@ class ConvertSummary:
     dry_run: bool
     plan: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)  # measured while converting (V4: expert blocks kept exact)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -272,6 +275,18 @@ def _finalize(ckpt: Checkpoint, plan: Plan, dst: Path, source: dict, created: st
     return bytes_out
 
 
+def _v3_recipe(recipe: str | Recipe, convention: str) -> tuple[Recipe, str]:
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if convention == "auto":
+        convention = rec.conventions[0]
+    elif convention not in rec.conventions:
+        raise ValueError(f"recipe {rec.name} cannot be written as {convention!r}; it supports {list(rec.conventions)}")
+    if convention == convert_v4.V4_CONVENTION:
+        raise ValueError(f"recipe {rec.name} writes DeepSeek-V4's official layout; the source is not a DeepSeek-V4 "
+                         f"checkpoint, so choose a recipe without the {convert_v4.V4_CONVENTION} convention")
+    return rec, convention
+
+
 def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: str = "auto", device: str = "cpu",
             workers: int | None = None, max_shard_size: str | int = "5GB", resume: bool = False, dry_run: bool = False,
             calibration=None, progress: bool = True, push_to_hub: str | None = None,
@@ -296,19 +311,18 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
     """
     start = time.perf_counter()
     src_path, source = _resolve_source(src)
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if convention == "auto":
-        convention = rec.conventions[0]
-    elif convention not in rec.conventions:
-        raise ValueError(f"recipe {rec.name} cannot be written as {convention!r}; it supports {list(rec.conventions)}")
     calib = _load_calibration(calibration)
     devices = _devices(device, workers)
     ckpt = Checkpoint(src_path)
-    qc = ckpt.quantization_config
-    if qc and qc.get("quant_method") != "fp8":
-        raise ValueError(f"{src_path / 'config.json'}: source is already quantized (quant_method "
-                         f"{qc.get('quant_method')!r}); dsquant converts BF16 or DeepSeek FP8 checkpoints")
-    plan = build_plan(ckpt, rec, convention, parse_size(max_shard_size))
+    if is_v4(ckpt.config):  # DeepSeek-V4: its own recipes and layout (convert_v4), the same shard machinery
+        rec, convention, plan = convert_v4.plan_conversion(ckpt, recipe, convention, parse_size(max_shard_size))
+    else:
+        rec, convention = _v3_recipe(recipe, convention)
+        qc = ckpt.quantization_config
+        if qc and qc.get("quant_method") != "fp8":
+            raise ValueError(f"{src_path / 'config.json'}: source is already quantized (quant_method "
+                             f"{qc.get('quant_method')!r}); dsquant converts BF16 or DeepSeek FP8 checkpoints")
+        plan = build_plan(ckpt, rec, convention, parse_size(max_shard_size))
     name = source.get("repo_id", str(src_path)).rstrip("/").split("/")[-1]
     dst_path = Path(dst) if dst is not None else Path.cwd() / f"{name}-{rec.name}"
     summary = ConvertSummary(str(src_path), str(dst_path), rec.name, convention, plan.source_dtype, device,
@@ -332,6 +346,7 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
         todo = [s for s in plan.shards if s.file not in done]
         summary.resumed_shards = len(plan.shards) - len(todo)
         _run_shards(ckpt, plan, dst_path, devices, manifest, todo, calib, progress)
+        plan.results = summary.results = manifest.merged_stats()
         summary.bytes_out = _finalize(ckpt, plan, dst_path, source, manifest.created, calib is not None,
                                       summary.warnings)
         manifest.remove()

@@ -21,6 +21,9 @@ from dsquant.checkpoint.names import generalize
 from dsquant.convert_plan import Plan
 
 RECIPE_FILE = "dsquant_recipe.json"
+# job actions that write a module in its recipe format (counted per format in dsquant_recipe.json): V3 quantizing,
+# V4 expert transcoding and V4 dense FP8 kept in blocks with the scale dtype the experts need
+CONVERTING = ("quant", "transcode", "rescale")
 HF_QUANT_CONFIG = "hf_quant_config.json"
 # Never copied: weights (rewritten), the files rewritten here, pickles (never read), and the model card.
 _SKIP = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|" + re.escape(INDEX_NAME) +
@@ -125,6 +128,10 @@ def hf_quant_config(plan: Plan) -> dict:
 
 
 def write_configs(src_config: dict, plan: Plan, dst: Path) -> None:
+    if plan.family == "v4":
+        from dsquant.convert_v4_config import write_v4_configs
+
+        return write_v4_configs(src_config, plan, dst)
     cfg = {k: v for k, v in src_config.items() if k != "quantization_config"}  # no stale FP8 config
     cfg["quantization_config"] = quantization_config(plan)
     write_json_atomic(dst / "config.json", cfg)
@@ -145,8 +152,8 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
 def recipe_record(plan: Plan, source: dict, bytes_out: int, created: str, calibrated: bool) -> dict:
     """dsquant_recipe.json: what made this checkpoint, from what, and what was left out and why."""
     kept = set(plan.excluded_modules)
-    counts = Counter(j.fmt if j.action == "quant" else "bf16" for j in plan.jobs()
-                     if j.action == "quant" or j.module in kept)
+    counts = Counter(j.fmt if j.action in CONVERTING else "bf16" for j in plan.jobs()
+                     if j.action in CONVERTING or j.module in kept)
     excluded = [{"pattern": i.match, "reason": i.reason} for i in plan.recipe.ignore]
     excluded += [{"pattern": r.match, "reason": r.reason} for r in plan.recipe.rules if r.format == "bf16"]
     return {
@@ -160,6 +167,7 @@ def recipe_record(plan: Plan, source: dict, bytes_out: int, created: str, calibr
         "tensors": dict(sorted(counts.items())),
         "excluded": excluded,
         "activation_scales": "calibrated" if calibrated else "default",
+        **({"results": plan.results} if plan.results else {}),
     }
 
 

@@ -75,6 +75,8 @@ class Plan:
     bytes_in: int
     fingerprint: str = ""
     excluded_modules: list[str] = field(default_factory=list)
+    family: str = "v3"  # "v4": DeepSeek-V4 official layout, planned and processed by convert_v4
+    results: dict = field(default_factory=dict)  # what processing measured (convert_v4: exact expert blocks)
 
     @property
     def bytes_out(self) -> int:
@@ -195,13 +197,19 @@ def build_plan(ckpt: Checkpoint, recipe: Recipe, convention: str, max_shard_size
         raise ValueError(f"recipe {recipe.name}: {len(unmatched)} module(s) match no ignore entry or rule: {shown}; "
                          f"add a [[rules]] or [[ignore]] entry for them")
     jobs = {m: _job(ckpt, m, names, resolved[m], convention) for m, names in modules.items()}
-    shards = _pack(_items(jobs, recipe), max_shard_size)
     fp8 = any(j.fp8_source for j in jobs.values())
     excluded = [j.module for j in jobs.values()
                 if j.action != "quant" and any(len(s) == 2 for _, _, s in j.outputs)
                 and leaf_of(j.module) != "embed_tokens"]
-    plan = Plan(recipe, convention, "fp8" if fp8 else "bf16", shards,
-                sum(i.nbytes for i in ckpt.infos.values()), excluded_modules=excluded)
+    return lay_out_plan(ckpt, jobs, recipe, convention, max_shard_size, "fp8" if fp8 else "bf16", excluded)
+
+
+def lay_out_plan(ckpt: Checkpoint, jobs: dict[str, ModuleJob], recipe: Recipe, convention: str, max_shard_size: int,
+                 source_dtype: str, excluded: list[str], family: str = "v3") -> Plan:
+    """Resolved module jobs -> the plan: fused partners grouped, output shards packed, fingerprint taken."""
+    shards = _pack(_items(jobs, recipe), max_shard_size)
+    plan = Plan(recipe, convention, source_dtype, shards, sum(i.nbytes for i in ckpt.infos.values()),
+                excluded_modules=excluded, family=family)
     plan.fingerprint = _fingerprint(ckpt, plan)
     return plan
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dsquant import convert_cpuquant as cpuquant
+from dsquant import convert_v4
 from dsquant.checkpoint.manifest import Manifest
 from dsquant.checkpoint.names import FP8_SCALE_SUFFIX
 from dsquant.checkpoint.reader import Checkpoint
@@ -156,8 +157,12 @@ def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, in
 
 
 def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Quantizers, device,
-                 calibration: dict[str, float] | None, pool=None):
-    """Yield (output name, tensor or raw bytes) for one fused group / module, in planned output order."""
+                 calibration: dict[str, float] | None, pool=None, stats: dict | None = None):
+    """Yield (output name, tensor or raw bytes) for one fused group / module, in planned output order.
+    DeepSeek-V4 jobs go to convert_v4, which adds what it measured to `stats`."""
+    if any(job.action in convert_v4.ACTIONS for job in item):
+        yield from convert_v4.process_item(ckpt, item, qz, device, calibration, {} if stats is None else stats)
+        return
     global_scale = input_scale = None
     loaded: dict[str, torch.Tensor | None] = {}
     if item[0].fmt == "nvfp4":
@@ -195,12 +200,12 @@ def write_shard(ckpt: Checkpoint, shard: ShardJob, dst, convention: str, qz: Qua
     `MAX_PENDING_WRITES` tensors wait for it, which bounds the memory this adds.
     """
     writer = ShardWriter(dst / shard.file, shard.entries)
-    done, pending = 0, []
+    done, pending, stats = 0, [], {}
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsquant-write")
     try:
         with current_device(device):
             for item in shard.items:
-                for name, data in process_item(ckpt, item, convention, qz, device, calibration, pool):
+                for name, data in process_item(ckpt, item, convention, qz, device, calibration, pool, stats):
                     pending.append(io.submit(writer.write, name, data))
                     while len(pending) > MAX_PENDING_WRITES:
                         pending.pop(0).result()
@@ -218,5 +223,5 @@ def write_shard(ckpt: Checkpoint, shard: ShardJob, dst, convention: str, qz: Qua
     finally:
         io.shutdown(wait=True)
         ckpt.close()  # unmap this thread's source files: touched pages would otherwise stay in RSS
-    manifest.record(shard.file, writer.bytes_written, sha)
+    manifest.record(shard.file, writer.bytes_written, sha, stats)
     return done

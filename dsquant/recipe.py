@@ -19,7 +19,9 @@ A recipe file (recipes/*.toml; its first comment line is the summary `dsquant re
 Patterns match *module* names (a tensor name without its last component: `model.layers.3.mlp.gate`
 for `model.layers.3.mlp.gate.weight`). A pattern is a glob (`*` spans dots, `?` one character) or a
 regex after `re:`; both must match the whole name. `{mtp}` stands for the index of the model's MTP
-layer(s) (61 on DeepSeek-V3), so a recipe can treat that layer apart without knowing the model.
+layer(s) (61 on DeepSeek-V3), so a recipe can treat that layer apart without knowing the model; `{dspark}`
+stands for the stage indices of a DeepSeek-V4 DSpark draft (`mtp.S`, 0731 / 0813 releases), matching nothing on
+models without one (V4's one-stage MTP draft has the same `mtp.0` names, so names alone cannot tell them apart).
 Ignore is checked before the rules. A tensor that neither matches is an error; so are unknown keys.
 Members of a fused group (leaf names under one parent module) must resolve to the same rule.
 """
@@ -42,14 +44,22 @@ _RULE_KEYS = {"match", "format", "reason", "ue8m0", "scale_rule", "input_scale"}
 _FORMAT_OPTIONS = {"fp8-block": {"ue8m0"}, "mxfp4": {"scale_rule"}, "nvfp4": {"input_scale"}}
 
 
-def compile_pattern(pattern: str, mtp_layers: tuple[int, ...] = ()) -> re.Pattern:
-    """Glob or `re:` regex -> compiled regex matching whole module names; `{mtp}` -> the MTP layer indices."""
-    mtp = "(?:" + "|".join(str(i) for i in mtp_layers) + ")" if mtp_layers else "(?!)"
+def _alternatives(indices: tuple[int, ...]) -> str:
+    return "(?:" + "|".join(str(i) for i in indices) + ")" if indices else "(?!)"
+
+
+def compile_pattern(pattern: str, mtp_layers: tuple[int, ...] = (), dspark_stages: tuple[int, ...] = ()) -> re.Pattern:
+    """Glob or `re:` regex -> compiled regex matching whole module names; `{mtp}` -> the MTP layer indices,
+    `{dspark}` -> the DSpark draft stage indices."""
+    subs = {"{mtp}": _alternatives(mtp_layers), "{dspark}": _alternatives(dspark_stages)}
     if pattern.startswith("re:"):
-        return re.compile(pattern[3:].replace("{mtp}", mtp))
+        text = pattern[3:]
+        for key, value in subs.items():
+            text = text.replace(key, value)
+        return re.compile(text)
     out = []
-    for part in re.split(r"(\{mtp\}|\*|\?)", pattern):
-        out.append({"{mtp}": mtp, "*": ".*", "?": "."}.get(part, re.escape(part)))
+    for part in re.split(r"(\{mtp\}|\{dspark\}|\*|\?)", pattern):
+        out.append({**subs, "*": ".*", "?": "."}.get(part, re.escape(part)))
     return re.compile("".join(out))
 
 
@@ -88,8 +98,8 @@ class Recipe:
     rules: tuple[Rule, ...]
     path: str = field(default="", compare=False)
 
-    def compiled(self, mtp_layers: tuple[int, ...] = ()) -> "CompiledRecipe":
-        return CompiledRecipe(self, mtp_layers)
+    def compiled(self, mtp_layers: tuple[int, ...] = (), dspark_stages: tuple[int, ...] = ()) -> "CompiledRecipe":
+        return CompiledRecipe(self, mtp_layers, dspark_stages)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -103,12 +113,12 @@ class Recipe:
 
 
 class CompiledRecipe:
-    """A recipe with its patterns compiled for one model (its MTP layer indices)."""
+    """A recipe with its patterns compiled for one model (its MTP layer indices, DSpark stages)."""
 
-    def __init__(self, recipe: Recipe, mtp_layers: tuple[int, ...]):
+    def __init__(self, recipe: Recipe, mtp_layers: tuple[int, ...], dspark_stages: tuple[int, ...] = ()):
         self.recipe = recipe
-        self._ignore = [(compile_pattern(i.match, mtp_layers), i) for i in recipe.ignore]
-        self._rules = [(compile_pattern(r.match, mtp_layers), r) for r in recipe.rules]
+        self._ignore = [(compile_pattern(i.match, mtp_layers, dspark_stages), i) for i in recipe.ignore]
+        self._rules = [(compile_pattern(r.match, mtp_layers, dspark_stages), r) for r in recipe.rules]
 
     def resolve(self, module: str) -> Ignore | Rule | None:
         """First ignore entry, else first rule, whose pattern matches the whole module name; None if none."""

@@ -93,12 +93,16 @@ def test_rule_options_are_type_checked():
 
 def test_shipped_recipes_load_and_say_why():
     names = {n for n, _ in shipped_recipes()}
-    assert {"fp8-block", "fp8-block-ue8m0", "int8", "nvfp4", "nvfp4-experts-only", "mxfp4"} <= names
+    assert {"fp8-block", "fp8-block-ue8m0", "int8", "nvfp4", "nvfp4-experts-only", "mxfp4", "v4-fp8-block",
+            "v4-nvfp4", "v4-mxfp4"} <= names
     for name, summary in shipped_recipes():
         r = load_recipe(name)
         assert summary and r.summary == summary, name
         assert all(entry.reason for entry in r.ignore + r.rules), name
-        assert r.fused_groups == (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa")), name
+        # DeepSeek-V4's official names fuse an expert's w1 and w3; V3's HF names gate/up and q_a/kv_a
+        v4 = r.conventions == ("deepseek-v4",)
+        assert r.fused_groups == ((("w1", "w3"),) if v4 else
+                                  (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))), name
         text = (recipes_dir() / f"{name}.toml").read_text()
         assert text.startswith("# "), f"{name}: the first line must be its one-line summary"
     assert load_recipe("fp8-block-ue8m0").rules[-1].ue8m0 and not load_recipe("fp8-block").rules[-1].ue8m0
@@ -111,3 +115,10 @@ def test_recipe_by_path_and_unknown_name(tmp_path):
     with pytest.raises(ValueError, match="unknown recipe 'nope'; shipped recipes: "):
         load_recipe("nope")
     assert load_recipe("nvfp4").to_dict()["rules"][-1]["format"] == "nvfp4"
+
+
+def test_dspark_placeholder_matches_the_draft_stages_only():
+    rx = compile_pattern("mtp.{dspark}.ffn.experts.*", dspark_stages=(0, 1, 2))
+    assert rx.fullmatch("mtp.2.ffn.experts.7.w1") and not rx.fullmatch("mtp.3.ffn.experts.7.w1")
+    assert not compile_pattern("mtp.{dspark}.ffn.experts.*").fullmatch("mtp.0.ffn.experts.7.w1")  # MTP, no DSpark
+    assert compile_pattern("re:mtp\\.{dspark}\\..*", dspark_stages=(1,)).fullmatch("mtp.1.x")

@@ -63,10 +63,20 @@ class Manifest:
         write_json_atomic(self.path, {"fingerprint": self.fingerprint, "created": self.created, "run": self.run,
                                       "shards": dict(sorted(self.shards.items()))})
 
-    def record(self, fname: str, nbytes: int, sha256: str) -> None:
+    def record(self, fname: str, nbytes: int, sha256: str, stats: dict | None = None) -> None:
+        """A finished shard; `stats` (numbers measured while writing it) are kept so that a resumed run can
+        report them for shards it does not redo."""
         with self._lock:
-            self.shards[fname] = {"bytes": nbytes, "sha256": sha256}
+            self.shards[fname] = {"bytes": nbytes, "sha256": sha256, **({"stats": stats} if stats else {})}
             self.save()
+
+    def merged_stats(self) -> dict:
+        """Every recorded shard's stats combined: keys starting with `max_` by maximum, the others summed."""
+        out: dict = {}
+        for rec in self.shards.values():
+            for key, value in (rec.get("stats") or {}).items():
+                out[key] = max(out.get(key, value), value) if key.startswith("max_") else out.get(key, 0) + value
+        return out
 
     def verified(self, dst: Path) -> set[str]:
         """Finished shards whose file is present with the recorded size and checksum."""

@@ -180,3 +180,10 @@ def convert(
                    + f", {summary.gb_per_s:.2f} GB/s"
                    + (f", {summary.resumed_shards} shard(s) kept from the interrupted run" if summary.resumed_shards
                       else ""))
+        res = summary.results
+        if res.get("expert_blocks"):
+            typer.echo(f"experts: {res['expert_blocks_exact']:,} of {res['expert_blocks']:,} 32-element blocks kept "
+                       f"their values (largest change elsewhere {res['max_expert_abs_error']:.3g})")
+        if res.get("dense_requantized"):
+            typer.echo(f"dense: {res['dense_requantized']} FP8 weight(s) re-quantized with power-of-two scales "
+                       "(their float32 scales were no powers of two)")

@@ -5,10 +5,11 @@ for a module M the tensors `M.<name>` are:
 
 deepseek (`quant_method: fp8`), fp8-block:
     weight float8_e4m3fn [N, K]; weight_scale_inv float32 [ceil(N/128), ceil(K/128)] (a multiplier despite its name)
-deepseek-v4 (`quant_method: fp8`, official names without `model.`), read by read_quantized:
+deepseek-v4 (`quant_method: fp8`, official names without `model.`; read by read_quantized, written by convert_v4):
     fp8-block: weight float8_e4m3fn [N, K]; scale float8_e8m0fnu (instruct) or float32 (Base) [ceil(N/128), ceil(K/128)]
     mxfp4 (routed experts, `expert_dtype: fp4`): weight int8 [N, K/2] (E2M1 pairs, even K low); scale
     float8_e8m0fnu [N, K/32]
+    nvfp4 (routed experts, NVIDIA's ModelOpt release with `moe_quant_algo: NVFP4`): as modelopt below
 compressed-tensors, fp8-block (`float-quantized`, strategy block):
     weight float8_e4m3fn [N, K]; weight_scale float32 [ceil(N/128), ceil(K/128)] (multiplier)
 compressed-tensors, int8 (`int-quantized`, strategy channel):
@@ -47,15 +48,15 @@ from dsquant.formats.int8 import dequantize_int8
 from dsquant.formats.mxfp4 import E8M0_DTYPE, dequantize_mxfp4, e8m0_bytes
 from dsquant.formats.nvfp4 import dequantize_nvfp4
 
-CONVENTIONS = ("deepseek", "modelopt", "compressed-tensors")
+CONVENTIONS = ("deepseek", "modelopt", "compressed-tensors", "deepseek-v4")
 FORMATS = ("bf16", "fp8-block", "int8", "nvfp4", "mxfp4")
 # Which conventions can hold each format (bf16 = excluded, every convention holds it).
 FORMAT_CONVENTIONS = {
     "bf16": CONVENTIONS,
-    "fp8-block": ("deepseek", "compressed-tensors"),
+    "fp8-block": ("deepseek", "compressed-tensors", "deepseek-v4"),
     "int8": ("compressed-tensors",),
-    "nvfp4": ("modelopt", "compressed-tensors"),
-    "mxfp4": ("compressed-tensors",),
+    "nvfp4": ("modelopt", "compressed-tensors", "deepseek-v4"),
+    "mxfp4": ("compressed-tensors", "deepseek-v4"),
 }
 DEFAULT_NVFP4_INPUT_SCALE = 1.0
 # DeepSeek-V4 names the scale of `M.weight` `M.scale` (read only: deepseek-v4.md 1.3-1.5)
@@ -100,7 +101,9 @@ def tensor_names(convention: str, fmt: str, module: str) -> dict[str, str]:
         return {"weight": p + "weight"}
     if convention == "deepseek":
         return {"weight": p + "weight", "scale": p + "weight_scale_inv"}
-    if convention == "modelopt":
+    if convention == "deepseek-v4" and fmt != "nvfp4":
+        return {"weight": p + "weight", "scale": p + V4_SCALE}
+    if convention in ("modelopt", "deepseek-v4"):
         return {"weight": p + "weight", "scale": p + "weight_scale", "global_scale": p + "weight_scale_2",
                 "input_scale": p + "input_scale"}
     if fmt in ("fp8-block", "int8"):

@@ -1,0 +1,268 @@
+"""DeepSeek-V4 conversion: which recipe, what happens to each tensor, and the numbers (deepseek-v4.md 1, 3).
+
+V4 checkpoints keep their official layout whatever the recipe (unprefixed names, `.scale` grids), so a V4 recipe
+(recipes/v4-*.toml, convention "deepseek-v4") only says what the *quantized* linears become; every BF16 / F32 /
+I64 tensor is copied byte for byte (names_v4.KEEP says why engines need each as it is). Per linear:
+
+    routed expert, rule format F   "transcode" to F (fp8-block | nvfp4 | mxfp4) from the stored MXFP4 (instruct) or
+                                   FP8 (-Base) expert; "copy" when already F, or matched by an [[ignore]] entry
+    dense FP8 linear (fp8-block)   "rescale": FP8 bytes copied, `.scale` in the dtype engines need beside the
+                                   output experts (F8_E8M0 beside FP4 / NVFP4, float32 beside FP8: vLLM
+                                   DeepseekV4FP8Config.is_scale_e8m0); "copy" when it already is
+
+The plan, shards, manifest and resume are convert_plan / convert / convert_process's: this module builds the
+module jobs (`plan_conversion`) and processes the items whose actions are in ACTIONS (`process_item`), adding to
+the shard's stats how many 32-element expert blocks kept their values (formats.transcode) and how many dense
+weights had to be re-quantized because a float32 scale was no power of two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsquant.checkpoint.names_v4 import blocks, scale_name
+from dsquant.checkpoint.reader import Checkpoint
+from dsquant.convert_plan import ModuleJob, Plan, lay_out_plan
+from dsquant.formats import _checks
+from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
+from dsquant.formats.mxfp4 import E8M0_DTYPE, MXFP4_BLOCK, e8m0_from_float, e8m0_to_float
+from dsquant.formats.nvfp4 import NVFP4_BLOCK, nvfp4_global_scale
+from dsquant.formats.ondisk import tensor_names
+from dsquant.formats.transcode import Exactness, mxfp4_to_fp8_block, mxfp4_to_nvfp4, nvfp4_shared_exponent
+from dsquant.recipe import Ignore, Recipe, load_recipe
+from dsquant.recipe_files import resolve_recipe_path
+
+V4_CONVENTION = "deepseek-v4"
+ACTIONS = ("transcode", "rescale")
+EXPERT_FORMATS = ("fp8-block", "nvfp4", "mxfp4")
+# `--recipe NAME` on a V4 checkpoint -> the shipped V4 recipe
+V4_RECIPES = {"fp8-block": "v4-fp8-block", "nvfp4": "v4-nvfp4", "nvfp4-experts-only": "v4-nvfp4",
+              "mxfp4": "v4-mxfp4"}
+ENGINES_CHECKED = ("vLLM vllm/models/deepseek_v4/quant_config.py (DeepseekV4FP8Config), SGLang "
+                   "python/sglang/srt/models/deepseek_v4.py, TensorRT-LLM _torch/models/modeling_deepseekv4.py")
+# Recipes no engine serves on a V4 checkpoint, refused before anything is read beyond the headers.
+REFUSED = {
+    "int8": "no engine serves DeepSeek-V4 as INT8 W8A8 on GPUs: vLLM's DeepseekV4FP8Config builds FP8 block linears "
+            "with MXFP4, NVFP4 or FP8 experts only, SGLang's V4 loader reads FP8 linears with FP4 / FP8 / W4A16 "
+            "experts (its W8A8 V4 path is Ascend-only), TensorRT-LLM's V4 loader reads FP8 with NVFP4 / MXFP4 experts",
+    "fp8-block-ue8m0": "DeepSeek-V4 with FP8 experts needs float32 dense scales (vLLM DeepseekV4FP8Config: "
+                       "is_scale_e8m0 only with expert_dtype fp4); --recipe fp8-block writes that layout, with "
+                       "power-of-two scales",
+}
+_EXPERT = ".ffn.experts."
+# what every unquantized tensor (BF16 / F32 / I64) resolves to: carried as stored (names_v4.KEEP says why)
+UNQUANTIZED = Ignore("(unquantized tensors)", "BF16, F32 and I64 tensors are carried byte for byte: engines load "
+                     "them as the release stores them")
+
+
+def resolve_v4_recipe(recipe: str | Recipe, convention: str) -> tuple[Recipe, str]:
+    """`--recipe` / `--format` on a V4 checkpoint -> (V4 recipe, "deepseek-v4"), or ValueError saying why not."""
+    if isinstance(recipe, Recipe):
+        rec = recipe
+    elif recipe in REFUSED:
+        raise ValueError(f"recipe {recipe!r} is refused for DeepSeek-V4: {REFUSED[recipe]} (checked: "
+                         f"{ENGINES_CHECKED}); DeepSeek-V4 recipes: {', '.join(sorted(set(V4_RECIPES)))}")
+    elif recipe in V4_RECIPES:
+        rec = load_recipe(V4_RECIPES[recipe])
+    else:
+        path = resolve_recipe_path(recipe)
+        rec = load_recipe(str(path))
+    if V4_CONVENTION not in rec.conventions:
+        raise ValueError(f"recipe {rec.name} is not a DeepSeek-V4 recipe (its conventions are {list(rec.conventions)}, "
+                         f"not {V4_CONVENTION!r}); for V4 use one of {', '.join(sorted(set(V4_RECIPES)))}")
+    if convention not in ("auto", V4_CONVENTION):
+        raise ValueError(f"--format {convention}: DeepSeek-V4 outputs keep the official layout engines load "
+                         f"({V4_CONVENTION}); leave --format auto")
+    return rec, V4_CONVENTION
+
+
+def _stored_format(ckpt: Checkpoint, weight: str) -> str:
+    dtype = ckpt.infos[weight].dtype
+    if dtype == torch.float8_e4m3fn:
+        return "fp8-block"
+    if dtype == torch.int8 and ckpt.infos[scale_name(weight)].dtype == E8M0_DTYPE:
+        return "mxfp4"
+    raise ValueError(f"{ckpt.path / ckpt.infos[weight].file}: {weight} is {dtype} with a "
+                     f"{ckpt.infos[scale_name(weight)].dtype} scale: neither DeepSeek-V4 FP8 nor FP4")
+
+
+def _logical_shape(ckpt: Checkpoint, weight: str) -> tuple[int, int]:
+    n, k = ckpt.infos[weight].shape
+    return (n, 2 * k) if _stored_format(ckpt, weight) == "mxfp4" else (n, k)
+
+
+def _outputs(module: str, fmt: str, shape: tuple[int, int], dense_scale: torch.dtype):
+    """[(name, dtype, shape)] of one linear written as `fmt` in the official layout."""
+    n, k = shape
+    names = tensor_names(V4_CONVENTION, fmt, module)
+    grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+    if fmt == "fp8-block":
+        return [(names["weight"], torch.float8_e4m3fn, (n, k)), (names["scale"], dense_scale, grid)]
+    if fmt == "mxfp4":
+        return [(names["weight"], torch.int8, (n, k // 2)), (names["scale"], E8M0_DTYPE, (n, k // MXFP4_BLOCK))]
+    return [(names["weight"], torch.uint8, (n, k // 2)), (names["scale"], torch.float8_e4m3fn, (n, k // NVFP4_BLOCK)),
+            (names["global_scale"], torch.float32, ()), (names["input_scale"], torch.float32, ())]
+
+
+def _copy(ckpt: Checkpoint, module: str, names: list[str], entry) -> ModuleJob:
+    outputs = [(n, ckpt.infos[n].dtype, ckpt.infos[n].shape) for n in names]
+    return ModuleJob(module, "copy", "keep", entry, names, outputs)
+
+
+def _linears(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(quantized linears: module -> [weight, scale], every other tensor: name -> [name]) in source reading order."""
+    order = [i.name for i in sorted(ckpt.infos.values(), key=lambda i: (i.file, i.start))]
+    linears, others = {}, {}
+    for name in order:
+        if name.endswith(".weight") and scale_name(name) in ckpt.infos:
+            linears[name[: -len(".weight")]] = [name, scale_name(name)]
+        elif not (name.endswith(".scale") and name[: -len(".scale")] + ".weight" in ckpt.infos):
+            others[name] = [name]
+    return linears, others
+
+
+def plan_conversion(ckpt: Checkpoint, recipe: str | Recipe, convention: str, max_shard_size: int):
+    """(recipe, convention, Plan) for a V4 checkpoint; ValueError naming the recipe rule or tensor at fault."""
+    rec, convention = resolve_v4_recipe(recipe, convention)
+    stages = tuple(b.stage for b in blocks(ckpt.config) if b.draft == "dspark")
+    compiled = rec.compiled((), stages)
+    linears, others = _linears(ckpt)
+    resolved, unmatched = {}, []
+    for module in linears:
+        entry = compiled.resolve(module)
+        if entry is None:
+            unmatched.append(module)
+        elif not isinstance(entry, Ignore) and entry.format not in (EXPERT_FORMATS if _EXPERT in module
+                                                                    else ("fp8-block",)):
+            kind = "a routed expert" if _EXPERT in module else "a dense FP8 linear"
+            raise ValueError(f"recipe {rec.name}: rule {entry.match!r} makes {module} ({kind}) {entry.format}; "
+                             f"DeepSeek-V4 converts routed experts to {list(EXPERT_FORMATS)} and keeps dense linears "
+                             f"fp8-block")
+        resolved[module] = entry
+    if unmatched:
+        raise ValueError(f"recipe {rec.name}: {len(unmatched)} quantized linear(s) match no ignore entry or rule, "
+                         f"e.g. {unmatched[0]}; add a [[rules]] or [[ignore]] entry for them")
+    target = {m: (_stored_format(ckpt, w) if isinstance(resolved[m], Ignore) else resolved[m].format)
+              for m, (w, _) in linears.items()}
+    backbone = {f for m, f in target.items() if _EXPERT in m and not m.startswith("mtp.")}
+    if len(backbone) > 1:
+        raise ValueError(f"recipe {rec.name}: routed experts would be stored as {sorted(backbone)}; engines build "
+                         f"every backbone expert with one method, so give them one format")
+    fp8_experts = backbone == {"fp8-block"}
+    dense_scale = torch.float32 if fp8_experts else E8M0_DTYPE
+    jobs: dict[str, ModuleJob] = {}
+    for module, names in linears.items():
+        entry, weight = resolved[module], names[0]
+        source = _stored_format(ckpt, weight)
+        outputs = _outputs(module, target[module], _logical_shape(ckpt, weight), dense_scale)
+        if isinstance(entry, Ignore) or [(n, d) for n, d, _ in outputs] == \
+                [(n, ckpt.infos[n].dtype) for n in names]:
+            jobs[module] = _copy(ckpt, module, names, entry)
+        else:
+            action = "transcode" if _EXPERT in module else "rescale"
+            jobs[module] = ModuleJob(module, action, target[module], entry, names, outputs, source == "fp8-block")
+    for name, names in others.items():
+        jobs[name] = _copy(ckpt, name, names, UNQUANTIZED)
+    plan = lay_out_plan(ckpt, jobs, rec, convention, max_shard_size, "fp8", [], family="v4")
+    return rec, convention, plan
+
+
+# ---------------------------------------------------------------------------------------------------- processing
+
+
+def _add(stats: dict, ex: Exactness) -> None:
+    stats["expert_blocks_exact"] = stats.get("expert_blocks_exact", 0) + ex.exact_blocks
+    stats["expert_blocks"] = stats.get("expert_blocks", 0) + ex.total_blocks
+    stats["max_expert_abs_error"] = max(stats.get("max_expert_abs_error", 0.0), ex.max_abs_error)
+
+
+def _dequantized(ckpt: Checkpoint, weight: str) -> torch.Tensor:
+    """An FP8 weight (E8M0 or float32 grid) as float32 values, exactly."""
+    scale = ckpt.get(scale_name(weight))
+    scale = e8m0_to_float(scale) if scale.dtype == E8M0_DTYPE else scale.float()
+    return dequantize_fp8_block(ckpt.get(weight), scale, dtype=torch.float32)
+
+
+def _quantize(qz, fn: str, x: torch.Tensor, weight: str, device, *args, **kw):
+    """One of the convert quantizers (CPU, Triton or the format references) on `device`, results on the CPU."""
+    x = x.to(device)
+    if qz.named:
+        kw["name"] = weight
+    else:
+        _checks.check_finite(x, weight)
+    return [t.cpu() for t in getattr(qz, fn)(x, *args, **kw)]
+
+
+def _nvfp4_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibration, stats: dict):
+    """Fused partners to NVFP4 with one weight_scale_2 and one input_scale."""
+    scales = [calibration[j.module] for j in item if calibration and j.module in calibration]
+    input_scale = torch.tensor(max(scales) if scales else item[0].rule.input_scale, dtype=torch.float32)
+    if not item[0].fp8_source:  # MXFP4: ModelOpt's closed form, global scale 2^m shared by the partners
+        m = nvfp4_shared_exponent(*(ckpt.get(j.sources[1]) for j in item))
+        for job in item:
+            packed, block, glob, ex = mxfp4_to_nvfp4(ckpt.get(job.sources[0]), ckpt.get(job.sources[1]), m,
+                                                     name=job.sources[0])
+            _add(stats, ex)
+            yield job, (packed, block, glob, input_scale)
+        return
+    values = {j.module: _dequantized(ckpt, j.sources[0]) for j in item}
+    glob = nvfp4_global_scale(torch.stack([v.abs().amax() for v in values.values()]).amax())
+    for job in item:
+        packed, block = _quantize(qz, "nvfp4", values.pop(job.module), job.sources[0], device, glob.to(device))[:2]
+        yield job, (packed, block, glob, input_scale)
+
+
+def _expert(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
+    """One routed expert to fp8-block (from MXFP4) or mxfp4 (from FP8)."""
+    weight, scale = job.sources
+    if job.fmt == "fp8-block":
+        q, s, ex = mxfp4_to_fp8_block(ckpt.get(weight), ckpt.get(scale), name=weight)
+        _add(stats, ex)
+        return q, s  # float32: FP8 experts take float32 scales (vLLM Fp8MoEMethod)
+    packed, s = _quantize(qz, "mxfp4", _dequantized(ckpt, weight), weight, device, scale_rule=job.rule.scale_rule)
+    return packed.view(torch.int8), s.view(E8M0_DTYPE)
+
+
+def _rescale(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
+    """A dense FP8 linear with its scale retyped: E8M0 -> float32 always exact; float32 -> E8M0 exact for powers of
+    two, else the weight is re-quantized with power-of-two scales (counted in stats["dense_requantized"])."""
+    weight, scale = job.sources
+    want = job.outputs[1][1]
+    s = ckpt.get(scale)
+    if want == torch.float32:
+        return ckpt.raw(weight), e8m0_to_float(s)
+    try:
+        return ckpt.raw(weight), e8m0_from_float(s)
+    except ValueError:
+        stats["dense_requantized"] = stats.get("dense_requantized", 0) + 1
+        q, s = _quantize(qz, "fp8_block", _dequantized(ckpt, weight), weight, device, ue8m0=True)
+        return q, e8m0_from_float(s)
+
+
+def process_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibration, stats: dict):
+    """Yield (output name, tensor or raw bytes) for one V4 item (a module, or an expert's w1 + w3), in plan order."""
+    if item[0].fmt == "nvfp4" and item[0].action == "transcode":
+        for job, tensors in _nvfp4_item(ckpt, item, qz, device, calibration, stats):
+            yield from zip([n for n, _, _ in job.outputs], tensors)
+        return
+    for job in item:
+        if job.action == "copy":
+            for name, _, _ in job.outputs:
+                yield name, ckpt.raw(name)
+            continue
+        tensors = _expert(ckpt, job, qz, device, stats) if job.action == "transcode" else \
+            _rescale(ckpt, job, qz, device, stats)
+        yield from zip([n for n, _, _ in job.outputs], tensors)
+
+
+def expert_formats(plan: Plan) -> dict[str, str]:
+    """Routed expert module -> the format it is written in (kept experts: the format they are stored in)."""
+    out = {}
+    for job in plan.jobs():
+        if _EXPERT in job.module:
+            names = {n.rsplit(".", 1)[-1]: d for n, d, _ in job.outputs}
+            out[job.module] = ("nvfp4" if "weight_scale_2" in names else
+                               "mxfp4" if names["weight"] == torch.int8 else "fp8-block")
+    return out

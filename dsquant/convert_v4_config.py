@@ -1,0 +1,82 @@
+"""config.json and hf_quant_config.json of a converted DeepSeek-V4 checkpoint (deepseek-v4.md 1.6, 3.1-3.3).
+
+config.json keeps the source's fields and its `quant_method: fp8` quantization_config (vLLM's DeepseekV4FP8Config
+and SGLang claim V4 checkpoints by it) and changes only what engines dispatch on:
+
+- `expert_dtype`: "fp8" beside FP8 experts, "fp4" beside MXFP4 / NVFP4 ones (vLLM reads it from config.json and
+  assumes "fp4" when missing; transformers copies the top-level key into quantization_config, so a copy there is
+  kept in step);
+- `quantization_config.scale_fmt: "ue8m0"` when the dense scales are E8M0 (they are powers of two);
+- NVFP4 experts: `quantization_config.moe_quant_algo: "NVFP4"` (vLLM builds ModelOptNvFp4FusedMoE, SGLang
+  HybridFp8NvFp4Config) and `ignore` listing kept draft experts (`mtp.*`), as NVIDIA's NVFP4 releases write; plus
+  hf_quant_config.json as ModelOpt's `quantize_to_nvfp4.py` writes it (MIXED_PRECISION, one quantized_layers entry
+  per NVFP4 expert projection, its exclude_modules), from which SGLang reads group_size and exclusions.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import dsquant
+from dsquant.checkpoint.index import write_json_atomic
+from dsquant.convert_config import HF_QUANT_CONFIG
+from dsquant.convert_plan import Plan
+from dsquant.convert_v4 import expert_formats
+from dsquant.formats.nvfp4 import NVFP4_BLOCK
+
+# ModelOpt's exclude_modules for DeepSeek-V4 (examples/deepseek/deepseek_v4/quantize_to_nvfp4.py)
+MODELOPT_V4_EXCLUDE = ["*.attn.*", "*.attn_norm.*", "*.ffn.shared_experts.*", "*.ffn.gate.*", "*.ffn_norm.*",
+                       "embed.weight", "head.weight", "*.hc_*", "*.h_proj.*", "*.e_proj.*", "*.enorm.*", "*.hnorm.*",
+                       "mtp.*.norm.*", "norm.weight"]
+KEPT_DRAFT_EXPERTS = "mtp.*"
+DEFAULT_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                               "weight_block_size": [128, 128]}
+
+
+def _expert_dtype(formats: dict[str, str]) -> str:
+    backbone = {f for m, f in formats.items() if not m.startswith("mtp.")}
+    return "fp8" if backbone == {"fp8-block"} else "fp4"
+
+
+def v4_config(src_config: dict, plan: Plan) -> dict:
+    """config.json of the output."""
+    formats = expert_formats(plan)
+    cfg = copy.deepcopy(src_config)
+    qc = dict(cfg.get("quantization_config") or DEFAULT_QUANTIZATION_CONFIG)
+    expert = _expert_dtype(formats)
+    cfg["expert_dtype"] = expert
+    if "expert_dtype" in qc:
+        qc["expert_dtype"] = expert
+    if expert == "fp4":
+        qc["scale_fmt"] = "ue8m0"
+    if "nvfp4" in formats.values():
+        qc["moe_quant_algo"] = "NVFP4"
+        kept = [m for m, f in formats.items() if f != "nvfp4"]
+        if kept:
+            if not all(m.startswith("mtp.") for m in kept):
+                raise ValueError(f"{kept[0]}: only draft (mtp.*) experts can stay out of NVFP4 beside NVFP4 experts")
+            qc["ignore"] = [KEPT_DRAFT_EXPERTS]
+    else:
+        qc.pop("moe_quant_algo", None)
+    cfg["quantization_config"] = qc
+    return cfg
+
+
+def hf_quant_config(plan: Plan) -> dict:
+    formats = expert_formats(plan)
+    exclude = list(MODELOPT_V4_EXCLUDE)
+    if any(f != "nvfp4" for f in formats.values()):
+        exclude.append(KEPT_DRAFT_EXPERTS + ".ffn.experts.*")
+    layers = {m: {"quant_algo": "NVFP4", "group_size": NVFP4_BLOCK} for m, f in sorted(formats.items())
+              if f == "nvfp4"}
+    return {"producer": {"name": "dsquant", "version": dsquant.__version__},
+            "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "group_size": NVFP4_BLOCK,
+                             "quantized_layers": layers, "exclude_modules": exclude}}
+
+
+def write_v4_configs(src_config: dict, plan: Plan, dst: Path) -> None:
+    cfg = v4_config(src_config, plan)
+    write_json_atomic(dst / "config.json", cfg)
+    if cfg["quantization_config"].get("moe_quant_algo") == "NVFP4":
+        write_json_atomic(dst / HF_QUANT_CONFIG, hf_quant_config(plan))
