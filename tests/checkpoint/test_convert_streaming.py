@@ -23,21 +23,31 @@ from dsquant.convert import convert
 from tests.checkpoint.interrupt import disk_state, kill_conversion, output_tree, run_child
 
 
-@pytest.mark.parametrize("point,n", [("write", 3), ("write", 150), ("commit", 2), ("configs", 1)])
-def test_kill_9_then_resume_is_byte_identical(synth, reference_run, tmp_path, point, n):
-    src, dst = synth("v3", "fp8"), tmp_path / "out"
-    child = kill_conversion(src, dst, "nvfp4", point, n)
+@pytest.fixture(scope="module")
+def runs(synth, synth_v4, reference_run, tmp_path_factory):
+    """family -> (source, recipe, uninterrupted output): V3 FP8 to NVFP4; DeepSeek-V4 Flash to fp8-block, whose
+    dsquant_recipe.json reports the exact expert blocks of every shard, resumed ones included."""
+    dst = tmp_path_factory.mktemp("ref-v4") / "out"
+    convert(synth_v4("flash"), dst, "fp8-block", max_shard_size="1MB", progress=False)
+    return {"v3": (synth("v3", "fp8"), "nvfp4", reference_run), "v4": (synth_v4("flash"), "fp8-block", dst)}
+
+
+@pytest.mark.parametrize("family,point,n", [("v3", "write", 3), ("v3", "write", 150), ("v3", "commit", 2),
+                                            ("v3", "configs", 1), ("v4", "commit", 2), ("v4", "write", 150)])
+def test_kill_9_then_resume_is_byte_identical(runs, tmp_path, family, point, n):
+    (src, recipe, reference), dst = runs[family], tmp_path / "out"
+    child = kill_conversion(src, dst, recipe, point, n)
     assert child.returncode == -9, child.stderr[-2000:]
     assert (dst / MANIFEST_NAME).is_file() and not (dst / "dsquant_recipe.json").exists()
     recorded = len(json.loads((dst / MANIFEST_NAME).read_text())["shards"])
     with pytest.raises(ValueError, match="--resume"):
-        convert(src, dst, "nvfp4", max_shard_size="1MB", progress=False)
-    summary = convert(src, dst, "nvfp4", max_shard_size="1MB", resume=True, progress=False)
+        convert(src, dst, recipe, max_shard_size="1MB", progress=False)
+    summary = convert(src, dst, recipe, max_shard_size="1MB", resume=True, progress=False)
     # Killed at the 3rd write: nothing finished; at the 150th: inside a later shard; after the 2nd rename:
     # that shard is on disk but unrecorded, so it is redone; at configs: every shard is kept.
     expected = {"write": (0 if n == 3 else recorded), "commit": n - 1, "configs": summary.shards}[point]
     assert recorded == expected and summary.resumed_shards == expected and (point != "write" or n == 3 or expected)
-    assert output_tree(dst) == output_tree(reference_run)
+    assert output_tree(dst) == output_tree(reference)
     assert not (dst / MANIFEST_NAME).exists() and not (dst / LOCK_NAME).exists()
 
 
