@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from dsquant.checkpoint.names_v4 import blocks, scale_name
+from dsquant.checkpoint.names_v4 import blocks, official_name, scale_name
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert_plan import ModuleJob, Plan, lay_out_plan
 from dsquant.formats import _checks
@@ -35,7 +35,8 @@ from dsquant.recipe import Ignore, Recipe, load_recipe
 from dsquant.recipe_files import resolve_recipe_path
 
 V4_CONVENTION = "deepseek-v4"
-ACTIONS = ("transcode", "rescale")
+ACTIONS = ("transcode", "rescale", "rename")
+OFFICIAL_NAMES = "v4-official-names"
 EXPERT_FORMATS = ("fp8-block", "nvfp4", "mxfp4")
 # `--recipe NAME` on a V4 checkpoint -> the shipped V4 recipe
 V4_RECIPES = {"fp8-block": "v4-fp8-block", "nvfp4": "v4-nvfp4", "nvfp4-experts-only": "v4-nvfp4",
@@ -107,8 +108,10 @@ def _outputs(module: str, fmt: str, shape: tuple[int, int], dense_scale: torch.d
 
 
 def _copy(ckpt: Checkpoint, module: str, names: list[str], entry) -> ModuleJob:
-    outputs = [(n, ckpt.infos[n].dtype, ckpt.infos[n].shape) for n in names]
-    return ModuleJob(module, "copy", "keep", entry, names, outputs)
+    """Bytes as stored, under the official names ("rename" where the source used transformers' saved names)."""
+    outputs = [(official_name(n), ckpt.infos[n].dtype, ckpt.infos[n].shape) for n in names]
+    action = "copy" if [o[0] for o in outputs] == names else "rename"
+    return ModuleJob(official_name(module), action, "keep", entry, names, outputs)
 
 
 def _linears(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -126,6 +129,14 @@ def _linears(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str, list[str
 def plan_conversion(ckpt: Checkpoint, recipe: str | Recipe, convention: str, max_shard_size: int):
     """(recipe, convention, Plan) for a V4 checkpoint; ValueError naming the recipe rule or tensor at fault."""
     rec, convention = resolve_v4_recipe(recipe, convention)
+    quantized = any(n.endswith(".scale") for n in ckpt.infos)
+    if not quantized and rec.name != OFFICIAL_NAMES:
+        raise ValueError(f"{ckpt.path}: this DeepSeek-V4 checkpoint holds no FP8 / FP4 weights (transformers saves V4 "
+                         f"dequantized); dsquant converts V4 from the official FP8 / FP4 releases. Use --recipe "
+                         f"{OFFICIAL_NAMES} to write it back in the official names engines load")
+    if quantized and rec.name == OFFICIAL_NAMES:
+        raise ValueError(f"recipe {OFFICIAL_NAMES} restores the official names of a checkpoint transformers saved; "
+                         f"{ckpt.path} is quantized already")
     stages = tuple(b.stage for b in blocks(ckpt.config) if b.draft == "dspark")
     compiled = rec.compiled((), stages)
     linears, others = _linears(ckpt)
@@ -248,9 +259,9 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibratio
             yield from zip([n for n, _, _ in job.outputs], tensors)
         return
     for job in item:
-        if job.action == "copy":
-            for name, _, _ in job.outputs:
-                yield name, ckpt.raw(name)
+        if job.action in ("copy", "rename"):
+            for (name, _, _), source in zip(job.outputs, job.sources):
+                yield name, ckpt.raw(source)
             continue
         tensors = _expert(ckpt, job, qz, device, stats) if job.action == "transcode" else \
             _rescale(ckpt, job, qz, device, stats)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import dsquant
 from dsquant.checkpoint.index import write_json_atomic
+from dsquant.checkpoint.names_v4 import blocks
 from dsquant.convert_config import HF_QUANT_CONFIG
 from dsquant.convert_plan import Plan
 from dsquant.convert_v4 import expert_formats
@@ -43,6 +44,13 @@ def v4_config(src_config: dict, plan: Plan) -> dict:
     """config.json of the output."""
     formats = expert_formats(plan)
     cfg = copy.deepcopy(src_config)
+    if "compress_ratios" not in cfg or "num_hash_layers" not in cfg:  # transformers saves layer_types instead
+        layers = [b for b in blocks(cfg) if b.draft is None]
+        cfg.setdefault("compress_ratios", [b.compress_ratio for b in layers])
+        cfg.setdefault("num_hash_layers", sum(b.hash_routing for b in layers))
+    if not any(job.action != "rename" and job.action != "copy" or any(n.endswith(".scale") for n, _, _ in job.outputs)
+               for job in plan.jobs()):
+        return cfg  # nothing quantized (the official-names recipe on transformers' BF16 save)
     qc = dict(cfg.get("quantization_config") or DEFAULT_QUANTIZATION_CONFIG)
     expert = _expert_dtype(formats)
     cfg["expert_dtype"] = expert
@@ -78,5 +86,5 @@ def hf_quant_config(plan: Plan) -> dict:
 def write_v4_configs(src_config: dict, plan: Plan, dst: Path) -> None:
     cfg = v4_config(src_config, plan)
     write_json_atomic(dst / "config.json", cfg)
-    if cfg["quantization_config"].get("moe_quant_algo") == "NVFP4":
+    if (cfg.get("quantization_config") or {}).get("moe_quant_algo") == "NVFP4":
         write_json_atomic(dst / HF_QUANT_CONFIG, hf_quant_config(plan))

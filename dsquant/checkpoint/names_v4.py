@@ -299,18 +299,30 @@ def transformers_names(names) -> list[str]:
     return sorted(n for n in names if _TRANSFORMERS_NAME.search(n))
 
 
-# transformers 5 save_pretrained name -> official name, applied in order (deepseek-v4.md 2.3): it strips nothing
-# but prefixes `model.`, keeps its own names for the embedding, final hc_head, and writes the attention's kv_norm
-# back as `attn.norm` (its `.norm.` -> `.kv_norm.` load rule read backwards).
-_FROM_TRANSFORMERS = ((re.compile(r"^model\."), ""), (re.compile(r"^embed_tokens\."), "embed."),
-                      (re.compile(r"^hc_head\.hc_(fn|base|scale)$"), r"hc_head_\1"),
-                      (re.compile(r"^(layers\.\d+\.attn)\.norm\."), r"\1.kv_norm."))
+# What transformers 5 `save_pretrained` writes -> the official name: its conversion mapping run backwards. It keeps
+# the official module names but adds `model.` and writes the few parameters it renamed on load under their own
+# names; the main attention's kv_norm comes back as `attn.norm` (the reverse of the ambiguous `.norm.` -> `.kv_norm.`
+# rule), which the compressors' `norm` is not.
+_SAVED_TO_OFFICIAL = (
+    (re.compile(r"^model\.embed_tokens\.weight$"), "embed.weight"),
+    (re.compile(r"^(model\.)?lm_head\.weight$"), "head.weight"),
+    (re.compile(r"^model\.hc_head\.hc_(fn|base|scale)$"), r"hc_head_\1"),
+    (re.compile(r"^model\.(layers\.\d+\.attn)\.norm\.weight$"), r"\1.kv_norm.weight"),
+    (re.compile(r"^model\.(layers\.\d+\.ffn\.gate)\.e_score_correction_bias$"), r"\1.bias"),
+    (re.compile(r"^model\."), ""),
+)
 
 
 def official_name(name: str) -> str:
-    """The official name of a tensor as transformers' save_pretrained writes it (official names pass unchanged)."""
-    for pattern, repl in _FROM_TRANSFORMERS:
-        name = pattern.sub(repl, name)
+    """A tensor name of transformers' saved V4 namespace (or an official one) -> the official name. ValueError for a
+    name that is in neither, such as transformers' in-memory module names (self_attn, mlp, gate_up_proj)."""
+    for pattern, repl in _SAVED_TO_OFFICIAL:
+        new = pattern.sub(repl, name)
+        if new != name:
+            name = new
+            break
+    if _TRANSFORMERS_NAME.search(name):
+        raise ValueError(f"{name}: a transformers module name with no official DeepSeek-V4 counterpart dsquant knows")
     return name
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dsquant.check import check_checkpoint
+from dsquant.checkpoint.names_v4 import scale_name
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import convert
 from dsquant.formats.mxfp4 import quantize_mxfp4
@@ -267,3 +268,35 @@ def test_cpu_quantizers_give_the_reference_bytes(converted, tmp_path, monkeypatc
     for f in sorted(p.name for p in cpu_out.glob("*.safetensors")):
         assert (dst / f).read_bytes() == (cpu_out / f).read_bytes(), f
     assert (dst / "config.json").read_bytes() == (cpu_out / "config.json").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ transformers' save
+
+
+def test_transformers_save_is_written_back_in_the_official_names(synth_v4, tmp_path):
+    """save_pretrained's mixed namespace (written by transformers 5.25 itself) comes back under exactly the official
+    names of the source it was loaded from, each tensor with the values transformers held; config.json regains
+    compress_ratios and num_hash_layers; other recipes refuse the dequantized source with the fix to run."""
+    from tests.checkpoint.v4_transformers import save_transformers_namespace
+
+    src = synth_v4("flash")
+    saved = save_transformers_namespace(src, tmp_path / "tf")
+    with pytest.raises(ValueError, match="--recipe v4-official-names"):
+        convert(saved, tmp_path / "refused", "nvfp4", progress=False)
+    out = tmp_path / "out"
+    convert(saved, out, "v4-official-names", progress=False)
+    s, t, o = Checkpoint(src), Checkpoint(saved), Checkpoint(out)
+    official = {n for n in s.infos if not n.startswith("mtp.") and not n.endswith(".scale")}
+    assert set(o.infos) == official and len(t.infos) == len(official)
+    for name in official:
+        quantized = name.endswith(".weight") and scale_name(name) in s.infos
+        want, got = (_values(s, name[:-7]) if quantized else s.get(name)), o.get(name)
+        # transformers rounds dequantized values to BF16 once and widens norms to float32, exactly
+        assert torch.equal(got.to(want.dtype), want.to(got.dtype).to(want.dtype)), name
+    n = s.config["num_hidden_layers"]
+    assert o.config["compress_ratios"] == s.config["compress_ratios"][:n]
+    assert o.config["num_hash_layers"] == s.config["num_hash_layers"] and "quantization_config" not in o.config
+    assert _errors(out) == []
+    model, info = load_official(out)
+    assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set())
+

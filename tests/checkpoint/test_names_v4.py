@@ -102,3 +102,14 @@ def test_official_names_are_not_taken_for_the_transformers_namespace():
     names = [n for spec in expected_tensors(FLASH_0731) for n, _, _ in stored_tensors(spec, "fp4")]
     assert transformers_names(names) == []
     assert [official_name(n) for n in names] == names
+
+
+def test_official_name_reverses_what_transformers_saves():
+    assert official_name("model.embed_tokens.weight") == "embed.weight"
+    assert official_name("head.weight") == "head.weight" and official_name("model.norm.weight") == "norm.weight"
+    assert official_name("model.hc_head.hc_scale") == "hc_head_scale"
+    assert official_name("model.layers.2.attn.norm.weight") == "layers.2.attn.kv_norm.weight"
+    assert official_name("model.layers.2.attn.compressor.norm.weight") == "layers.2.attn.compressor.norm.weight"
+    assert official_name("layers.0.attn.wq_a.scale") == "layers.0.attn.wq_a.scale"
+    with pytest.raises(ValueError, match="no official DeepSeek-V4 counterpart"):
+        official_name("model.layers.0.self_attn.q_a_proj.weight")
