@@ -282,3 +282,18 @@ def test_help_explains_the_options():
     for option in ("--recipe", "--format", "--device", "--workers", "--max-shard-size", "--resume", "--dry-run",
                    "--json", "--push-to-hub"):
         assert option in result.output, option
+
+
+def test_deepseek_v4_refused_recipe_and_exact_blocks_line(tmp_path):
+    from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
+
+    src = make_synthetic_v4_checkpoint(tmp_path / "v4", variant="flash")
+    refused = runner.invoke(app, ["convert", str(src), str(tmp_path / "int8"), "--recipe", "int8"])
+    text = _out(refused)
+    assert refused.exit_code == 1 and text.count("error:") == 1 and "refused for DeepSeek-V4" in text, text
+    assert not (tmp_path / "int8").exists()
+    done = runner.invoke(app, ["convert", str(src), str(tmp_path / "fp8"), "--recipe", "fp8-block"])
+    assert done.exit_code == 0, _out(done)
+    record = json.loads((tmp_path / "fp8" / "dsquant_recipe.json").read_text())["results"]
+    assert (f"experts: {record['expert_blocks_exact']:,} of {record['expert_blocks']:,} 32-element blocks kept their "
+            "values") in _out(done)
