@@ -107,11 +107,12 @@ def _outputs(module: str, fmt: str, shape: tuple[int, int], dense_scale: torch.d
             (names["global_scale"], torch.float32, ()), (names["input_scale"], torch.float32, ())]
 
 
-def _copy(ckpt: Checkpoint, module: str, names: list[str], entry) -> ModuleJob:
-    """Bytes as stored, under the official names ("rename" where the source used transformers' saved names)."""
+def _copy(ckpt: Checkpoint, module: str, names: list[str], entry, fmt: str = "keep") -> ModuleJob:
+    """Bytes as stored, under the official names ("rename" where the source used transformers' saved names); fmt:
+    the format a kept linear is stored in."""
     outputs = [(official_name(n), ckpt.infos[n].dtype, ckpt.infos[n].shape) for n in names]
     action = "copy" if [o[0] for o in outputs] == names else "rename"
-    return ModuleJob(official_name(module), action, "keep", entry, names, outputs)
+    return ModuleJob(official_name(module), action, fmt, entry, names, outputs)
 
 
 def _linears(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -170,7 +171,7 @@ def plan_conversion(ckpt: Checkpoint, recipe: str | Recipe, convention: str, max
         outputs = _outputs(module, target[module], _logical_shape(ckpt, weight), dense_scale)
         if isinstance(entry, Ignore) or [(n, d) for n, d, _ in outputs] == \
                 [(n, ckpt.infos[n].dtype) for n in names]:
-            jobs[module] = _copy(ckpt, module, names, entry)
+            jobs[module] = _copy(ckpt, module, names, entry, source)
         else:
             action = "transcode" if _EXPERT in module else "rescale"
             jobs[module] = ModuleJob(module, action, target[module], entry, names, outputs, source == "fp8-block")

@@ -25,7 +25,9 @@ DEFAULT_FUSED_GROUPS = (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_m
 FP8_SCALE_SUFFIX = "_scale_inv"
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-_GENERALIZE = ((re.compile(r"\.layers\.\d+\."), ".layers.*."), (re.compile(r"\.experts\.\d+\."), ".experts.*."))
+# DeepSeek-V4's official names start with `layers.L.` / `mtp.S.` (no `model.` prefix)
+_GENERALIZE = ((re.compile(r"(^|\.)layers\.\d+\."), r"\1layers.*."), (re.compile(r"^mtp\.\d+\."), "mtp.*."),
+               (re.compile(r"\.experts\.\d+\."), ".experts.*."))
 
 
 def check_architecture(config: dict, where: str) -> str:

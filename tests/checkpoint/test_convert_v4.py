@@ -300,3 +300,15 @@ def test_transformers_save_is_written_back_in_the_official_names(synth_v4, tmp_p
     model, info = load_official(out)
     assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set())
 
+
+
+def test_dry_run_plan_rows_per_layer_kind(synth_v4, tmp_path):
+    """--dry-run on V4 lists one row per generalized official name: experts NVFP4, DSpark experts kept MXFP4 by the
+    ignore entry, dense linears kept FP8; nothing written."""
+    summary = convert(synth_v4("flash-0731"), tmp_path / "out", "nvfp4", dry_run=True)
+    rows = {r["pattern"]: r for r in summary.plan}
+    assert rows["layers.*.ffn.experts.*.w1"]["format"] == "nvfp4"
+    assert rows["mtp.*.ffn.experts.*.w1"]["format"] == "mxfp4"
+    assert rows["mtp.*.ffn.experts.*.w1"]["rule"] == "mtp.{dspark}.ffn.experts.*"
+    assert rows["layers.*.attn.wq_a"]["format"] == "fp8-block" and rows["layers.*.attn.wq_a"]["count"] == 5
+    assert not (tmp_path / "out").exists()
