@@ -66,8 +66,7 @@ class MLA(nn.Module):
     def kv_b_weight(self) -> torch.Tensor:
         """kv_b_proj as float32 [H, nope + v, C], dequantized for this call (small: 32 MB on V3)."""
         a = self.args
-        w = self.kv_b_proj.weight.float() if self.kv_b_proj.w is None else self.kv_b_proj.w.dequantize()
-        return w.view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        return self.kv_b_proj.dense_weight().view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
 
     def forward(self, x: torch.Tensor, start_pos: int, rope, cache=None) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; with a cache (cache.LayerCache) the latent rows of positions
@@ -119,6 +118,17 @@ class Gate(Weighted):
         """x [T, D] -> (weights float32 [T, k], expert ids int64 [T, k])."""
         logits = F.linear(x.float(), self.weight.float())
         return route(logits, self.e_score_correction_bias, self.args)
+
+
+def experts_ref(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList,
+                counts: torch.Tensor) -> torch.Tensor:
+    """x [T, D], routing weights [T, k] and expert ids [T, k] -> float32 [T, D]: each token's routed experts
+    weighted and summed, one expert at a time over the tokens it received (counts [E] > 0)."""
+    y = torch.zeros_like(x, dtype=torch.float32)
+    for e in torch.nonzero(counts).flatten().tolist():
+        rows, slot = torch.where(ids == e)
+        y.index_add_(0, rows, experts[e](x[rows]).float() * weights[rows, slot, None])
+    return y
 
 
 class MoE(nn.Module):
@@ -174,10 +184,7 @@ class MoE(nn.Module):
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x).float()
             return y.to(x.dtype).view(shape)
-        y = torch.zeros_like(x, dtype=torch.float32)
-        for e in torch.nonzero(counts).flatten().tolist():
-            rows, slot = torch.where(ids == e)
-            y.index_add_(0, rows, self.experts[e](x[rows]).float() * weights[rows, slot, None])
+        y = experts_ref(x, weights, ids, self.experts, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)

@@ -54,11 +54,12 @@ def apply_rope_ref(
     """Rotate in place. q_pe [T, H, R], k_pe [T, R] (views into q / the latent row are fine),
     cos/sin float32 [P, R/2], positions int [T]."""
     c, s = cos[positions], sin[positions]  # [T, R/2]
-    _rotate_(q_pe, c[:, None, :], s[:, None, :])
-    _rotate_(k_pe, c, s)
+    rotate_pairs_(q_pe, c[:, None, :], s[:, None, :])
+    rotate_pairs_(k_pe, c, s)
 
 
-def _rotate_(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
+def rotate_pairs_(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
+    """Rotate the interleaved pairs of x [..., R] in place by cos/sin c, s broadcastable to [..., R/2]."""
     xf = x.float()
     xe, xo = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((xe * c - xo * s, xe * s + xo * c), dim=-1).flatten(-2)
