@@ -64,3 +64,11 @@ def rotate_pairs_(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
     xe, xo = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((xe * c - xo * s, xe * s + xo * c), dim=-1).flatten(-2)
     x.copy_(out.to(x.dtype))
+
+
+def rotate_halves_(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
+    """Rotate x [..., R] in place as NeoX-style halves (x[i], x[i + R/2]) by cos/sin c, s broadcastable to
+    [..., R/2] (the V3.2 indexer's layout, unlike MLA's interleaved pairs)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype))

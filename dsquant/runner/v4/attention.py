@@ -22,10 +22,10 @@ Whole-sequence (prefill) forward from position 0; the entries are recomputed per
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsquant.kernels.rope.reference import rotate_pairs_
+from dsquant.runner.dsa import index_scores
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.model import RMSNorm
 from dsquant.runner.ops import KernelOps
@@ -83,8 +83,8 @@ class Compressor(nn.Module):
 class Indexer(nn.Module):
     """Lightning indexer of a CSA layer: picks the top-`index_topk` compressed entries per query.
 
-    score[t, s] = sum_h (weights_proj(x)[t, h] * nI^-0.5) * ReLU(q[t, h] . K[s]) * c^-0.5 (float32), with
-    q = wq_b(q_residual) [nI, c] rotated at t and K its own compressor's entries [c]. Official names:
+    Scores as V3.2's (dsquant.runner.dsa.index_scores) with q = wq_b(q_residual) [nI, c] rotated at t
+    and as keys the entries [c] of its own compressor. Official names:
     wq_b [nI * c, q_lora], weights_proj [nI, D], compressor.*.
     """
 
@@ -101,9 +101,7 @@ class Indexer(nn.Module):
         b, s, _ = x.shape
         keys = self.compressor(x, rope)  # [B, T, c]
         q = rope_tail(self.wq_b(q_res).view(b, s, self.n_heads, self.head_dim), rope, positions)
-        scores = F.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))) * self.head_dim**-0.5
-        weights = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, nI]
-        scores = (scores * weights.unsqueeze(-1)).sum(dim=2)  # [B, S, T]
+        scores = index_scores(q, keys, self.weights_proj(x))  # [B, S, T]
         closed = ((positions + 1) // self.ratio)[:, None]  # [S, 1]: entries 0 .. closed-1 are visible
         future = torch.arange(keys.shape[1], device=x.device)[None, :] >= closed
         ids = scores.masked_fill(future, float("-inf")).topk(min(self.topk, keys.shape[1]), dim=-1).indices
