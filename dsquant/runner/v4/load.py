@@ -6,6 +6,12 @@ tensor fills the module's buffer of that name. Official linears:
     BF16/F32           weight as stored, no scale
     FP8                weight float8_e4m3fn [N, K] + scale [ceil(N/128), ceil(K/128)] (E8M0 instruct, F32 Base),
                        a multiplier: DeepSeek's `weight_scale_inv` under its V4 name (dsquant.formats.ondisk)
+    FP4 (routed experts) weight int8 [N, K/2], E2M1 codes with element 2j in the low nibble (dsquant.formats.fp4's
+                       packing) + scale float8_e8m0fnu [N, K/32]: MXFP4 (dsquant.formats.mxfp4)
+Activations: `act` None keeps each format's scheme (FP8 linears quantize activations to FP8 1x128 groups, as
+the official runtime and transformers' FP8Linear do on GPU; FP4 experts run weight-only, where the official
+runtime feeds them FP8 activations too); act="none" multiplies unquantized activations by the dequantized
+weights, which is what transformers computes when it dequantizes on load (CPU).
 Tensors of modules the runner does not build (`mtp.*`) are not read.
 """
 
@@ -34,18 +40,26 @@ class _ScaleAsInv:
         return self.tensors[self._name(name)]
 
 
-def read_linear(tensors, prefix: str, quant_config: dict | None) -> LinearWeight:
+def read_linear(tensors, prefix: str, quant_config: dict | None, act: str | None = None) -> LinearWeight:
     """The official tensors of linear `prefix` -> LinearWeight (ValueError names the module and the problem)."""
+    w = tensors[f"{prefix}.weight"]
+    if w.dtype in (torch.int8, torch.uint8) and f"{prefix}.scale" in tensors:  # packed FP4 experts
+        scale = tensors[f"{prefix}.scale"]
+        if tuple(scale.shape) != (w.shape[0], w.shape[1] * 2 // 32) or scale.element_size() != 1:
+            raise ValueError(f"{prefix}: FP4 weight {tuple(w.shape)} needs an E8M0 scale of shape "
+                             f"{(w.shape[0], w.shape[1] * 2 // 32)}, got {scale.dtype} {tuple(scale.shape)}")
+        return LinearWeight("mxfp4", w.view(torch.uint8), scale.view(torch.uint8), act=act)
     qw = read_quantized(prefix, _ScaleAsInv(tensors, prefix), quant_config or {"quant_method": "fp8"})
     if qw.fmt == "fp8-block":
         n, k = qw.q.shape
         if tuple(qw.scale.shape) != (-(-n // 128), -(-k // 128)):
             raise ValueError(f"{prefix}: scale shape {tuple(qw.scale.shape)} is not the 128x128 grid of {(n, k)}")
-        return LinearWeight("fp8_block", qw.q, qw.scale)
+        return LinearWeight("fp8_block", qw.q, qw.scale, act=act)
     return LinearWeight(qw.fmt, qw.q)
 
 
-def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, device="cpu") -> None:
+def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, device="cpu",
+                 act: str | None = None) -> None:
     """Fill every linear and buffer of the model from `tensors` (anything with `in` and `[]` by official name,
     read lazily); ValueError names the first tensor the model needs and `tensors` lacks."""
     for name, mod in model.named_modules():
@@ -53,9 +67,9 @@ def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, 
         if isinstance(mod, QuantLinear):
             if f"{prefix}weight" not in tensors:
                 raise ValueError(f"missing tensor {prefix}weight")
-            w = read_linear(tensors, name, quant_config)
+            w = read_linear(tensors, name, quant_config, act)
             scale = None if w.scale is None else w.scale.to(device)
-            mod.set_weight(LinearWeight(w.fmt, w.q.to(device), scale), name=name)
+            mod.set_weight(LinearWeight(w.fmt, w.q.to(device), scale, act=w.act), name=name)
             continue
         for attr in mod._buffers:
             if f"{prefix}{attr}" not in tensors:
