@@ -17,6 +17,7 @@ import torch
 
 from dsquant.devices import resolve_devices
 from dsquant.runner.data import stdlib_text
+from dsquant.runner.family import require
 from dsquant.runner.load import CheckpointReader, load_model
 from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import Accumulator, make_windows
@@ -77,9 +78,13 @@ def evaluate(
     if offload not in (None, "none", "layer"):
         raise ValueError(f"--offload {offload!r}: choose 'layer' (or leave it out)")
     ckpts = list(ckpt) if isinstance(ckpt, (list, tuple)) else [ckpt]
-    args = CheckpointReader(ckpts[0]).args  # a folder that is not a checkpoint fails here, first
-    for other in ckpts[1:] + ([base] if base is not None else []):
-        CheckpointReader(other)
+    readers = [CheckpointReader(p) for p in ckpts + ([base] if base is not None else [])]  # not a checkpoint: fail
+    args = readers[0].args
+    for r in readers:
+        if offload == "layer":
+            require(r.family, "offload", str(r.path))
+        if kv_cache != "bf16":
+            require(r.family, "kv_cache", str(r.path))
     tok = load_tokenizer(ckpts[0], tokenizer)
     ids = tok.encode(text, add_special_tokens=False).ids
     if seq_len > args.max_position_embeddings:

@@ -30,9 +30,10 @@ from safetensors import safe_open
 
 from dsquant.checkpoint.index import ST_DTYPE_BYTES
 from dsquant.formats.ondisk import read_quantized
-from dsquant.runner.config import ModelArgs
+from dsquant.runner.family import V4, family_of, model_args, require
 from dsquant.runner.linear import LinearWeight, QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
+from dsquant.runner.v4.load import load_v4_model
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         config_path = self.path / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self.args = ModelArgs.from_config(self.config, name=str(self.path / "config.json"))
+        self.family = family_of(self.config)
+        self.args = model_args(self.config, name=str(self.path / "config.json"))
         self.quant_config = self._quant_config()
 
     def _quant_config(self) -> dict:
@@ -218,6 +220,12 @@ def load_model(
     reader = CheckpointReader(path)
     args = reader.args
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if reader.family == V4:
+        if not layers:
+            require(V4, "offload", str(reader.path))
+        if mtp:
+            require(V4, "mtp", str(reader.path))
+        return load_v4_model(reader, impl=impl, device=device, dtype=dtype), reader
     model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp).eval()
     names = [k for k in reader.keys() if not _LAYER.match(k)]
     if layers:

@@ -28,6 +28,7 @@ import torch
 
 from dsquant.devices import current_device
 from dsquant.runner.cache import PagedLatentCache
+from dsquant.runner.family import new_cache
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import load_layer, load_model, unload_layer
 from dsquant.runner.model import Transformer, Weighted
@@ -183,10 +184,7 @@ def resident_logits(
     model: Transformer, windows: torch.Tensor, *, kv_cache: str = "bf16", batch_size: int = 8, device: str = "cpu"
 ):
     """Yield (first window index, logits) per batch with the whole model resident."""
-    a = model.args
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             x = windows[i : i + batch_size].to(device)
-            cache = PagedLatentCache(a.n_layers, x.shape[0], x.shape[1], a.kv_lora_rank, a.qk_rope_head_dim,
-                                     kv_dtype=kv_cache, device=device, impl=model.impl)  # fmt: skip
-            yield i, model(x, 0, cache)
+            yield i, model(x, 0, new_cache(model, x.shape[0], x.shape[1], kv_cache, device))

@@ -75,3 +75,26 @@ def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, 
             if f"{prefix}{attr}" not in tensors:
                 raise ValueError(f"missing tensor {prefix}{attr}")
             mod._buffers[attr] = tensors[f"{prefix}{attr}"].to(device)
+
+
+class _ReaderTensors:
+    """A checkpoint reader (runner/load.py CheckpointReader) seen as a lazy mapping name -> tensor."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+
+def load_v4_model(reader, *, impl: str = "reference", device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """The runner's V4 model filled from a checkpoint reader (its args are V4Args); errors name the checkpoint."""
+    model = Transformer(reader.args, impl=impl, dtype=dtype).eval()
+    try:
+        load_tensors(model, _ReaderTensors(reader), reader.quant_config, device)
+    except ValueError as e:
+        raise ValueError(f"{reader.path}: {e}") from None
+    return model

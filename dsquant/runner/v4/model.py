@@ -44,10 +44,27 @@ class Block(nn.Module):
         return hc_post(x, self.ffn(self.ffn_norm(y), tokens), post, comb)
 
 
-class Transformer(nn.Module):
-    """DeepSeek-V4 decoder. forward(tokens [B, S]) -> logits float32 [B, S, vocab] for positions 0 .. S-1.
+class PrefixCache:
+    """What the V4 runner keeps between calls: the tokens so far. Each call re-runs the whole prefix (exact, no
+    stored window or compressed entries; a decode step costs a prefill of the sequence)."""
 
-    Weights are filled by v4/load.py; nothing is allocated here.
+    def __init__(self):
+        self.tokens: torch.Tensor | None = None
+
+    def extend(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """tokens [B, S] at positions start_pos.. -> the whole sequence [B, start_pos + S]."""
+        held = 0 if self.tokens is None else self.tokens.shape[1]
+        if start_pos > held:
+            raise ValueError(f"positions from {start_pos} asked of a cache holding {held} tokens")
+        self.tokens = tokens if start_pos == 0 else torch.cat([self.tokens[:, :start_pos], tokens], dim=1)
+        return self.tokens
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V4 decoder. forward(tokens [B, S], start_pos, cache) -> logits float32 [B, S, vocab].
+
+    Without a cache tokens start at position 0; with a PrefixCache, at start_pos after the tokens it holds
+    (the V3 runner's calling convention, so eval and generate drive both). Weights are filled by v4/load.py.
     """
 
     def __init__(self, args: V4Args, impl: str = "reference", dtype: torch.dtype = torch.float32):
@@ -72,7 +89,11 @@ class Transformer(nn.Module):
             self._ropes = {k: (cos.to(device), sin.to(device)) for k, (cos, sin) in tables.items()}
         return self._ropes
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: PrefixCache | None = None) -> torch.Tensor:
+        if cache is not None:
+            return self.forward(cache.extend(tokens, start_pos))[:, start_pos:]
+        if start_pos:
+            raise ValueError("the V4 runner needs a PrefixCache to continue a sequence at start_pos > 0")
         ropes = self.ropes(tokens.shape[1], tokens.device)
         h = self.embed(tokens, self.dtype)
         x = h.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()  # [B, S, n, D]
