@@ -2,6 +2,7 @@
 
     deepseek_v3  DeepseekV3/V2/V32ForCausalLM  dsquant.runner.config.ModelArgs, runner/model.py (MLA, latent cache)
     deepseek_v4  DeepseekV4ForCausalLM         dsquant.runner.v4.args.V4Args, runner/v4/model.py
+Layer streaming (runner/offload.py) drives either model through embed / decoder_layers / run_layer / logits.
 What a family cannot do yet is refused here, by feature, with the reason (`require`).
 """
 
@@ -14,12 +15,12 @@ from dsquant.runner.config import ModelArgs
 from dsquant.runner.v4.args import ARCHITECTURES as V4_ARCHITECTURES
 from dsquant.runner.v4.args import V4Args
 from dsquant.runner.v4.model import PrefixCache
+from dsquant.runner.v4.model import Transformer as V4Transformer
 
 V3, V4 = "deepseek_v3", "deepseek_v4"
 # family -> {feature: why it is refused}
 _MISSING = {
     V4: {
-        "offload": "--offload layer streams V3's decoder layers; a DeepSeek-V4 model is evaluated resident",
         "kv_cache": "the DeepSeek-V4 runner recomputes attention from the window and compressed entries of the "
                     "whole sequence, with no KV cache to store in FP8 (--kv-cache bf16)",
         "calibrate": "calibration hooks V3's MoE experts; DeepSeek-V4 experts are not calibrated yet",
@@ -55,3 +56,28 @@ def new_cache(model: torch.nn.Module, batch: int, max_len: int, kv_cache: str = 
         return PrefixCache()
     return PagedLatentCache(a.n_layers, batch, max_len, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache,
                             device=device, impl=model.impl)  # fmt: skip
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.layers if isinstance(model, V4Transformer) else model.model.layers
+
+
+def embed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [B, S] -> the hidden state decoder layer 0 takes (V4: hc_mult streams)."""
+    return model.streams(tokens) if isinstance(model, V4Transformer) else model.embed(tokens)
+
+
+def run_layer(model: torch.nn.Module, layer: int, h: torch.Tensor, tokens: torch.Tensor, kv_cache: str = "bf16"):
+    """One decoder layer over a whole window from position 0: hidden h (as embed returns) -> the next hidden."""
+    block, s, device = decoder_layers(model)[layer], tokens.shape[1], h.device
+    if isinstance(model, V4Transformer):
+        return block(h, model.ropes(s, device), tokens)
+    a = model.args
+    cache = PagedLatentCache(1, h.shape[0], s, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache, device=device,
+                             impl=model.impl)  # fmt: skip
+    return block(h, 0, model.rope(s, device), cache[0])
+
+
+def logits(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The last layer's hidden state -> logits float32 [B, S, vocab]."""
+    return model.logits(h) if isinstance(model, V4Transformer) else model.head(h)

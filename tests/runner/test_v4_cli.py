@@ -1,5 +1,6 @@
-"""`dsquant eval` and `dsquant generate` on a DeepSeek-V4 checkpoint (official layout), against transformers'
-DeepseekV4ForCausalLM on the same files; the features V4 does not have yet fail with the reason."""
+"""`dsquant eval` (resident and layer-streamed) and `dsquant generate` on a DeepSeek-V4 checkpoint (official
+layout), against transformers' DeepseekV4ForCausalLM on the same files; what V4 does not have yet fails with
+the reason."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typer.testing import CliRunner
 from dsquant.cli import app
 from dsquant.demo import ASSET_DIR
 from dsquant.runner.calibrate import record
+from dsquant.runner.load import load_model
+from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import make_windows, token_nll
 from dsquant.runner.tokenizer import load_tokenizer
 from tests.runner.test_v4_vs_transformers import HF_KEYS, random_hf_model, write_official
@@ -52,6 +55,10 @@ def test_eval_v4_perplexity_is_transformers(v4_ckpt):
         nll = token_nll(hf(windows).logits, windows)
     assert row["tokens"] == nll.numel()
     assert row["ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-4)
+    r = runner.invoke(app, ["eval", str(path), "--text-file", str(text), "--seq-len", "48", "--max-tokens", "96",
+                            "--offload", "layer", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["results"][0]["ppl"] == row["ppl"]  # one layer at a time, the same arithmetic
 
 
 def test_generate_v4_is_transformers_greedy(v4_ckpt):
@@ -71,16 +78,24 @@ def test_generate_v4_is_transformers_greedy(v4_ckpt):
     assert r.output == "def add(" + tok.decode(new, skip_special_tokens=True) + "\n"
 
 
-@pytest.mark.parametrize(
-    "extra, reason",
-    [(["--kv-cache", "fp8"], "no KV cache to store in FP8"), (["--offload", "layer"], "evaluated resident")],
-    ids=["kv_cache_fp8", "offload_layer"],
-)
-def test_eval_v4_refuses_what_it_cannot_run(v4_ckpt, extra, reason):
+def test_eval_v4_fp8_kv_cache_is_refused(v4_ckpt):
     path, text = v4_ckpt
-    r = runner.invoke(app, ["eval", str(path), "--text-file", str(text), "--seq-len", "48", *extra])
+    r = runner.invoke(app, ["eval", str(path), "--text-file", str(text), "--seq-len", "48", "--kv-cache", "fp8"])
     assert r.exit_code != 0
-    assert str(path) in r.output and reason in r.output
+    assert str(path) in r.output and "no KV cache to store in FP8" in r.output
+
+
+def test_v4_layer_streaming_equals_resident(v4_ckpt):
+    path, _ = v4_ckpt
+    windows = torch.randint(0, CONFIG["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(2))
+    stats = StreamStats()
+    streamed = torch.cat([lg for _, lg in stream_logits(path, windows, batch_size=2, stats=stats)])
+    model, reader = load_model(path)
+    resident = torch.cat([lg for _, lg in resident_logits(model, windows, batch_size=2)])
+    assert torch.equal(streamed, resident), "streaming must not change the arithmetic"
+    layer_bytes = [reader.layer_nbytes(i) for i in range(CONFIG["num_hidden_layers"])]
+    assert [s["bytes"] for s in stats.layers] == layer_bytes  # every layer was read, once, whole
+    assert stats.peak_resident_bytes <= stats.non_layer_bytes + max(layer_bytes)  # one layer at a time
 
 
 def test_calibrate_v4_is_refused(v4_ckpt):

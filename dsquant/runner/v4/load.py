@@ -59,22 +59,29 @@ def read_linear(tensors, prefix: str, quant_config: dict | None, act: str | None
 
 
 def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, device="cpu",
-                 act: str | None = None) -> None:
-    """Fill every linear and buffer of the model from `tensors` (anything with `in` and `[]` by official name,
-    read lazily); ValueError names the first tensor the model needs and `tensors` lacks."""
-    for name, mod in model.named_modules():
+                 act: str | None = None, part: str = "") -> int:
+    """Fill the linears and buffers of the model (part "": all of it; "layers.N": one decoder layer;
+    "non-layer": all but the decoder layers) from `tensors` (anything with `in` and `[]` by official name,
+    read lazily); returns the bytes placed. ValueError names the first tensor needed and missing."""
+    nbytes = 0
+    modules = model.get_submodule(part).named_modules(prefix=part) if part.startswith("layers.") else (
+        (n, m) for n, m in model.named_modules() if part != "non-layer" or not n.startswith("layers."))
+    for name, mod in modules:
         prefix = f"{name}." if name else ""
         if isinstance(mod, QuantLinear):
             if f"{prefix}weight" not in tensors:
                 raise ValueError(f"missing tensor {prefix}weight")
             w = read_linear(tensors, name, quant_config, act)
-            scale = None if w.scale is None else w.scale.to(device)
-            mod.set_weight(LinearWeight(w.fmt, w.q.to(device), scale, act=w.act), name=name)
+            w = LinearWeight(w.fmt, w.q.to(device), None if w.scale is None else w.scale.to(device), act=w.act)
+            mod.set_weight(w, name=name)
+            nbytes += w.nbytes
             continue
         for attr in mod._buffers:
             if f"{prefix}{attr}" not in tensors:
                 raise ValueError(f"missing tensor {prefix}{attr}")
-            mod._buffers[attr] = tensors[f"{prefix}{attr}"].to(device)
+            t = mod._buffers[attr] = tensors[f"{prefix}{attr}"].to(device)
+            nbytes += t.numel() * t.element_size()
+    return nbytes
 
 
 class _ReaderTensors:
@@ -90,11 +97,18 @@ class _ReaderTensors:
         return self.reader.get(name)
 
 
-def load_v4_model(reader, *, impl: str = "reference", device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """The runner's V4 model filled from a checkpoint reader (its args are V4Args); errors name the checkpoint."""
+def load_v4_model(reader, *, impl: str = "reference", device="cpu", dtype: torch.dtype = torch.float32,
+                  layers: bool = True) -> Transformer:
+    """The runner's V4 model filled from a checkpoint reader (its args are V4Args); layers=False: only the
+    non-layer tensors (embed, norm, head, hyper-head), for streaming. Errors name the checkpoint."""
     model = Transformer(reader.args, impl=impl, dtype=dtype).eval()
+    load_v4_part(model, reader, "" if layers else "non-layer", device)
+    return model
+
+
+def load_v4_part(model: Transformer, reader, part: str, device) -> int:
+    """load_tensors from a checkpoint reader, errors prefixed with the checkpoint path; returns the bytes."""
     try:
-        load_tensors(model, _ReaderTensors(reader), reader.quant_config, device)
+        return load_tensors(model, _ReaderTensors(reader), reader.quant_config, device, part=part)
     except ValueError as e:
         raise ValueError(f"{reader.path}: {e}") from None
-    return model

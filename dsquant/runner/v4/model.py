@@ -95,9 +95,17 @@ class Transformer(nn.Module):
         if start_pos:
             raise ValueError("the V4 runner needs a PrefixCache to continue a sequence at start_pos > 0")
         ropes = self.ropes(tokens.shape[1], tokens.device)
-        h = self.embed(tokens, self.dtype)
-        x = h.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()  # [B, S, n, D]
+        x = self.streams(tokens)
         for layer in self.layers:
             x = layer(x, ropes, tokens)
+        return self.logits(x)
+
+    def streams(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> the embedding copied to hc_mult streams [B, S, n, D] in the activation dtype."""
+        h = self.embed(tokens, self.dtype)
+        return h.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Streams [B, S, n, D] -> logits float32 [B, S, vocab] (hyper-head, norm, head)."""
         h = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.args)
         return self.head(self.norm(h)).float()
