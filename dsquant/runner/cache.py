@@ -70,12 +70,14 @@ class LayerCache:
         c = self.parent.kv_lora_rank
         return rows[..., :c], rows[..., c:]
 
-    def attend(self, q_lat: torch.Tensor, q_pe: torch.Tensor, start_pos: int, scale: float) -> torch.Tensor:
+    def attend(self, q_lat: torch.Tensor, q_pe: torch.Tensor, start_pos: int, scale: float,
+               keep: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Causal attention of q_lat [B, S, H, C] / q_pe [B, S, H, R] at positions start_pos.. over the
-        cache (already holding them) -> float32 [B, S, H, C]."""
+        cache (already holding them) -> float32 [B, S, H, C]; keep [B, S, T] bool narrows it (sparse attention,
+        run by the torch path: the MLA kernels attend densely)."""
         b, s, h, c = q_lat.shape
         p = self.parent
-        if p.use_kernels(q_lat):
+        if p.use_kernels(q_lat) and keep is None:
             from dsquant.kernels.mla import mla_decode, mla_prefill
 
             kv_scale = self.kv_scale if p.kv_dtype == "fp8" else None
@@ -90,7 +92,7 @@ class LayerCache:
                               seq_lens, qsl, scale, kv_scale, out_dtype=torch.float32)  # fmt: skip
             return out.view(b, s, h, c)
         kv, pe = self.read(start_pos + s)
-        return mla_attention_ref(q_lat, q_pe, kv, pe, scale, start_pos)
+        return mla_attention_ref(q_lat, q_pe, kv, pe, scale, start_pos, keep)
 
 
 class PagedLatentCache:

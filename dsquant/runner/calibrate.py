@@ -46,6 +46,7 @@ from dsquant.devices import cpu_threads
 from dsquant.formats.fp8 import FP8_E4M3_MAX
 from dsquant.progress import Progress
 from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
+from dsquant.runner.family import require
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import CheckpointReader
 from dsquant.runner.offload import stream_logits
@@ -94,6 +95,8 @@ def record(
     idle-expert fallback and partner sharing, which `finish` applies). progress: a dsquant.progress.Progress."""
     if method not in METHODS:
         raise ValueError(f"--calib-method {method!r}: choose one of {METHODS}")
+    reader = CheckpointReader(ckpt)
+    require(reader.family, "calibrate", str(reader.path))
     cap = sample_rows if method == "mse" else 1  # the amax rule needs no rows
     cal = Calibration({}, {}, method, sample_rows)
     samples: dict[str, RowSample] = {}

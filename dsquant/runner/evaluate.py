@@ -19,6 +19,7 @@ from dsquant.demo import context_length
 from dsquant.devices import cpu_threads, resolve_devices
 from dsquant.progress import Progress
 from dsquant.runner.data import read_user_text, shipped_text
+from dsquant.runner.family import require
 from dsquant.runner.load import CheckpointReader, load_model
 from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import Accumulator, make_windows
@@ -93,9 +94,13 @@ def _evaluate(ckpt, base, text, text_info, seq_len, max_tokens, kv_cache, device
     if offload not in (None, "none", "layer"):
         raise ValueError(f"--offload {offload!r}: choose 'layer' (or leave it out)")
     ckpts = list(ckpt) if isinstance(ckpt, (list, tuple)) else [ckpt]
-    args = CheckpointReader(ckpts[0]).args  # a folder that is not a checkpoint fails here, first
-    for other in ckpts[1:] + ([base] if base is not None else []):
-        CheckpointReader(other)
+    readers = [CheckpointReader(p) for p in ckpts + ([base] if base is not None else [])]  # not a checkpoint: fail
+    args = readers[0].args
+    for r in readers:
+        if offload == "layer":
+            require(r.family, "offload", str(r.path))
+        if kv_cache != "bf16":
+            require(r.family, "kv_cache", str(r.path))
     tok = load_tokenizer(ckpts[0], tokenizer)
     ids = tok.encode(text, add_special_tokens=False).ids
     context, why = context_length(ckpts[0], args)

@@ -1,4 +1,6 @@
-"""Text generation with the runner: prefill the prompt into the paged latent cache, then decode token by token.
+"""Text generation with the runner: prefill the prompt into the model's cache, then decode token by token.
+
+The cache is the family's (dsquant.runner.family.new_cache): V3's paged latent cache, V4's token prefix.
 
 Greedy at temperature 0; otherwise softmax(logits / temperature) sampled with top-k / top-p (the sample
 kernel on CUDA, its reference on CPU) from a seeded generator, so a given seed reproduces the text.
@@ -13,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dsquant.progress import Progress
-from dsquant.runner.cache import PagedLatentCache
-from dsquant.runner.model import Transformer
+from dsquant.runner.family import new_cache
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Generation:
 
 @torch.no_grad()
 def generate(
-    model: Transformer, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+    model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
     top_p: float = 1.0, top_k: int = 0, kv_cache: str = "bf16", eos_id: int | list | None = None, seed: int = 0,
     device: str = "cpu", context: tuple[int, str] | None = None, progress: bool = False,
 ) -> Generation:  # fmt: skip
@@ -51,10 +52,8 @@ def generate(
                          f"model's context, {context[0]} tokens ({context[1]}); {fix}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top-p <= 1, got {temperature} and {top_p}")
-    a = model.args
     eos = set(eos_id if isinstance(eos_id, list) else [] if eos_id is None else [eos_id])
-    cache = PagedLatentCache(a.n_layers, 1, len(prompt_ids) + max_new_tokens, a.kv_lora_rank, a.qk_rope_head_dim,
-                             kv_dtype=kv_cache, device=device, impl=model.impl)  # fmt: skip
+    cache = new_cache(model, 1, len(prompt_ids) + max_new_tokens, kv_cache, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     params = (torch.tensor([top_k], dtype=torch.int32, device=device),
               torch.tensor([top_p], dtype=torch.float32, device=device))  # fmt: skip

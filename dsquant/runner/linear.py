@@ -166,6 +166,10 @@ class QuantLinear(nn.Module):
         self.w = w
         self.weight = w.q if w.fmt == "bf16" else None
 
+    def dense_weight(self) -> torch.Tensor:
+        """The [N, K] weight as float32, dequantized for this call (for products a plain linear cannot express)."""
+        return self.weight.float() if self.w is None else self.w.dequantize()
+
     def init_trainable(self, std: float, generator: torch.Generator | None = None) -> None:
         """Random float32 nn.Parameter weight (demo training); forward then uses F.linear."""
         self.weight = nn.Parameter(torch.randn(self.out_features, self.in_features, generator=generator) * std)

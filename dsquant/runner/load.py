@@ -31,10 +31,11 @@ from safetensors import safe_open
 
 from dsquant.checkpoint.index import ST_DTYPE_BYTES
 from dsquant.formats.ondisk import convention_of, read_quantized
-from dsquant.runner.config import ModelArgs
+from dsquant.runner.family import V4, decoder_layers, family_of, model_args, require
 from dsquant.runner.linear import LinearWeight, QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
 from dsquant.runner.schemes import activation_scheme
+from dsquant.runner.v4.load import load_v4_model, load_v4_part
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         config_path = self.path / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self.args = ModelArgs.from_config(self.config, name=str(self.path / "config.json"))
+        self.family = family_of(self.config)
+        self.args = model_args(self.config, name=str(self.path / "config.json"))
         self.quant_config = self._quant_config()
 
     def _quant_config(self) -> dict:
@@ -101,7 +103,7 @@ class CheckpointReader:
         return t.clone() if t.data_ptr() % 16 else t
 
     def layer_keys(self, layer: int) -> list[str]:
-        prefix = f"model.layers.{layer}."
+        prefix = f"{'' if self.family == V4 else 'model.'}layers.{layer}."
         return [k for k in self.weight_map if k.startswith(prefix)]
 
     def layer_nbytes(self, layer: int) -> int:
@@ -213,6 +215,10 @@ def load_model(
     reader = CheckpointReader(path)
     args = reader.args
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if reader.family == V4:
+        if mtp:
+            require(V4, "mtp", str(reader.path))
+        return load_v4_model(reader, impl=impl, device=device, dtype=dtype, layers=layers), reader
     model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp).eval()
     names = [k for k in reader.keys() if not _LAYER.match(k)]
     if layers:
@@ -231,6 +237,8 @@ def _non_layer_view(model: Transformer) -> torch.nn.Module:
 
 def load_layer(model: Transformer, reader: CheckpointReader, layer: int, device) -> int:
     """Fill decoder layer `layer` from the checkpoint; returns its bytes."""
+    if reader.family == V4:
+        return load_v4_part(model, reader, f"layers.{layer}", device)
     nbytes = _assign(model, reader, reader.layer_keys(layer), device)
     check_complete(model.model.layers[layer], f"{reader.path}: layer {layer}")
     return nbytes
@@ -238,13 +246,10 @@ def load_layer(model: Transformer, reader: CheckpointReader, layer: int, device)
 
 def unload_layer(model: Transformer, layer: int) -> None:
     """Drop the layer's weights so only one layer stays resident while streaming."""
-    for mod in model.model.layers[layer].modules():
+    for mod in decoder_layers(model)[layer].modules():
         if hasattr(mod, "_stack"):  # MoE: the experts stacked for the fused kernel are a copy
             mod._stack = None
         if isinstance(mod, QuantLinear):
             mod.w, mod.weight = None, None
-        elif isinstance(mod, MLA):
-            mod.k_scale = None
-        elif isinstance(mod, Weighted):
-            for name in list(mod._buffers):
-                mod._buffers[name] = None
+        for name in list(mod._buffers):  # every buffer of a layer is a weight (norms, router, k_scale, hc_*)
+            mod._buffers[name] = None

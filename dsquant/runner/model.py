@@ -17,6 +17,7 @@ from torch import nn
 
 from dsquant.kernels.rope.reference import rope_cache_ref
 from dsquant.runner.config import ModelArgs
+from dsquant.runner.dsa import Indexer
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.ops import KernelOps, kernels_can_run
 from dsquant.runner.routing import route
@@ -38,6 +39,18 @@ class RMSNorm(Weighted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(Weighted):
+    """LayerNorm with weight and bias (V3.2's indexer keys), in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim)
+        self.eps = eps
+        self.register_buffer("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 class Embedding(Weighted):
@@ -62,19 +75,24 @@ class MLA(nn.Module):
         self.o_proj = QuantLinear(h * args.v_head_dim, d, impl)
         # FP8 latent-cache scale float32 [] when the checkpoint stores one for this layer (load.py)
         self.register_buffer("k_scale", None)
+        ex = args.extra  # V3.2 (DeepseekV32ForCausalLM): sparse attention over the indexer's top-k keys
+        self.indexer = None
+        if ex.get("index_topk") and args.q_lora_rank:
+            self.indexer = Indexer(d, args.q_lora_rank, ex["index_n_heads"], ex["index_head_dim"],
+                                   args.qk_rope_head_dim, ex["index_topk"], LayerNorm(ex["index_head_dim"]), impl)
 
     def kv_b_weight(self) -> torch.Tensor:
         """kv_b_proj as float32 [H, nope + v, C], dequantized for this call (small: 32 MB on V3)."""
         a = self.args
-        w = self.kv_b_proj.weight.float() if self.kv_b_proj.w is None else self.kv_b_proj.w.dequantize()
-        return w.view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        return self.kv_b_proj.dense_weight().view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
 
     def forward(self, x: torch.Tensor, start_pos: int, rope, cache=None) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; with a cache (cache.LayerCache) the latent rows of positions
         start_pos.. are stored (quantized for FP8) and attention reads every cached row back."""
         a = self.args
         b, s, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if a.q_lora_rank else self.q_proj(x)
+        q_res = self.q_a_layernorm(self.q_a_proj(x)) if a.q_lora_rank else None
+        q = self.q_b_proj(q_res) if a.q_lora_rank else self.q_proj(x)
         q = q.view(b, s, a.n_heads, a.qk_head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
@@ -82,15 +100,16 @@ class MLA(nn.Module):
         q_pe, k_pe = q_pe.contiguous(), k_pe.contiguous()
         positions = torch.arange(start_pos, start_pos + s, device=x.device).repeat(b)
         cos, sin = rope
+        keep = None if self.indexer is None else self.indexer(x, q_res, rope, start_pos)  # [B, S, T] or all
         self.ops.apply_rope(q_pe.view(b * s, a.n_heads, -1), k_pe.view(b * s, -1), cos, sin, positions)
         wkv_b = self.kv_b_weight().to(x.device)  # [H, nope + v, C]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), wkv_b[:, : a.qk_nope_head_dim])
         if cache is None:  # one window, no cache: attend over this window's fresh latents
-            o = self.ops.mla_attention(q_lat, q_pe, kv_c, k_pe, a.softmax_scale, start_pos)  # [B, S, H, C]
+            o = self.ops.mla_attention(q_lat, q_pe, kv_c, k_pe, a.softmax_scale, start_pos, keep)  # [B, S, H, C]
         else:
             cache.use_scale(self.k_scale)
             cache.store(kv_c, k_pe, start_pos)
-            o = cache.attend(q_lat, q_pe, start_pos, a.softmax_scale)
+            o = cache.attend(q_lat, q_pe, start_pos, a.softmax_scale, keep)
         o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, a.qk_nope_head_dim :])
         return self.o_proj(o.flatten(2).to(x.dtype))
 
@@ -119,6 +138,17 @@ class Gate(Weighted):
         """x [T, D] -> (weights float32 [T, k], expert ids int64 [T, k])."""
         logits = F.linear(x.float(), self.weight.float())
         return route(logits, self.e_score_correction_bias, self.args)
+
+
+def experts_ref(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList,
+                counts: torch.Tensor) -> torch.Tensor:
+    """x [T, D], routing weights [T, k] and expert ids [T, k] -> float32 [T, D]: each token's routed experts
+    weighted and summed, one expert at a time over the tokens it received (counts [E] > 0)."""
+    y = torch.zeros_like(x, dtype=torch.float32)
+    for e in torch.nonzero(counts).flatten().tolist():
+        rows, slot = torch.where(ids == e)
+        y.index_add_(0, rows, experts[e](x[rows]).float() * weights[rows, slot, None])
+    return y
 
 
 class MoE(nn.Module):
@@ -174,10 +204,7 @@ class MoE(nn.Module):
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x).float()
             return y.to(x.dtype).view(shape)
-        y = torch.zeros_like(x, dtype=torch.float32)
-        for e in torch.nonzero(counts).flatten().tolist():
-            rows, slot = torch.where(ids == e)
-            y.index_add_(0, rows, self.experts[e](x[rows]).float() * weights[rows, slot, None])
+        y = experts_ref(x, weights, ids, self.experts, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)

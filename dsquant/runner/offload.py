@@ -4,7 +4,8 @@ The embedding, final norm and lm_head stay loaded; decoder layer i is read from 
 over the hidden states of all windows, and dropped before layer i + 1 is read. Resident weights are
 therefore the non-layer tensors plus one layer, whatever the depth: a 671B checkpoint (about 11 GB of
 FP8 per MoE layer) is evaluated on one 80 GB GPU or on CPU. The hidden states of all windows
-([W, S, D] in the activation dtype: 29 MB per 2048-token window on V3) stay on the device.
+([W, S, D] in the activation dtype: 29 MB per 2048-token window on V3; V4 keeps hc_mult streams
+[W, S, n, D]) stay on the device. Either family (dsquant.runner.family) streams the same way.
 
 `StreamStats` records, per layer, the bytes read, the seconds spent reading them and the seconds of
 compute, and the peak of resident weight bytes measured from the live tensors themselves (weak
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from dsquant.devices import current_device
-from dsquant.runner.cache import PagedLatentCache
+from dsquant.runner.family import decoder_layers, embed, logits, new_cache, run_layer
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import load_layer, load_model, unload_layer
-from dsquant.runner.model import Transformer, Weighted
+from dsquant.runner.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _weight_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     for mod in module.modules():
         if isinstance(mod, QuantLinear) and mod.w is not None:
             out += [t for t in (mod.w.q, mod.w.scale, mod.w.global_scale, mod.w.input_scale) if t is not None]
-        elif isinstance(mod, Weighted):
+        else:  # every buffer holds a weight (norms, router, hyper-connection parameters)
             out += [t for t in mod._buffers.values() if t is not None]
     return out
 
@@ -94,15 +95,15 @@ def stream_logits(
     parts = [_DevicePart(path, d, impl) for d in devs]
     stats.non_layer_bytes = parts[0].resident.bytes()
     a = parts[0].model.args
-    s = windows.shape[1]
     for j, i in enumerate(range(0, len(windows), batch_size)):
         part = parts[j % len(parts)]
         with current_device(part.device):
-            part.hidden.append((j, part.model.embed(windows[i : i + batch_size].to(part.device))))
+            tokens = windows[i : i + batch_size].to(part.device)
+            part.hidden.append((j, embed(part.model, tokens), tokens))
     with ThreadPoolExecutor(len(parts)) as pool:  # one thread per device
         for layer in range(a.n_layers):
             shared, read_s = _read_layer(parts[0].reader, layer) if len(parts) > 1 else (None, 0.0)
-            runs = [pool.submit(part.run_layer, layer, s, kv_cache, on_layer, shared) for part in parts]
+            runs = [pool.submit(part.run_layer, layer, kv_cache, on_layer, shared) for part in parts]
             timings = [r.result() for r in runs]  # re-raises a device's error here
             del shared
             stats.layers.append({"layer": layer, "bytes": timings[0][0],
@@ -111,12 +112,12 @@ def stream_logits(
             if progress is not None:
                 progress.update(windows.numel() / a.n_layers)
     stats.peak_resident_bytes = max(part.resident.peak for part in parts)
-    heads = sorted(((j, h, part) for part in parts for j, h in part.hidden), key=lambda x: x[0])
+    heads = sorted(((j, h, part) for part in parts for j, h, _ in part.hidden), key=lambda x: x[0])
     with torch.no_grad():
         for j, h, part in heads:
             with current_device(part.device):  # the head's kernels launch on the device that holds h
-                logits = part.model.head(h)
-            yield j * batch_size, logits
+                out = logits(part.model, h)
+            yield j * batch_size, out
 
 
 class _DevicePart:
@@ -127,28 +128,24 @@ class _DevicePart:
         self.model, self.reader = load_model(path, impl=impl, device=device, layers=False)
         self.resident = _Resident()
         self.resident.track(self.model)
-        self.hidden: list[tuple[int, torch.Tensor]] = []  # (batch index, [b, S, D])
+        self.hidden: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (batch index, [b, S, (n,) D], tokens)
 
-    def run_layer(self, layer: int, s: int, kv_cache: str, on_layer, shared: dict | None = None):
+    def run_layer(self, layer: int, kv_cache: str, on_layer, shared: dict | None = None):
         """Load layer `layer` (from `shared`, its tensors already read on the host, when given), pass this
         device's batches through it, drop it: (bytes, load s, compute s)."""
         with current_device(self.device):
-            a, model = self.model.args, self.model
+            model = self.model
             t0 = time.perf_counter()
             reader = self.reader if shared is None else _Preloaded(self.reader, shared)
             nbytes = load_layer(model, reader, layer, self.device)
             _sync(self.device)
             t1 = time.perf_counter()
             self.resident.track(model)
-            block = model.model.layers[layer]
             if on_layer is not None:
-                on_layer(layer, block)
-            rope = model.rope(s, torch.device(self.device))
+                on_layer(layer, decoder_layers(model)[layer])
             with torch.no_grad():
-                for k, (j, h) in enumerate(self.hidden):
-                    cache = PagedLatentCache(1, h.shape[0], s, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache,
-                                             device=self.device, impl=model.impl)  # fmt: skip
-                    self.hidden[k] = (j, block(h, 0, rope, cache[0]))
+                for k, (j, h, tokens) in enumerate(self.hidden):
+                    self.hidden[k] = (j, run_layer(model, layer, h, tokens, kv_cache), tokens)
             _sync(self.device)
             t2 = time.perf_counter()
             unload_layer(model, layer)
@@ -187,10 +184,7 @@ def resident_logits(
     model: Transformer, windows: torch.Tensor, *, kv_cache: str = "bf16", batch_size: int = 8, device: str = "cpu"
 ):
     """Yield (first window index, logits) per batch with the whole model resident."""
-    a = model.args
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             x = windows[i : i + batch_size].to(device)
-            cache = PagedLatentCache(a.n_layers, x.shape[0], x.shape[1], a.kv_lora_rank, a.qk_rope_head_dim,
-                                     kv_dtype=kv_cache, device=device, impl=model.impl)  # fmt: skip
-            yield i, model(x, 0, cache)
+            yield i, model(x, 0, new_cache(model, x.shape[0], x.shape[1], kv_cache, device))

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def mla_attention_ref(
-    q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, scale: float, start_pos: int
+    q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, scale: float, start_pos: int,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention over latent keys/values (DeepSeek-V3 `MLA.forward`, attn_impl="absorb").
 
@@ -30,6 +31,7 @@ def mla_attention_ref(
         q_pe:  [B, S, H, R] rotated rope part of the queries.
         kv:    [B, T, C] normalised latent cache rows for positions 0..T-1 (T = start_pos + S).
         pe:    [B, T, R] rotated rope keys.
+        keep:  optional bool [B, S, T], the keys each query may read besides causality (V3.2's indexer).
     Returns:
         [B, S, H, C] float32 attention output in latent space (the caller applies the v half of kv_b_proj).
     """
@@ -38,8 +40,10 @@ def mla_attention_ref(
     scores = scores + torch.einsum("bshr,btr->bsht", q_pe.float(), pe.float())
     scores = scores * scale
     qpos = torch.arange(start_pos, start_pos + s, device=kv.device)
-    mask = torch.arange(t, device=kv.device)[None, :] > qpos[:, None]  # [S, T] future keys
-    scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
+    mask = (torch.arange(t, device=kv.device)[None, :] > qpos[:, None])[None]  # [1, S, T] future keys
+    if keep is not None:
+        mask = mask | ~keep
+    scores = scores.masked_fill(mask[:, :, None, :], float("-inf"))
     return torch.einsum("bsht,btc->bshc", scores.softmax(dim=-1), kv.float())
 
 
@@ -83,8 +87,8 @@ class KernelOps:
         fn = self._kernel("rope", "apply_rope", q_pe)
         (fn or apply_rope_ref)(q_pe, k_pe, cos, sin, positions)
 
-    def mla_attention(self, q_lat, q_pe, kv, pe, scale: float, start_pos: int) -> torch.Tensor:
-        return mla_attention_ref(q_lat, q_pe, kv, pe, scale, start_pos)
+    def mla_attention(self, q_lat, q_pe, kv, pe, scale: float, start_pos: int, keep=None) -> torch.Tensor:
+        return mla_attention_ref(q_lat, q_pe, kv, pe, scale, start_pos, keep)
 
     def sample(self, probs, top_k, top_p, uniform) -> torch.Tensor:
         fn = self._kernel("sample", "top_k_top_p_sample", probs)

@@ -54,12 +54,21 @@ def apply_rope_ref(
     """Rotate in place. q_pe [T, H, R], k_pe [T, R] (views into q / the latent row are fine),
     cos/sin float32 [P, R/2], positions int [T]."""
     c, s = cos[positions], sin[positions]  # [T, R/2]
-    _rotate_(q_pe, c[:, None, :], s[:, None, :])
-    _rotate_(k_pe, c, s)
+    rotate_pairs_(q_pe, c[:, None, :], s[:, None, :])
+    rotate_pairs_(k_pe, c, s)
 
 
-def _rotate_(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
+def rotate_pairs_(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
+    """Rotate the interleaved pairs of x [..., R] in place by cos/sin c, s broadcastable to [..., R/2]."""
     xf = x.float()
     xe, xo = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((xe * c - xo * s, xe * s + xo * c), dim=-1).flatten(-2)
     x.copy_(out.to(x.dtype))
+
+
+def rotate_halves_(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> None:
+    """Rotate x [..., R] in place as NeoX-style halves (x[i], x[i + R/2]) by cos/sin c, s broadcastable to
+    [..., R/2] (the V3.2 indexer's layout, unlike MLA's interleaved pairs)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype))

@@ -55,7 +55,7 @@ def test_generate_missing_checkpoint(tmp_path):
 def test_generate_checks_the_length_against_the_context_first(monkeypatch):
     import dsquant.runner.generate as gen
 
-    monkeypatch.setattr(gen, "PagedLatentCache", None)  # refused before any cache is built or token decoded
+    monkeypatch.setattr(gen, "new_cache", None)  # refused before any cache is built or token decoded
     r = runner.invoke(app, ["generate", str(ASSET_DIR), "x", "-n", "600"])
     # the demo trained on 512-byte windows (dsquant_demo.json); the prompt is BOS + "x"
     assert r.exit_code == 1, r.output

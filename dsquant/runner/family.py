@@ -1,0 +1,83 @@
+"""The model families the runner executes, told apart by config.json `architectures`: the one dispatch point.
+
+    deepseek_v3  DeepseekV3/V2/V32ForCausalLM  dsquant.runner.config.ModelArgs, runner/model.py (MLA, latent cache)
+    deepseek_v4  DeepseekV4ForCausalLM         dsquant.runner.v4.args.V4Args, runner/v4/model.py
+Layer streaming (runner/offload.py) drives either model through embed / decoder_layers / run_layer / logits.
+What a family cannot do yet is refused here, by feature, with the reason (`require`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsquant.runner.cache import PagedLatentCache
+from dsquant.runner.config import ModelArgs
+from dsquant.runner.v4.args import ARCHITECTURES as V4_ARCHITECTURES
+from dsquant.runner.v4.args import V4Args
+from dsquant.runner.v4.model import PrefixCache
+from dsquant.runner.v4.model import Transformer as V4Transformer
+
+V3, V4 = "deepseek_v3", "deepseek_v4"
+# family -> {feature: why it is refused}
+_MISSING = {
+    V4: {
+        "kv_cache": "the DeepSeek-V4 runner recomputes attention from the window and compressed entries of the "
+                    "whole sequence, with no KV cache to store in FP8 (--kv-cache bf16)",
+        "calibrate": "calibration hooks V3's MoE experts; DeepSeek-V4 experts are not calibrated yet",
+        "mtp": "the DeepSeek-V4 runner does not build the MTP block",
+    },
+}  # fmt: skip
+
+
+def family_of(config: dict) -> str:
+    archs = config.get("architectures") or []
+    return V4 if any(a in V4_ARCHITECTURES for a in archs) or config.get("model_type") == "deepseek_v4" else V3
+
+
+def model_args(config: dict, name: str = "config.json") -> ModelArgs | V4Args:
+    """The family's ModelArgs for a config.json dict (ValueError names the file and the problem)."""
+    return (V4Args if family_of(config) == V4 else ModelArgs).from_config(config, name=name)
+
+
+def require(family: str, feature: str, where: str) -> None:
+    """ValueError when `family` cannot run `feature` yet, naming `where` (a checkpoint) and the reason."""
+    why = _MISSING.get(family, {}).get(feature)
+    if why:
+        raise ValueError(f"{where}: {why}")
+
+
+def new_cache(model: torch.nn.Module, batch: int, max_len: int, kv_cache: str = "bf16", device="cpu"):
+    """The cache model(tokens, start_pos, cache) continues from: V3's paged latent cache (bf16 or fp8), V4's
+    PrefixCache (bf16 only: it holds tokens, not keys)."""
+    a = model.args
+    if isinstance(a, V4Args):
+        if kv_cache != "bf16":
+            require(V4, "kv_cache", f"--kv-cache {kv_cache}")
+        return PrefixCache()
+    return PagedLatentCache(a.n_layers, batch, max_len, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache,
+                            device=device, impl=model.impl)  # fmt: skip
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.layers if isinstance(model, V4Transformer) else model.model.layers
+
+
+def embed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [B, S] -> the hidden state decoder layer 0 takes (V4: hc_mult streams)."""
+    return model.streams(tokens) if isinstance(model, V4Transformer) else model.embed(tokens)
+
+
+def run_layer(model: torch.nn.Module, layer: int, h: torch.Tensor, tokens: torch.Tensor, kv_cache: str = "bf16"):
+    """One decoder layer over a whole window from position 0: hidden h (as embed returns) -> the next hidden."""
+    block, s, device = decoder_layers(model)[layer], tokens.shape[1], h.device
+    if isinstance(model, V4Transformer):
+        return block(h, model.ropes(s, device), tokens)
+    a = model.args
+    cache = PagedLatentCache(1, h.shape[0], s, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache, device=device,
+                             impl=model.impl)  # fmt: skip
+    return block(h, 0, model.rope(s, device), cache[0])
+
+
+def logits(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The last layer's hidden state -> logits float32 [B, S, vocab]."""
+    return model.logits(h) if isinstance(model, V4Transformer) else model.head(h)

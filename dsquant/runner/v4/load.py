@@ -1,0 +1,114 @@
+"""Fill a DeepSeek-V4 runner model from tensors under the official (unprefixed) checkpoint names.
+
+Every runner module is named as the checkpoint names it (v4/model.py), so each module reads its own tensors
+`<module>.<attr>`: linears read `<module>.weight` (+ `<module>.scale`) into a LinearWeight, every other
+tensor fills the module's buffer of that name. Official linears:
+    BF16/F32           weight as stored, no scale
+    FP8                weight float8_e4m3fn [N, K] + scale [ceil(N/128), ceil(K/128)] (E8M0 instruct, F32 Base),
+                       a multiplier: DeepSeek's `weight_scale_inv` under its V4 name (dsquant.formats.ondisk)
+    FP4 (routed experts) weight int8 [N, K/2], E2M1 codes with element 2j in the low nibble (dsquant.formats.fp4's
+                       packing) + scale float8_e8m0fnu [N, K/32]: MXFP4 (dsquant.formats.mxfp4)
+Activations: `act` None keeps each format's scheme (FP8 linears quantize activations to FP8 1x128 groups, as
+the official runtime and transformers' FP8Linear do on GPU; FP4 experts run weight-only, where the official
+runtime feeds them FP8 activations too); act="none" multiplies unquantized activations by the dequantized
+weights, which is what transformers computes when it dequantizes on load (CPU).
+Tensors of modules the runner does not build (`mtp.*`) are not read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsquant.formats.ondisk import read_quantized
+from dsquant.runner.linear import LinearWeight, QuantLinear
+from dsquant.runner.v4.model import Transformer
+
+
+class _ScaleAsInv:
+    """The tensors of one module with V4's `<m>.scale` seen as DeepSeek's `<m>.weight_scale_inv`."""
+
+    def __init__(self, tensors, prefix: str):
+        self.tensors, self.prefix = tensors, prefix
+
+    def _name(self, name: str) -> str:
+        return f"{self.prefix}.scale" if name == f"{self.prefix}.weight_scale_inv" else name
+
+    def __contains__(self, name: str) -> bool:
+        return self._name(name) in self.tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[self._name(name)]
+
+
+def read_linear(tensors, prefix: str, quant_config: dict | None, act: str | None = None) -> LinearWeight:
+    """The official tensors of linear `prefix` -> LinearWeight (ValueError names the module and the problem)."""
+    w = tensors[f"{prefix}.weight"]
+    if w.dtype in (torch.int8, torch.uint8) and f"{prefix}.scale" in tensors:  # packed FP4 experts
+        scale = tensors[f"{prefix}.scale"]
+        if tuple(scale.shape) != (w.shape[0], w.shape[1] * 2 // 32) or scale.element_size() != 1:
+            raise ValueError(f"{prefix}: FP4 weight {tuple(w.shape)} needs an E8M0 scale of shape "
+                             f"{(w.shape[0], w.shape[1] * 2 // 32)}, got {scale.dtype} {tuple(scale.shape)}")
+        return LinearWeight("mxfp4", w.view(torch.uint8), scale.view(torch.uint8), act=act)
+    qw = read_quantized(prefix, _ScaleAsInv(tensors, prefix), quant_config or {"quant_method": "fp8"})
+    if qw.fmt == "fp8-block":
+        n, k = qw.q.shape
+        if tuple(qw.scale.shape) != (-(-n // 128), -(-k // 128)):
+            raise ValueError(f"{prefix}: scale shape {tuple(qw.scale.shape)} is not the 128x128 grid of {(n, k)}")
+        return LinearWeight("fp8_block", qw.q, qw.scale, act=act)
+    return LinearWeight(qw.fmt, qw.q)
+
+
+def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, device="cpu",
+                 act: str | None = None, part: str = "") -> int:
+    """Fill the linears and buffers of the model (part "": all of it; "layers.N": one decoder layer;
+    "non-layer": all but the decoder layers) from `tensors` (anything with `in` and `[]` by official name,
+    read lazily); returns the bytes placed. ValueError names the first tensor needed and missing."""
+    nbytes = 0
+    modules = model.get_submodule(part).named_modules(prefix=part) if part.startswith("layers.") else (
+        (n, m) for n, m in model.named_modules() if part != "non-layer" or not n.startswith("layers."))
+    for name, mod in modules:
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, QuantLinear):
+            if f"{prefix}weight" not in tensors:
+                raise ValueError(f"missing tensor {prefix}weight")
+            w = read_linear(tensors, name, quant_config, act)
+            w = LinearWeight(w.fmt, w.q.to(device), None if w.scale is None else w.scale.to(device), act=w.act)
+            mod.set_weight(w, name=name)
+            nbytes += w.nbytes
+            continue
+        for attr in mod._buffers:
+            if f"{prefix}{attr}" not in tensors:
+                raise ValueError(f"missing tensor {prefix}{attr}")
+            t = mod._buffers[attr] = tensors[f"{prefix}{attr}"].to(device)
+            nbytes += t.numel() * t.element_size()
+    return nbytes
+
+
+class _ReaderTensors:
+    """A checkpoint reader (runner/load.py CheckpointReader) seen as a lazy mapping name -> tensor."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+
+def load_v4_model(reader, *, impl: str = "reference", device="cpu", dtype: torch.dtype = torch.float32,
+                  layers: bool = True) -> Transformer:
+    """The runner's V4 model filled from a checkpoint reader (its args are V4Args); layers=False: only the
+    non-layer tensors (embed, norm, head, hyper-head), for streaming. Errors name the checkpoint."""
+    model = Transformer(reader.args, impl=impl, dtype=dtype).eval()
+    load_v4_part(model, reader, "" if layers else "non-layer", device)
+    return model
+
+
+def load_v4_part(model: Transformer, reader, part: str, device) -> int:
+    """load_tensors from a checkpoint reader, errors prefixed with the checkpoint path; returns the bytes."""
+    try:
+        return load_tensors(model, _ReaderTensors(reader), reader.quant_config, device, part=part)
+    except ValueError as e:
+        raise ValueError(f"{reader.path}: {e}") from None

@@ -1,0 +1,111 @@
+"""A DeepSeek-V4 decoder in plain torch after DeepSeek-V4 `inference/model.py`, executing stored formats directly.
+
+Modules carry the official (unprefixed) checkpoint names, `layers.{i}.attn.wq_a`, `layers.{i}.ffn.experts.{e}.w1`,
+`layers.{i}.hc_attn_fn`, `hc_head_fn`, `embed`, `head`, so an official state dict loads by name (v4/load.py).
+Block: X <- hc_post(attn(attn_norm(hc_pre(X)))); X <- hc_post(ffn(ffn_norm(hc_pre(X)))) over hc_mult streams
+(hyper.py); the head collapses the streams (hc_head), normalises and projects. The MTP block is not built:
+logits for perplexity/KLD do not use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsquant.kernels.rope.reference import rope_cache_ref
+from dsquant.runner.linear import QuantLinear
+from dsquant.runner.model import Embedding, RMSNorm
+from dsquant.runner.ops import KernelOps
+from dsquant.runner.v4.args import V4Args
+from dsquant.runner.v4.attention import Attention
+from dsquant.runner.v4.hyper import hc_head, hc_post, hc_pre
+from dsquant.runner.v4.moe import MoE
+
+HC_PARAMS = ("fn", "base", "scale")
+
+
+class Block(nn.Module):
+    def __init__(self, args: V4Args, layer: int, ops: KernelOps, impl: str):
+        super().__init__()
+        self.args = args
+        self.attn = Attention(args, layer, ops, impl)
+        self.ffn = MoE(args, layer, impl)
+        self.attn_norm = RMSNorm(args.dim, args.rms_norm_eps, ops)
+        self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps, ops)
+        for site in ("attn", "ffn"):
+            for p in HC_PARAMS:
+                self.register_buffer(f"hc_{site}_{p}", None)
+
+    def forward(self, x: torch.Tensor, ropes: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """Streams x [B, S, n, D], tokens [B, S] (hash routing) -> streams [B, S, n, D]."""
+        y, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.args)
+        x = hc_post(x, self.attn(self.attn_norm(y), ropes), post, comb)
+        y, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.args)
+        return hc_post(x, self.ffn(self.ffn_norm(y), tokens), post, comb)
+
+
+class PrefixCache:
+    """What the V4 runner keeps between calls: the tokens so far. Each call re-runs the whole prefix (exact, no
+    stored window or compressed entries; a decode step costs a prefill of the sequence)."""
+
+    def __init__(self):
+        self.tokens: torch.Tensor | None = None
+
+    def extend(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """tokens [B, S] at positions start_pos.. -> the whole sequence [B, start_pos + S]."""
+        held = 0 if self.tokens is None else self.tokens.shape[1]
+        if start_pos > held:
+            raise ValueError(f"positions from {start_pos} asked of a cache holding {held} tokens")
+        self.tokens = tokens if start_pos == 0 else torch.cat([self.tokens[:, :start_pos], tokens], dim=1)
+        return self.tokens
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V4 decoder. forward(tokens [B, S], start_pos, cache) -> logits float32 [B, S, vocab].
+
+    Without a cache tokens start at position 0; with a PrefixCache, at start_pos after the tokens it holds
+    (the V3 runner's calling convention, so eval and generate drive both). Weights are filled by v4/load.py.
+    """
+
+    def __init__(self, args: V4Args, impl: str = "reference", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.args, self.impl, self.dtype = args, impl, dtype
+        self.ops = KernelOps(impl)
+        self.embed = Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i, self.ops, impl) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.rms_norm_eps, self.ops)
+        self.head = QuantLinear(args.dim, args.vocab_size, impl)
+        for p in HC_PARAMS:
+            self.register_buffer(f"hc_head_{p}", None)
+        self._ropes: dict | None = None
+
+    def ropes(self, max_pos: int, device: torch.device) -> dict:
+        """{"main", "compress"}: cos/sin float32 [P, r/2], grown to cover max_pos."""
+        if self._ropes is None or self._ropes["main"][0].shape[0] < max_pos or self._ropes["main"][0].device != device:
+            n = max(max_pos, 1 << (max_pos - 1).bit_length())
+            a = self.args
+            tables = {"main": rope_cache_ref(a.rope_head_dim, n, a.rope_theta),
+                      "compress": rope_cache_ref(a.rope_head_dim, n, a.compress_rope_theta, a.compress_rope_scaling())}
+            self._ropes = {k: (cos.to(device), sin.to(device)) for k, (cos, sin) in tables.items()}
+        return self._ropes
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: PrefixCache | None = None) -> torch.Tensor:
+        if cache is not None:
+            return self.forward(cache.extend(tokens, start_pos))[:, start_pos:]
+        if start_pos:
+            raise ValueError("the V4 runner needs a PrefixCache to continue a sequence at start_pos > 0")
+        ropes = self.ropes(tokens.shape[1], tokens.device)
+        x = self.streams(tokens)
+        for layer in self.layers:
+            x = layer(x, ropes, tokens)
+        return self.logits(x)
+
+    def streams(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> the embedding copied to hc_mult streams [B, S, n, D] in the activation dtype."""
+        h = self.embed(tokens, self.dtype)
+        return h.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Streams [B, S, n, D] -> logits float32 [B, S, vocab] (hyper-head, norm, head)."""
+        h = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.args)
+        return self.head(self.norm(h)).float()
