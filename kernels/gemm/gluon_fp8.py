@@ -40,6 +40,9 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # TMA copies: async_copy_* in Triton 3.6, renamed async_load / async_store later (3.9 has only those)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _IMPORT_ERROR = None
 except ImportError as e:  # a Triton without Gluon, or with its Hopper names elsewhere
     gluon = None
@@ -62,13 +65,14 @@ def gluon_missing() -> str | None:
         "gl.warp_specialize": (gl.warp_specialize, ["functions_and_args", "worker_num_warps", "worker_num_regs"]),
         "warpgroup_mma": (warpgroup_mma, ["a", "b", "acc", "use_acc", "is_async"]),
         "warpgroup_mma_wait": (warpgroup_mma_wait, ["num_outstanding", "deps"]),
-        "tma.async_copy_global_to_shared": (tma.async_copy_global_to_shared,
-                                            ["tensor_desc", "coord", "barrier", "result"]),
+        "TMA load": (_tma_load, ["tensor_desc", "coord", "barrier", "result"]),
+        "TMA store": (_tma_store, ["tensor_desc", "coord", "src"]),
     }
     for name, (fn, params) in want.items():
         have = list(inspect.signature(fn).parameters)
         if any(p not in have for p in params):
-            return f"triton {triton.__version__}: {name}{tuple(have)} lacks {params} (written for Triton 3.6's Gluon)"
+            return (f"triton {triton.__version__}: {name}{tuple(have)} lacks {params} "
+                    "(written for the Gluon of Triton 3.6-3.9)")
     return None
 
 
@@ -96,8 +100,8 @@ def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar, a_bufs.index(s))
-            tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, ki * BLOCK_K], bar, b_bufs.index(s))
+            _tma_load(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar, a_bufs.index(s))
+            _tma_load(b_desc, [pid_n * BLOCK_N, ki * BLOCK_K], bar, b_bufs.index(s))
             it += 1
 
 
@@ -193,7 +197,7 @@ def _consume_partition(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, c_desc, c
         tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
         c_smem.store(acc.to(c_desc.dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem)
+        _tma_store(c_desc, [off_m, pid_n * BLOCK_N], c_smem)
     tma.store_wait(pendings=0)
 
 
