@@ -236,6 +236,28 @@ def _descriptor(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
+def _launch_constants() -> dict:
+    return dict(NUM_SMS=None, GROUP_M=GROUP_M, STAGES=STAGES, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS)
+
+
+def compile_sm90(out_dtype: torch.dtype = torch.bfloat16, num_sms: int = 132):
+    """The kernel as a launch builds it, compiled for sm_90a on any machine (no GPU needed): Triton's
+    CompiledKernel, whose asm["ptx"] shows what ptxas makes of the schedule."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    ops = torch.empty(BLOCK_M, BLOCK_K, dtype=torch.float8_e4m3fn)
+    descs = dict(a_desc=_descriptor(ops, [BLOCK_M, BLOCK_K]), b_desc=_descriptor(ops, [BLOCK_N, BLOCK_K]),
+                 c_desc=_descriptor(torch.empty(BLOCK_M, BLOCK_N, dtype=out_dtype), [BLOCK_M // 2, BLOCK_N]))
+    params = list(inspect.signature(_fp8_block_gemm_ws_kernel.fn).parameters)
+    constants = dict(_launch_constants(), NUM_SMS=num_sms)
+    signature = {p: "constexpr" if p in constants else mangle_type(descs[p]) if p in descs
+                 else "*fp32" if p.endswith("_ptr") else "i32" for p in params}
+    src = GluonASTSource(_fp8_block_gemm_ws_kernel, signature, {(params.index(p),): v for p, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=MAX_REGS))
+
+
 def fp8_block_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                          out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_block_gemm (same arguments, same result) through the warp-specialized Gluon kernel on Hopper.
@@ -275,6 +297,5 @@ def fp8_block_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor
     _fp8_block_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, a_scale, b_scale, m, n, k,
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        NUM_SMS=sms, GROUP_M=GROUP_M, STAGES=STAGES, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS,
-        num_warps=4, maxnreg=MAX_REGS)
+        **dict(_launch_constants(), NUM_SMS=sms), num_warps=4, maxnreg=MAX_REGS)
     return out

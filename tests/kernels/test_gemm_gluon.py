@@ -11,6 +11,9 @@ clear line, and M <= 64 runs the existing kernel (under TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,3 +158,30 @@ def test_gluon_gemm_nan_inf_pattern_gpu(m):
     assert torch.isnan(want).any(), "the poisoned inputs should give NaN outputs"
     assert_close_global(got, want, BF16_OUT_MAX_DIFF, f"gluon {m=} with NaN/Inf")
 
+
+
+@pytest.mark.skipif(G.gluon_missing() is not None, reason="this Triton lacks the Gluon API (tested above)")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(out_dtype, tmp_path):
+    # No GPU needed: Triton compiles for sm_90a and its ptxas reports what it made of the schedule. The
+    # overlap of MMA and promotion is lost without an error when ptxas serializes the wgmmas (it does when an
+    # in-flight accumulator is copied), and spills would cost the register budgets their point.
+    # The compile runs in a child without TRITON_INTERPRET: under the interpreter the @triton.jit helpers the
+    # kernel shares with triton.py are interpreter functions, which a Gluon kernel cannot call.
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = tmp_path / "kernel.ptx"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = ("import sys, torch; from dsquant.kernels.gemm import gluon_fp8 as G; "
+            "k = G.compile_sm90(getattr(torch, sys.argv[1])); open(sys.argv[2], 'w').write(k.asm['ptx']); "
+            "print(k.metadata.shared)")
+    child = subprocess.run([sys.executable, "-c", code, str(out_dtype).split(".")[1], str(ptx)], env=env,
+                           capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
+    shared = int(child.stdout.split()[-1])
+    assert shared <= configs.SMEM_BYTES, f"{shared} bytes of shared memory"
+    log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, check=True).stderr
+    assert "serialized" not in log, log
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
