@@ -4,6 +4,8 @@ Baselines, measured in the same run on the same GPU:
 - torch._scaled_mm with 1x128 x 128x128 block scales (cuBLAS block scaling), for fp8_block_gemm;
 - torch._int_mm followed by the scale/bias epilogue in torch, for int8_scaled_mm (M > 16 only);
 - bf16 torch.matmul, for the FP4 GEMMs; and fp8_block_gemm itself at M >= 2048;
+- for fp8_block_gemm_gluon (the warp-specialized Hopper kernel, M > 64 on sm_90): the same cuBLAS
+  baseline and fp8_block_gemm;
 - device-to-device copy bandwidth (bytes read + written), the ceiling for weight streaming.
 Each CSV row: gpu, torch, triton, date, kernel, M, N, K, us, TFLOPS, GB/s (weight bytes incl. scales
 per second), baseline, ratio (baseline time / kernel time; for baseline "copy_bw", GB/s / copy GB/s).
@@ -25,11 +27,13 @@ import triton
 from dsquant.kernels.gemm import (
     configs,
     fp8_block_gemm,
+    fp8_block_gemm_gluon,
     fp8_block_gemm_ref,
     int8_scaled_mm,
     mxfp4_gemm,
     nvfp4_gemm,
 )
+from dsquant.kernels.gemm.gluon_fp8 import gluon_missing
 from dsquant.kernels.gemm.triton import _launch
 from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff
@@ -168,6 +172,16 @@ class Rows:
                  row["TFLOPS"], row["GB/s"], baseline, row["ratio"])
 
 
+def gluon_runs() -> bool:
+    """fp8_block_gemm_gluon can run here (Hopper, a Triton with its Gluon API); says why not once."""
+    if not hasattr(gluon_runs, "ok"):
+        why = gluon_missing() or (None if torch.cuda.get_device_capability()[0] == 9 else "not an sm_90 GPU")
+        if why:
+            log.warning("fp8_block_gemm_gluon not timed: %s", why)
+        gluon_runs.ok = why is None
+    return gluon_runs.ok
+
+
 def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, block_mm_layout: str | None,
                 fp8_ms: dict):
     case = make_case(fmt, m, n, k)
@@ -182,6 +196,11 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
             base = rows.ms(lambda: block_scaled_mm(ops[0], ops[2], *scales))
             rows.add("torch_scaled_mm_block", m, n, k, base, wb)
             rows.add(name, m, n, k, ms, wb, "torch_scaled_mm_block", base / ms)
+        if m > configs.SMALL_M_MAX and gluon_runs():
+            t = rows.ms(lambda: fp8_block_gemm_gluon(*ops))
+            rows.add("fp8_block_gemm_gluon", m, n, k, t, wb, "fp8_block_gemm", ms / t)
+            if block_mm_layout:
+                rows.add("fp8_block_gemm_gluon", m, n, k, t, wb, "torch_scaled_mm_block", base / t)
     elif fmt == "int8" and m > 16:  # cuBLAS int8 needs M > 16
         a, a_s, b, b_s, bias = ops
         bt = b.t()

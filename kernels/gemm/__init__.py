@@ -1,6 +1,7 @@
 """Scaled-mm GEMMs: out[M, N] = x[M, K] @ W[N, K]^T with quantized operands.
 
     fp8_block_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, out=None)
+    fp8_block_gemm_gluon(...)  the same, warp-specialized in Gluon for Hopper (gluon_fp8.py)
     int8_scaled_mm(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16, out=None)
     nvfp4_gemm(x, w_packed, w_block_scale, w_global_scale, out_dtype=torch.bfloat16, out=None)
     mxfp4_gemm(x, w_packed, w_scale_e8m0, out_dtype=torch.bfloat16, out=None)
@@ -15,6 +16,7 @@ from dsquant.kernels._lazy import lazy_exports
 
 _HOME = {
     "fp8_block_gemm": "triton",
+    "fp8_block_gemm_gluon": "gluon_fp8",
     "int8_scaled_mm": "triton",
     "nvfp4_gemm": "triton_fp4",
     "mxfp4_gemm": "triton_fp4",

@@ -190,7 +190,7 @@ def _set_tma_allocator() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few persistent programs still exercise the tile loop
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -220,10 +220,10 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
                 HAS_BIAS=bias is not None)
     if not configs.interpreting():
         _set_tma_allocator()
-    num_sms = _num_sms(a.device)
+    n_sms = num_sms(a.device)
     if small_m if small_m is not None else m <= configs.SMALL_M_MAX:
         assert fmt != configs.MXFP4_W4A8, "W4A8 runs only in the persistent kernel"
-        cfg = dict(small_cfg or configs.small_m_config(m, n, k, fmt, num_sms))
+        cfg = dict(small_cfg or configs.small_m_config(m, n, k, fmt, n_sms))
         split = cfg.pop("SPLIT_K")
         part_dtype = torch.int32 if fmt == configs.INT8 else torch.float32
         part = out if split == 1 else torch.empty((split, m, n), dtype=part_dtype, device=a.device)
@@ -239,7 +239,7 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
         return out
 
     def grid(cfg):
-        return (min(num_sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
+        return (min(n_sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
 
     if native_fp4 is None:
         native_fp4 = fmt == configs.MXFP4 and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 10
@@ -248,11 +248,11 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
     args = (a, w, out, *ptrs, m, n, k, configs.m_bucket(m), *strides)
     if configs.interpreting() or large_cfg is not None:
         cfg = large_cfg if large_cfg is not None else configs.interpreter_config(fmt)
-        _gemm_persistent_kernel[grid](*args, NUM_SMS=num_sms, **meta, **cfg)
+        _gemm_persistent_kernel[grid](*args, NUM_SMS=n_sms, **meta, **cfg)
     else:
         kernel = _persistent_fp4 if fmt in configs.FP4_FORMATS else _persistent_8bit
         with _AUTOTUNE_LOCK:  # Triton's Autotuner keeps the arguments of the call it is tuning on itself
-            kernel[grid](*args, NUM_SMS=num_sms, **meta)
+            kernel[grid](*args, NUM_SMS=n_sms, **meta)
     return out
 
 
@@ -269,6 +269,18 @@ def _check_operands(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tup
     return a.shape[0], b.shape[0], a.shape[1]
 
 
+def fp8_block_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                       b_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check fp8_block_gemm's operands (shapes, dtypes, K % 128) -> (a, b) with TMA-ready rows."""
+    m, n, k = _check_operands(a, b, torch.float8_e4m3fn)
+    assert k % 128 == 0, f"K={k} must be a multiple of 128 (the scale group)"
+    assert a_scale.dtype == torch.float32 and tuple(a_scale.shape) == (m, k // 128), \
+        f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
+    assert b_scale.dtype == torch.float32 and tuple(b_scale.shape) == (triton.cdiv(n, 128), k // 128), \
+        f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}, expected float32 {(triton.cdiv(n, 128), k // 128)}"
+    return _row_major(a), _row_major(b)
+
+
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek FP8 block GEMM: out = (a * a_scale) @ (b * b_scale)^T, scaled per 128-K step in fp32.
@@ -283,14 +295,8 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     Returns:
         out_dtype [M, N].
     """
-    m, n, k = _check_operands(a, b, torch.float8_e4m3fn)
-    assert k % 128 == 0, f"K={k} must be a multiple of 128 (the scale group)"
-    assert a_scale.dtype == torch.float32 and tuple(a_scale.shape) == (m, k // 128), \
-        f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
-    assert b_scale.dtype == torch.float32 and tuple(b_scale.shape) == (triton.cdiv(n, 128), k // 128), \
-        f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}, expected float32 {(triton.cdiv(n, 128), k // 128)}"
-    return _launch(_row_major(a), _row_major(b), out_dtype, configs.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale,
-                   out=out)
+    a, b = fp8_block_operands(a, a_scale, b, b_scale)
+    return _launch(a, b, out_dtype, configs.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale, out=out)
 
 
 def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,

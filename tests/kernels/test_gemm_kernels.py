@@ -181,7 +181,7 @@ def test_mxfp4_gemm_w4a8_matches_reference(m):
     assert_close_global(got, want, FP32_OUT_MAX_DIFF, f"w4a8 {m=}")
 
 
-def _poison_inputs(fmt: str, ops: tuple) -> tuple:
+def poison_inputs(fmt: str, ops: tuple) -> tuple:
     """NaN in one activation row and one weight row (or their scales / bias), +inf in a bf16 activation."""
     ops = [t.clone() for t in ops]
     if fmt == "fp8":
@@ -203,7 +203,7 @@ def _poison_inputs(fmt: str, ops: tuple) -> tuple:
 @pytest.mark.parametrize("m", [4, 70], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemm_nan_inf_pattern(fmt, m):
-    got, want = _run(fmt, _poison_inputs(fmt, operands(fmt, m, 192, 256)))
+    got, want = _run(fmt, poison_inputs(fmt, operands(fmt, m, 192, 256)))
     assert torch.isnan(want).any(), "the poisoned inputs should give NaN outputs"
     assert_close_global(got, want, BF16_OUT_MAX_DIFF, f"{fmt} {m=} with NaN/Inf")
 
@@ -243,7 +243,7 @@ GPU_SHAPES["nvfp4"] = GPU_SHAPES["mxfp4"] = GPU_SHAPES["int8"]
 _WEIGHTS: dict = {}
 
 
-def _gpu_check(got: torch.Tensor, want: torch.Tensor, max_diff: float, what: str) -> None:
+def gpu_check(got: torch.Tensor, want: torch.Tensor, max_diff: float, what: str) -> None:
     """assert_close_global, computed on the device (the outputs reach 150M elements)."""
     assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN pattern differs"
     assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{what}: Inf pattern differs"
@@ -264,7 +264,7 @@ def test_gemm_deepseek_shapes_gpu(fmt, n, k, m):
     torch.empty(64 << 20, device="cuda").fill_(float("nan"))  # freed NaN memory: workspaces start dirty
     got, want = _run(fmt, ops)
     w4a8 = fmt == "mxfp4" and m >= configs.W4A8_MIN_M
-    _gpu_check(got, want, W4A8_MAX_DIFF if w4a8 else BF16_OUT_MAX_DIFF, f"{fmt} {m=} {n=} {k=}")
+    gpu_check(got, want, W4A8_MAX_DIFF if w4a8 else BF16_OUT_MAX_DIFF, f"{fmt} {m=} {n=} {k=}")
     if m <= configs.SMALL_M_MAX:  # split-K sums in a fixed order: repeated calls agree bit for bit
         assert torch.equal(got, KERNELS[fmt][0](*ops)), f"{fmt} {m=} {n=} {k=}: not deterministic"
 
@@ -280,9 +280,9 @@ def test_mxfp4_gemm_w4a8_deepseek_shapes_gpu(n, k, m):
     a, a_s = quantize_fp8_per_token_group(x)
     x_fp8 = dequantize_fp8_per_token_group(a, a_s, dtype=torch.float32)
     want = (x_fp8.double() @ dequantize_mxfp4(w, s, dtype=torch.float32).double().T).float()
-    _gpu_check(mxfp4_gemm_w4a8_quantized(a, a_s, w, s, out_dtype=torch.float32), want, FP32_OUT_MAX_DIFF,
+    gpu_check(mxfp4_gemm_w4a8_quantized(a, a_s, w, s, out_dtype=torch.float32), want, FP32_OUT_MAX_DIFF,
                f"w4a8 {m=} {n=} {k=}")
-    _gpu_check(mxfp4_gemm_w4a8(x, w, s), mxfp4_gemm_ref(x, w, s), W4A8_MAX_DIFF, f"w4a8+quant {m=} {n=} {k=}")
+    gpu_check(mxfp4_gemm_w4a8(x, w, s), mxfp4_gemm_ref(x, w, s), W4A8_MAX_DIFF, f"w4a8+quant {m=} {n=} {k=}")
 
 
 @pytest.mark.gpu
@@ -292,4 +292,4 @@ def test_mxfp4_gemm_dot_scaled_gpu(m):
     # checks the operand layout (packed codes transposed, scales [N, K/32]) even without FP4 hardware.
     x, w, s = operands("mxfp4", m, 2112, 7168, device="cuda")
     got = _launch(x, w, torch.float32, configs.MXFP4, w_scale=s, small_m=False, native_fp4=True)
-    _gpu_check(got, mxfp4_gemm_ref(x, w, s, out_dtype=torch.float32), FP32_OUT_MAX_DIFF, f"dot_scaled {m=}")
+    gpu_check(got, mxfp4_gemm_ref(x, w, s, out_dtype=torch.float32), FP32_OUT_MAX_DIFF, f"dot_scaled {m=}")
