@@ -18,6 +18,16 @@ def _size(path: Path) -> int:
 CALIBRATION_TOKENS = 8192
 
 
+def demo_recipes() -> list[str]:
+    """The shipped recipes that apply to the demo model: those for the DeepSeek-V3 layout (the v4-* recipes write
+    DeepSeek-V4's official layout and refuse other sources)."""
+    from dsquant.convert_v4 import V4_CONVENTION
+    from dsquant.recipe import load_recipe
+    from dsquant.recipe_files import shipped_recipes
+
+    return [name for name, _ in shipped_recipes() if V4_CONVENTION not in load_recipe(name).conventions]
+
+
 def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
              device: str = "cpu", calibrate: bool = True, threads: int | None = None,
              progress: bool = False) -> dict:  # fmt: skip
@@ -100,9 +110,7 @@ def demo(
       dsquant demo
       dsquant demo --recipe nvfp4 --no-calibrate --out ./demo-out   (keeps ./demo-out/nvfp4)
     """
-    from dsquant.recipe_files import shipped_recipes
-
-    names = recipe or [name for name, _ in shipped_recipes()]
+    names = recipe or demo_recipes()
     try:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,18 @@ def test_demo_reports_each_step_as_a_plain_line(tmp_path):
     assert "demo: convert: 1/1 checkpoints (100%)" in lines[0], r.stderr
     assert lines[-1].startswith("eval: 1,024/1,024 tokens (100%), ") and lines[-1].endswith(" done"), r.stderr
     assert r.stdout.startswith("demo: 508 tokens of python3.12.1 stdlib (heldout text shipped with dsquant)")
+
+
+def test_every_default_demo_recipe_converts_the_demo_model(tmp_path):
+    """`dsquant demo` with no --recipe runs demo_recipes(): each must accept the bundled V3 model (a V4-only
+    recipe in the list stops the whole demo)."""
+    from dsquant.cli.cmd_demo import demo_recipes
+    from dsquant.convert import convert
+    from dsquant.demo import demo_model_dir
+    from dsquant.recipe_files import shipped_recipes
+
+    names = demo_recipes()
+    assert "nvfp4" in names and "fp8-block" in names
+    for name in names:
+        convert(demo_model_dir(), tmp_path / name, name, dry_run=True, progress=False)
+    assert {n for n, _ in shipped_recipes()} - set(names) == {n for n, _ in shipped_recipes() if n.startswith("v4-")}
