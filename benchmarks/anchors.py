@@ -1,10 +1,10 @@
 """CUTLASS anchors for the GEMM benchmark: FBGEMM GenAI's sm_90a kernels, when `fbgemm-gpu-genai` is installed.
 
 cuBLAS is one baseline; a hand-tuned CUTLASS kernel for the same DeepSeek block-FP8 problem is the other figure a
-kernel is judged against. FBGEMM's `f8f8bf16_blockwise` takes x_scale [ceil(M/block_m), ceil(K/128)] and
-w_scale [ceil(N/128), ceil(K/128)], both multipliers. DeepSeek's activations carry 1x128 scales (block_m = 1);
-where the build only accepts block_m = 128, the anchor runs with 128x128 activation blocks, the same MMA work
-with fewer scale loads, and its kernel name says which.
+kernel is judged against. FBGEMM's `f8f8bf16_blockwise` takes x_scale [ceil(M/128), ceil(K/128)] and
+w_scale [ceil(N/128), ceil(K/128)], both multipliers, and accepts only 128x128x128 blocks ("Only 128x128x128
+block size is supported" for block_m = 1). DeepSeek's activations carry 1x128 scales, so the anchor runs with
+one scale per 128x128 activation block: the same MMA work with fewer scale loads, a slightly easier problem.
 """
 
 from __future__ import annotations
@@ -41,28 +41,24 @@ def op_schemas(substrings=("blockwise", "i4", "mx4", "fp4")) -> list[str]:
 
 def fbgemm_fp8_blockwise(a, a_s, b, b_s, ref):
     """(kernel name, zero-argument callable) for FBGEMM's block-FP8 GEMM on the benchmark's operands, checked
-    against `ref` (the dsquant reference with the activation scales the anchor actually applies); None when
-    neither activation block height runs correctly."""
+    against `ref` (the dsquant reference given the activation scales the anchor applies: each 128-row block
+    takes its first row's); None when it fails or disagrees."""
     from dsquant.kernels.testing import calc_diff
 
-    m = a.shape[0]
-    for block_m in (1, 128):
-        if block_m == 1:
-            xs = a_s.contiguous()
-        else:  # one scale per 128x128 activation block: the first row's, so the reference sees the same values
-            xs = a_s[::128].contiguous()
-        try:
-            def call(xs=xs, block_m=block_m):
-                return torch.ops.fbgemm.f8f8bf16_blockwise(a, b, xs, b_s, block_m, 128, 128)
+    m, kb = a_s.shape
+    # A fresh row-major buffer: .contiguous() keeps the odd stride of a one-row view, which FBGEMM rejects.
+    xs = torch.empty(((m + 127) // 128, kb), dtype=torch.float32, device=a_s.device)
+    xs.copy_(a_s[::128])
 
-            got = call()
-            rows = xs.repeat_interleave(block_m, 0)[:m]
-            diff = calc_diff(got, ref(a, rows, b, b_s))
-        except Exception as exc:
-            log.warning("fbgemm f8f8bf16_blockwise block_m=%d: %s", block_m, str(exc).splitlines()[0][:200])
-            continue
-        if diff < 1e-4:
-            return f"fbgemm_f8f8bf16_blockwise[bm{block_m}]", call
-        log.warning("fbgemm f8f8bf16_blockwise block_m=%d disagrees with the reference: calc_diff %.2e", block_m,
-                    diff)
-    return None
+    def call():
+        return torch.ops.fbgemm.f8f8bf16_blockwise(a, b, xs, b_s, 128, 128, 128)
+
+    try:
+        diff = calc_diff(call(), ref(a, xs.repeat_interleave(128, 0)[:m], b, b_s))
+    except Exception as exc:
+        log.warning("fbgemm f8f8bf16_blockwise: %s", str(exc).splitlines()[0][:200])
+        return None
+    if diff >= 1e-4:
+        log.warning("fbgemm f8f8bf16_blockwise disagrees with the reference: calc_diff %.2e", diff)
+        return None
+    return "fbgemm_f8f8bf16_blockwise", call
