@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 
 from dsquant.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX
+from dsquant.kernels.mla import KV_DTYPES
 from dsquant.runner.ops import kernels_can_run, mla_attention_ref
 
-KV_CACHE_DTYPES = ("bf16", "fp8")
+# The layouts of the MLA kernels that hold any latent width; fp8_ds (per-128 scales) is DeepSeek's 512 + 64 only.
+KV_CACHE_DTYPES = tuple(d for d in KV_DTYPES if d != "fp8_ds")
 _TORCH = {"bf16": torch.bfloat16, "fp8": FP8_DTYPE}
 
 
