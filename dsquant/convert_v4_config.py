@@ -43,12 +43,16 @@ MODELOPT_V4_EXCLUDE = ["*.attn.*", "*.attn_norm.*", "*.ffn.shared_experts.*", "*
                        "embed.weight", "head.weight", "*.hc_*", "*.h_proj.*", "*.e_proj.*", "*.enorm.*", "*.hnorm.*",
                        "mtp.*.norm.*", "norm.weight"]
 KEPT_DRAFT_EXPERTS = "mtp.*"
-# vLLM's DeepSeek-V4 module for a checkpoint linear where the names differ (vllm/models/deepseek_v4/nvidia/model.py:
-# load_weights' stacked_params_mapping and _make_deepseek_v4_weights_mapper; compressor.py fused_wkv_wgate)
+# The name vLLM looks a checkpoint linear up by where it differs (vllm/models/deepseek_v4/nvidia/model.py:
+# load_weights' stacked_params_mapping and _make_deepseek_v4_weights_mapper; compressor.py fused_wkv_wgate; routed
+# experts: compressed_tensors_moe.py get_moe_method asks for the scheme of `<experts>.0.gate_proj / up_proj /
+# down_proj`)
 VLLM_MODULE = {"attn.wq_a": "attn.fused_wqa_wkv", "attn.wkv": "attn.fused_wqa_wkv",
                "compressor.wkv": "compressor.fused_wkv_wgate", "compressor.wgate": "compressor.fused_wkv_wgate",
                "shared_experts.w1": "shared_experts.gate_up_proj", "shared_experts.w3": "shared_experts.gate_up_proj",
-               "shared_experts.w2": "shared_experts.down_proj", "embed": "embed_tokens", "head": "lm_head"}
+               "shared_experts.w2": "shared_experts.down_proj", "experts.*.w1": "experts.*.gate_proj",
+               "experts.*.w3": "experts.*.up_proj", "experts.*.w2": "experts.*.down_proj", "embed": "embed_tokens",
+               "head": "lm_head"}
 DEFAULT_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                "weight_block_size": [128, 128]}
 

@@ -4,6 +4,7 @@ vLLM's compressed-tensors path loads, read back by compressed_tensors' own decom
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -99,9 +100,35 @@ def test_v4_ct_config_and_check(ct, variant):
     assert not (out / "hf_quant_config.json").exists()
     assert {k: v for k, v in cfg.items() if k != "quantization_config"} == \
         {k: v for k, v in Checkpoint(src).config.items() if k not in ("quantization_config", "expert_dtype")}
-    ignored = " ".join(qc["ignore"])
-    assert "fused_wkv_wgate" in ignored and "weights_proj" in ignored
     assert check_checkpoint(out) == []
+
+
+def _group_format(qc: dict, name: str) -> str | None:
+    """The format of the group whose `re:` target matches `name` as vLLM matches it (re.match), None if ignored or
+    untargeted."""
+    if any(re.match(i[3:], name) for i in qc["ignore"]):
+        return None
+    return next((g["format"] for g in qc["config_groups"].values() if any(re.match(t[3:], name) for t in g["targets"])),
+                None)
+
+
+def test_v4_ct_targets_name_the_modules_vllm_looks_up(ct):
+    """vLLM asks CompressedTensorsConfig for the scheme of its own module names: `model.`-prefixed, fused attention
+    and shared-expert linears, `<experts>.0.gate_proj` for a FusedMoE (compressed_tensors_moe.py get_moe_method);
+    it never asks for the compressor and indexer weights_proj it builds unquantized, which stay ignored."""
+    _, out = ct("flash")
+    o = Checkpoint(out)
+    qc = o.config["quantization_config"]
+    layer = next(n.split(".")[1] for n in o.infos if ".attn.indexer.weights_proj." in n)
+    p = f"model.layers.{layer}."
+    assert {proj: _group_format(qc, p + "ffn.experts.0." + proj) for proj in ("gate_proj", "up_proj", "down_proj")} \
+        == dict.fromkeys(("gate_proj", "up_proj", "down_proj"), "nvfp4-pack-quantized")
+    for fused in ("attn.fused_wqa_wkv", "attn.wq_b", "attn.wo_a", "attn.wo_b", "attn.indexer.wq_b",
+                  "ffn.shared_experts.gate_up_proj", "ffn.shared_experts.down_proj"):
+        assert _group_format(qc, p + fused) == "float-quantized", fused
+    for kept in ("attn.compressor.fused_wkv_wgate", "attn.indexer.compressor.fused_wkv_wgate",
+                 "attn.indexer.weights_proj", "ffn.gate"):
+        assert _group_format(qc, p + kept) is None and any(re.match(i[3:], p + kept) for i in qc["ignore"]), kept
 
 
 def _with_config(ct, tmp_path, edit) -> list:
