@@ -6,7 +6,13 @@ naive baseline (straightforward torch: whole tensors, one format op at a time), 
         --out benchmarks/results/convert_cpu.csv
 
 The synthetic source has DeepSeek-V3's expert and attention shapes (hidden 7168, experts 2048 x 7168, q_lora 1536,
-kv_lora 512), one dense and one MoE layer, no MTP layer. Page cache is dropped for the source files before every
+kv_lora 512), one dense and one MoE layer, no MTP layer. `--family v4` converts a DeepSeek-V4 (Flash) source in the
+official layout instead (FP8 dense linears, MXFP4 experts 1024 x 2048, --v4-experts per layer, five layers and the
+MTP draft; no naive baseline, the V4 recipes transcode rather than quantize):
+
+    python benchmarks/bench_convert.py --family v4 --recipes fp8-block nvfp4 --workers 1 --repeat 1 \
+        --out benchmarks/results/convert_v4_cpu.csv
+ Page cache is dropped for the source files before every
 measured pass (posix_fadvise DONTNEED), so each pass reads the same way; each figure is the fastest of --repeat
 runs, since the CPU host is shared. Rows are appended to the CSV with host, cores, torch, triton and date.
 """
@@ -31,6 +37,7 @@ from safetensors.torch import save_file
 from dsquant import formats
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
+from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
 from dsquant.convert import convert
 from dsquant.convert_plan import build_plan
 from dsquant.formats.ondisk import QuantizedWeight, write_quantized
@@ -49,6 +56,21 @@ def make_source(root: Path, size_gb: float, source: str) -> Path:
         moe_intermediate_size=2048, intermediate_size=4096, q_lora_rank=1536, kv_lora_rank=512,
         num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=2, first_k_dense_replace=1,
         num_nextn_predict_layers=0, n_routed_experts=experts, n_group=1)
+
+
+def make_v4_source(root: Path, experts: int) -> Path:
+    # Flash's layer kinds (sliding, CSA, HCA, hash routing, MTP) at hidden 2048: experts are most of the bytes, as in
+    # the release, and one source is a few hundred MB.
+    return make_synthetic_v4_checkpoint(root / "src-v4", variant="flash", num_shards=4, hidden_size=2048,
+                                        moe_intermediate_size=1024, n_routed_experts=experts)
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
 
 
 def drop_cache(folder: Path) -> None:
@@ -132,6 +154,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=2.0, help="source checkpoint size (BF16 GB)")
     ap.add_argument("--source", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--family", default="v3", choices=["v3", "v4"], help="DeepSeek-V3 (HF names) or V4 (official)")
+    ap.add_argument("--v4-experts", type=int, default=12, help="routed experts per V4 layer (source size)")
     ap.add_argument("--recipes", nargs="+", default=["fp8-block", "int8", "nvfp4", "mxfp4"])
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_cpu.csv"))
@@ -145,36 +169,39 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
     host = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "gpu": gpu,
+            **({"cpu_model": cpu_model(), "family": "v4"} if args.family == "v4" else {}), "gpu": gpu,
             "torch": torch.__version__, "triton": _triton_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     print(" ".join(f"{k}={v}" for k, v in host.items()), flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.tmp))
     rows = []
     try:
-        src = make_source(root, args.size_gb, args.source)
+        v4 = args.family == "v4"
+        src = make_v4_source(root, args.v4_experts) if v4 else make_source(root, args.size_gb, args.source)
+        source = "fp8+mxfp4" if v4 else args.source
         nbytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         read_s = min(raw_read(src) for _ in range(args.repeat))
-        print(f"source {nbytes / 1e9:.2f} GB ({args.source}); raw read {nbytes / 1e9 / read_s:.2f} GB/s", flush=True)
+        print(f"source {nbytes / 1e9:.2f} GB ({source}); raw read {nbytes / 1e9 / read_s:.2f} GB/s", flush=True)
         for recipe in args.recipes:
-            convention = load_recipe(recipe).conventions[0]
-            naive_s = min(_timed_naive(src, root / f"naive-{recipe}", recipe, convention, args.device)
-                          for _ in range(args.repeat))
+            convention = convert(src, root / "plan", recipe, dry_run=True).convention if v4 else \
+                load_recipe(recipe).conventions[0]
+            naive_s = None if v4 else min(_timed_naive(src, root / f"naive-{recipe}", recipe, convention, args.device)
+                                          for _ in range(args.repeat))
             base = {**host, "device": args.device, "repeat": args.repeat, "recipe": recipe, "convention": convention,
-                    "source": args.source,
+                    "source": source,
                     "source_gb": round(nbytes / 1e9, 3), "read_gb_s": round(nbytes / 1e9 / read_s, 3),
-                    "naive_gb_s": round(nbytes / 1e9 / naive_s, 4)}
+                    "naive_gb_s": round(nbytes / 1e9 / naive_s, 4) if naive_s else ""}
             for workers in args.workers:
                 secs = min(_timed_dsquant(src, root / f"out-{recipe}-{workers}", recipe, workers, args.device)
                            for _ in range(args.repeat))
                 gbs = nbytes / 1e9 / secs
                 write_s = raw_write(root, out_bytes[recipe])
                 row = {**base, "workers": workers, "dsquant_gb_s": round(gbs, 4),
-                       "x_naive": round(naive_s / secs, 2), "frac_of_read": round(read_s / secs, 3),
+                       "x_naive": round(naive_s / secs, 2) if naive_s else "", "frac_of_read": round(read_s / secs, 3),
                        "frac_of_read_write": round((read_s + write_s) / secs, 3)}
                 rows.append(row)
-                print(f"{recipe:<18} workers={workers}  dsquant {gbs * 1000:7.1f} MB/s  naive "
-                      f"{nbytes / 1e6 / naive_s:7.1f} MB/s  ({row['x_naive']:.2f}x)  raw read "
+                vs_naive = f"naive {nbytes / 1e6 / naive_s:7.1f} MB/s  ({row['x_naive']:.2f}x)  " if naive_s else ""
+                print(f"{recipe:<18} workers={workers}  dsquant {gbs * 1000:7.1f} MB/s  {vs_naive}raw read "
                       f"{nbytes / 1e6 / read_s:7.1f} MB/s ({row['frac_of_read']:.2f}), raw read+write of the "
                       f"output {nbytes / 1e6 / (read_s + write_s):7.1f} MB/s ({row['frac_of_read_write']:.2f})",
                       flush=True)

@@ -279,7 +279,7 @@ def _v3_recipe(recipe: str | Recipe, convention: str) -> tuple[Recipe, str]:
         convention = rec.conventions[0]
     elif convention not in rec.conventions:
         raise ValueError(f"recipe {rec.name} cannot be written as {convention!r}; it supports {list(rec.conventions)}")
-    if convention == convert_v4.V4_CONVENTION:
+    if convert_v4.V4_CONVENTION in rec.conventions:
         raise ValueError(f"recipe {rec.name} writes DeepSeek-V4's official layout; the source is not a DeepSeek-V4 "
                          f"checkpoint, so choose a recipe without the {convert_v4.V4_CONVENTION} convention")
     return rec, convention

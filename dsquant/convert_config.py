@@ -105,13 +105,18 @@ def quantization_config(plan: Plan) -> dict:
                 "ignore": ignore, "quant_algo": "NVFP4", "kv_cache_scheme": {"dynamic": False, "num_bits": 8,
                                                                               "type": "float"},
                 "producer": {"name": "dsquant", "version": dsquant.__version__}, "quant_method": "modelopt"}
-    targets = _ct_targets(groups)
+    return compressed_tensors_config(_ct_targets(groups), ignore)
+
+
+def compressed_tensors_config(targets: dict[str, list[str]], ignore: list[str]) -> dict:
+    """A compressed-tensors quantization_config: one config group per format (its library preset's arguments,
+    _CT_ARGS) with the given targets, and the ignore list."""
     config_groups = {}
-    for i, fmt in enumerate(sorted(groups)):
+    for i, fmt in enumerate(sorted(targets)):
         weights, inputs, ct_format = _CT_ARGS[fmt]
         config_groups[f"group_{i}"] = {"targets": targets[fmt], "weights": weights, "input_activations": inputs,
                                        "output_activations": None, "format": ct_format}
-    formats = {_CT_ARGS[f][2] for f in groups}
+    formats = {_CT_ARGS[f][2] for f in targets}
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,
             "kv_cache_scheme": None, "sparsity_config": {}}

@@ -10,6 +10,14 @@ I64 tensor is copied byte for byte (names_v4.KEEP says why engines need each as 
                                    output experts (F8_E8M0 beside FP4 / NVFP4, float32 beside FP8: vLLM
                                    DeepseekV4FP8Config.is_scale_e8m0); "copy" when it already is
 
+`--format compressed-tensors` (a recipe listing that convention, v4-nvfp4) writes the same values in the layout
+vLLM's compressed-tensors path loads for V4 (RedHatAI/DeepSeek-V4-Flash-NVFP4-FP8's): official module names, each
+quantized linear in compressed-tensors' tensor names (formats.ondisk) with float32 `weight_scale` grids beside the
+FP8 bytes, NVFP4 globals as divisors, and experts an [[ignore]] entry keeps in their stored MXFP4 relabelled as
+`mxfp4-pack-quantized` (the same bytes); convert_v4_config writes its config groups. Unquantized tensors stay as
+stored: vLLM builds compressor `fused_wkv_wgate` and indexer `weights_proj` with `quant_config=None`
+(vllm/models/deepseek_v4/compressor.py, attention.py DeepseekV4Indexer).
+
 The plan, shards, manifest and resume are convert_plan / convert / convert_process's: this module builds the
 module jobs (`plan_conversion`) and processes the items whose actions are in ACTIONS (`process_item`), adding to
 the shard's stats how many 32-element expert blocks kept their values (formats.transcode) and how many dense
@@ -29,12 +37,13 @@ from dsquant.formats import _checks
 from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
 from dsquant.formats.mxfp4 import E8M0_DTYPE, MXFP4_BLOCK, e8m0_from_float, e8m0_to_float
 from dsquant.formats.nvfp4 import NVFP4_BLOCK, nvfp4_global_scale
-from dsquant.formats.ondisk import tensor_names
+from dsquant.formats.ondisk import QuantizedWeight, stored_specs, tensor_names, write_quantized
 from dsquant.formats.transcode import Exactness, mxfp4_to_fp8_block, mxfp4_to_nvfp4, nvfp4_shared_exponent
 from dsquant.recipe import Ignore, Recipe, load_recipe
 from dsquant.recipe_files import resolve_recipe_path
 
 V4_CONVENTION = "deepseek-v4"
+CT_CONVENTION = "compressed-tensors"
 ACTIONS = ("transcode", "rescale", "rename")
 OFFICIAL_NAMES = "v4-official-names"
 EXPERT_FORMATS = ("fp8-block", "nvfp4", "mxfp4")
@@ -73,10 +82,14 @@ def resolve_v4_recipe(recipe: str | Recipe, convention: str) -> tuple[Recipe, st
     if V4_CONVENTION not in rec.conventions:
         raise ValueError(f"recipe {rec.name} is not a DeepSeek-V4 recipe (its conventions are {list(rec.conventions)}, "
                          f"not {V4_CONVENTION!r}); for V4 use one of {', '.join(sorted(set(V4_RECIPES)))}")
-    if convention not in ("auto", V4_CONVENTION):
-        raise ValueError(f"--format {convention}: DeepSeek-V4 outputs keep the official layout engines load "
-                         f"({V4_CONVENTION}); leave --format auto")
-    return rec, V4_CONVENTION
+    if convention == "auto":
+        return rec, V4_CONVENTION
+    if convention not in rec.conventions:
+        others = [c for c in rec.conventions if c != V4_CONVENTION]
+        also = f" or {others[0]} (--format {others[0]})" if others else ""
+        raise ValueError(f"--format {convention}: recipe {rec.name} writes DeepSeek-V4 in the official layout "
+                         f"engines load ({V4_CONVENTION}, --format auto){also}")
+    return rec, convention
 
 
 def _stored_format(ckpt: Checkpoint, weight: str) -> str:
@@ -94,9 +107,11 @@ def _logical_shape(ckpt: Checkpoint, weight: str) -> tuple[int, int]:
     return (n, 2 * k) if _stored_format(ckpt, weight) == "mxfp4" else (n, k)
 
 
-def _outputs(module: str, fmt: str, shape: tuple[int, int], dense_scale: torch.dtype):
-    """[(name, dtype, shape)] of one linear written as `fmt` in the official layout."""
+def _outputs(module: str, fmt: str, shape: tuple[int, int], dense_scale: torch.dtype, convention: str):
+    """[(name, dtype, shape)] of one linear written as `fmt` in the official layout or compressed-tensors'."""
     n, k = shape
+    if convention == CT_CONVENTION:
+        return stored_specs(convention, fmt, module, shape, torch.bfloat16)
     names = tensor_names(V4_CONVENTION, fmt, module)
     grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
     if fmt == "fp8-block":
@@ -168,9 +183,9 @@ def plan_conversion(ckpt: Checkpoint, recipe: str | Recipe, convention: str, max
     for module, names in linears.items():
         entry, weight = resolved[module], names[0]
         source = _stored_format(ckpt, weight)
-        outputs = _outputs(module, target[module], _logical_shape(ckpt, weight), dense_scale)
-        if isinstance(entry, Ignore) or [(n, d) for n, d, _ in outputs] == \
-                [(n, ckpt.infos[n].dtype) for n in names]:
+        outputs = _outputs(module, target[module], _logical_shape(ckpt, weight), dense_scale, convention)
+        kept = isinstance(entry, Ignore) and convention == V4_CONVENTION
+        if kept or [(n, d) for n, d, _ in outputs] == [(n, ckpt.infos[n].dtype) for n in names]:
             jobs[module] = _copy(ckpt, module, names, entry, source)
         else:
             action = "transcode" if _EXPERT in module else "rescale"
@@ -227,13 +242,18 @@ def _nvfp4_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibration
 
 
 def _expert(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
-    """One routed expert to fp8-block (from MXFP4) or mxfp4 (from FP8)."""
+    """One routed expert to fp8-block (from MXFP4), mxfp4 (from FP8), or MXFP4 relabelled as compressed-tensors'
+    uint8 codes and E8M0 bytes."""
     weight, scale = job.sources
+    if job.fmt == "mxfp4" and not job.fp8_source:
+        return ckpt.get(weight).view(torch.uint8), ckpt.get(scale).view(torch.uint8)
     if job.fmt == "fp8-block":
         q, s, ex = mxfp4_to_fp8_block(ckpt.get(weight), ckpt.get(scale), name=weight)
         _add(stats, ex)
         return q, s  # float32: FP8 experts take float32 scales (vLLM Fp8MoEMethod)
     packed, s = _quantize(qz, "mxfp4", _dequantized(ckpt, weight), weight, device, scale_rule=job.rule.scale_rule)
+    if job.outputs[0][1] == torch.uint8:  # compressed-tensors stores codes and scales as uint8
+        return packed, s
     return packed.view(torch.int8), s.view(E8M0_DTYPE)
 
 
@@ -244,7 +264,7 @@ def _rescale(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
     want = job.outputs[1][1]
     s = ckpt.get(scale)
     if want == torch.float32:
-        return ckpt.raw(weight), e8m0_to_float(s)
+        return ckpt.raw(weight), (e8m0_to_float(s) if s.dtype == E8M0_DTYPE else s)
     try:
         return ckpt.raw(weight), e8m0_from_float(s)
     except ValueError:
@@ -257,7 +277,10 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibratio
     """Yield (output name, tensor or raw bytes) for one V4 item (a module, or an expert's w1 + w3), in plan order."""
     if item[0].fmt == "nvfp4" and item[0].action == "transcode":
         for job, tensors in _nvfp4_item(ckpt, item, qz, device, calibration, stats):
-            yield from zip([n for n, _, _ in job.outputs], tensors)
+            if job.outputs[0][0].endswith(".weight_packed"):  # compressed-tensors: its names, globals as divisors
+                yield from write_quantized(job.module, QuantizedWeight("nvfp4", *tensors), CT_CONVENTION).items()
+            else:
+                yield from zip([n for n, _, _ in job.outputs], tensors)
         return
     for job in item:
         if job.action in ("copy", "rename"):
@@ -275,6 +298,6 @@ def expert_formats(plan: Plan) -> dict[str, str]:
     for job in plan.jobs():
         if _EXPERT in job.module:
             names = {n.rsplit(".", 1)[-1]: d for n, d, _ in job.outputs}
-            out[job.module] = ("nvfp4" if "weight_scale_2" in names else
-                               "mxfp4" if names["weight"] == torch.int8 else "fp8-block")
+            out[job.module] = ("nvfp4" if "weight_scale_2" in names or "weight_global_scale" in names else
+                               "mxfp4" if "weight_packed" in names or names["weight"] == torch.int8 else "fp8-block")
     return out

@@ -11,19 +11,31 @@ and SGLang claim V4 checkpoints by it) and changes only what engines dispatch on
   HybridFp8NvFp4Config) and `ignore` listing kept draft experts (`mtp.*`), as NVIDIA's NVFP4 releases write; plus
   hf_quant_config.json as ModelOpt's `quantize_to_nvfp4.py` writes it (MIXED_PRECISION, one quantized_layers entry
   per NVFP4 expert projection, its exclude_modules), from which SGLang reads group_size and exclusions.
+
+`--format compressed-tensors` replaces the fp8 quantization_config by a compressed-tensors one (vLLM then loads the
+checkpoint through CompressedTensorsConfig, as RedHatAI/DeepSeek-V4-Flash-NVFP4-FP8): one config group per format
+with the library preset's arguments (convert_config.compressed_tensors_config) and, as targets and ignore entries,
+anchored regexes over the official module names that also name vLLM's module for fused linears (VLLM_MODULE), with
+or without vLLM's `model.` prefix. Every BF16 linear is ignored. `expert_dtype` is dropped: it selects
+DeepseekV4FP8Config's expert method, which a compressed-tensors checkpoint does not go through, and transformers
+would copy it into the compressed-tensors quantization_config.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
+
+import torch
 
 import dsquant
 from dsquant.checkpoint.index import write_json_atomic
+from dsquant.checkpoint.names import generalize
 from dsquant.checkpoint.names_v4 import blocks
-from dsquant.convert_config import HF_QUANT_CONFIG
+from dsquant.convert_config import HF_QUANT_CONFIG, compressed_tensors_config
 from dsquant.convert_plan import Plan
-from dsquant.convert_v4 import expert_formats
+from dsquant.convert_v4 import CT_CONVENTION, expert_formats
 from dsquant.formats.nvfp4 import NVFP4_BLOCK
 
 # ModelOpt's exclude_modules for DeepSeek-V4 (examples/deepseek/deepseek_v4/quantize_to_nvfp4.py)
@@ -31,6 +43,16 @@ MODELOPT_V4_EXCLUDE = ["*.attn.*", "*.attn_norm.*", "*.ffn.shared_experts.*", "*
                        "embed.weight", "head.weight", "*.hc_*", "*.h_proj.*", "*.e_proj.*", "*.enorm.*", "*.hnorm.*",
                        "mtp.*.norm.*", "norm.weight"]
 KEPT_DRAFT_EXPERTS = "mtp.*"
+# The name vLLM looks a checkpoint linear up by where it differs (vllm/models/deepseek_v4/nvidia/model.py:
+# load_weights' stacked_params_mapping and _make_deepseek_v4_weights_mapper; compressor.py fused_wkv_wgate; routed
+# experts: compressed_tensors_moe.py get_moe_method asks for the scheme of `<experts>.0.gate_proj / up_proj /
+# down_proj`)
+VLLM_MODULE = {"attn.wq_a": "attn.fused_wqa_wkv", "attn.wkv": "attn.fused_wqa_wkv",
+               "compressor.wkv": "compressor.fused_wkv_wgate", "compressor.wgate": "compressor.fused_wkv_wgate",
+               "shared_experts.w1": "shared_experts.gate_up_proj", "shared_experts.w3": "shared_experts.gate_up_proj",
+               "shared_experts.w2": "shared_experts.down_proj", "experts.*.w1": "experts.*.gate_proj",
+               "experts.*.w3": "experts.*.up_proj", "experts.*.w2": "experts.*.down_proj", "embed": "embed_tokens",
+               "head": "lm_head"}
 DEFAULT_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                "weight_block_size": [128, 128]}
 
@@ -38,6 +60,41 @@ DEFAULT_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation
 def _expert_dtype(formats: dict[str, str]) -> str:
     backbone = {f for m, f in formats.items() if not m.startswith("mtp.")}
     return "fp8" if backbone == {"fp8-block"} else "fp4"
+
+
+def _module_regex(pattern: str) -> str:
+    """A generalized official module name -> a compressed-tensors `re:` entry matching it and vLLM's name for it."""
+    def esc(text: str) -> str:
+        return re.escape(text).replace(r"\*", r"\d+")
+
+    for name, vllm in VLLM_MODULE.items():
+        if pattern == name or pattern.endswith("." + name):
+            head = pattern[: len(pattern) - len(name)]
+            return f"re:^(model\\.)?{esc(head)}({esc(name)}|{esc(vllm)})$"
+    return f"re:^(model\\.)?{esc(pattern)}$"
+
+
+def ct_quantization_config(plan: Plan) -> dict:
+    """compressed-tensors quantization_config of a V4 plan: a config group per stored format, BF16 linears ignored."""
+    groups: dict[str, set[str]] = {}
+    ignore: set[str] = set()
+    for job in plan.jobs():
+        weight = next((o for o in job.outputs if o[0].endswith((".weight", ".weight_packed"))), None)
+        if weight is None or len(weight[2]) != 2:
+            continue
+        if weight[1] in (torch.bfloat16, torch.float16, torch.float32):  # unquantized: its job is the weight tensor
+            ignore.add(_module_regex(generalize(job.module.removesuffix(".weight"))))
+        else:
+            groups.setdefault(job.fmt, set()).add(_module_regex(generalize(job.module)))
+    owners: dict[str, set[str]] = {}
+    for fmt, targets in groups.items():
+        for t in targets:
+            owners.setdefault(t, set()).add(fmt)
+    clash = sorted(t for t, fmts in owners.items() if len(fmts) > 1)
+    if clash:
+        raise ValueError(f"compressed-tensors targets {clash[0]} would hold {sorted(owners[clash[0]])}: linears of "
+                         f"one name pattern need one format")
+    return compressed_tensors_config({f: sorted(t) for f, t in groups.items()}, sorted(ignore))
 
 
 def v4_config(src_config: dict, plan: Plan) -> dict:
@@ -48,6 +105,10 @@ def v4_config(src_config: dict, plan: Plan) -> dict:
         layers = [b for b in blocks(cfg) if b.draft is None]
         cfg.setdefault("compress_ratios", [b.compress_ratio for b in layers])
         cfg.setdefault("num_hash_layers", sum(b.hash_routing for b in layers))
+    if plan.convention == CT_CONVENTION:
+        cfg.pop("expert_dtype", None)
+        cfg["quantization_config"] = ct_quantization_config(plan)
+        return cfg
     if not any(job.action != "rename" and job.action != "copy" or any(n.endswith(".scale") for n, _, _ in job.outputs)
                for job in plan.jobs()):
         return cfg  # nothing quantized (the official-names recipe on transformers' BF16 save)

@@ -4,23 +4,33 @@
   DeepseekV4FP8Config in `vllm/models/deepseek_v4/quant_config.py` claims V4 checkpoints by quant_method fp8; SGLang
   reads the same config), weight_block_size other than [128, 128] (the grids every V4 loader tiles; V4.1's [32, 32]
   is another architecture), or activation_scheme other than "dynamic". Error.
-- v4-hf-quant-config: NVFP4 routed experts (NVIDIA's hybrid layout, deepseek-v4.md 3.3) without hf_quant_config.json
+- v4-hf-quant-config: NVFP4 routed experts in NVIDIA's hybrid layout (deepseek-v4.md 3.3) without hf_quant_config.json
   (warning: SGLang's HybridFp8NvFp4Config reads group_size and the exclude list from it, TensorRT-LLM its per-layer
   formats); or a hf_quant_config.json without quantization.quant_algo, group_size or a non-empty exclude_modules
   (vLLM requires the keys), or whose MIXED_PRECISION quantized_layers disagree with the NVFP4 modules stored
   (TensorRT-LLM builds each layer as listed). Error.
+- v4-ct-config: a compressed-tensors quantization_config (vLLM's CompressedTensorsConfig path for V4, as
+  RedHatAI/DeepSeek-V4-Flash-NVFP4-FP8) whose config groups target a tensor engines need unquantized (vLLM builds the
+  compressor's fused_wkv_wgate and the indexer's weights_proj with quant_config=None:
+  vllm/models/deepseek_v4/compressor.py, attention.py DeepseekV4Indexer), leave a stored quantized linear without a
+  group (vLLM: "Unable to find matching target"; the library leaves it unquantized), or give it a group whose
+  format is not the one stored. Error.
 - tokenizer-missing: no tokenizer file beside the weights; engines need --tokenizer to start. Warning.
 """
 
 from __future__ import annotations
 
 from dsquant.check.config import TOKENIZER_FILES
-from dsquant.check.finding import Finding
+from dsquant.check.declared import ct_scheme
+from dsquant.check.finding import Collector, Finding
 from dsquant.check.names import is_quantized, module_format
 from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.names_v4 import keep_reason
 
 CFG = "config.json"
 HQ = "hf_quant_config.json"
+# stored format -> the compressed-tensors format of the config group that must target it
+CT_FORMAT = {"fp8-block": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 
 
 def check(view: CheckpointView) -> list[Finding]:
@@ -28,8 +38,9 @@ def check(view: CheckpointView) -> list[Finding]:
     if not set(TOKENIZER_FILES) & view.files():
         out.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
                            "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
-    out += _hf_quant_config(view)
     qc = view.quantization_config
+    if (qc or {}).get("quant_method") != "compressed-tensors":  # NVIDIA's hybrid layout: fp8 config + ModelOpt file
+        out += _hf_quant_config(view)
     quantized = sorted(m for m, p in view.modules.items() if is_quantized(module_format(p)))
     if qc is None:
         if quantized:
@@ -37,6 +48,8 @@ def check(view: CheckpointView) -> list[Finding]:
                                f"{quantized[0]}) but config.json has no quantization_config: engines build BF16 "
                                "layers and cannot load them", file=CFG))
         return out
+    if qc.get("quant_method") == "compressed-tensors":
+        return out + _compressed_tensors(view, qc)
     problems = []
     if qc.get("quant_method") != "fp8":
         problems.append(f"quant_method is {qc.get('quant_method')!r}; DeepSeek-V4 loaders (vLLM DeepseekV4FP8Config, "
@@ -48,6 +61,26 @@ def check(view: CheckpointView) -> list[Finding]:
                         "dynamically (\"dynamic\")")
     out += [Finding("v4-quant-config", "error", f"quantization_config: {p}", file=CFG) for p in problems]
     return out
+
+
+def _compressed_tensors(view: CheckpointView, qc: dict) -> list[Finding]:
+    out = Collector()
+    for module, params in sorted(view.modules.items()):
+        fmt = module_format(params)
+        if fmt is None:
+            continue
+        group = ct_scheme(qc, module)
+        why = keep_reason(module + ".weight")
+        if why and group is not None:
+            out.add("v4-ct-config", "error", module, f"{module} (a config group targets it; keep it unquantized "
+                    f"and list it in ignore: {why})")
+        elif is_quantized(fmt) and group is None:
+            out.add("v4-ct-config", "error", module, f"{module} ({fmt}, no config group)")
+        elif is_quantized(fmt) and group.get("format") != CT_FORMAT.get(fmt):
+            out.add("v4-ct-config", "error", module, f"{module} (stored {fmt}, its group says "
+                    f"{group.get('format')!r})")
+    return out.findings({"v4-ct-config": "module(s) the compressed-tensors config groups and ignore list do not "
+                                         "describe as stored"})
 
 
 def _hf_quant_config(view: CheckpointView) -> list[Finding]:

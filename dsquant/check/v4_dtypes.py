@@ -8,11 +8,14 @@ and expects float32 dense scales.
 
 - v4-expert-dtype: the routed experts are stored in another format than config.json's expert_dtype makes engines
   build (FP8 experts without `expert_dtype: "fp8"` are read as MXFP4; NVFP4 experts need expert_dtype fp4 and
-  moe_quant_algo NVFP4), an unsupported expert_dtype, or backbone experts in several formats. Error.
+  moe_quant_algo NVFP4), an unsupported expert_dtype, or backbone experts in several formats. Error. Under a
+  compressed-tensors quantization_config the experts' method comes from its config groups (v4_config checks them),
+  so only the formats' agreement is checked.
 - v4-draft-experts: draft (mtp.*) experts in another format than the backbone's: engines dispatch one expert
   method from the config unless its ignore list exempts the draft (NVIDIA keeps DSpark MXFP4 that way). Warning.
 - v4-scale-dtype: a dense FP8 `.scale` not in the dtype that goes with the experts (E8M0 beside FP4, F32 beside
-  FP8), or an FP8 expert's scale not F32. Error.
+  FP8), or an FP8 expert's scale not F32; under compressed-tensors every FP8 `weight_scale` is F32 (its
+  float-quantized block format, which vLLM's CompressedTensorsW8A8Fp8 loads). Error.
 - v4-scale-grid: an FP8 weight without its `.scale`, or a scale grid other than [ceil(N/128), ceil(K/128)]
   (FP8) / [N, K/32] (FP4 experts) / [N, K/16] (NVFP4 experts). Error.
 - v4-unquantized: a tensor that must stay as the release stores it (names_v4.KEEP says why for each: compressor
@@ -56,11 +59,13 @@ def check(view: CheckpointView) -> list[Finding]:
     out = Collector()
     declared = expert_dtype(view.config)
     engine = declared if declared in EXPERT_DTYPES else ENGINE_DEFAULT_EXPERT_DTYPE
+    if is_compressed_tensors(view):
+        engine = "compressed-tensors"
     experts: dict[str, Counter] = {"backbone": Counter(), "draft": Counter()}
     for spec in specs:
         params = view.modules.get(module_of(spec), {}) if spec.name.endswith(".weight") else {}
         if spec.kind in ("fp8", "expert"):
-            fmt = module_format(params) if "weight" in params else None
+            fmt = module_format(params) if "weight" in params or "weight_packed" in params else None
             if fmt is None:
                 continue
             if spec.kind == "expert":
@@ -80,8 +85,12 @@ LEAD = {
 }
 
 
+def is_compressed_tensors(view: CheckpointView) -> bool:
+    return (view.quantization_config or {}).get("quant_method") == "compressed-tensors"
+
+
 def _grid(out: Collector, view: CheckpointView, spec, params, fmt: str, engine: str) -> None:
-    w = params["weight"]
+    w = params.get("weight") or params["weight_packed"]
     n, k = spec.shape
     if fmt == "fp8-noscale":
         out.add("v4-scale-grid", "error", w.name, f"{w.name} ({w.dtype}) has no .scale")
@@ -90,12 +99,14 @@ def _grid(out: Collector, view: CheckpointView, spec, params, fmt: str, engine: 
         if view.quantization_config is not None and declared_quantized(view, module_of(spec)) is not False:
             out.add("v4-quantized", "error", w.name, f"{w.name} ({w.dtype})")
         return
-    scale = params.get("scale")
+    scale = params.get("scale", params.get("weight_scale"))  # V4's `.scale`, compressed-tensors' `weight_scale`
     if fmt == "fp8-block" and scale is not None:
         want_grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
-        want_dtype = dense_scale_dtype(engine) if spec.kind == "fp8" else "F32"
+        ct = engine == "compressed-tensors"
+        want_dtype = dense_scale_dtype(engine) if spec.kind == "fp8" and not ct else "F32"
         if scale.dtype != want_dtype:
-            why = (f"expert_dtype {engine!r} makes vLLM load dense scales as {want_dtype}" if spec.kind == "fp8"
+            why = ("compressed-tensors float-quantized blocks carry float32 scales" if ct else
+                   f"expert_dtype {engine!r} makes vLLM load dense scales as {want_dtype}" if spec.kind == "fp8"
                    else "vLLM's Fp8MoEMethod loads FP8 expert scales as F32")
             out.add("v4-scale-dtype", "error", scale.name, f"{scale.name} is {scale.dtype} ({why})")
     elif fmt == "mxfp4" and scale is not None:
@@ -140,6 +151,8 @@ def _expert_dtype(view: CheckpointView, declared, engine: str, experts: dict[str
     if not backbone:
         return out
     fmt = next(iter(backbone))
+    if engine == "compressed-tensors":
+        return out
     need = EXPERT_DTYPE_OF.get(fmt)
     said = f"expert_dtype {declared!r}" if declared is not None else f"no expert_dtype (vLLM assumes {engine!r})"
     if need is None and (quantized or view.quantization_config is not None):

@@ -22,7 +22,7 @@ from dsquant.check.names import SCALE_PARAMS, logical_shape, module_format
 from dsquant.check.view import CheckpointView
 from dsquant.checkpoint.names_v4 import Spec, expected_tensors, transformers_names
 
-WEIGHT_PARAMS = ("weight", "scale", *SCALE_PARAMS)
+WEIGHT_PARAMS = ("weight", "weight_packed", "scale", *SCALE_PARAMS)
 
 
 def listed(names: list[str]) -> str:
@@ -62,7 +62,7 @@ def _inventory(view: CheckpointView, specs: list[Spec]) -> list[Finding]:
     missing, shapes, covered = [], [], set()
     for spec in specs:
         params = view.modules.get(module_of(spec), {}) if spec.name.endswith(".weight") else {}
-        if spec.name.endswith(".weight") and "weight" in params:
+        if spec.name.endswith(".weight") and ("weight" in params or "weight_packed" in params):
             # the weight and whatever scales it has (whether it may have them is v4_dtypes' rule)
             covered |= {p.name for name, p in params.items() if name in WEIGHT_PARAMS}
             have = logical_shape(params, module_format(params))

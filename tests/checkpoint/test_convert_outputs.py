@@ -14,6 +14,12 @@ from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import convert
 from dsquant.formats.fp8 import dequantize_fp8_block
 from dsquant.formats.ondisk import dequantize, read_quantized
+from tests.checkpoint.ct_reader import (
+    assert_groups_are_presets,
+    assert_linears_match,
+    decompress_each,
+    load_like_the_library,
+)
 
 F8, U8, I8, F32, BF16 = torch.float8_e4m3fn, torch.uint8, torch.int8, torch.float32, torch.bfloat16
 
@@ -193,106 +199,24 @@ def test_fused_partners_share_global_and_input_scales(converted, recipe, convent
     assert len(distinct) > 1, "global scales should differ between experts (each from its own amax)"
 
 
-def _ct_scheme(qc, module):
-    from compressed_tensors.quantization import QuantizationScheme
-
-    for group in qc["config_groups"].values():
-        for t in group["targets"]:
-            if t == "Linear" or (t.startswith("re:") and re.match(t[3:], module)):
-                return QuantizationScheme(targets=group["targets"], weights=group["weights"],
-                                          input_activations=group["input_activations"]), group["format"]
-    raise AssertionError(f"{module}: no config group targets it")
-
-
-# The compressed-tensors preset whose QuantizationArgs each format's config group must carry (what
-# llm-compressor writes for that scheme: ModelCompressor.update_config dumps the preset's QuantizationConfig).
-CT_PRESET = {"float-quantized": "FP8_BLOCK", "int-quantized": "W8A8", "nvfp4-pack-quantized": "NVFP4",
-             "mxfp4-pack-quantized": "MXFP4A16"}
 CT_OUTPUTS = [(variant, source, recipe) for variant, source, recipe, convention in MATRIX
               if convention == "compressed-tensors"]
 
 
-def _linear_tree(ckpt: Checkpoint) -> torch.nn.Module:
-    """Float32 nn.Linear modules under the checkpoint's module names, for every stored 2-D projection (a model
-    that compressed-tensors can quantize and decompress without transformers' fused experts)."""
-    root = torch.nn.Module()
-    for name, info in ckpt.infos.items():
-        module, _, attr = name.rpartition(".")
-        if attr not in ("weight", "weight_packed") or len(info.shape) != 2 or module.endswith(("embed_tokens",
-                                                                                            "mlp.gate")):
-            continue
-        n, k = info.shape
-        parent, *path = root, *module.split(".")
-        for part in path[:-1]:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(path[-1], torch.nn.Linear(k * (2 if attr == "weight_packed" else 1), n, bias=False))
-    return root
-
-
-def _assert_linears_match(model: torch.nn.Module, out: Checkpoint, qc: dict, what: str) -> int:
-    """Every quantized linear the library decompressed equals dsquant's dequantization, bit for bit, in the dtype
-    the library gives it (the float32 model's for INT8/FP8, BF16 for FP4)."""
-    checked = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and f"{name}.weight_scale" in out.infos:
-            ours = dequantize(read_quantized(name, out, qc), mod.weight.dtype)
-            assert torch.equal(mod.weight.data, ours), f"{what}: {name} differs from dsquant's dequantization"
-            checked += 1
-    return checked
-
-
 @pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS, ids=lambda v: str(v))
 def test_compressed_tensors_config_groups_are_the_library_presets(converted, variant, source, recipe):
-    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
-    from compressed_tensors.quantization import preset_name_to_scheme
-
-    qc = Checkpoint(converted(variant, source, recipe, "compressed-tensors")).config["quantization_config"]
-    for name, group in qc["config_groups"].items():
-        scheme = preset_name_to_scheme(CT_PRESET[group["format"]], ["Linear"])
-        preset = ct.QuantizationConfig(config_groups={"g": scheme})
-        theirs = preset.model_dump(mode="json")["config_groups"]["g"]
-        for key in ("weights", "input_activations", "output_activations"):
-            assert group[key] == theirs[key], f"{name} {key}: {group[key]} != the preset's {theirs[key]}"
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
+    assert_groups_are_presets(Checkpoint(converted(variant, source, recipe, "compressed-tensors")).config[
+        "quantization_config"])
 
 
 @pytest.mark.parametrize("variant,source,recipe", CT_OUTPUTS, ids=lambda v: str(v))
 def test_compressed_tensors_library_decompresses_like_dsquant(converted, variant, source, recipe):
-    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.base import BaseCompressor
-    from compressed_tensors.quantization import apply_quantization_config
-
-    dst = converted(variant, source, recipe, "compressed-tensors")
-    out = Checkpoint(dst)
-    qc = out.config["quantization_config"]
-    config = ct.QuantizationConfig.model_validate(qc)  # the library parses our config
-    checked = 0
-    for name in out.infos:
-        if not name.endswith("weight_scale") or name.rsplit(".", 1)[0] in qc["ignore"]:
-            continue
-        module = name.rsplit(".", 1)[0]
-        scheme, fmt = _ct_scheme(qc, module)
-        local = {n[len(module) + 1:]: out.get(n) for n in out.infos if n.startswith(module + ".")}
-        theirs = BaseCompressor.get_value_from_registry(fmt).decompress(local, scheme)["weight"]
-        # The library returns its own dtype (BF16 for FP4); ours, rounded once to that dtype, must match bit for bit.
-        ours = dequantize(read_quantized(module, out, qc), theirs.dtype)
-        assert theirs.shape == ours.shape and torch.equal(theirs, ours), f"{module}: {fmt} decompression differs"
-        checked += 1
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
+    out = Checkpoint(converted(variant, source, recipe, "compressed-tensors"))
+    checked = decompress_each(out, lambda module: module in out.config["quantization_config"]["ignore"])
     assert checked > 10
-
-    # Model level, as transformers and llm-compressor load a checkpoint: the library assigns each module its
-    # scheme from our config (targets, ignore), lays out the parameters it expects, takes exactly our tensors
-    # (strict: a tensor it expects and we did not write, e.g. a static input_scale, fails here) and decompresses.
-    model = _linear_tree(out)
-    apply_quantization_config(model, config, show_progress=False)
-    compressor = ModelCompressor(quantization_config=config)
-    compressor.compress_model(model)
-    modules = dict(model.named_modules())
-    model.load_state_dict({n: out.get(n) for n in out.infos if n.rpartition(".")[0] in modules}, strict=True)
-    compressor.decompress_model(model)
-    assert _assert_linears_match(model, out, qc, "compressed-tensors decompress_model") == checked
+    assert load_like_the_library(out) == checked
 
 
 @pytest.fixture(scope="module")
@@ -328,4 +252,4 @@ def test_transformers_loads_compressed_tensors_outputs(tmp_path, dense_source, s
     assert all(k.startswith(mtp) for k in info["unexpected_keys"]), sorted(info["unexpected_keys"])[:5]
     model.hf_quantizer.compressor.decompress_model(model)
     out = Checkpoint(dst)
-    assert _assert_linears_match(model, out, out.config["quantization_config"], "transformers") > 8
+    assert assert_linears_match(model, out, out.config["quantization_config"], "transformers") > 8

@@ -243,10 +243,11 @@ def test_recipes_engines_cannot_serve_are_refused_before_any_work(synth_v4, tmp_
 def test_v3_recipe_files_and_formats_are_refused_on_v4_and_v4_recipes_on_v3(synth_v4, synth, tmp_path):
     with pytest.raises(ValueError, match="is not a DeepSeek-V4 recipe"):
         convert(synth_v4("flash"), tmp_path / "a", str(recipes_dir() / "nvfp4.toml"), dry_run=True)
-    with pytest.raises(ValueError, match="--format modelopt: DeepSeek-V4 outputs keep the official layout"):
+    with pytest.raises(ValueError, match="--format modelopt: recipe v4-nvfp4 writes DeepSeek-V4 in the official"):
         convert(synth_v4("flash"), tmp_path / "b", "nvfp4", convention="modelopt", dry_run=True)
-    with pytest.raises(ValueError, match="not a DeepSeek-V4 checkpoint"):
-        convert(synth("v3", "bf16"), tmp_path / "c", "v4-nvfp4", dry_run=True)
+    for convention in ("auto", "compressed-tensors"):
+        with pytest.raises(ValueError, match="not a DeepSeek-V4 checkpoint"):
+            convert(synth("v3", "bf16"), tmp_path / "c", "v4-nvfp4", convention=convention, dry_run=True)
 
 
 # ------------------------------------------------------------------------------------------------ streaming
