@@ -24,6 +24,7 @@ import time
 import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 import triton
+from dsquant.kernels import format_codes
 from dsquant.kernels.gemm import (
     configs,
     fp8_block_gemm,
@@ -216,7 +217,7 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
             rows.add(name, m, n, k, ms, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / ms)
         if fmt == "mxfp4" and m >= 128:  # both large-M paths, to place configs.W4A8_MIN_M
             paths = {"mxfp4_w4a8": lambda: mxfp4_gemm_w4a8(*ops),
-                     "mxfp4_w4a16": lambda: _launch(ops[0], ops[1], torch.bfloat16, configs.MXFP4, w_scale=ops[2],
+                     "mxfp4_w4a16": lambda: _launch(ops[0], ops[1], torch.bfloat16, format_codes.MXFP4, w_scale=ops[2],
                                                     small_m=False)}
             for path, fn in paths.items():
                 t = rows.ms(fn)
@@ -228,7 +229,7 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
 def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
     """Swap-AB split-K tiles around the heuristic, at decode M; rows named kernel[variant]."""
     for fmt in ("fp8", "nvfp4"):
-        fmt_id = configs.FP8_BLOCK if fmt == "fp8" else configs.NVFP4
+        fmt_id = format_codes.FP8_BLOCK if fmt == "fp8" else format_codes.NVFP4
         for n, k in ((2112, 7168), (7168, 2048), (4096, 7168)):
             m = 16
             case = make_case(fmt, m, n, k)

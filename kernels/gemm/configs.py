@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 
 import triton
+from dsquant.kernels import format_codes
 
-# Weight formats (the W_FMT constexpr of the kernels).
-FP8_BLOCK, INT8, NVFP4, MXFP4, MXFP4_W4A8 = 0, 1, 2, 3, 4
-FP4_FORMATS = (NVFP4, MXFP4)  # decoded to bf16 (W4A16)
-PACKED_FORMATS = (NVFP4, MXFP4, MXFP4_W4A8)  # two E2M1 codes per stored byte
+FP4_FORMATS = (format_codes.NVFP4, format_codes.MXFP4)  # decoded to bf16 (W4A16)
+PACKED_FORMATS = (format_codes.NVFP4, format_codes.MXFP4, format_codes.MXFP4_W4A8)  # two E2M1 codes per stored byte
 # mxfp4_gemm takes the FP8 tensor-core path (W4A8) from this M on. NOTE measured on an H100 (2026-11-25,
 # benchmarks/results/gemm_h100.csv), W4A8 time / W4A16 time, geomean over the 9 DeepSeek shapes,
 # activation quantization included: 1.87x at M=128, 1.19x at M=2048, 1.05x at M=4096. Both paths are

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 from dsquant.kernels.fp4_decode import e2m1_groups_bf16, e8m0_to_bf16
 from dsquant.kernels.moe.align import moe_align
 from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
@@ -29,8 +30,6 @@ from dsquant.kernels.quant.triton import (
     quantize_fp8_per_token_group,
     quantize_int8_per_token,
 )
-
-_FMT = {"bf16": 0, "fp8": 1, "int8": 2, "nvfp4": 3, "mxfp4": 4}
 
 
 @triton.jit
@@ -45,11 +44,11 @@ def _fp8_group_rows(x):
 def _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Packed E2M1 rows (pointer offsets rows_w / rows_s [BLOCK_N]) at K offset k0 -> two bf16 [BLOCK_N, BLOCK_K / 2]
     tiles, E2M1 x block scale (exact): the even K elements (low nibbles) and the odd ones (high nibbles)."""
-    SB: tl.constexpr = 16 if FMT == 3 else 32
+    SB: tl.constexpr = 16 if FMT == format_codes.NVFP4 else 32
     HALF: tl.constexpr = BLOCK_K // 2
     p = tl.load(w_ptr + rows_w[:, None] + (k0 // 2 + tl.arange(0, HALF))[None, :])  # [BN, BK/2] uint8
     s = tl.load(s_ptr + rows_s[:, None] + (k0 // SB + tl.arange(0, BLOCK_K // SB))[None, :])  # [BN, BK/SB]
-    return e2m1_groups_bf16(p, s.to(tl.bfloat16) if FMT == 3 else e8m0_to_bf16(s), SB)
+    return e2m1_groups_bf16(p, s.to(tl.bfloat16) if FMT == format_codes.NVFP4 else e8m0_to_bf16(s), SB)
 
 
 @triton.jit
@@ -72,14 +71,14 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
     decoded halves are never interleaved (decode tiles, where the decode's instructions are the cost); otherwise
     the halves are interleaved into one tile and one dot takes contiguous A rows (prefill tiles: the stride-2
     A loads of the parity dots ran the H100 prefill at 28 TFLOPS against 101 for the interleaved tile)."""
-    if FMT == 2:
+    if FMT == format_codes.INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     offs_even = 2 * tl.arange(0, BLOCK_K // 2)
     for k0 in range(0, K, BLOCK_K):
-        if FMT == 3 or FMT == 4:
+        if FMT == format_codes.NVFP4 or FMT == format_codes.MXFP4:
             w_even, w_odd = _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT, BLOCK_N, BLOCK_K)
             a_rows = a_ptr + rows_a[:, None] + k0
             if FP4_PARITY_DOTS:  # K split into even and odd elements, as the nibbles of the packed weight
@@ -94,14 +93,14 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
         else:
             a = tl.load(a_ptr + rows_a[:, None] + (k0 + offs_k)[None, :], mask=row_ok[:, None], other=0.0)
             b = tl.load(w_ptr + rows_w[None, :] + (k0 + offs_k)[:, None])  # [BK, BN]
-            if FMT == 1:
+            if FMT == format_codes.FP8_BLOCK:
                 if QUANT_A:  # dynamic 1x128 group quant of the bf16 rows (dsquant.formats.fp8, same order)
                     a, a_s = _fp8_group_rows(a.to(tl.float32))
                 else:
                     a_s = tl.load(a_scale_ptr + rows_as + k0 // BLOCK_K, mask=row_ok, other=1.0)
                 w_s = tl.load(s_ptr + rows_s + (k0 // BLOCK_K))  # [BN]: 128x128 block of each column
                 acc += tl.dot(a, b) * (a_s[:, None] * w_s[None, :])
-            elif FMT == 2:
+            elif FMT == format_codes.INT8:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:
                 acc = tl.dot(a, b, acc)
@@ -129,14 +128,17 @@ def _moe_gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_as = tok * stride_asm
     expert_s = expert * stride_se
-    rows_s = expert_s + (rows_n // 128) * stride_sn if FMT == 1 else expert_s + rows_n * stride_sn
+    if FMT == format_codes.FP8_BLOCK:  # one scale per 128x128 block
+        rows_s = expert_s + (rows_n // 128) * stride_sn
+    else:
+        rows_s = expert_s + rows_n * stride_sn
     acc = _mainloop(a_ptr, a_scale_ptr, tok * stride_am, rows_as, row_ok, w_ptr, s_ptr,
                     expert * stride_we + rows_n * stride_wn, rows_s, K, FMT, QUANT_A, FP4_PARITY_DOTS,
                     BLOCK_M, 2 * BLOCK_N, BLOCK_K)
-    if FMT == 2:
+    if FMT == format_codes.INT8:
         acc = acc.to(tl.float32) * tl.load(a_scale_ptr + rows_as, mask=row_ok, other=0.0)[:, None]
         acc = acc * tl.load(s_ptr + rows_s)[None, :]
-    elif FMT == 3:
+    elif FMT == format_codes.NVFP4:
         acc = acc * tl.load(gs_ptr + expert)
     g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     g = g.to(tl.bfloat16).to(tl.float32)
@@ -168,14 +170,17 @@ def _moe_down_kernel(
     slot_a = tl.where(row_ok, slot, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     s_base = expert * stride_se
-    rows_s = s_base + (offs_n // 128) * stride_sn if FMT == 1 else s_base + offs_n * stride_sn
+    if FMT == format_codes.FP8_BLOCK:
+        rows_s = s_base + (offs_n // 128) * stride_sn
+    else:
+        rows_s = s_base + offs_n * stride_sn
     acc = _mainloop(a_ptr, a_scale_ptr, slot_a * stride_am, slot_a * stride_asm, row_ok, w_ptr, s_ptr,
                     expert * stride_we + offs_n * stride_wn, rows_s, K, FMT, False, FP4_PARITY_DOTS,
                     BLOCK_M, BLOCK_N, BLOCK_K)
-    if FMT == 2:
+    if FMT == format_codes.INT8:
         y = acc.to(tl.float32) * tl.load(a_scale_ptr + slot_a * stride_asm, mask=row_ok, other=0.0)[:, None]
         y = y * tl.load(s_ptr + rows_s)[None, :]
-    elif FMT == 3:
+    elif FMT == format_codes.NVFP4:
         y = acc * tl.load(gs_ptr + expert)
     else:
         y = acc
@@ -219,7 +224,7 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
     """Both grouped GEMMs for aligned rows -> bf16 [T*k, H], each slot's expert output times its weight."""
     t, h = x.shape
     numel = t * k
-    fmt = _FMT[ew.fmt]
+    fmt = format_codes.MOE_FORMATS[ew.fmt]
     dev = x.device
     a, a_scale = x, x  # a_scale unused for bf16 / FP4 and for fp8 quantized in the kernel
     if ew.fmt == "int8":
