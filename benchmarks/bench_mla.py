@@ -186,12 +186,12 @@ def sass_report(path: str) -> None:
 
     from dsquant.kernels import format_codes
     from dsquant.kernels.mla.configs import TILE_CODE
-    from dsquant.kernels.mla.triton import _mla_attend_kernel
+    from dsquant.kernels.mla.triton import mla_attend_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    fn = _mla_attend_kernel
+    fn = mla_attend_kernel
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["kv_dtype", "config", "registers", "spill_bytes", "shared_bytes", "loop_sass_per_warp",

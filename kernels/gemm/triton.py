@@ -28,13 +28,13 @@ import triton.language as tl
 from dsquant.kernels import format_codes
 from dsquant.kernels.gemm import configs
 from dsquant.kernels.gemm.tiles import (
-    _dot_scaled_mxfp4,
-    _epilogue,
-    _fp8_step_scale,
-    _grouped_tile,
-    _load_mxfp4_as_fp8,
-    _load_weight,
+    dot_scaled_mxfp4,
+    epilogue,
+    fp8_step_scale,
+    load_mxfp4_as_fp8,
+    load_weight,
 )
+from dsquant.kernels.tile_order import grouped_tile
 
 _SCALE_GROUP = {format_codes.FP8_BLOCK: 128, format_codes.INT8: 1, format_codes.NVFP4: 16, format_codes.MXFP4: 32,
                 format_codes.MXFP4_W4A8: 32}
@@ -57,7 +57,7 @@ def _gemm_persistent_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=False):
-        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if W_FMT == format_codes.INT8:
@@ -67,26 +67,26 @@ def _gemm_persistent_kernel(
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
             if W_FMT == format_codes.MXFP4_W4A8:
-                w, w_s = _load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
-                                            ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
+                w, w_s = load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
+                                           ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
             elif not NATIVE_FP4:
-                w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
-                                 W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
+                w = load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
+                                W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
             if W_FMT == format_codes.FP8_BLOCK:  # promote every 128-K step into fp32
-                scale = _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                                        offs_m, offs_n, M, N, ki, SCALE_GROUP)
+                scale = fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                                       offs_m, offs_n, M, N, ki, SCALE_GROUP)
                 acc += tl.dot(a, w.T) * scale
             elif W_FMT == format_codes.MXFP4_W4A8:  # the same promotion; w_s: each row's largest E8M0 scale, the
                 # rest of each block's exponent is in the codes
                 a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
                 acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
             elif NATIVE_FP4:
-                acc = _dot_scaled_mxfp4(acc, a, w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
-                                        ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
+                acc = dot_scaled_mxfp4(acc, a, w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
+                                       ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
             else:
                 acc = tl.dot(a, w.T, acc, out_dtype=acc.dtype)
-        out = _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
-                        global_scale_ptr, W_FMT)
+        out = epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                       global_scale_ptr, W_FMT)
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -124,8 +124,8 @@ def _gemm_swap_ab_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for ki in range(k_lo, k_hi):
         a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
-        w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
-                         W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        w = load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
+                        W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         if W_FMT == format_codes.FP8_BLOCK:
             a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
             w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk,
@@ -135,8 +135,8 @@ def _gemm_swap_ab_kernel(
             acc = tl.dot(w, a.T, acc, out_dtype=acc.dtype)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if DIRECT_OUT:
-        out = _epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
-                        global_scale_ptr, W_FMT)  # [BLOCK_M, BLOCK_N] fp32
+        out = epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                       global_scale_ptr, W_FMT)  # [BLOCK_M, BLOCK_N] fp32
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
@@ -144,8 +144,8 @@ def _gemm_swap_ab_kernel(
         if W_FMT == format_codes.INT8:  # exact int32 partials, scaled once summed (the reference's order)
             part = tl.trans(acc)
         else:
-            part = _epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
-                             global_scale_ptr, W_FMT)
+            part = epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                            global_scale_ptr, W_FMT)
         tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], part, mask=mask)
 
 
@@ -202,9 +202,9 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t.dim() == 2 else (t.stride(0), 0)
 
 
-def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, global_scale=None, out=None,
-            small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None,
-            large_cfg: dict | None = None) -> torch.Tensor:
+def launch_gemm(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, global_scale=None, out=None,
+                small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None,
+                large_cfg: dict | None = None) -> torch.Tensor:
     """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` / `large_cfg` / `native_fp4` force a path or
     tile (tests, benchmarks; large_cfg bypasses the autotuner: BLOCK_*, GROUP_M, num_warps and
     num_stages). MXFP4 at M > 64 uses `tl.dot_scaled` on compute capability >= 10."""
@@ -256,7 +256,7 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
     return out
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
+def row_major(t: torch.Tensor) -> torch.Tensor:
     """TMA needs a unit inner stride and 16-byte aligned rows; copy only a tensor that lacks them."""
     aligned = t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
     return t if aligned else t.contiguous()
@@ -278,7 +278,7 @@ def fp8_block_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
         f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
     assert b_scale.dtype == torch.float32 and tuple(b_scale.shape) == (triton.cdiv(n, 128), k // 128), \
         f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}, expected float32 {(triton.cdiv(n, 128), k // 128)}"
-    return _row_major(a), _row_major(b)
+    return row_major(a), row_major(b)
 
 
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -296,7 +296,7 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
         out_dtype [M, N].
     """
     a, b = fp8_block_operands(a, a_scale, b, b_scale)
-    return _launch(a, b, out_dtype, format_codes.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale, out=out)
+    return launch_gemm(a, b, out_dtype, format_codes.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale, out=out)
 
 
 def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -317,5 +317,5 @@ def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     assert a_scale.dtype == torch.float32 and a_scale.numel() == m, f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}"
     assert b_scale.dtype == torch.float32 and b_scale.numel() == n, f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}"
     assert bias is None or (bias.numel() == n and bias.is_contiguous()), f"bias {tuple(bias.shape)} for N={n}"
-    return _launch(_row_major(a), _row_major(b), out_dtype, format_codes.INT8,
-                   a_scale=a_scale.reshape(m, 1), w_scale=b_scale.reshape(n, 1), bias=bias, out=out)
+    return launch_gemm(row_major(a), row_major(b), out_dtype, format_codes.INT8,
+                       a_scale=a_scale.reshape(m, 1), w_scale=b_scale.reshape(n, 1), bias=bias, out=out)

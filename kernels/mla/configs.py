@@ -15,7 +15,7 @@ TILE_TAG = {"regs": "", "reload": "r", "smem": "m", "dequant": "d", "smem16": "m
 
 
 class AttendConfig(NamedTuple):
-    """Tile sizes and launch parameters of _mla_attend_kernel."""
+    """Tile sizes and launch parameters of mla_attend_kernel."""
 
     block_h: int
     block_n: int

@@ -50,7 +50,7 @@ _LOG2E = 1.4426950408889634
 
 # Sizes that vary per call are not specialized on (divisibility / == 1): one compile per tile config.
 @triton.jit(do_not_specialize=["num_heads", "num_splits", "stride_bt", "stride_lse_r", "stride_lse_h"])
-def _mla_attend_kernel(
+def mla_attend_kernel(
     qn_ptr, qp_ptr,  # [R, H, 512], [R, H, 64] bf16
     val_ptr, sc_ptr, pe_ptr, kv_scale_ptr,  # cache views (store.cache_views), float32 [] for "fp8"
     bt_ptr, row_seq_ptr, row_len_ptr,  # [B, max_pages] int32, [R] int32 (if HAS_ROW_SEQ), [R] int32
@@ -259,7 +259,7 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
     else:
         o, lse = out, out
         so, slse = (out.stride(0), out.stride(1), 0), (0, 0)
-    _mla_attend_kernel[(n_hb, rows, num_splits)](
+    mla_attend_kernel[(n_hb, rows, num_splits)](
         q_nope, q_pe, val, sc, pe, kv_scale if kind == "fp8" else val,
         block_table, row_seq if row_seq is not None else row_len, row_len,
         o, lse, softmax_scale * _LOG2E, heads, num_splits,

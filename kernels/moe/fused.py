@@ -22,26 +22,23 @@ import triton
 import triton.language as tl
 from dsquant.kernels import format_codes
 from dsquant.kernels.fp4_decode import e2m1_groups_bf16, e8m0_to_bf16
+from dsquant.kernels.fp8_cast import cast_fp8, fp8_scale
 from dsquant.kernels.moe.align import moe_align
-from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
-from dsquant.kernels.quant.triton import (
-    _cast_fp8,
-    _fp8_scale,
-    quantize_fp8_per_token_group,
-    quantize_int8_per_token,
-)
+from dsquant.kernels.moe.reference import ExpertWeights, as_stack, check_expert_weights
+from dsquant.kernels.quant.triton import quantize_fp8_per_token_group, quantize_int8_per_token
+from dsquant.kernels.tile_order import grouped_tile
 
 
 @triton.jit
 def _fp8_group_rows(x):
     """float32 [R, 128], one 1x128 group per row -> (e4m3 codes [R, 128], float32 scales [R]): the quant kernels'
     scale rule and correctly rounded division (dsquant.formats.fp8's numbers, bit for bit)."""
-    scale = _fp8_scale(tl.max(tl.abs(x), 1), False)
-    return _cast_fp8(x, scale[:, None], tl.div_rn(1.0, scale)[:, None], True), scale
+    scale = fp8_scale(tl.max(tl.abs(x), 1), False)
+    return cast_fp8(x, scale[:, None], tl.div_rn(1.0, scale)[:, None], True), scale
 
 
 @triton.jit
-def _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Packed E2M1 rows (pointer offsets rows_w / rows_s [BLOCK_N]) at K offset k0 -> two bf16 [BLOCK_N, BLOCK_K / 2]
     tiles, E2M1 x block scale (exact): the even K elements (low nibbles) and the odd ones (high nibbles)."""
     SB: tl.constexpr = 16 if FMT == format_codes.NVFP4 else 32
@@ -49,16 +46,6 @@ def _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.
     p = tl.load(w_ptr + rows_w[:, None] + (k0 // 2 + tl.arange(0, HALF))[None, :])  # [BN, BK/2] uint8
     s = tl.load(s_ptr + rows_s[:, None] + (k0 // SB + tl.arange(0, BLOCK_K // SB))[None, :])  # [BN, BK/SB]
     return e2m1_groups_bf16(p, s.to(tl.bfloat16) if FMT == format_codes.NVFP4 else e8m0_to_bf16(s), SB)
-
-
-@triton.jit
-def _tile_ids(n_m_blocks, n_n_tiles, GROUP_M: tl.constexpr):
-    """Program -> (m block, n tile), GROUP_M m blocks at a time so a wave shares A rows and one expert's W in L2."""
-    pid = tl.program_id(0)
-    per_group = GROUP_M * n_n_tiles
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(n_m_blocks - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
 
 
 @triton.jit
@@ -79,7 +66,7 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
     offs_even = 2 * tl.arange(0, BLOCK_K // 2)
     for k0 in range(0, K, BLOCK_K):
         if FMT == format_codes.NVFP4 or FMT == format_codes.MXFP4:
-            w_even, w_odd = _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT, BLOCK_N, BLOCK_K)
+            w_even, w_odd = fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT, BLOCK_N, BLOCK_K)
             a_rows = a_ptr + rows_a[:, None] + k0
             if FP4_PARITY_DOTS:  # K split into even and odd elements, as the nibbles of the packed weight
                 a_even = tl.load(a_rows + offs_even[None, :], mask=row_ok[:, None], other=0.0)
@@ -115,7 +102,8 @@ def _moe_gate_up_kernel(
     FMT: tl.constexpr, QUANT_A: tl.constexpr, QUANT_OUT: tl.constexpr, FP4_PARITY_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
+    n_n_tiles = tl.num_programs(0) // n_m_blocks
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_m_blocks, n_n_tiles, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):  # past the padded total: read nothing
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -161,7 +149,8 @@ def _moe_down_kernel(
     FMT: tl.constexpr, HAS_WEIGHT: tl.constexpr, FP4_PARITY_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
+    n_n_tiles = tl.num_programs(0) // n_m_blocks
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_m_blocks, n_n_tiles, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):  # past the padded total: read nothing
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -189,7 +178,7 @@ def _moe_down_kernel(
     tl.store(out_ptr + (slot * stride_om)[:, None] + offs_n[None, :], y.to(tl.bfloat16), mask=row_ok[:, None])
 
 
-def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
+def default_tiles(numel: int, num_experts: int, fmt: str) -> dict:
     """Tile sizes and pipeline depth from the expected rows per expert (performance hyper-parameters).
 
     Few rows per expert (decode) is weight-streaming: BLOCK_M = 16 (the smallest MMA) and deep pipelining. Many
@@ -293,7 +282,7 @@ def fused_moe(
         topk_weights: float32 [T, k]; topk_ids: int32 [T, k] in [0, E) (deepseek_route's output).
         fmt: "bf16" | "fp8" | "int8" | "nvfp4" | "mxfp4"; the scales as in reference.py.
         shared: the shared expert (weight 1 per token), ExpertWeights in any format.
-        tiles: overrides of the routed experts' tile choice (keys of _tiles; benchmarks sweep them).
+        tiles: overrides of the routed experts' tile choice (keys of default_tiles; benchmarks sweep them).
     Returns:
         [T, H] bf16. No host sync: CUDA-graph capturable for a fixed T.
     """
@@ -307,17 +296,17 @@ def fused_moe(
     if t == 0:  # no launch with an empty grid
         return torch.empty((0, h), dtype=x.dtype, device=x.device)
     x = x.contiguous()
-    tiles = _tiles(t * k, num_experts, fmt) | (tiles or {})
+    tiles = default_tiles(t * k, num_experts, fmt) | (tiles or {})
     sorted_ids, expert_ids, total = moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, tiles["BLOCK_M"])
     y = _run_stack(x, routed, inter, topk_weights.float().contiguous().view(-1), k, sorted_ids, expert_ids, total,
                    tiles)
     out = y.view(t, k, h).sum(dim=1, dtype=torch.float32)  # [T, H] fp32, the weighted combine
     if shared is not None:
-        sh = _as_stack(shared)
+        sh = as_stack(shared)
         _, sh_inter = check_expert_weights(sh, h, "shared expert")
         if sh_inter % 128:
             raise ValueError(f"shared expert: intermediate size I={sh_inter} must be a multiple of 128")
-        sh_tiles = _tiles(t, 1, sh.fmt)
+        sh_tiles = default_tiles(t, 1, sh.fmt)
         n_blocks = -(-t // sh_tiles["BLOCK_M"])
         ids = torch.arange(n_blocks * sh_tiles["BLOCK_M"], dtype=torch.int32, device=x.device)  # >= T: padding
         zeros = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)

@@ -58,7 +58,7 @@ from dsquant.kernels.gemm import (  # noqa: E402
     nvfp4_gemm,
     nvfp4_gemm_ref,
 )
-from dsquant.kernels.gemm.triton import _launch  # noqa: E402
+from dsquant.kernels.gemm.triton import launch_gemm  # noqa: E402
 from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8, mxfp4_gemm_w4a8_quantized  # noqa: E402
 
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -104,7 +104,7 @@ def operands(fmt: str, m: int, n: int, k: int, device=DEVICE, seed: int = 0, wei
 
 
 def launch_kwargs(fmt: str, ops: tuple) -> tuple:
-    """operands() -> (a, w, kwargs) for triton._launch, which can force a path and tile."""
+    """operands() -> (a, w, kwargs) for triton.launch_gemm, which can force a path and tile."""
     if fmt == "fp8":
         a, a_s, w, w_s = ops
         return a, w, dict(a_scale=a_s, w_scale=w_s)
@@ -149,7 +149,7 @@ def test_gemm_paths_fp32_out(fmt, path):
     a, w, kw = launch_kwargs(fmt, ops)
     out = poison_(torch.empty(20, 192, dtype=torch.float32, device=a.device))
     small = path != "large"
-    _launch(a, w, torch.float32, FMT_ID[fmt], out=out, small_m=small, small_cfg=SMALL_TILES.get(path), **kw)
+    launch_gemm(a, w, torch.float32, FMT_ID[fmt], out=out, small_m=small, small_cfg=SMALL_TILES.get(path), **kw)
     assert_close_global(out, KERNELS[fmt][1](*ops, out_dtype=torch.float32), FP32_OUT_MAX_DIFF, f"{fmt} {path}")
 
 
@@ -166,7 +166,7 @@ def test_fp8_block_gemm_column_major_scale():
     a_s_col = a_s.t().contiguous().t()  # [M, K/128] view of a [K/128, M] buffer (DeepGEMM / cuBLAS layout)
     assert a_s_col.stride() == (1, 17)
     for m_path in (True, False):
-        got = _launch(a, b, torch.bfloat16, format_codes.FP8_BLOCK, a_scale=a_s_col, w_scale=b_s, small_m=m_path)
+        got = launch_gemm(a, b, torch.bfloat16, format_codes.FP8_BLOCK, a_scale=a_s_col, w_scale=b_s, small_m=m_path)
         assert_close_global(got, fp8_block_gemm_ref(a, a_s, b, b_s), BF16_OUT_MAX_DIFF, f"small_m={m_path}")
 
 
@@ -293,5 +293,5 @@ def test_mxfp4_gemm_dot_scaled_gpu(m):
     # The sm_100 tl.dot_scaled path, forced: on Hopper Triton emulates it (upcast to bf16), which
     # checks the operand layout (packed codes transposed, scales [N, K/32]) even without FP4 hardware.
     x, w, s = operands("mxfp4", m, 2112, 7168, device="cuda")
-    got = _launch(x, w, torch.float32, format_codes.MXFP4, w_scale=s, small_m=False, native_fp4=True)
+    got = launch_gemm(x, w, torch.float32, format_codes.MXFP4, w_scale=s, small_m=False, native_fp4=True)
     gpu_check(got, mxfp4_gemm_ref(x, w, s, out_dtype=torch.float32), FP32_OUT_MAX_DIFF, f"dot_scaled {m=}")

@@ -16,7 +16,7 @@ from dsquant.kernels.moe import (
     moe_align,
     moe_align_ref,
 )
-from dsquant.kernels.moe.fused import _fp4_tiles
+from dsquant.kernels.moe.fused import fp4_tiles
 from dsquant.kernels.moe.reference import quantize_experts
 from dsquant.kernels.testing import assert_close_global, assert_exact, poison_
 
@@ -341,7 +341,7 @@ def test_deepseek_route_single_expert_is_not_renormalised():
 def _fp4_decode_probe(w_ptr, s_ptr, even_ptr, odd_ptr, FMT: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
     rows = tl.arange(0, N)
     scale_group: tl.constexpr = 16 if FMT == format_codes.NVFP4 else 32
-    even, odd = _fp4_tiles(w_ptr, s_ptr, rows * (K // 2), rows * (K // scale_group), 0, FMT, N, K)
+    even, odd = fp4_tiles(w_ptr, s_ptr, rows * (K // 2), rows * (K // scale_group), 0, FMT, N, K)
     offs = tl.arange(0, K // 2)[:, None] * N + rows[None, :]
     tl.store(even_ptr + offs, tl.trans(even))
     tl.store(odd_ptr + offs, tl.trans(odd))
