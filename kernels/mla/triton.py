@@ -12,12 +12,12 @@ repeats come from L2.
 MMA operands per cache dtype:
     bf16     the tile as stored (pipelined into shared memory once, read by both dots).
     fp8      float16 MMAs on the exact float16 image of the E4M3 codes (one cvt.rn.f16x2.e4m3x2 per pair;
-             a bf16 target needs a further F2F per value, which made the former kernel slower on fp8
-             than on bf16). q goes to float16 times a power of two per head, P times 2^15; kv_scale and
-             both powers are folded into the logit scale and the output.
+             a bf16 target needs a further F2F per value, which would make fp8 slower than bf16). q goes
+             to float16 times a power of two per head, P times 2^15; kv_scale and both powers are folded
+             into the logit scale and the output.
     fp8_ds   the same, each chunk's Q.K^T times its per-token group scale and P.V's P times the scale
              (in float16 times a power of two per tile), i.e. exactly the dequantized cache.
-How the fp8 tile reaches the two dots is AttendConfig.tile ("dequant": bf16 tiles, the former path).
+How the fp8 tile reaches the two dots is AttendConfig.tile ("dequant": bf16 tiles on bf16 MMAs).
 
 Split count: from static sizes only (no host sync, CUDA-graph safe): the block table's capacity
 bounds the context, and the split count trades partial-output traffic against SM wave fill.
@@ -65,8 +65,7 @@ def mla_attend_kernel(
 ):
     # The 512 latent dims are handled as four 128-wide chunks (the fp8_ds scale groups): Q.K^T becomes
     # five independent MMA chains instead of one 36-step dependent chain, and each fp8_ds chunk needs
-    # one per-token scale. H100, batch 64, 4K, 16 heads, bf16, same tiles (h16n64w8s3, 2 splits):
-    # 238 -> 132 us against one [BLOCK_N, 512] tile (results/mla_h100_before_chunking.csv).
+    # one per-token scale.
     hb = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)

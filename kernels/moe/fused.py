@@ -56,8 +56,8 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
 
     FP4 weights: FP4_PARITY_DOTS makes two dots, the even K elements (low nibbles) and the odd ones, so the
     decoded halves are never interleaved (decode tiles, where the decode's instructions are the cost); otherwise
-    the halves are interleaved into one tile and one dot takes contiguous A rows (prefill tiles: the stride-2
-    A loads of the parity dots ran the H100 prefill at 28 TFLOPS against 101 for the interleaved tile)."""
+    the halves are interleaved into one tile and one dot takes contiguous A rows (prefill tiles, where the
+    stride-2 A loads of the parity dots would cost several times the interleaving)."""
     if FMT == format_codes.INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
@@ -183,20 +183,14 @@ def default_tiles(numel: int, num_experts: int, fmt: str) -> dict:
 
     Few rows per expert (decode) is weight-streaming: BLOCK_M = 16 (the smallest MMA) and deep pipelining. Many
     rows (prefill) is compute-bound: 64-row tiles reuse each weight tile from shared memory four times as often.
-    NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25) with these tiles: decode at 1-64 tokens
-    reads the touched expert bytes at 75-94% (fp8, int8) and 90-101% (bf16) of copy bandwidth; prefill at 512 rows
-    per expert ran int8 at 544 TFLOPS, bf16 at 293 and fp8 at 151, all on 4 warps. ptxas -v for sm_90a (Triton 3.6)
-    explains the gap: the 4-warp gate_up kernel spills 1092 bytes for fp8 (its per-K-step block scaling keeps the dot
-    result beside the 64 x 256 fp32 accumulator) and 8 bytes at 255 registers for bf16, int8 none; on 8 warps fp8
-    and bf16 spill nothing (244 / 128 registers; benchmarks/results/moe_sm90_ptxas.csv, `bench_moe.py --ptxas`).
-    fp8 and bf16 prefill tiles therefore use 8 warps: the run after (moe_h100.csv, 21:15) measured fp8 prefill at
-    538 TFLOPS (0.80x fp8_block_gemm on the same FLOPs) and bf16 at 338. FP4 decode tiles (BLOCK_K 128: 64 bytes per
-    weight row per step, 4 warps) read 40-52% (NVFP4) / 37-50% (MXFP4) of copy bandwidth, against 30-38% for
-    BLOCK_K 64 on 8 warps in the same sweep; 256-wide K steps, 128-row N tiles and 8 warps were slower.
+    fp8 and bf16 prefill tiles use 8 warps: on 4 warps the gate_up kernel spills (fp8's per-K-step block scaling
+    keeps the dot result beside the 64 x 256 fp32 accumulator; bf16 sits at 255 registers), on 8 neither does
+    (benchmarks/results/moe_sm90_ptxas.csv, `bench_moe.py --ptxas`). FP4 decode tiles read 64 bytes per weight row
+    per step (BLOCK_K 128) on 4 warps, the fastest of the tiles swept (benchmarks/results/moe_h100.csv).
     """
     rows_per_expert = numel / max(min(num_experts, numel), 1)
     block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
-    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte reads per weight row (32 bytes: 1.3x slower)
+    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte reads per weight row (32 bytes are slower)
         block_n, block_k, w_bytes, warps = 64, 128, 0.5, 4
     elif fmt in ("nvfp4", "mxfp4"):  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
         block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8

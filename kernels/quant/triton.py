@@ -2,15 +2,12 @@
 128 x 128 weight blocks and their dequantization. Bit-identical to reference.py (dsquant.formats).
 
 Exactness rules kept in every kernel (each is needed for codes to agree with the torch spec):
-  - every quotient is the correctly rounded x / scale: tl.div_rn for the scales, div_rn_shared for the
-    elements (one exact reciprocal per group plus a Markstein correction, the same bits as div.rn).
-    Triton's `/` on float32 lowers to div.full.f32 (up to 2 ulp off) and x * (1 / scale) is off by an
-    ulp as often as not; either moves values that sit exactly on a rounding midpoint;
+  - every quotient is the correctly rounded x / scale: tl.div_rn for the scales, exact_div.div_rn_shared
+    for the elements (one exact reciprocal per group plus a Markstein correction, the same bits as div.rn);
   - float32 -> e4m3 and float32 -> bf16 casts round to nearest-even (Triton's default for downcasts).
 Memory-bound: one read of the input, one write of codes and scales; tile sizes are fixed heuristics
-(see "performance hyper-parameters", chosen by the sweeps in benchmarks/results/quant_h100_sweep*.csv),
-never autotuned. Measured on an H100 (benchmarks/results/quant_h100.csv): 96-99% of the device copy
-bandwidth at 4096-16384 x 7168; silu_mul_quantize_fp8 95% at 16384 x 14336 (88-90% with 4096-element tiles).
+(see "performance hyper-parameters", chosen by the sweep in benchmarks/results/quant_h100_sweep.csv),
+never autotuned. Bandwidth against a device copy: benchmarks/results/quant_h100.csv.
 """
 
 from __future__ import annotations
@@ -40,12 +37,12 @@ MAX_BLOCK_K = 1024  # widest column tile of the row-tiled kernels (1 x 128 group
 ROW_TILE_MAX = 16384  # per-token kernels hold a whole row up to this width, else read it twice (2nd from L2)
 WEIGHT_BLOCK_WARPS = 8  # 128 x 128 weight tile = 64 elements per thread
 # div_rn_shared instead of tl.div_rn per element: same bits, 13 instead of 22 instructions per element of the
-# group kernel; the same speed on an H100 (memory-bound either way), headroom for faster memory.
+# group kernel; memory-bound either way, it leaves headroom for faster memory.
 FAST_DIVISION = True
-# SiLU's gate / (1 + exp(-gate)) by div.rn's own fast path without its range check (exact_div.silu_div), tl.div_rn for
-# tiles holding a gate below -85.
+# SiLU's gate / (1 + exp(-gate)) by div.rn's own fast path without its range check (exact_div.silu_div),
+# tl.div_rn for tiles holding a gate below -85.
 SILU_FAST_DIVISION = True
-SILU_TILE_ELEMS = 2048  # outputs per program of silu_mul_quantize_fp8 (H100, 16384 x 14336: 95% of copy; 4096: 90%)
+SILU_TILE_ELEMS = 2048  # outputs per program of silu_mul_quantize_fp8: the fastest tile of the sweep
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

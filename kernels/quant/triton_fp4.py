@@ -10,9 +10,8 @@ docstring states, each quotient correctly rounded (Triton's `/` is div.full.f32,
 would move exact ties): by one exact reciprocal per block and a Markstein correction per element
 (exact_div.div_rn_shared_unsigned), with tl.div_rn for any program whose tile holds a block outside that
 method's range.
-Measured on an H100 (benchmarks/results/quant_h100.csv and quant_h100_sweep.csv; % of the device copy
-bandwidth at 4096 / 16384 x 7168): MXFP4 94 / 95-97%, NVFP4 with the global scale given 80 / 81-82%, with it
-computed 43 / 48% (an extra read for the amax), dequantization 88-90%.
+NVFP4 with the global scale computed reads its input twice (the amax pre-pass, then the quantizer).
+Bandwidth against a device copy: benchmarks/results/quant_h100.csv; tile sizes: quant_h100_sweep.csv.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ AMAX_BLOCK = 8192  # elements per step of the global-amax pre-pass (four 16-byte
 AMAX_STEPS = 4  # unrolled steps per program (32 Ki elements): loads in flight, few one-address atomics
 # one exact reciprocal per block and div_rn_shared_unsigned per element, tl.div_rn only for out-of-range tiles
 NVFP4_FAST_DIVISION = True
-# Elements per program of the FP4 quantizers (benchmarks/results/quant_h100_sweep.csv, H100, 16384 x 7168): NVFP4
-# one warp, so that its range flag needs no barrier (1024: 81.7% of copy; 2048: 79.9%; 4096: 76.7%; 8192: 74.0%);
-# MXFP4 4096 (97.2%; 1024-8192: 95.5-96.2%).
+# Elements per program of the FP4 quantizers, the fastest of the sweep (benchmarks/results/quant_h100_sweep.csv):
+# NVFP4 one warp, so that its range flag needs no barrier; MXFP4 4096.
 NVFP4_TILE_ELEMS = 1024
 MXFP4_TILE_ELEMS = 4096
 QUANT_ELEMS_PER_THREAD = 32  # their warps: the tile over this many elements per thread (64: the same or slower)
