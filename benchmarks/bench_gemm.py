@@ -26,6 +26,7 @@ import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 import triton
 from anchors import fbgemm_fp8_blockwise, fbgemm_missing, op_schemas  # benchmarks/ is the script's folder
+from dsquant.kernels import format_codes
 from dsquant.kernels.gemm import (
     configs,
     fp8_block_gemm,
@@ -36,7 +37,7 @@ from dsquant.kernels.gemm import (
     nvfp4_gemm,
 )
 from dsquant.kernels.gemm.gluon_fp8 import gluon_missing
-from dsquant.kernels.gemm.triton import _launch
+from dsquant.kernels.gemm.triton import launch_gemm
 from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, calc_diff
 from timing import copy_bandwidth, gpu_header  # benchmarks/ is the script's folder
@@ -228,8 +229,8 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
             rows.add(name, m, n, k, ms, wb, "fp8_block_gemm", fp8_ms[(m, n, k)] / ms)
         if fmt == "mxfp4" and m >= 128:  # both large-M paths, to place configs.W4A8_MIN_M
             paths = {"mxfp4_w4a8": lambda: mxfp4_gemm_w4a8(*ops),
-                     "mxfp4_w4a16": lambda: _launch(ops[0], ops[1], torch.bfloat16, configs.MXFP4, w_scale=ops[2],
-                                                    small_m=False)}
+                     "mxfp4_w4a16": lambda: launch_gemm(ops[0], ops[1], torch.bfloat16, format_codes.MXFP4,
+                                                        w_scale=ops[2], small_m=False)}
             for path, fn in paths.items():
                 t = rows.ms(fn)
                 rows.add(path, m, n, k, t, wb, "torch_bf16_matmul", base / t)
@@ -240,7 +241,7 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
 def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
     """Swap-AB split-K tiles around the heuristic, at decode M; rows named kernel[variant]."""
     for fmt in ("fp8", "nvfp4"):
-        fmt_id = configs.FP8_BLOCK if fmt == "fp8" else configs.NVFP4
+        fmt_id = format_codes.FP8_BLOCK if fmt == "fp8" else format_codes.NVFP4
         for n, k in ((2112, 7168), (7168, 2048), (4096, 7168)):
             m = 16
             case = make_case(fmt, m, n, k)
@@ -264,7 +265,7 @@ def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
                              ("bn32w2", dict(BLOCK_N=32, num_warps=2))]
             for name, change in variants:
                 cfg = dict(base, **change)
-                ms = rows.ms(lambda: _launch(a, w, torch.bfloat16, fmt_id, small_m=True, small_cfg=cfg, **kw))
+                ms = rows.ms(lambda: launch_gemm(a, w, torch.bfloat16, fmt_id, small_m=True, small_cfg=cfg, **kw))
                 rows.add(f"{fmt}_small[{name} s{cfg['SPLIT_K']}]", m, n, k, ms, case["w_bytes"], "copy_bw",
                          case["w_bytes"] / ms / 1e6 / copy_gbs)
 

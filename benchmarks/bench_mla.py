@@ -184,13 +184,14 @@ def sass_report(path: str) -> None:
     import tempfile
     from pathlib import Path
 
+    from dsquant.kernels import format_codes
     from dsquant.kernels.mla.configs import TILE_CODE
-    from dsquant.kernels.mla.triton import _FMT, _mla_attend_kernel
+    from dsquant.kernels.mla.triton import mla_attend_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    fn = _mla_attend_kernel
+    fn = mla_attend_kernel
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["kv_dtype", "config", "registers", "spill_bytes", "shared_bytes", "loop_sass_per_warp",
@@ -199,7 +200,8 @@ def sass_report(path: str) -> None:
             ds = kind == "fp8_ds"
             vals = "*bf16" if kind == "bf16" else "*fp8e4nv"
             for cfg in dict.fromkeys(sweep_configs(16, kind) + sweep_configs(64, kind)):
-                const = dict(PAGE_SIZE=PAGE, KV_FMT=_FMT[kind], HAS_ROW_SEQ=False, SPLIT=True, VAL_W=656 if ds else 576,
+                const = dict(PAGE_SIZE=PAGE, KV_FMT=format_codes.KV_CACHE_FORMATS[kind], HAS_ROW_SEQ=False, SPLIT=True,
+                             VAL_W=656 if ds else 576,
                              SC_W=164 if ds else 576, SC_OFF=128 if ds else 0, PE_W=328 if ds else 576,
                              PE_OFF=264 if ds else 512, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=64, GROUP=128,
                              TILE=TILE_CODE[cfg.tile], MMA_BF16=kind == "bf16" or cfg.tile == "dequant",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from dsquant.kernels.moe import deepseek_route, fused_moe, moe_align
-from dsquant.kernels.moe.fused import _tiles
+from dsquant.kernels.moe.fused import default_tiles
 from dsquant.kernels.moe.reference import ExpertWeights
 from dsquant.kernels.quant import quantize_fp8_per_token_group
 from dsquant.kernels.testing import DEEPSEEK_V3_MOE
@@ -112,7 +112,7 @@ def routed(t: int, seed: int = 0):
 def bench_routing(rows: Rows, tokens: list[int]):
     for t in tokens:
         logits, bias, *_ = routed(t)
-        block_m = _tiles(t * TOPK, E, "fp8")["BLOCK_M"]
+        block_m = default_tiles(t * TOPK, E, "fp8")["BLOCK_M"]
 
         def step():
             _, ids = deepseek_route(logits, bias, **V3_ROUTER)
@@ -260,13 +260,13 @@ def ptxas_report(path: str) -> None:
             for regime, t, change in [("decode", 64, {}), ("prefill", 16384, {})] + timed:
                 x = torch.randn(4, small["h"]).bfloat16()
                 ids = torch.arange(8, dtype=torch.int32).view(4, 2)
-                tiles = _tiles(t * TOPK, E, fmt) | change  # the V3 choice for this many tokens
+                tiles = default_tiles(t * TOPK, E, fmt) | change  # the V3 choice for this many tokens
                 n0 = len(captured)
                 fused_moe(x, ew.w13, ew.w2, torch.ones(4, 2), ids, **kw_of(ew), tiles=tiles)
                 captured[n0:] = [(f"{regime} {fmt}",) + c for c in captured[n0:] if "align" not in c[0].__name__]
         for t, e in ((64, E), (4096, E), (64, 384), (4096, 384)):  # alignment: V3 and Kimi-K2 expert counts
             n0 = len(captured)
-            moe_align(torch.zeros(t, TOPK, dtype=torch.int32), e, _tiles(t * TOPK, e, "fp8")["BLOCK_M"])
+            moe_align(torch.zeros(t, TOPK, dtype=torch.int32), e, default_tiles(t * TOPK, e, "fp8")["BLOCK_M"])
             captured[n0:] = [(f"align T={t} E={e}",) + c for c in captured[n0:]]
         for name, e, kw in (("route V3", E, V3_ROUTER), ("route Kimi-K2", 384, dict(top_k=8))):
             n0 = len(captured)

@@ -8,8 +8,7 @@ reading its own copy of the inputs so that the 50 MB L2 cannot serve them.
 Activations are [rows, 7168] bf16 (DeepSeek-V3 hidden size) at 4096 and 16384 rows; weight kernels run on
 (4096, 7168), (7168, 2048) and (36864, 7168). `--sweep` first times the tile choices of the
 FP4 quantizers (elements per program and per thread), the SiLU kernel's tile and the fast divisions against
-tl.div_rn, so a retune is a measured choice. results/quant_h100_sweep_run1.csv is an earlier sweep of
-these kernels (8192-element FP4 tiles, the NVFP4 range flag after the per-element work; shared tile knobs).
+tl.div_rn, so a retune is a measured choice (results/quant_h100_sweep.csv).
 Latency rows time single small calls both ways: a CUDA graph (kernel only) and eager (launch included).
 Bytes count what a kernel must move: the NVFP4 variant with a computed global scale reads its input
 twice (amax pre-pass, then quantize) but is credited one read, so its figure shows the cost of that pass.

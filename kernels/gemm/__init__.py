@@ -7,7 +7,7 @@
     mxfp4_gemm(x, w_packed, w_scale_e8m0, out_dtype=torch.bfloat16, out=None)
 
 Each has a pure-torch twin `<name>_ref` (reference.py, the spec). The kernels are imported on first
-use, so the references stay importable where Triton is not installed. Notes and H100 figures: README.md.
+use, so the references stay importable where Triton is not installed. Design notes: README.md.
 """
 
 from __future__ import annotations

@@ -11,16 +11,14 @@ from __future__ import annotations
 import os
 
 import triton
+from dsquant.kernels import format_codes
 
-# Weight formats (the W_FMT constexpr of the kernels).
-FP8_BLOCK, INT8, NVFP4, MXFP4, MXFP4_W4A8 = 0, 1, 2, 3, 4
-FP4_FORMATS = (NVFP4, MXFP4)  # decoded to bf16 (W4A16)
-PACKED_FORMATS = (NVFP4, MXFP4, MXFP4_W4A8)  # two E2M1 codes per stored byte
-# mxfp4_gemm takes the FP8 tensor-core path (W4A8) from this M on. NOTE measured on an H100 (2026-11-25,
-# benchmarks/results/gemm_h100.csv), W4A8 time / W4A16 time, geomean over the 9 DeepSeek shapes,
-# activation quantization included: 1.87x at M=128, 1.19x at M=2048, 1.05x at M=4096. Both paths are
-# bound by the in-register E2M1 decode (BLOCK_N x BLOCK_K values per k-step on the CUDA cores), so
-# W4A8's faster MMA does not show yet; the trend crosses near 8K rows, which was not measured.
+FP4_FORMATS = (format_codes.NVFP4, format_codes.MXFP4)  # decoded to bf16 (W4A16)
+PACKED_FORMATS = (format_codes.NVFP4, format_codes.MXFP4, format_codes.MXFP4_W4A8)  # two E2M1 codes per stored byte
+# mxfp4_gemm takes the FP8 tensor-core path (W4A8) from this M on. Both paths are bound by the in-register
+# E2M1 decode (BLOCK_N x BLOCK_K values per k-step on the CUDA cores), so W4A8's faster MMA only pays once
+# M amortizes its activation quantization: W4A8 is slower up to M = 4096 on the DeepSeek shapes
+# (benchmarks/results/gemm_h100.csv, gemm_h100_fp4.csv) and its time ratio to W4A16 falls toward 1 near 8K rows.
 W4A8_MIN_M = 8192
 
 SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream once, MMA N = BLOCK_M)

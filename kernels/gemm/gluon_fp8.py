@@ -27,8 +27,8 @@ import inspect
 import torch
 import triton
 from dsquant.kernels.gemm import configs
-from dsquant.kernels.gemm.tiles import _grouped_tile
 from dsquant.kernels.gemm.triton import fp8_block_gemm, fp8_block_operands, num_sms
+from dsquant.kernels.tile_order import grouped_tile
 
 try:
     from triton.experimental import gluon
@@ -95,7 +95,7 @@ def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
     k_tiles = gl.cdiv(K, BLOCK_K)
     it = 0
     for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
-        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         for ki in range(k_tiles):
             s = it % STAGES
             # A fresh mbarrier counts as having completed the phase before 0, so the first lap does not wait.
@@ -152,7 +152,7 @@ def _consume_partition(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, c_desc, c
     y = gl.zeros([WG_M, BLOCK_N], gl.float32, layout)
     it = 0
     for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
-        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M + WG * WG_M
         offs_m = off_m + gl.arange(0, WG_M, layout=rows)
         a_s_ptrs = a_scale_ptr + offs_m * stride_asm

@@ -1,28 +1,13 @@
-"""Tile-level pieces of the GEMM kernels in triton.py (inlined by Triton): program order, weight tile loads and
-decodes per format, the FP8 step scale and the epilogue's scaling. Formats are configs.py's W_FMT ids.
+"""Tile-level pieces of the GEMM kernels in triton.py (inlined by Triton): weight tile loads and
+decodes per format, the FP8 step scale and the epilogue's scaling. W_FMT is a format_codes code.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 from dsquant.kernels.fp4_decode import e2m1_float32, e2m1_groups_bf16, e8m0_to_bf16
-from dsquant.kernels.gemm import configs
-
-_FP8_BLOCK = tl.constexpr(configs.FP8_BLOCK)
-_INT8 = tl.constexpr(configs.INT8)
-_NVFP4 = tl.constexpr(configs.NVFP4)
-_MXFP4 = tl.constexpr(configs.MXFP4)
-_MXFP4_W4A8 = tl.constexpr(configs.MXFP4_W4A8)
-
-
-@triton.jit
-def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Tile index -> (pid_m, pid_n), GROUP_M row-tiles at a time so W tiles are reused from L2."""
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile_id // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile_id % in_group) % size_m, (tile_id % in_group) // size_m
 
 
 @triton.jit
@@ -33,16 +18,16 @@ def _e2m1_decode(packed):
 
 
 @triton.jit
-def _load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
-                 W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
+                W_FMT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One weight tile [BLOCK_N, BLOCK_K]: the stored codes for FP8/INT8, bf16 values for FP4."""
-    if W_FMT == _NVFP4 or W_FMT == _MXFP4:
+    if W_FMT == format_codes.NVFP4 or W_FMT == format_codes.MXFP4:
         packed = w_desc.load([off_n, off_k // 2])  # [BLOCK_N, BLOCK_K // 2] uint8
         offs_n = off_n + tl.arange(0, BLOCK_N)
         offs_g = off_k // SCALE_GROUP + tl.arange(0, BLOCK_K // SCALE_GROUP)
         mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // SCALE_GROUP)
         s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + offs_g[None, :] * stride_wsk, mask=mask)
-        scale = s.to(tl.bfloat16) if W_FMT == _NVFP4 else e8m0_to_bf16(s)
+        scale = s.to(tl.bfloat16) if W_FMT == format_codes.NVFP4 else e8m0_to_bf16(s)
         scale = tl.where(mask, scale, 0.0).to(tl.bfloat16)  # past N or K: a masked byte may read as NaN
         even, odd = e2m1_groups_bf16(packed, scale, SCALE_GROUP)  # exact: E2M1 x (E4M3 or 2^e) fits bf16
         w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # element 2i is the low nibble of byte i
@@ -52,8 +37,8 @@ def _load_weight(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
 
 
 @triton.jit
-def _load_mxfp4_as_fp8(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def load_mxfp4_as_fp8(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """MXFP4 tile -> (float8e4nv values [BLOCK_N, BLOCK_K], float32 row scale [BLOCK_N]), tile = values * scale.
 
     Each 32-wide block's E8M0 exponent is taken relative to the largest of the row's BLOCK_K / 32 and
@@ -75,12 +60,12 @@ def _load_mxfp4_as_fp8(w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, 
 
 
 @triton.jit
-def _dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off_k, N, K,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + a @ W^T with W read as packed E2M1 codes and E8M0 scales by FP4 tensor cores (sm_100+).
 
-    Compiled only where `_launch` finds compute capability >= 10; Triton emulates `tl.dot_scaled`
-    elsewhere. Not run on an sm_100 GPU: none was available to test it.
+    Compiled only where `launch_gemm` finds compute capability >= 10; Triton emulates `tl.dot_scaled`
+    elsewhere, which is how tests/kernels/test_gemm_kernels.py checks it on Hopper.
     """
     packed = w_desc.load([off_n, off_k // 2])  # [BLOCK_N, BLOCK_K // 2] uint8
     offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -91,8 +76,8 @@ def _dot_scaled_mxfp4(acc, a, w_desc, ws_ptr, stride_wsn, stride_wsk, off_n, off
 
 
 @triton.jit
-def _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk, offs_m, offs_n, M, N, ki,
-                    SCALE_GROUP: tl.constexpr):
+def fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk, offs_m, offs_n, M, N, ki,
+                   SCALE_GROUP: tl.constexpr):
     """FP8 block K step ki: 1x128 activation scales x the 128x128 weight-block scales -> fp32 [BLOCK_M, BLOCK_N]."""
     w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk, mask=offs_n < N, other=0.0)
     a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
@@ -100,14 +85,14 @@ def _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn, global_scale_ptr,
-              W_FMT: tl.constexpr):
+def epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn, global_scale_ptr,
+             W_FMT: tl.constexpr):
     """Per-format output scaling of an accumulator [BLOCK_M, BLOCK_N] -> float32 (bias excluded)."""
-    if W_FMT == _INT8:
+    if W_FMT == format_codes.INT8:
         a_s = tl.load(a_scale_ptr + offs_m * stride_asm, mask=offs_m < M, other=0.0)
         w_s = tl.load(w_scale_ptr + offs_n * stride_wsn, mask=offs_n < N, other=0.0)
         out = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
-    elif W_FMT == _NVFP4:
+    elif W_FMT == format_codes.NVFP4:
         out = acc * tl.load(global_scale_ptr)
     else:
         out = acc

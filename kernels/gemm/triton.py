@@ -25,20 +25,19 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 from dsquant.kernels.gemm import configs
 from dsquant.kernels.gemm.tiles import (
-    _FP8_BLOCK,
-    _INT8,
-    _MXFP4_W4A8,
-    _dot_scaled_mxfp4,
-    _epilogue,
-    _fp8_step_scale,
-    _grouped_tile,
-    _load_mxfp4_as_fp8,
-    _load_weight,
+    dot_scaled_mxfp4,
+    epilogue,
+    fp8_step_scale,
+    load_mxfp4_as_fp8,
+    load_weight,
 )
+from dsquant.kernels.tile_order import grouped_tile
 
-_SCALE_GROUP = {configs.FP8_BLOCK: 128, configs.INT8: 1, configs.NVFP4: 16, configs.MXFP4: 32, configs.MXFP4_W4A8: 32}
+_SCALE_GROUP = {format_codes.FP8_BLOCK: 128, format_codes.INT8: 1, format_codes.NVFP4: 16, format_codes.MXFP4: 32,
+                format_codes.MXFP4_W4A8: 32}
 
 
 # M (and the autotune bucket) vary per call: specializing on M == 1 or M % 16 would only multiply compiles.
@@ -58,35 +57,36 @@ def _gemm_persistent_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=False):
-        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if W_FMT == _INT8:
+        if W_FMT == format_codes.INT8:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
-            if W_FMT == _MXFP4_W4A8:
-                w, w_s = _load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
-                                            ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
+            if W_FMT == format_codes.MXFP4_W4A8:
+                w, w_s = load_mxfp4_as_fp8(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
+                                           ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
             elif not NATIVE_FP4:
-                w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
-                                 W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
-            if W_FMT == _FP8_BLOCK:  # promote every 128-K step into fp32
-                scale = _fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                                        offs_m, offs_n, M, N, ki, SCALE_GROUP)
+                w = load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
+                                W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)
+            if W_FMT == format_codes.FP8_BLOCK:  # promote every 128-K step into fp32
+                scale = fp8_step_scale(a_scale_ptr, w_scale_ptr, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                                       offs_m, offs_n, M, N, ki, SCALE_GROUP)
                 acc += tl.dot(a, w.T) * scale
-            elif W_FMT == _MXFP4_W4A8:  # the same promotion; w_s: each row's largest E8M0 scale (rest in the codes)
+            elif W_FMT == format_codes.MXFP4_W4A8:  # the same promotion; w_s: each row's largest E8M0 scale, the
+                # rest of each block's exponent is in the codes
                 a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
                 acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
             elif NATIVE_FP4:
-                acc = _dot_scaled_mxfp4(acc, a, w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
-                                        ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
+                acc = dot_scaled_mxfp4(acc, a, w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N,
+                                       ki * BLOCK_K, N, K, BLOCK_N, BLOCK_K)
             else:
                 acc = tl.dot(a, w.T, acc, out_dtype=acc.dtype)
-        out = _epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
-                        global_scale_ptr, W_FMT)
+        out = epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                       global_scale_ptr, W_FMT)
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -95,8 +95,8 @@ def _gemm_persistent_kernel(
 
 _TUNE = dict(key=["N", "K", "W_FMT", "M_BUCKET"], prune_configs_by={"early_config_prune": configs.early_prune},
              do_bench=configs.tune_bench)
-_persistent_8bit = triton.autotune(configs.large_m_configs(configs.FP8_BLOCK), **_TUNE)(_gemm_persistent_kernel)
-_persistent_fp4 = triton.autotune(configs.large_m_configs(configs.NVFP4), **_TUNE)(_gemm_persistent_kernel)
+_persistent_8bit = triton.autotune(configs.large_m_configs(format_codes.FP8_BLOCK), **_TUNE)(_gemm_persistent_kernel)
+_persistent_fp4 = triton.autotune(configs.large_m_configs(format_codes.NVFP4), **_TUNE)(_gemm_persistent_kernel)
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
@@ -118,15 +118,15 @@ def _gemm_swap_ab_kernel(
     k_hi = tl.minimum(k_lo + per_split, k_tiles)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if W_FMT == _INT8:
+    if W_FMT == format_codes.INT8:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for ki in range(k_lo, k_hi):
         a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
-        w = _load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
-                         W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-        if W_FMT == _FP8_BLOCK:
+        w = load_weight(w_desc, w_scale_ptr, stride_wsn, stride_wsk, pid_n * BLOCK_N, ki * BLOCK_K, N, K,
+                        W_FMT, SCALE_GROUP, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        if W_FMT == format_codes.FP8_BLOCK:
             a_s = tl.load(a_scale_ptr + offs_m * stride_asm + ki * stride_ask, mask=offs_m < M, other=0.0)
             w_s = tl.load(w_scale_ptr + (offs_n // SCALE_GROUP) * stride_wsn + ki * stride_wsk,
                           mask=offs_n < N, other=0.0)
@@ -135,17 +135,17 @@ def _gemm_swap_ab_kernel(
             acc = tl.dot(w, a.T, acc, out_dtype=acc.dtype)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if DIRECT_OUT:
-        out = _epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
-                        global_scale_ptr, W_FMT)  # [BLOCK_M, BLOCK_N] fp32
+        out = epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                       global_scale_ptr, W_FMT)  # [BLOCK_M, BLOCK_N] fp32
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
     else:
-        if W_FMT == _INT8:  # exact int32 partials; the reduce kernel scales their sum, as the reference does
+        if W_FMT == format_codes.INT8:  # exact int32 partials, scaled once summed (the reference's order)
             part = tl.trans(acc)
         else:
-            part = _epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
-                             global_scale_ptr, W_FMT)
+            part = epilogue(tl.trans(acc), offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, stride_asm, stride_wsn,
+                            global_scale_ptr, W_FMT)
         tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], part, mask=mask)
 
 
@@ -202,9 +202,9 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t.dim() == 2 else (t.stride(0), 0)
 
 
-def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, global_scale=None, out=None,
-            small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None,
-            large_cfg: dict | None = None) -> torch.Tensor:
+def launch_gemm(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, global_scale=None, out=None,
+                small_m: bool | None = None, small_cfg: dict | None = None, native_fp4: bool | None = None,
+                large_cfg: dict | None = None) -> torch.Tensor:
     """Allocate, grid and launch one GEMM; `small_m` / `small_cfg` / `large_cfg` / `native_fp4` force a path or
     tile (tests, benchmarks; large_cfg bypasses the autotuner: BLOCK_*, GROUP_M, num_warps and
     num_stages). MXFP4 at M > 64 uses `tl.dot_scaled` on compute capability >= 10."""
@@ -222,10 +222,10 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
         _set_tma_allocator()
     n_sms = num_sms(a.device)
     if small_m if small_m is not None else m <= configs.SMALL_M_MAX:
-        assert fmt != configs.MXFP4_W4A8, "W4A8 runs only in the persistent kernel"
+        assert fmt != format_codes.MXFP4_W4A8, "W4A8 runs only in the persistent kernel"
         cfg = dict(small_cfg or configs.small_m_config(m, n, k, fmt, n_sms))
         split = cfg.pop("SPLIT_K")
-        part_dtype = torch.int32 if fmt == configs.INT8 else torch.float32
+        part_dtype = torch.int32 if fmt == format_codes.INT8 else torch.float32
         part = out if split == 1 else torch.empty((split, m, n), dtype=part_dtype, device=a.device)
         assert split == 1 or out.is_contiguous(), "split-K writes a contiguous out"
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
@@ -235,15 +235,15 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
             block = 1024
             _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
                 part, out, ptrs[0], ptrs[1], ptrs[2], m * n, n, split, strides[3], strides[5],
-                INT_PARTS=fmt == configs.INT8, HAS_BIAS=bias is not None, BLOCK=block)
+                INT_PARTS=fmt == format_codes.INT8, HAS_BIAS=bias is not None, BLOCK=block)
         return out
 
     def grid(cfg):
         return (min(n_sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
 
     if native_fp4 is None:
-        native_fp4 = fmt == configs.MXFP4 and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 10
-    assert not native_fp4 or fmt == configs.MXFP4, "tl.dot_scaled serves MXFP4 (E8M0 scales) only"
+        native_fp4 = fmt == format_codes.MXFP4 and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 10
+    assert not native_fp4 or fmt == format_codes.MXFP4, "tl.dot_scaled serves MXFP4 (E8M0 scales) only"
     meta["NATIVE_FP4"] = native_fp4
     args = (a, w, out, *ptrs, m, n, k, configs.m_bucket(m), *strides)
     if configs.interpreting() or large_cfg is not None:
@@ -256,7 +256,7 @@ def _launch(a, w, out_dtype, fmt, *, a_scale=None, w_scale=None, bias=None, glob
     return out
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
+def row_major(t: torch.Tensor) -> torch.Tensor:
     """TMA needs a unit inner stride and 16-byte aligned rows; copy only a tensor that lacks them."""
     aligned = t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
     return t if aligned else t.contiguous()
@@ -278,7 +278,7 @@ def fp8_block_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
         f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
     assert b_scale.dtype == torch.float32 and tuple(b_scale.shape) == (triton.cdiv(n, 128), k // 128), \
         f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}, expected float32 {(triton.cdiv(n, 128), k // 128)}"
-    return _row_major(a), _row_major(b)
+    return row_major(a), row_major(b)
 
 
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -296,7 +296,7 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
         out_dtype [M, N].
     """
     a, b = fp8_block_operands(a, a_scale, b, b_scale)
-    return _launch(a, b, out_dtype, configs.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale, out=out)
+    return launch_gemm(a, b, out_dtype, format_codes.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale, out=out)
 
 
 def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -317,5 +317,5 @@ def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     assert a_scale.dtype == torch.float32 and a_scale.numel() == m, f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}"
     assert b_scale.dtype == torch.float32 and b_scale.numel() == n, f"b_scale {b_scale.dtype} {tuple(b_scale.shape)}"
     assert bias is None or (bias.numel() == n and bias.is_contiguous()), f"bias {tuple(bias.shape)} for N={n}"
-    return _launch(_row_major(a), _row_major(b), out_dtype, configs.INT8,
-                   a_scale=a_scale.reshape(m, 1), w_scale=b_scale.reshape(n, 1), bias=bias, out=out)
+    return launch_gemm(row_major(a), row_major(b), out_dtype, format_codes.INT8,
+                       a_scale=a_scale.reshape(m, 1), w_scale=b_scale.reshape(n, 1), bias=bias, out=out)

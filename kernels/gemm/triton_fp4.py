@@ -13,15 +13,16 @@ Hopper has no FP4 tensor cores, so the weights are decoded in registers (kernels
   than E4M3 holds, so the scale would have to be applied per 16-K sub-block, below the K = 32 of an
   FP8 MMA instruction; it is dequantized to bf16 instead.
 - Native FP4: on compute capability >= 10, MXFP4 at M > 64 goes to `tl.dot_scaled` (packed codes
-  and E8M0 scales straight into FP4 tensor cores) instead of W4A16/W4A8. It has not run on such a
-  GPU (none was available); on Hopper Triton emulates it, which test_gemm_kernels.py can force.
+  and E8M0 scales straight into FP4 tensor cores) instead of W4A16/W4A8. On Hopper Triton emulates
+  it, which test_gemm_kernels.py forces to check the operand layout.
 """
 
 from __future__ import annotations
 
 import torch
+from dsquant.kernels import format_codes
 from dsquant.kernels.gemm import configs
-from dsquant.kernels.gemm.triton import _launch, _row_major
+from dsquant.kernels.gemm.triton import launch_gemm, row_major
 
 
 def _check_fp4_operands(x: torch.Tensor, w_packed: torch.Tensor) -> tuple[int, int, int]:
@@ -51,8 +52,8 @@ def nvfp4_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_block_scale: torch.Ten
         f"w_block_scale {w_block_scale.dtype} {tuple(w_block_scale.shape)}, expected float8_e4m3fn {(n, k // 16)}"
     assert w_global_scale.numel() == 1 and w_global_scale.dtype == torch.float32, \
         f"w_global_scale must be one float32, got {w_global_scale.dtype} {tuple(w_global_scale.shape)}"
-    return _launch(_row_major(x), _row_major(w_packed), out_dtype, configs.NVFP4,
-                   w_scale=w_block_scale, global_scale=w_global_scale.reshape(1), out=out)
+    return launch_gemm(row_major(x), row_major(w_packed), out_dtype, format_codes.NVFP4,
+                       w_scale=w_block_scale, global_scale=w_global_scale.reshape(1), out=out)
 
 
 def mxfp4_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale_e8m0: torch.Tensor,
@@ -72,7 +73,7 @@ def mxfp4_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale_e8m0: torch.Tens
     native_fp4 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 10
     if m >= configs.W4A8_MIN_M and k % 128 == 0 and x.is_cuda and not native_fp4:
         return mxfp4_gemm_w4a8(x, w_packed, w_scale_e8m0, out_dtype, out)
-    return _launch(_row_major(x), _row_major(w_packed), out_dtype, configs.MXFP4, w_scale=w_scale_e8m0, out=out)
+    return launch_gemm(row_major(x), row_major(w_packed), out_dtype, format_codes.MXFP4, w_scale=w_scale_e8m0, out=out)
 
 
 def mxfp4_gemm_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale_e8m0: torch.Tensor,
@@ -99,5 +100,5 @@ def mxfp4_gemm_w4a8_quantized(a: torch.Tensor, a_scale: torch.Tensor, w_packed: 
         f"a_scale {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {(m, k // 128)}"
     assert w_packed.shape[1] * 2 == k and tuple(w_scale_e8m0.shape) == (n, k // 32), \
         f"w_packed {tuple(w_packed.shape)} / w_scale_e8m0 {tuple(w_scale_e8m0.shape)} do not fit K={k}"
-    return _launch(_row_major(a), _row_major(w_packed), out_dtype, configs.MXFP4_W4A8, a_scale=a_scale,
-                   w_scale=w_scale_e8m0, out=out, small_m=False)
+    return launch_gemm(row_major(a), row_major(w_packed), out_dtype, format_codes.MXFP4_W4A8, a_scale=a_scale,
+                       w_scale=w_scale_e8m0, out=out, small_m=False)

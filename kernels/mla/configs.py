@@ -1,5 +1,5 @@
-"""Launch configurations of the MLA attend kernel: tile sizes, the fp8 tile schedule, the timed defaults
-and the static split-count heuristic (no GPU needed to import)."""
+"""Launch configurations of the MLA attend kernel: tile sizes, the fp8 tile schedule, the defaults and the
+static split-count heuristic (no GPU needed to import)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TILE_TAG = {"regs": "", "reload": "r", "smem": "m", "dequant": "d", "smem16": "m
 
 
 class AttendConfig(NamedTuple):
-    """Tile sizes and launch parameters of _mla_attend_kernel."""
+    """Tile sizes and launch parameters of mla_attend_kernel."""
 
     block_h: int
     block_n: int
@@ -33,19 +33,14 @@ class AttendConfig(NamedTuple):
         return f"h{self.block_h}n{self.block_n}w{self.num_warps}s{self.num_stages}" + TILE_TAG[self.tile]
 
 
-# performance hyper-parameters: the fastest configs timed on an H100 at batch 64, 4K context
-# (benchmarks/results/mla_h100.csv; 32K rows use the same defaults). <= 16 heads (memory-bound): 16-row head
-# blocks on mma.sync. bf16: 64-token tiles read once into shared memory, 8 warps, 3 stages (127 us, 79% of
-# copy bandwidth). fp8 / fp8_ds: float16 MMAs. fp8: tiles read twice ("reload"), 32-token tiles, 3 stages:
-# 112 / 113 us in two runs (64-token tiles: 110 / 140 us; one float16 shared tile 147 us; the former bf16
-# dequantization 185 us). fp8_ds: one float16 shared tile pinned for 16-bit ldmatrix ("smem16"), 140 us
-# against 152 / 153 us reloaded (results/mla_h100_smem16.csv, the second run). More heads: 64-row head
-# blocks for wgmma, 64-token tiles (32-token tiles were 1.3-1.4x slower). fp8 there: one float16 shared tile
-# ("smem": 191 us at 64 heads, 213 TFLOPS at 128, against 206 us / 197 TFLOPS dequantized to bf16); fp8_ds:
-# bf16 dequantization ("dequant", the former kernel, same SASS: 210 us / 196 TFLOPS, results/
-# mla_h100_bf16_dequant.csv), since the float16 path's per-chunk scales spill at 64 rows (411 us).
-# 32 heads pad to a 64-row block: a 32-row mma.sync block ran 3.3x slower than a 64-row wgmma one at
-# 64 heads (results/mla_h100_before_chunking.csv, 799 vs 240 us).
+# performance hyper-parameters: the fastest configs of the H100 sweep at batch 64, 4K context
+# (benchmarks/results/mla_h100.csv; <= 16-head fp8_ds: mla_h100_smem16.csv). <= 16 heads is memory-bound:
+# 16-row head blocks on mma.sync. bf16: 64-token tiles read once into shared memory. fp8: float16 MMAs on
+# 32-token tiles read twice ("reload"), which beats one shared float16 tile; fp8_ds: one float16 shared tile
+# pinned for 16-bit ldmatrix ("smem16"). More heads: 64-row head blocks for wgmma and 64-token tiles; fp8
+# there shares one float16 tile ("smem"), while fp8_ds dequantizes to bf16 ("dequant"), since the float16
+# path's per-chunk scales spill at 64 rows (benchmarks/results/mla_sm90_sass.csv). 32 heads pad to a 64-row
+# block, which takes wgmma.
 def default_config(num_heads: int, kind: str) -> AttendConfig:
     if kind == "bf16":
         return AttendConfig(16, 64, 8, 3) if num_heads <= 16 else AttendConfig(64, 64, 8, 2)

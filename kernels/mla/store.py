@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 from dsquant.kernels.mla.cache import DS_GROUP, DS_ROPE_OFFSET, DS_SCALE_OFFSET, KV_LORA_RANK, ROPE_DIM, kv_cache_dtype
 
 from dsquant.formats.fp8 import FP8_AMAX_FLOOR, FP8_E4M3_MAX
-
-_FMT = {"bf16": 0, "fp8": 1, "fp8_ds": 2}
 
 
 @triton.jit
@@ -33,7 +32,7 @@ def _cache_store_kernel(
         return  # Triton interpreters reject)
     r = tl.arange(0, DR)
     pe = tl.load(kpe_ptr + t * stride_kpe + r).to(tl.float32)
-    if KV_FMT == 2:
+    if KV_FMT == format_codes.FP8_DS:
         g = tl.arange(0, D // GROUP)
         c = tl.arange(0, GROUP)
         offs = g[:, None] * GROUP + c[None, :]  # [4, 128]
@@ -51,7 +50,7 @@ def _cache_store_kernel(
     else:
         d = tl.arange(0, D)
         x = tl.load(kvc_ptr + t * stride_kvc + d).to(tl.float32)
-        if KV_FMT == 1:
+        if KV_FMT == format_codes.FP8_TENSOR:
             s = tl.load(kv_scale_ptr)
             x = tl.clamp(tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * s), -FP8_MAX, FP8_MAX)
             pe = tl.clamp(tl.math.div_rn(pe, tl.full(pe.shape, 1.0, tl.float32) * s), -FP8_MAX, FP8_MAX)
@@ -111,6 +110,7 @@ def cache_store(
         kv_c, k_pe, slot_mapping, val, sc, pe, kv_scale if kind == "fp8" else val,
         kv_c.stride(0), k_pe.stride(0),
         VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
-        KV_FMT=_FMT[kind], UE8M0=ue8m0, FP8_MAX=FP8_E4M3_MAX, AMAX_FLOOR=FP8_AMAX_FLOOR,
+        KV_FMT=format_codes.KV_CACHE_FORMATS[kind], UE8M0=ue8m0, FP8_MAX=FP8_E4M3_MAX,
+        AMAX_FLOOR=FP8_AMAX_FLOOR,
         D=KV_LORA_RANK, DR=ROPE_DIM, GROUP=DS_GROUP, num_warps=4,
     )

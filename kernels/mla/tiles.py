@@ -1,12 +1,13 @@
 """Tile-level Triton helpers of the MLA attend kernel (triton.py): KV chunk loads per tile schedule, the
 power-of-two multipliers of the float16 path, fp8_ds P.V and the output store. Shapes: BLOCK_N tokens x
 128 latent values per chunk, BLOCK_H heads. TILE is configs.TILE_CODE: 0 regs, 1 reload, 2 smem, 3 dequant, 4 smem16;
-KV_FMT 0 bf16, 1 fp8, 2 fp8_ds."""
+KV_FMT is a format_codes code."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 
 
 @triton.jit
@@ -20,25 +21,25 @@ def load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, G: tl.constexpr, VAL_W: tl.cons
     c = tl.arange(0, GROUP)
     kq = tl.load(val_ptr + slot[:, None] * VAL_W + G * GROUP + c[None, :], mask=mask_n[:, None], other=0.0,
                  eviction_policy=EVICT)
-    if TILE == 3 and KV_FMT == 2:
+    if TILE == 3 and KV_FMT == format_codes.FP8_DS:
         ks = tl.load(sc_ptr + slot * SC_W + SC_OFF + G, mask=mask_n, other=0.0)
         return (kq.to(tl.float32) * ks[:, None]).to(tl.bfloat16)
     elif TILE == 3:
         return kq.to(tl.bfloat16)
-    elif TILE == 2 and KV_FMT != 0:
+    elif TILE == 2 and KV_FMT != format_codes.BF16:
         # Converted here, once, into a float16 tile that both dots read from shared memory (ldmatrix). The
         # mask multiply (a no-op: masked tokens already read 0) keeps the compiler from moving the conversion
         # past the shared-memory read, where it would convert per dot and gather P.V's 8-bit operand byte by
         # byte (a select does the same at one SEL per value; an inline-asm cvt is moved like a plain cast).
         return kq.to(tl.float16) * mask_n.to(tl.float16)[:, None]
-    elif TILE == 4 and KV_FMT != 0 and ASM:
+    elif TILE == 4 and KV_FMT != format_codes.BF16 and ASM:
         # As "smem", pinned by an identity PTX move that the compiler may not look through (it has side
         # effects): besides keeping the conversion here, this stops the operand-width search that else
         # traces the tile back to its 8-bit load and gives both dots an 8-bit operand layout (LDS.64 and
         # register moves instead of ldmatrix: 982 -> 546 SASS instructions per warp per 32-token tile).
         return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [kq.to(tl.float16)], dtype=tl.float16,
                                          is_pure=False, pack=2)
-    elif TILE == 4 and KV_FMT != 0:
+    elif TILE == 4 and KV_FMT != format_codes.BF16:
         return kq.to(tl.float16) * mask_n.to(tl.float16)[:, None]  # the interpreter: "smem"'s numbers
     else:
         return kq

@@ -12,12 +12,12 @@ repeats come from L2.
 MMA operands per cache dtype:
     bf16     the tile as stored (pipelined into shared memory once, read by both dots).
     fp8      float16 MMAs on the exact float16 image of the E4M3 codes (one cvt.rn.f16x2.e4m3x2 per pair;
-             a bf16 target needs a further F2F per value, which made the former kernel slower on fp8
-             than on bf16). q goes to float16 times a power of two per head, P times 2^15; kv_scale and
-             both powers are folded into the logit scale and the output.
+             a bf16 target needs a further F2F per value, which would make fp8 slower than bf16). q goes
+             to float16 times a power of two per head, P times 2^15; kv_scale and both powers are folded
+             into the logit scale and the output.
     fp8_ds   the same, each chunk's Q.K^T times its per-token group scale and P.V's P times the scale
              (in float16 times a power of two per tile), i.e. exactly the dequantized cache.
-How the fp8 tile reaches the two dots is AttendConfig.tile ("dequant": bf16 tiles, the former path).
+How the fp8 tile reaches the two dots is AttendConfig.tile ("dequant": bf16 tiles on bf16 MMAs).
 
 Split count: from static sizes only (no host sync, CUDA-graph safe): the block table's capacity
 bounds the context, and the split count trades partial-output traffic against SM wave fill.
@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 from dsquant.kernels.mla.cache import KV_LORA_RANK, ROPE_DIM
 from dsquant.kernels.mla.configs import TILE_CODE, AttendConfig, default_config, default_num_splits, num_sms
 from dsquant.kernels.mla.store import cache_views
@@ -44,13 +45,12 @@ from dsquant.kernels.mla.tiles import (
 
 __all__ = ["AttendConfig", "default_config", "default_num_splits", "mla_decode", "mla_prefill"]
 
-_FMT = {"bf16": 0, "fp8": 1, "fp8_ds": 2}
 _LOG2E = 1.4426950408889634
 
 
 # Sizes that vary per call are not specialized on (divisibility / == 1): one compile per tile config.
 @triton.jit(do_not_specialize=["num_heads", "num_splits", "stride_bt", "stride_lse_r", "stride_lse_h"])
-def _mla_attend_kernel(
+def mla_attend_kernel(
     qn_ptr, qp_ptr,  # [R, H, 512], [R, H, 64] bf16
     val_ptr, sc_ptr, pe_ptr, kv_scale_ptr,  # cache views (store.cache_views), float32 [] for "fp8"
     bt_ptr, row_seq_ptr, row_len_ptr,  # [B, max_pages] int32, [R] int32 (if HAS_ROW_SEQ), [R] int32
@@ -65,8 +65,7 @@ def _mla_attend_kernel(
 ):
     # The 512 latent dims are handled as four 128-wide chunks (the fp8_ds scale groups): Q.K^T becomes
     # five independent MMA chains instead of one 36-step dependent chain, and each fp8_ds chunk needs
-    # one per-token scale. H100, batch 64, 4K, 16 heads, bf16, same tiles (h16n64w8s3, 2 splits):
-    # 238 -> 132 us against one [BLOCK_N, 512] tile (results/mla_h100_before_chunking.csv).
+    # one per-token scale.
     hb = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -96,19 +95,19 @@ def _mla_attend_kernel(
     # mantissa bits kept), undone here. P goes to float16 times 2^15 (p <= 1), undone on the output.
     s_scale = tl.full([BLOCK_H], 1.0, tl.float32) * qk_scale
     if MMA_BF16:  # bf16 cache, or an fp8 cache dequantized to bf16 tiles
-        if KV_FMT == 1:
+        if KV_FMT == format_codes.FP8_TENSOR:
             s_scale = s_scale * tl.load(kv_scale_ptr)
     else:
         qa = tl.maximum(tl.maximum(tl.abs(q0), tl.abs(q1)), tl.maximum(tl.abs(q2), tl.abs(q3)))
         qmax = tl.max(qa.to(tl.float32), axis=1)  # one row reduction (elementwise max first)
-        if KV_FMT == 1:  # the rope part is fp8 too and shares q's multiplier
+        if KV_FMT == format_codes.FP8_TENSOR:  # the rope part is fp8 too and shares q's multiplier
             qmax = tl.maximum(qmax, tl.max(tl.abs(qp).to(tl.float32), axis=1))
         q_mul, q_inv = pow2_scale(qmax, 14)
         q0 = (q0.to(tl.float32) * q_mul[:, None]).to(tl.float16)
         q1 = (q1.to(tl.float32) * q_mul[:, None]).to(tl.float16)
         q2 = (q2.to(tl.float32) * q_mul[:, None]).to(tl.float16)
         q3 = (q3.to(tl.float32) * q_mul[:, None]).to(tl.float16)
-        if KV_FMT == 1:
+        if KV_FMT == format_codes.FP8_TENSOR:
             qp = (qp.to(tl.float32) * q_mul[:, None]).to(tl.float16)
             # per-tensor fp8: scores scale by kv_scale, folded into the logit scale
             s_scale = s_scale * q_inv * tl.load(kv_scale_ptr)
@@ -140,7 +139,7 @@ def _mla_attend_kernel(
             s01 = tl.dot(q0, key_operand(k0)) + tl.dot(q1, key_operand(k1))
             s = s01 + (tl.dot(q2, key_operand(k2)) + tl.dot(q3, key_operand(k3)))
             s = s + tl.dot(qp, tl.trans(kp.to(tl.bfloat16)))  # [BLOCK_H, BLOCK_N] float32
-        elif KV_FMT == 2:
+        elif KV_FMT == format_codes.FP8_DS:
             # fp8_ds: each chunk's dot times its per-token group scale, exactly the dequantized key.
             ks0 = tl.load(sc_ptr + slot * SC_W + SC_OFF, mask=mask_n, other=0.0)
             ks1 = tl.load(sc_ptr + slot * SC_W + SC_OFF + 1, mask=mask_n, other=0.0)
@@ -159,7 +158,7 @@ def _mla_attend_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        if MMA_BF16 or KV_FMT == 1:
+        if MMA_BF16 or KV_FMT == format_codes.FP8_TENSOR:
             if MMA_BF16:
                 pb = p.to(tl.bfloat16)
             else:  # float16 MMAs: P times 2^15 (undone in the output scale) keeps small weights out of subnormals
@@ -188,9 +187,9 @@ def _mla_attend_kernel(
 
     has = l_i > 0.0
     inv = 1.0 / tl.where(has, l_i, 1.0)
-    if KV_FMT == 1 and MMA_BF16:
+    if KV_FMT == format_codes.FP8_TENSOR and MMA_BF16:
         inv = inv * tl.load(kv_scale_ptr)
-    elif KV_FMT == 1:
+    elif KV_FMT == format_codes.FP8_TENSOR:
         inv = inv * (tl.load(kv_scale_ptr) * (1.0 / 32768.0))  # P went to float16 times 2^15
     if SPLIT:
         o_base = o_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h + split * stride_o_s
@@ -259,13 +258,14 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
     else:
         o, lse = out, out
         so, slse = (out.stride(0), out.stride(1), 0), (0, 0)
-    _mla_attend_kernel[(n_hb, rows, num_splits)](
+    mla_attend_kernel[(n_hb, rows, num_splits)](
         q_nope, q_pe, val, sc, pe, kv_scale if kind == "fp8" else val,
         block_table, row_seq if row_seq is not None else row_len, row_len,
         o, lse, softmax_scale * _LOG2E, heads, num_splits,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0),
         *so, *slse,
-        PAGE_SIZE=page_size, KV_FMT=_FMT[kind], HAS_ROW_SEQ=row_seq is not None, SPLIT=split,
+        PAGE_SIZE=page_size, KV_FMT=format_codes.KV_CACHE_FORMATS[kind], HAS_ROW_SEQ=row_seq is not None,
+        SPLIT=split,
         VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4, TILE=TILE_CODE[cfg.tile],
         MMA_BF16=kind == "bf16" or cfg.tile == "dequant",

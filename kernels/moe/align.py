@@ -125,14 +125,11 @@ def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, numel, 
     tl.store(total_ptr, total)
 
 
-# performance hyper-parameters. NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25): route +
-# align took 17.8 us at 8192 slots with 128-slot chunks, but 156 us at 256-slot and 1160 us at 512-slot chunks
-# (the [CHUNK, SUB] rank compare outgrows the registers). Chunks stay at 128 slots; the scan tile stays near
-# 8K elements by narrowing its expert tile as the chunk count grows. ptxas -v for sm_90a agrees: the scatter kernel
-# spills 0 / 736 / 7860 bytes at 128 / 256 / 512-slot chunks; the one-program scan runs on 8 warps, where no
-# variant spills (benchmarks/results/moe_sm90_ptxas.csv). The single-program path (one launch instead of three)
-# measured 10.1 / 12.1 / 18.9 / 26.8 us at 64 / 128 / 256 / 512 slots (T = 8 / 16 / 32 / 64 at top-8), the three
-# kernels 14.1-14.9 us at 128-512 slots: its rank compare runs in one program, so it wins only up to 128 slots.
+# performance hyper-parameters. Chunks stay at 128 slots: wider chunks make the [CHUNK, SUB] rank compare outgrow
+# the registers (the scatter kernel spills from 256-slot chunks on, benchmarks/results/moe_sm90_ptxas.csv) and run
+# several times slower (benchmarks/results/moe_h100.csv). The scan tile stays near 8K elements by narrowing its
+# expert tile as the chunk count grows; the one-program scan runs on 8 warps, where no variant spills. The
+# single-program path saves two launches, but its rank compare runs in one program, so it wins only up to 128 slots.
 CHUNK = 128
 SCAN_TILE_ELEMS = 8192
 SINGLE_MAX = 128  # up to this many slots (16 tokens at top-8) one program does all

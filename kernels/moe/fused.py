@@ -20,46 +20,32 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 from dsquant.kernels.fp4_decode import e2m1_groups_bf16, e8m0_to_bf16
+from dsquant.kernels.fp8_cast import cast_fp8, fp8_scale
 from dsquant.kernels.moe.align import moe_align
-from dsquant.kernels.moe.reference import ExpertWeights, _as_stack, check_expert_weights
-from dsquant.kernels.quant.triton import (
-    _cast_fp8,
-    _fp8_scale,
-    quantize_fp8_per_token_group,
-    quantize_int8_per_token,
-)
-
-_FMT = {"bf16": 0, "fp8": 1, "int8": 2, "nvfp4": 3, "mxfp4": 4}
+from dsquant.kernels.moe.reference import ExpertWeights, as_stack, check_expert_weights
+from dsquant.kernels.quant.triton import quantize_fp8_per_token_group, quantize_int8_per_token
+from dsquant.kernels.tile_order import grouped_tile
 
 
 @triton.jit
 def _fp8_group_rows(x):
     """float32 [R, 128], one 1x128 group per row -> (e4m3 codes [R, 128], float32 scales [R]): the quant kernels'
     scale rule and correctly rounded division (dsquant.formats.fp8's numbers, bit for bit)."""
-    scale = _fp8_scale(tl.max(tl.abs(x), 1), False)
-    return _cast_fp8(x, scale[:, None], tl.div_rn(1.0, scale)[:, None], True), scale
+    scale = fp8_scale(tl.max(tl.abs(x), 1), False)
+    return cast_fp8(x, scale[:, None], tl.div_rn(1.0, scale)[:, None], True), scale
 
 
 @triton.jit
-def _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Packed E2M1 rows (pointer offsets rows_w / rows_s [BLOCK_N]) at K offset k0 -> two bf16 [BLOCK_N, BLOCK_K / 2]
     tiles, E2M1 x block scale (exact): the even K elements (low nibbles) and the odd ones (high nibbles)."""
-    SB: tl.constexpr = 16 if FMT == 3 else 32
+    SB: tl.constexpr = 16 if FMT == format_codes.NVFP4 else 32
     HALF: tl.constexpr = BLOCK_K // 2
     p = tl.load(w_ptr + rows_w[:, None] + (k0 // 2 + tl.arange(0, HALF))[None, :])  # [BN, BK/2] uint8
     s = tl.load(s_ptr + rows_s[:, None] + (k0 // SB + tl.arange(0, BLOCK_K // SB))[None, :])  # [BN, BK/SB]
-    return e2m1_groups_bf16(p, s.to(tl.bfloat16) if FMT == 3 else e8m0_to_bf16(s), SB)
-
-
-@triton.jit
-def _tile_ids(n_m_blocks, n_n_tiles, GROUP_M: tl.constexpr):
-    """Program -> (m block, n tile), GROUP_M m blocks at a time so a wave shares A rows and one expert's W in L2."""
-    pid = tl.program_id(0)
-    per_group = GROUP_M * n_n_tiles
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(n_m_blocks - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+    return e2m1_groups_bf16(p, s.to(tl.bfloat16) if FMT == format_codes.NVFP4 else e8m0_to_bf16(s), SB)
 
 
 @triton.jit
@@ -70,17 +56,17 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
 
     FP4 weights: FP4_PARITY_DOTS makes two dots, the even K elements (low nibbles) and the odd ones, so the
     decoded halves are never interleaved (decode tiles, where the decode's instructions are the cost); otherwise
-    the halves are interleaved into one tile and one dot takes contiguous A rows (prefill tiles: the stride-2
-    A loads of the parity dots ran the H100 prefill at 28 TFLOPS against 101 for the interleaved tile)."""
-    if FMT == 2:
+    the halves are interleaved into one tile and one dot takes contiguous A rows (prefill tiles, where the
+    stride-2 A loads of the parity dots would cost several times the interleaving)."""
+    if FMT == format_codes.INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     offs_even = 2 * tl.arange(0, BLOCK_K // 2)
     for k0 in range(0, K, BLOCK_K):
-        if FMT == 3 or FMT == 4:
-            w_even, w_odd = _fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT, BLOCK_N, BLOCK_K)
+        if FMT == format_codes.NVFP4 or FMT == format_codes.MXFP4:
+            w_even, w_odd = fp4_tiles(w_ptr, s_ptr, rows_w, rows_s, k0, FMT, BLOCK_N, BLOCK_K)
             a_rows = a_ptr + rows_a[:, None] + k0
             if FP4_PARITY_DOTS:  # K split into even and odd elements, as the nibbles of the packed weight
                 a_even = tl.load(a_rows + offs_even[None, :], mask=row_ok[:, None], other=0.0)
@@ -94,14 +80,14 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
         else:
             a = tl.load(a_ptr + rows_a[:, None] + (k0 + offs_k)[None, :], mask=row_ok[:, None], other=0.0)
             b = tl.load(w_ptr + rows_w[None, :] + (k0 + offs_k)[:, None])  # [BK, BN]
-            if FMT == 1:
+            if FMT == format_codes.FP8_BLOCK:
                 if QUANT_A:  # dynamic 1x128 group quant of the bf16 rows (dsquant.formats.fp8, same order)
                     a, a_s = _fp8_group_rows(a.to(tl.float32))
                 else:
                     a_s = tl.load(a_scale_ptr + rows_as + k0 // BLOCK_K, mask=row_ok, other=1.0)
                 w_s = tl.load(s_ptr + rows_s + (k0 // BLOCK_K))  # [BN]: 128x128 block of each column
                 acc += tl.dot(a, b) * (a_s[:, None] * w_s[None, :])
-            elif FMT == 2:
+            elif FMT == format_codes.INT8:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:
                 acc = tl.dot(a, b, acc)
@@ -116,7 +102,8 @@ def _moe_gate_up_kernel(
     FMT: tl.constexpr, QUANT_A: tl.constexpr, QUANT_OUT: tl.constexpr, FP4_PARITY_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
+    n_n_tiles = tl.num_programs(0) // n_m_blocks
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_m_blocks, n_n_tiles, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):  # past the padded total: read nothing
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -129,14 +116,17 @@ def _moe_gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_as = tok * stride_asm
     expert_s = expert * stride_se
-    rows_s = expert_s + (rows_n // 128) * stride_sn if FMT == 1 else expert_s + rows_n * stride_sn
+    if FMT == format_codes.FP8_BLOCK:  # one scale per 128x128 block
+        rows_s = expert_s + (rows_n // 128) * stride_sn
+    else:
+        rows_s = expert_s + rows_n * stride_sn
     acc = _mainloop(a_ptr, a_scale_ptr, tok * stride_am, rows_as, row_ok, w_ptr, s_ptr,
                     expert * stride_we + rows_n * stride_wn, rows_s, K, FMT, QUANT_A, FP4_PARITY_DOTS,
                     BLOCK_M, 2 * BLOCK_N, BLOCK_K)
-    if FMT == 2:
+    if FMT == format_codes.INT8:
         acc = acc.to(tl.float32) * tl.load(a_scale_ptr + rows_as, mask=row_ok, other=0.0)[:, None]
         acc = acc * tl.load(s_ptr + rows_s)[None, :]
-    elif FMT == 3:
+    elif FMT == format_codes.NVFP4:
         acc = acc * tl.load(gs_ptr + expert)
     g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     g = g.to(tl.bfloat16).to(tl.float32)
@@ -159,7 +149,8 @@ def _moe_down_kernel(
     FMT: tl.constexpr, HAS_WEIGHT: tl.constexpr, FP4_PARITY_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(n_m_blocks, tl.num_programs(0) // n_m_blocks, GROUP_M)
+    n_n_tiles = tl.num_programs(0) // n_m_blocks
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_m_blocks, n_n_tiles, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):  # past the padded total: read nothing
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -168,14 +159,17 @@ def _moe_down_kernel(
     slot_a = tl.where(row_ok, slot, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     s_base = expert * stride_se
-    rows_s = s_base + (offs_n // 128) * stride_sn if FMT == 1 else s_base + offs_n * stride_sn
+    if FMT == format_codes.FP8_BLOCK:
+        rows_s = s_base + (offs_n // 128) * stride_sn
+    else:
+        rows_s = s_base + offs_n * stride_sn
     acc = _mainloop(a_ptr, a_scale_ptr, slot_a * stride_am, slot_a * stride_asm, row_ok, w_ptr, s_ptr,
                     expert * stride_we + offs_n * stride_wn, rows_s, K, FMT, False, FP4_PARITY_DOTS,
                     BLOCK_M, BLOCK_N, BLOCK_K)
-    if FMT == 2:
+    if FMT == format_codes.INT8:
         y = acc.to(tl.float32) * tl.load(a_scale_ptr + slot_a * stride_asm, mask=row_ok, other=0.0)[:, None]
         y = y * tl.load(s_ptr + rows_s)[None, :]
-    elif FMT == 3:
+    elif FMT == format_codes.NVFP4:
         y = acc * tl.load(gs_ptr + expert)
     else:
         y = acc
@@ -184,25 +178,19 @@ def _moe_down_kernel(
     tl.store(out_ptr + (slot * stride_om)[:, None] + offs_n[None, :], y.to(tl.bfloat16), mask=row_ok[:, None])
 
 
-def _tiles(numel: int, num_experts: int, fmt: str) -> dict:
+def default_tiles(numel: int, num_experts: int, fmt: str) -> dict:
     """Tile sizes and pipeline depth from the expected rows per expert (performance hyper-parameters).
 
     Few rows per expert (decode) is weight-streaming: BLOCK_M = 16 (the smallest MMA) and deep pipelining. Many
     rows (prefill) is compute-bound: 64-row tiles reuse each weight tile from shared memory four times as often.
-    NOTE measured on an H100 (benchmarks/results/moe_h100.csv, 2026-11-25) with these tiles: decode at 1-64 tokens
-    reads the touched expert bytes at 75-94% (fp8, int8) and 90-101% (bf16) of copy bandwidth; prefill at 512 rows
-    per expert ran int8 at 544 TFLOPS, bf16 at 293 and fp8 at 151, all on 4 warps. ptxas -v for sm_90a (Triton 3.6)
-    explains the gap: the 4-warp gate_up kernel spills 1092 bytes for fp8 (its per-K-step block scaling keeps the dot
-    result beside the 64 x 256 fp32 accumulator) and 8 bytes at 255 registers for bf16, int8 none; on 8 warps fp8
-    and bf16 spill nothing (244 / 128 registers; benchmarks/results/moe_sm90_ptxas.csv, `bench_moe.py --ptxas`).
-    fp8 and bf16 prefill tiles therefore use 8 warps: the run after (moe_h100.csv, 21:15) measured fp8 prefill at
-    538 TFLOPS (0.80x fp8_block_gemm on the same FLOPs) and bf16 at 338. FP4 decode tiles (BLOCK_K 128: 64 bytes per
-    weight row per step, 4 warps) read 40-52% (NVFP4) / 37-50% (MXFP4) of copy bandwidth, against 30-38% for
-    BLOCK_K 64 on 8 warps in the same sweep; 256-wide K steps, 128-row N tiles and 8 warps were slower.
+    fp8 and bf16 prefill tiles use 8 warps: on 4 warps the gate_up kernel spills (fp8's per-K-step block scaling
+    keeps the dot result beside the 64 x 256 fp32 accumulator; bf16 sits at 255 registers), on 8 neither does
+    (benchmarks/results/moe_sm90_ptxas.csv, `bench_moe.py --ptxas`). FP4 decode tiles read 64 bytes per weight row
+    per step (BLOCK_K 128) on 4 warps, the fastest of the tiles swept (benchmarks/results/moe_h100.csv).
     """
     rows_per_expert = numel / max(min(num_experts, numel), 1)
     block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
-    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte reads per weight row (32 bytes: 1.3x slower)
+    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte reads per weight row (32 bytes are slower)
         block_n, block_k, w_bytes, warps = 64, 128, 0.5, 4
     elif fmt in ("nvfp4", "mxfp4"):  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
         block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8
@@ -219,7 +207,7 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
     """Both grouped GEMMs for aligned rows -> bf16 [T*k, H], each slot's expert output times its weight."""
     t, h = x.shape
     numel = t * k
-    fmt = _FMT[ew.fmt]
+    fmt = format_codes.MOE_FORMATS[ew.fmt]
     dev = x.device
     a, a_scale = x, x  # a_scale unused for bf16 / FP4 and for fp8 quantized in the kernel
     if ew.fmt == "int8":
@@ -288,7 +276,7 @@ def fused_moe(
         topk_weights: float32 [T, k]; topk_ids: int32 [T, k] in [0, E) (deepseek_route's output).
         fmt: "bf16" | "fp8" | "int8" | "nvfp4" | "mxfp4"; the scales as in reference.py.
         shared: the shared expert (weight 1 per token), ExpertWeights in any format.
-        tiles: overrides of the routed experts' tile choice (keys of _tiles; benchmarks sweep them).
+        tiles: overrides of the routed experts' tile choice (keys of default_tiles; benchmarks sweep them).
     Returns:
         [T, H] bf16. No host sync: CUDA-graph capturable for a fixed T.
     """
@@ -302,17 +290,17 @@ def fused_moe(
     if t == 0:  # no launch with an empty grid
         return torch.empty((0, h), dtype=x.dtype, device=x.device)
     x = x.contiguous()
-    tiles = _tiles(t * k, num_experts, fmt) | (tiles or {})
+    tiles = default_tiles(t * k, num_experts, fmt) | (tiles or {})
     sorted_ids, expert_ids, total = moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, tiles["BLOCK_M"])
     y = _run_stack(x, routed, inter, topk_weights.float().contiguous().view(-1), k, sorted_ids, expert_ids, total,
                    tiles)
     out = y.view(t, k, h).sum(dim=1, dtype=torch.float32)  # [T, H] fp32, the weighted combine
     if shared is not None:
-        sh = _as_stack(shared)
+        sh = as_stack(shared)
         _, sh_inter = check_expert_weights(sh, h, "shared expert")
         if sh_inter % 128:
             raise ValueError(f"shared expert: intermediate size I={sh_inter} must be a multiple of 128")
-        sh_tiles = _tiles(t, 1, sh.fmt)
+        sh_tiles = default_tiles(t, 1, sh.fmt)
         n_blocks = -(-t // sh_tiles["BLOCK_M"])
         ids = torch.arange(n_blocks * sh_tiles["BLOCK_M"], dtype=torch.int32, device=x.device)  # >= T: padding
         zeros = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)

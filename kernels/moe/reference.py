@@ -239,7 +239,7 @@ def quantize_dequantize_activation(fmt: str, a: torch.Tensor) -> torch.Tensor:
     return a.float()
 
 
-def _as_stack(ew: ExpertWeights) -> ExpertWeights:
+def as_stack(ew: ExpertWeights) -> ExpertWeights:
     """Accept 2-D (single expert) tensors by adding the expert dim."""
     if ew.w13.dim() == 3:
         return ew
@@ -293,7 +293,7 @@ def fused_moe_ref(
         y = expert_mlp_ref(x[rows], routed, e)  # [n, H]
         out.index_add_(0, rows, y * topk_weights[rows, slots].float().unsqueeze(-1))
     if shared is not None:
-        out += expert_mlp_ref(x, _as_stack(shared), 0)
+        out += expert_mlp_ref(x, as_stack(shared), 0)
     return out.to(x.dtype)
 
 

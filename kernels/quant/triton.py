@@ -2,15 +2,12 @@
 128 x 128 weight blocks and their dequantization. Bit-identical to reference.py (dsquant.formats).
 
 Exactness rules kept in every kernel (each is needed for codes to agree with the torch spec):
-  - every quotient is the correctly rounded x / scale: tl.div_rn for the scales, div_rn_shared for the
-    elements (one exact reciprocal per group plus a Markstein correction, the same bits as div.rn).
-    Triton's `/` on float32 lowers to div.full.f32 (up to 2 ulp off) and x * (1 / scale) is off by an
-    ulp as often as not; either moves values that sit exactly on a rounding midpoint;
+  - every quotient is the correctly rounded x / scale: tl.div_rn for the scales, exact_div.div_rn_shared
+    for the elements (one exact reciprocal per group plus a Markstein correction, the same bits as div.rn);
   - float32 -> e4m3 and float32 -> bf16 casts round to nearest-even (Triton's default for downcasts).
 Memory-bound: one read of the input, one write of codes and scales; tile sizes are fixed heuristics
-(see "performance hyper-parameters", chosen by the sweeps in benchmarks/results/quant_h100_sweep*.csv),
-never autotuned. Measured on an H100 (benchmarks/results/quant_h100.csv): 96-99% of the device copy
-bandwidth at 4096-16384 x 7168; silu_mul_quantize_fp8 95% at 16384 x 14336 (88-90% with 4096-element tiles).
+(see "performance hyper-parameters", chosen by the sweep in benchmarks/results/quant_h100_sweep.csv),
+never autotuned. Bandwidth against a device copy: benchmarks/results/quant_h100.csv.
 """
 
 from __future__ import annotations
@@ -20,19 +17,18 @@ import os
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels.exact_div import divide, silu_div
+from dsquant.kernels.fp8_cast import cast_fp8, fp8_scale
 from triton.language.extra import libdevice
 
-from dsquant.formats.fp8 import FP8_AMAX_FLOOR, FP8_BLOCK, FP8_E4M3_MAX
+from dsquant.formats.fp8 import FP8_BLOCK
 from dsquant.formats.int8 import INT8_AMAX_FLOOR, INT8_MAX
 
-_FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
-_FP8_FLOOR = tl.constexpr(FP8_AMAX_FLOOR)
 _INT8_MAX = tl.constexpr(float(INT8_MAX))
 _INT8_FLOOR = tl.constexpr(INT8_AMAX_FLOOR)
 # 1.5 * 2^23: adding it to |y| < 2^22 leaves no fraction bits, so the float32 add itself rounds y to
 # an integer with ties-to-even (torch.round); subtracting it back is exact.
 _RINT_MAGIC = tl.constexpr(12582912.0)
-_SIGN_BIT = tl.constexpr(-(2**31))  # 0x80000000 as int32
 _SILU_FAST_MIN = tl.constexpr(-85.0)  # below, 1 + exp(-gate) > 2^122: the SiLU division takes tl.div_rn
 
 # performance hyper-parameters
@@ -41,12 +37,12 @@ MAX_BLOCK_K = 1024  # widest column tile of the row-tiled kernels (1 x 128 group
 ROW_TILE_MAX = 16384  # per-token kernels hold a whole row up to this width, else read it twice (2nd from L2)
 WEIGHT_BLOCK_WARPS = 8  # 128 x 128 weight tile = 64 elements per thread
 # div_rn_shared instead of tl.div_rn per element: same bits, 13 instead of 22 instructions per element of the
-# group kernel; the same speed on an H100 (memory-bound either way), headroom for faster memory.
+# group kernel; memory-bound either way, it leaves headroom for faster memory.
 FAST_DIVISION = True
-# SiLU's gate / (1 + exp(-gate)) by div.rn's own fast path without its range check (_silu_div), tl.div_rn for
-# tiles holding a gate below -85.
+# SiLU's gate / (1 + exp(-gate)) by div.rn's own fast path without its range check (exact_div.silu_div),
+# tl.div_rn for tiles holding a gate below -85.
 SILU_FAST_DIVISION = True
-SILU_TILE_ELEMS = 2048  # outputs per program of silu_mul_quantize_fp8 (H100, 16384 x 14336: 95% of copy; 4096: 90%)
+SILU_TILE_ELEMS = 2048  # outputs per program of silu_mul_quantize_fp8: the fastest tile of the sweep
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -62,79 +58,10 @@ def _warps(tile_elems: int) -> int:
 
 
 @triton.jit
-def _fp8_scale(amax, UE8M0: tl.constexpr):
-    """float32 group amax -> float32 scale: max(amax, 1e-4) / 448, optionally rounded up to 2^n by its bits."""
-    scale = tl.div_rn(tl.maximum(amax, _FP8_FLOOR), _FP8_MAX)
-    if UE8M0:
-        bits = scale.to(tl.int32, bitcast=True)
-        exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        scale = (exp << 23).to(tl.float32, bitcast=True)
-    return scale
-
-
-@triton.jit
-def div_rn_shared(x, d, r):
-    """tl.div_rn(x, d) for a divisor d shared by many x, given its reciprocal r = tl.div_rn(1.0, d).
-
-    The correction step of the fast path of div.rn.f32 itself (Markstein): q0 = x * r, e = x - d * q0
-    (exact in one fma), q = q0 + e * r rounds once to the correctly rounded quotient. Three FMA-pipe
-    instructions per element instead of div.rn's eleven and a branch; r costs one division per group.
-    Valid where div.rn's own fast path is: normal d with 1/d normal and no overflow of x * r; the FP8
-    and INT8 scales guarantee it (floored amax, |x / scale| <= 448 or 127). Checked against div.rn.f32
-    on 2^26 random and hard pairs on an H100 (tests/kernels/test_quant_gpu.py).
-    Quotients that fall into the float32 subnormal range may differ from div.rn in the last place; every
-    caller maps those to a zero code. The sign of x is copied onto the result (one LOP3): it is q's sign
-    anyway except for x = -0, where the fma sum gives +0 and div.rn gives -0.
-    """
-    q0 = x * r
-    q = tl.fma(tl.fma(-q0, d, x), r, q0)
-    return (q.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & _SIGN_BIT)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _divide(x, d, r, FAST_DIV: tl.constexpr):
-    if FAST_DIV:
-        return div_rn_shared(x, d, r)
-    else:
-        return tl.div_rn(x, d)
-
-
-@triton.jit
-def _cast_fp8(x, scale, rcp, FAST_DIV: tl.constexpr):
-    """clamp(x / scale, -448, 448) -> e4m3: the float32 -> e4m3 cast is cvt.rn.satfinite, which clamps to
-    +-448 itself (and the interpreter fix mirrors it), so the clamp costs no instructions here. Codes
-    depend on the quotient only where |x / scale| >= 2^-10 (below, e4m3 keeps just the sign of x)."""
-    return _divide(x, scale, rcp, FAST_DIV).to(tl.float8e4nv)
-
-
-@triton.jit
 def _cast_int8(x, scale, rcp, FAST_DIV: tl.constexpr):
-    y = _divide(x, scale, rcp, FAST_DIV)
+    y = divide(x, scale, rcp, FAST_DIV)
     y = (y + _RINT_MAGIC) - _RINT_MAGIC
     return tl.clamp(y, -_INT8_MAX, _INT8_MAX).to(tl.int8)
-
-
-@triton.jit
-def _silu_div(gate, d, NATIVE: tl.constexpr, FAST_DIV: tl.constexpr):
-    """gate / d correctly rounded for d = 1 + exp(-gate) >= 1. FAST_DIV: the fast path of div.rn.f32 itself, without
-    its range check (FCHK) and slow-path branch: r = rcp(d) refined by one Newton step, q0 = gate * r and one
-    Markstein correction; 7 instructions instead of ~18. Exact where that check would pass: d < 2^126 (the
-    caller sends gate < -85 to tl.div_rn), and for |gate| < 2^-25, where d = 2 and every step is exact. The
-    sign of gate is copied: the fma sum turns -0 / d into +0, div.rn keeps -0. Checked against torch's silu on
-    every bf16 gate on an H100 (tests/kernels/test_quant_gpu.py)."""
-    if FAST_DIV:
-        if NATIVE:  # MUFU.RCP, div.rn's first step (Triton's 1.0 / d would add range scaling: 9 instructions)
-            r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32,
-                                           is_pure=True, pack=1)
-        else:  # the interpreter runs no PTX; a correctly rounded start gives the same quotient
-            r0 = 1.0 / d
-        r = tl.fma(tl.fma(-d, r0, 1.0), r0, r0)
-        q0 = gate * r
-        q = tl.fma(tl.fma(-d, q0, gate), r, q0)
-        sign = gate.to(tl.int32, bitcast=True) & _SIGN_BIT
-        return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    else:
-        return tl.div_rn(gate, d)
 
 
 @triton.jit
@@ -144,7 +71,7 @@ def _silu_mul_bf16(gate, up, EXACT_EXP: tl.constexpr, FAST_DIV: tl.constexpr):
         e = libdevice.exp(-gate)  # __nv_expf, the expf torch's CUDA silu calls
     else:
         e = tl.exp(-gate)  # the interpreter cannot call libdevice; numpy's exp stands in
-    return (_silu_div(gate, 1.0 + e, EXACT_EXP, FAST_DIV) * up).to(tl.bfloat16).to(tl.float32)
+    return (silu_div(gate, 1.0 + e, EXACT_EXP, FAST_DIV) * up).to(tl.bfloat16).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M", "stride_sm", "stride_sg"])  # one compile for every batch size
@@ -174,9 +101,9 @@ def _quantize_fp8_group_kernel(
             x = _silu_mul_bf16(x, up, EXACT_EXP, False)
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     xg = tl.reshape(x, (BLOCK_M * GROUPS, GROUP))  # one row per 1 x GROUP group
-    scale = _fp8_scale(tl.max(tl.abs(xg), axis=1), UE8M0)  # [BLOCK_M * GROUPS]
+    scale = fp8_scale(tl.max(tl.abs(xg), axis=1), UE8M0)  # [BLOCK_M * GROUPS]
     rcp = tl.div_rn(1.0, scale)[:, None]  # one exact division per group
-    q = tl.reshape(_cast_fp8(xg, scale[:, None], rcp, FAST_DIV), (BLOCK_M, BLOCK_K))
+    q = tl.reshape(cast_fp8(xg, scale[:, None], rcp, FAST_DIV), (BLOCK_M, BLOCK_K))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
     g = tl.arange(0, BLOCK_M * GROUPS)
     s_rows = pid_m * BLOCK_M + g // GROUPS
@@ -211,19 +138,19 @@ def _quantize_per_token_kernel(
     if INT8:
         scale = tl.div_rn(tl.maximum(amax, _INT8_FLOOR), _INT8_MAX)
     else:
-        scale = _fp8_scale(amax, UE8M0)
+        scale = fp8_scale(amax, UE8M0)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
     rcp = tl.div_rn(1.0, scale)[:, None]
     s = scale[:, None]
     if CHUNKS == 1:
-        q = _cast_int8(x, s, rcp, FAST_DIV) if INT8 else _cast_fp8(x, s, rcp, FAST_DIV)
+        q = _cast_int8(x, s, rcp, FAST_DIV) if INT8 else cast_fp8(x, s, rcp, FAST_DIV)
         tl.store(q_row + cols[None, :], q, mask=mask)
     else:
         for c in range(CHUNKS):
             k0 = c * BLOCK_K
             mask = row_mask[:, None] & (k0 + cols[None, :] < K)
             x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            q = _cast_int8(x, s, rcp, FAST_DIV) if INT8 else _cast_fp8(x, s, rcp, FAST_DIV)
+            q = _cast_int8(x, s, rcp, FAST_DIV) if INT8 else cast_fp8(x, s, rcp, FAST_DIV)
             tl.store(q_row + k0 + cols[None, :], q, mask=mask)
 
 
@@ -238,8 +165,8 @@ def _quantize_fp8_block_kernel(w_ptr, q_ptr, scale_ptr, N, K, stride_wn, stride_
     mask = (rows[:, None] < N) & (cols[None, :] < K)
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :], mask=mask, other=0.0)
     w = w.to(tl.float32)
-    scale = _fp8_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), UE8M0)
-    q = _cast_fp8(w, scale, tl.div_rn(1.0, scale), FAST_DIV)
+    scale = fp8_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), UE8M0)
+    q = cast_fp8(w, scale, tl.div_rn(1.0, scale), FAST_DIV)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qn + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + pid_n * tl.num_programs(1) + pid_k, scale)
 

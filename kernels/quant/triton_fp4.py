@@ -3,15 +3,15 @@ conversion instruction). Bit-identical to reference.py (dsquant.formats.nvfp4 / 
 
 Quantizers: one thread holds whole 16- (NVFP4) or 32-element (MXFP4) blocks (_block_tile), so the block max,
 the scale and the nibble packing are thread-local and the codes leave as int32 words of 8 nibbles. E2M1
-rounding is one float add (_round_to_e2m1: ties to the even code, saturation at 6, sign from x < 0 so -0.0
+rounding is one float add (e2m1_codes: ties to the even code, saturation at 6, sign from x < 0 so -0.0
 is code 0 and a small negative that rounds to zero is code 8). MXFP4 multiplies by the exact power of two
 2^-e, the same rounding of the same real number as dividing by 2^e. NVFP4 divides in the order the format
 docstring states, each quotient correctly rounded (Triton's `/` is div.full.f32, up to 2 ulp off, which
 would move exact ties): by one exact reciprocal per block and a Markstein correction per element
-(_div_fast), with tl.div_rn for any program whose tile holds a block outside that method's range.
-Measured on an H100 (benchmarks/results/quant_h100.csv and quant_h100_sweep.csv; % of the device copy
-bandwidth at 4096 / 16384 x 7168): MXFP4 94 / 95-97%, NVFP4 with the global scale given 80 / 81-82%, with it
-computed 43 / 48% (an extra read for the amax), dequantization 88-90%.
+(exact_div.div_rn_shared_unsigned), with tl.div_rn for any program whose tile holds a block outside that
+method's range.
+NVFP4 with the global scale computed reads its input twice (the amax pre-pass, then the quantizer).
+Bandwidth against a device copy: benchmarks/results/quant_h100.csv; tile sizes: quant_h100_sweep.csv.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels.exact_div import div_rn_shared_unsigned
 from dsquant.kernels.quant.triton import row_tiles
 
 from dsquant.formats.fp4 import FP4_E2M1_MAX
@@ -38,10 +39,10 @@ _TWO_POW_M100 = tl.constexpr(2.0**-100)
 # performance hyper-parameters (tile sizes: row_tiles in triton.py)
 AMAX_BLOCK = 8192  # elements per step of the global-amax pre-pass (four 16-byte loads per thread)
 AMAX_STEPS = 4  # unrolled steps per program (32 Ki elements): loads in flight, few one-address atomics
-NVFP4_FAST_DIVISION = True  # one exact reciprocal per block and _div_fast, tl.div_rn only for out-of-range tiles
-# Elements per program of the FP4 quantizers (benchmarks/results/quant_h100_sweep.csv, H100, 16384 x 7168): NVFP4
-# one warp, so that its range flag needs no barrier (1024: 81.7% of copy; 2048: 79.9%; 4096: 76.7%; 8192: 74.0%);
-# MXFP4 4096 (97.2%; 1024-8192: 95.5-96.2%).
+# one exact reciprocal per block and div_rn_shared_unsigned per element, tl.div_rn only for out-of-range tiles
+NVFP4_FAST_DIVISION = True
+# Elements per program of the FP4 quantizers, the fastest of the sweep (benchmarks/results/quant_h100_sweep.csv):
+# NVFP4 one warp, so that its range flag needs no barrier; MXFP4 4096.
 NVFP4_TILE_ELEMS = 1024
 MXFP4_TILE_ELEMS = 4096
 QUANT_ELEMS_PER_THREAD = 32  # their warps: the tile over this many elements per thread (64: the same or slower)
@@ -51,7 +52,7 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _round_to_e2m1(x):
+def e2m1_codes(x):
     """float32 (already divided by its scale) -> int32 E2M1 codes 0..15, equal to fp4.round_to_e2m1.
 
     One float add rounds every magnitude: a = min(|x|, 6) plus c = 2^(E + 22), E = max(floor(log2 a), 0),
@@ -134,7 +135,7 @@ def _block_tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+def load_blocks(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
     """x's tile as float32 [blocks, BLOCK / 8, 8] (see _block_tile), its |max| per block, and the block coordinates."""
     rows, cols, mask, j, i = _block_tile(M, K, BLOCK_M, BLOCK_K, BLOCK)
     offs = (rows.to(tl.int64) * stride_xm + cols)[:, None, None] + j * 8 + i
@@ -150,19 +151,11 @@ def _pack_words(codes):
 
 
 @triton.jit
-def _store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK: tl.constexpr):
+def store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK: tl.constexpr):
     """words [blocks, BLOCK / 8] through pw_ptr (the packed uint8 output seen as int32) and scales [blocks]."""
     j = tl.arange(0, BLOCK // 8)[None, :]
     tl.store(pw_ptr + (rows.to(tl.int64) * stride_pw + cols // 8)[:, None] + j, words, mask=mask[:, None])
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + cols // BLOCK, scale, mask=mask)
-
-
-@triton.jit
-def _div_fast(x, d, r):
-    """triton.div_rn_shared(x, d, r) without its sign fix-up, which E2M1 codes do not need: x = -0.0 gives +0.0, code 0
-    as the spec's -0.0 / d; and r = 0 (with d = 1) gives +-0, code 0, so zero-scale blocks need no select."""
-    q0 = x * r
-    return tl.fma(tl.fma(-q0, d, x), r, q0)
 
 
 @triton.jit
@@ -171,23 +164,24 @@ def _nvfp4_exact(x, block_amax, gs):
     scale = tl.minimum(tl.div_rn(tl.div_rn(block_amax, _E2M1_MAX), gs), _FP8_MAX).to(tl.float8e4nv)
     denom = (scale.to(tl.float32) * gs)[:, None, None]
     safe = tl.where(denom > 0, denom, 1.0)  # a block whose e4m3 scale underflows to 0 gets code 0
-    return scale, _pack_words(_round_to_e2m1(tl.where(denom > 0, tl.div_rn(x, safe), 0.0)))
+    return scale, _pack_words(e2m1_codes(tl.where(denom > 0, tl.div_rn(x, safe), 0.0)))
 
 
 @triton.jit
-def _nvfp4_fast_scales(x, block_amax, gs):
-    """_nvfp4_exact's block scales with the divisions by 6 and by gs done as _div_fast (rn(1/6) is a constant, 1/gs
-    one division per program), the divisor and exact reciprocal per block for _nvfp4_fast_words, and `bad`.
+def nvfp4_fast_scales(x, block_amax, gs):
+    """_nvfp4_exact's block scales with the divisions by 6 and by gs done as div_rn_shared_unsigned (rn(1/6) is a
+    constant, 1/gs one division per program), the divisor and exact reciprocal per block for nvfp4_fast_words, and
+    `bad`.
 
-    bad is true when a block of the tile leaves the range where _div_fast gives div.rn's bits, and the caller
-    takes _nvfp4_exact for the tile. The range: the global scale, the block amax and the unclamped scale
+    bad is true when a block of the tile leaves the range where div_rn_shared_unsigned gives div.rn's bits, and the
+    caller takes _nvfp4_exact for the tile. The range: the global scale, the block amax and the unclamped scale
     quotient within 2^+-100 (normal operands and quotients, no overflow of x * r), and no negative element below
     2^-100 of its block amax (its quotient could be subnormal, where the sign of a zero code, 0 or 8, hangs on
     the last bit). -0.0 also trips that test (its int32 bits are the smallest ones); its fast quotient is +0.0,
     code 0 like the spec's, so that is caution only. Decided before the per-element work, so that the branch
     (one CTA-wide reduction) comes right after the loads and each path packs its own codes.
     """
-    t = _div_fast(_div_fast(block_amax, _E2M1_MAX, _RCP_E2M1_MAX), gs, tl.div_rn(1.0, gs))
+    t = div_rn_shared_unsigned(div_rn_shared_unsigned(block_amax, _E2M1_MAX, _RCP_E2M1_MAX), gs, tl.div_rn(1.0, gs))
     scale = tl.minimum(t, _FP8_MAX).to(tl.float8e4nv)
     denom = scale.to(tl.float32) * gs
     safe = tl.where(denom > 0, denom, 1.0)
@@ -201,9 +195,10 @@ def _nvfp4_fast_scales(x, block_amax, gs):
 
 
 @triton.jit
-def _nvfp4_fast_words(x, safe, rcp):
-    """Code words of x [blocks, pieces, 8]: _div_fast per element, 3 FMA-pipe instructions instead of div.rn's ~20."""
-    return _pack_words(_round_to_e2m1(_div_fast(x, safe[:, None, None], rcp[:, None, None])))
+def nvfp4_fast_words(x, safe, rcp):
+    """Code words of x [blocks, pieces, 8]: div_rn_shared_unsigned per element, 3 FMA-pipe instructions instead of
+    div.rn's ~20."""
+    return _pack_words(e2m1_codes(div_rn_shared_unsigned(x, safe[:, None, None], rcp[:, None, None])))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -220,30 +215,30 @@ def _quantize_nvfp4_kernel(
             tl.store(gs_out_ptr, gs)
     else:
         gs = tl.load(gs_ptr)
-    x, block_amax, rows, cols, mask = _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, BLOCK)
+    x, block_amax, rows, cols, mask = load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, BLOCK)
     if FAST_DIV:
-        scale, safe, rcp, bad = _nvfp4_fast_scales(x, block_amax, gs)
+        scale, safe, rcp, bad = nvfp4_fast_scales(x, block_amax, gs)
         if bad:  # one scalar branch per program: free on data inside the range
             scale, words = _nvfp4_exact(x, block_amax, gs)
         else:
-            words = _nvfp4_fast_words(x, safe, rcp)
+            words = nvfp4_fast_words(x, safe, rcp)
     else:
         scale, words = _nvfp4_exact(x, block_amax, gs)
-    _store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
+    store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _quantize_mxfp4_kernel(x_ptr, pw_ptr, s_ptr, M, K, stride_xm, stride_pw, stride_sm,
                            CEIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
-    x, block_amax, rows, cols, mask = _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, BLOCK)
+    x, block_amax, rows, cols, mask = load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, BLOCK)
     bits = block_amax.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - _E8M0_BIAS - 2  # floor(log2 amax) - emax(E2M1), the OCP rule
     if CEIL:
         e += ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # mantissa > 1.5: the max would clip at 6
     b = tl.minimum(tl.maximum(e, -_E8M0_BIAS), _E8M0_BIAS) + _E8M0_BIAS
     # x / 2^e == x * 2^-e bit for bit: 2^-e is exact, so both are the one rounding of the same real number
-    words = _pack_words(_round_to_e2m1(x * _e8m0_reciprocal(b)[:, None, None]))
-    _store_blocks(words, b.to(tl.uint8), rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
+    words = _pack_words(e2m1_codes(x * _e8m0_reciprocal(b)[:, None, None]))
+    store_blocks(words, b.to(tl.uint8), rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, BLOCK)
 
 
 @triton.jit(do_not_specialize=["M"])

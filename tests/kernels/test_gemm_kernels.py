@@ -46,6 +46,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 
+from dsquant.kernels import format_codes  # noqa: E402
 from dsquant.kernels.gemm import (  # noqa: E402
     configs,
     fp8_block_gemm,
@@ -57,7 +58,7 @@ from dsquant.kernels.gemm import (  # noqa: E402
     nvfp4_gemm,
     nvfp4_gemm_ref,
 )
-from dsquant.kernels.gemm.triton import _launch  # noqa: E402
+from dsquant.kernels.gemm.triton import launch_gemm  # noqa: E402
 from dsquant.kernels.gemm.triton_fp4 import mxfp4_gemm_w4a8, mxfp4_gemm_w4a8_quantized  # noqa: E402
 
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -67,7 +68,8 @@ KERNELS = {
     "nvfp4": (nvfp4_gemm, nvfp4_gemm_ref),
     "mxfp4": (mxfp4_gemm, mxfp4_gemm_ref),
 }
-FMT_ID = {"fp8": configs.FP8_BLOCK, "int8": configs.INT8, "nvfp4": configs.NVFP4, "mxfp4": configs.MXFP4}
+FMT_ID = {"fp8": format_codes.FP8_BLOCK, "int8": format_codes.INT8, "nvfp4": format_codes.NVFP4,
+          "mxfp4": format_codes.MXFP4}
 
 
 def _varied(rows: int, cols: int, block: int, device) -> torch.Tensor:
@@ -102,7 +104,7 @@ def operands(fmt: str, m: int, n: int, k: int, device=DEVICE, seed: int = 0, wei
 
 
 def launch_kwargs(fmt: str, ops: tuple) -> tuple:
-    """operands() -> (a, w, kwargs) for triton._launch, which can force a path and tile."""
+    """operands() -> (a, w, kwargs) for triton.launch_gemm, which can force a path and tile."""
     if fmt == "fp8":
         a, a_s, w, w_s = ops
         return a, w, dict(a_scale=a_s, w_scale=w_s)
@@ -147,7 +149,7 @@ def test_gemm_paths_fp32_out(fmt, path):
     a, w, kw = launch_kwargs(fmt, ops)
     out = poison_(torch.empty(20, 192, dtype=torch.float32, device=a.device))
     small = path != "large"
-    _launch(a, w, torch.float32, FMT_ID[fmt], out=out, small_m=small, small_cfg=SMALL_TILES.get(path), **kw)
+    launch_gemm(a, w, torch.float32, FMT_ID[fmt], out=out, small_m=small, small_cfg=SMALL_TILES.get(path), **kw)
     assert_close_global(out, KERNELS[fmt][1](*ops, out_dtype=torch.float32), FP32_OUT_MAX_DIFF, f"{fmt} {path}")
 
 
@@ -164,7 +166,7 @@ def test_fp8_block_gemm_column_major_scale():
     a_s_col = a_s.t().contiguous().t()  # [M, K/128] view of a [K/128, M] buffer (DeepGEMM / cuBLAS layout)
     assert a_s_col.stride() == (1, 17)
     for m_path in (True, False):
-        got = _launch(a, b, torch.bfloat16, configs.FP8_BLOCK, a_scale=a_s_col, w_scale=b_s, small_m=m_path)
+        got = launch_gemm(a, b, torch.bfloat16, format_codes.FP8_BLOCK, a_scale=a_s_col, w_scale=b_s, small_m=m_path)
         assert_close_global(got, fp8_block_gemm_ref(a, a_s, b, b_s), BF16_OUT_MAX_DIFF, f"small_m={m_path}")
 
 
@@ -291,5 +293,5 @@ def test_mxfp4_gemm_dot_scaled_gpu(m):
     # The sm_100 tl.dot_scaled path, forced: on Hopper Triton emulates it (upcast to bf16), which
     # checks the operand layout (packed codes transposed, scales [N, K/32]) even without FP4 hardware.
     x, w, s = operands("mxfp4", m, 2112, 7168, device="cuda")
-    got = _launch(x, w, torch.float32, configs.MXFP4, w_scale=s, small_m=False, native_fp4=True)
+    got = launch_gemm(x, w, torch.float32, format_codes.MXFP4, w_scale=s, small_m=False, native_fp4=True)
     gpu_check(got, mxfp4_gemm_ref(x, w, s, out_dtype=torch.float32), FP32_OUT_MAX_DIFF, f"dot_scaled {m=}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from dsquant.kernels import format_codes
 from dsquant.kernels.moe import (
     ExpertWeights,
     deepseek_route,
@@ -15,7 +16,7 @@ from dsquant.kernels.moe import (
     moe_align,
     moe_align_ref,
 )
-from dsquant.kernels.moe.fused import _fp4_tiles
+from dsquant.kernels.moe.fused import fp4_tiles
 from dsquant.kernels.moe.reference import quantize_experts
 from dsquant.kernels.testing import assert_close_global, assert_exact, poison_
 
@@ -339,7 +340,8 @@ def test_deepseek_route_single_expert_is_not_renormalised():
 @triton.jit
 def _fp4_decode_probe(w_ptr, s_ptr, even_ptr, odd_ptr, FMT: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
     rows = tl.arange(0, N)
-    even, odd = _fp4_tiles(w_ptr, s_ptr, rows * (K // 2), rows * (K // (16 if FMT == 3 else 32)), 0, FMT, N, K)
+    scale_group: tl.constexpr = 16 if FMT == format_codes.NVFP4 else 32
+    even, odd = fp4_tiles(w_ptr, s_ptr, rows * (K // 2), rows * (K // scale_group), 0, FMT, N, K)
     offs = tl.arange(0, K // 2)[:, None] * N + rows[None, :]
     tl.store(even_ptr + offs, tl.trans(even))
     tl.store(odd_ptr + offs, tl.trans(odd))
@@ -364,7 +366,7 @@ def test_fp4_decode_is_exact(fmt):
     even = torch.empty(k // 2, n, dtype=torch.bfloat16)
     odd = torch.empty(k // 2, n, dtype=torch.bfloat16)
     args = [t.to(DEV) for t in (packed, scale, even, odd)]
-    _fp4_decode_probe[(1,)](*args, FMT=3 if fmt == "nvfp4" else 4, N=n, K=k)
+    _fp4_decode_probe[(1,)](*args, FMT=format_codes.MOE_FORMATS[fmt], N=n, K=k)
     got = torch.empty(n, k, dtype=torch.bfloat16)
     got[:, 0::2], got[:, 1::2] = args[2].cpu().t(), args[3].cpu().t()
     assert_exact(got, want, f"{fmt} decoded weights")

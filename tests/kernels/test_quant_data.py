@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from dsquant.kernels.quant.triton import div_rn_shared
+from dsquant.kernels.exact_div import div_rn_shared
 from dsquant.kernels.testing import assert_exact
 
 from dsquant.formats.fp4 import round_to_e2m1

@@ -13,11 +13,11 @@ from dsquant.kernels import quant
 from dsquant.kernels.quant import reference as ref
 from dsquant.kernels.quant import triton_fp4 as fp4_kernels
 from dsquant.kernels.quant.triton_fp4 import (
-    _load_blocks,
-    _nvfp4_fast_scales,
-    _nvfp4_fast_words,
-    _round_to_e2m1,
-    _store_blocks,
+    e2m1_codes,
+    load_blocks,
+    nvfp4_fast_scales,
+    nvfp4_fast_words,
+    store_blocks,
 )
 from dsquant.kernels.testing import assert_exact
 
@@ -187,7 +187,7 @@ def test_round_trip_through_kernels_is_exact_on_the_grid():
 @triton.jit
 def _e2m1_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, _round_to_e2m1(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+    tl.store(out_ptr + offs, e2m1_codes(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
 
 
 def test_e2m1_rounding_on_every_bf16_and_around_every_tie():
@@ -208,10 +208,10 @@ def test_e2m1_rounding_on_every_bf16_and_around_every_tie():
 def _nvfp4_fast_kernel(x_ptr, pw_ptr, s_ptr, gs_ptr, bad_ptr, M, K, stride_xm, stride_pw, stride_sm,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fast NVFP4 path alone: its outputs and its out-of-range flag, whatever the flag says."""
-    x, block_amax, rows, cols, mask = _load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, 16)
-    scale, safe, rcp, bad = _nvfp4_fast_scales(x, block_amax, tl.load(gs_ptr))
-    words = _nvfp4_fast_words(x, safe, rcp)
-    _store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, 16)
+    x, block_amax, rows, cols, mask = load_blocks(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, 16)
+    scale, safe, rcp, bad = nvfp4_fast_scales(x, block_amax, tl.load(gs_ptr))
+    words = nvfp4_fast_words(x, safe, rcp)
+    store_blocks(words, scale, rows, cols, mask, pw_ptr, s_ptr, stride_pw, stride_sm, 16)
     tl.store(bad_ptr + tl.program_id(0), bad.to(tl.int32))
 
 
@@ -253,7 +253,7 @@ def test_nvfp4_fast_division_stays_on_its_path_and_matches_reference(gs):
 @pytest.mark.parametrize("case", ["tiny negative", "negative zero", "tiny block", "tiny global scale",
                                   "huge global scale"])
 def test_nvfp4_fast_division_flags_out_of_range_tiles(case):
-    """Each range condition of _nvfp4_fast_scales trips the per-program flag, and the kernel (taking tl.div_rn there)
+    """Each range condition of nvfp4_fast_scales trips the per-program flag, and the kernel (taking tl.div_rn there)
     still gives the reference's bits."""
     x, gs = gaussian(4, 64, seed=34, dtype=torch.float32), 0.01
     if case == "tiny negative":

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 from dsquant.kernels import quant
+from dsquant.kernels.exact_div import div_rn_shared_unsigned, silu_div
 from dsquant.kernels.quant import reference as ref
-from dsquant.kernels.quant.triton import _silu_div
-from dsquant.kernels.quant.triton_fp4 import _div_fast
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_exact
 from triton.language.extra import libdevice
 
@@ -178,10 +177,10 @@ def _fast_division_kernel(x_ptr, d_ptr, silu_ptr, fp4_ptr, exact_ptr, n, SILU: t
     x = tl.load(x_ptr + offs, mask=mask, other=1.0)
     if SILU:
         d = 1.0 + libdevice.exp(-x)
-        tl.store(silu_ptr + offs, _silu_div(x, d, True, True), mask=mask)
+        tl.store(silu_ptr + offs, silu_div(x, d, True, True), mask=mask)
     else:
         d = tl.load(d_ptr + offs, mask=mask, other=1.0)
-        tl.store(fp4_ptr + offs, _div_fast(x, d, tl.div_rn(1.0, d)), mask=mask)
+        tl.store(fp4_ptr + offs, div_rn_shared_unsigned(x, d, tl.div_rn(1.0, d)), mask=mask)
     tl.store(exact_ptr + offs, tl.div_rn(x, d), mask=mask)
 
 
@@ -190,7 +189,7 @@ def _differing(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 
 
 def test_silu_fast_division_matches_div_rn_on_every_bf16_gate_gpu():
-    """_silu_div (MUFU.RCP, a Newton step, a Markstein correction, no range check) == div.rn bit for bit on every
+    """silu_div (MUFU.RCP, a Newton step, a Markstein correction, no range check) == div.rn bit for bit on every
     finite bf16 gate >= -85 (the whole bf16 input space of the fast path) and on 2^24 float32 gates: uniform in
     [-85, 90], and +-2^u with u uniform in [-149, 127] (tiny gates, where 1 + exp(-g) = 2)."""
     bf16 = (torch.arange(1 << 16, dtype=torch.int32) << 16).view(torch.float32)
@@ -208,8 +207,8 @@ def test_silu_fast_division_matches_div_rn_on_every_bf16_gate_gpu():
 
 
 def test_fp4_fast_division_matches_div_rn_gpu():
-    """_div_fast (NVFP4's element division, div_rn_shared without the sign copy) == div.rn where the quotient is
-    normal or zero, except that -0 / d gives +0 (code 0 either way)."""
+    """div_rn_shared_unsigned (NVFP4's element division, div_rn_shared without the sign copy) == div.rn where the
+    quotient is normal or zero, except that -0 / d gives +0 (code 0 either way)."""
     x, d = division_cases(1 << 24, seed=10)
     x, d = x.to(DEVICE), d.to(DEVICE)
     fast, exact = torch.empty_like(x), torch.empty_like(x)
