@@ -40,7 +40,16 @@ def test_gluon_api_probe_is_one_line():
     assert missing is None or ("\n" not in missing and "triton" in missing), missing
 
 
-def test_wrapper_says_when_triton_lacks_gluon(monkeypatch):
+@pytest.fixture
+def fresh_capability_check():
+    """gluon_missing() is cached per process; a test that changes what it inspects sees a fresh answer, and
+    the next test the real one."""
+    G.gluon_missing.cache_clear()
+    yield
+    G.gluon_missing.cache_clear()
+
+
+def test_wrapper_says_when_triton_lacks_gluon(monkeypatch, fresh_capability_check):
     monkeypatch.setattr(G, "_IMPORT_ERROR", "ImportError: cannot import name 'warpgroup_mma'")
     a, a_s, b, b_s = operands("fp8", 128, 128, 256, device="cpu")
     with pytest.raises(RuntimeError, match="lacks the Gluon Hopper API.*warpgroup_mma.*use fp8_block_gemm"):
@@ -48,7 +57,7 @@ def test_wrapper_says_when_triton_lacks_gluon(monkeypatch):
 
 
 @pytest.mark.skipif(G.gluon is None, reason="this Triton has no Gluon to change")
-def test_wrapper_says_when_gluon_api_differs(monkeypatch):
+def test_wrapper_says_when_gluon_api_differs(monkeypatch, fresh_capability_check):
     def warpgroup_mma_wait(pendings=0, tensors=None):  # a renamed signature
         pass
 
