@@ -64,9 +64,9 @@ def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int | None = None, m
     settings = demo_settings(src)
     seq_len = seq_len or settings.get("context_length")
     max_tokens = max_tokens or settings.get("eval_tokens")
-    calibrated = [r for r in recipes if calibrate and r.startswith("nvfp4")]
-    nvfp4 = bool(calibrated)
-    jobs = [(r, False) for r in recipes] + [(r, True) for r in calibrated]
+    to_calibrate = [r for r in recipes if calibrate and "nvfp4" in r]  # V3's nvfp4*, V4's v4-nvfp4
+    nvfp4 = bool(to_calibrate)
+    jobs = [(r, False) for r in recipes] + [(r, True) for r in to_calibrate]
     dsts, names, scales = [], [], None
     with cpu_threads(threads) as n_threads:
         if nvfp4:

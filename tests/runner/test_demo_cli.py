@@ -70,7 +70,7 @@ def test_demo_reports_each_step_as_a_plain_line(tmp_path):
                                "dsquant)")
 
 
-def test_demo_v4_table(tmp_path, monkeypatch):
+def test_demo_v4_table_has_calibrated_and_default_nvfp4_rows(tmp_path, monkeypatch):
     import dsquant.cli.cmd_demo as cmd_demo
 
     monkeypatch.setattr(cmd_demo, "CALIBRATION_TOKENS", 512)
@@ -81,9 +81,14 @@ def test_demo_v4_table(tmp_path, monkeypatch):
     assert list(out) == ["deepseek_v4"]
     table = out["deepseek_v4"]
     assert table["base"]["name"] == "source (fp8 + mxfp4 experts, V4 release)"
-    assert [row["name"] for row in table["results"]] == ["v4-fp8-block", "v4-nvfp4"]
+    assert [row["name"] for row in table["results"]] == ["v4-fp8-block", "v4-nvfp4", "v4-nvfp4+calib"]
     for row in table["results"]:
         assert row["bytes"] > 0 and 0 <= row["kld"] < 1 and 0.5 < row["top1"] <= 1
+
+    def declared(name):
+        return json.loads((tmp_path / "out" / name / "dsquant_recipe.json").read_text())["activation_scales"]
+
+    assert (declared("v4-nvfp4"), declared("v4-nvfp4+calib")) == ("default", "calibrated")
 
 
 def test_demo_prints_both_tables_and_what_does_not_apply(tmp_path):
