@@ -6,6 +6,7 @@ Baselines, measured in the same run on the same GPU:
 - bf16 torch.matmul, for the FP4 GEMMs; and fp8_block_gemm itself at M >= 2048;
 - for fp8_block_gemm_gluon (the warp-specialized Hopper kernel, M > 64 on sm_90): the same cuBLAS
   baseline and fp8_block_gemm;
+- with --anchor (FBGEMM GenAI installed): its CUTLASS sm_90a f8f8bf16_blockwise, for the FP8 kernels;
 - device-to-device copy bandwidth (bytes read + written), the ceiling for weight streaming.
 Each CSV row: gpu, torch, triton, date, kernel, M, N, K, us, TFLOPS, GB/s (weight bytes incl. scales
 per second), baseline, ratio (baseline time / kernel time; for baseline "copy_bw", GB/s / copy GB/s).
@@ -24,6 +25,7 @@ import time
 import checkout  # noqa: F401  (first: a checkout runs without install)
 import torch
 import triton
+from anchors import fbgemm_fp8_blockwise, fbgemm_missing, op_schemas  # benchmarks/ is the script's folder
 from dsquant.kernels.gemm import (
     configs,
     fp8_block_gemm,
@@ -183,7 +185,7 @@ def gluon_runs() -> bool:
 
 
 def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, block_mm_layout: str | None,
-                fp8_ms: dict):
+                fp8_ms: dict, anchor: bool = False):
     case = make_case(fmt, m, n, k)
     ops, wb = case["ops"], case["w_bytes"]
     ms = rows.ms(lambda: KERNELS[fmt](*ops))
@@ -196,11 +198,21 @@ def bench_shape(rows: Rows, fmt: str, m: int, n: int, k: int, copy_gbs: float, b
             base = rows.ms(lambda: block_scaled_mm(ops[0], ops[2], *scales))
             rows.add("torch_scaled_mm_block", m, n, k, base, wb)
             rows.add(name, m, n, k, ms, wb, "torch_scaled_mm_block", base / ms)
+        timed = {name: ms}
         if m > configs.SMALL_M_MAX and gluon_runs():
-            t = rows.ms(lambda: fp8_block_gemm_gluon(*ops))
+            t = timed["fp8_block_gemm_gluon"] = rows.ms(lambda: fp8_block_gemm_gluon(*ops))
             rows.add("fp8_block_gemm_gluon", m, n, k, t, wb, "fp8_block_gemm", ms / t)
             if block_mm_layout:
                 rows.add("fp8_block_gemm_gluon", m, n, k, t, wb, "torch_scaled_mm_block", base / t)
+        found = fbgemm_fp8_blockwise(*ops, fp8_block_gemm_ref) if anchor else None
+        if found:
+            anchor_name, anchor_fn = found
+            t_anchor = rows.ms(anchor_fn)
+            rows.add(anchor_name, m, n, k, t_anchor, wb, "copy_bw", wb / t_anchor / 1e6 / copy_gbs)
+            if block_mm_layout:
+                rows.add(anchor_name, m, n, k, t_anchor, wb, "torch_scaled_mm_block", base / t_anchor)
+            for kernel, t in timed.items():
+                rows.add(kernel, m, n, k, t, wb, anchor_name, t_anchor / t)
     elif fmt == "int8" and m > 16:  # cuBLAS int8 needs M > 16
         a, a_s, b, b_s, bias = ops
         bt = b.t()
@@ -285,6 +297,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also sweep swap-AB split-K tiles at M=16")
     p.add_argument("--png", default=None, help="roofline plot path")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
+    p.add_argument("--anchor", action="store_true", help="also time FBGEMM GenAI's CUTLASS block-FP8 GEMM")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA-graph replays (kernel-only, L2 flushed) instead of do_bench's launched calls")
     args = p.parse_args()
@@ -299,6 +312,11 @@ def main() -> None:
     if args.sweep:
         sweep_small_m(rows, copy_gbs, torch.cuda.get_device_properties(0).multi_processor_count)
     fp8_ms: dict = {}
+    anchor = args.anchor and not fbgemm_missing()
+    if args.anchor and not anchor:
+        log.warning("--anchor: %s", fbgemm_missing())
+    if anchor:
+        log.info("fbgemm ops:\n  %s", "\n  ".join(op_schemas()))
     ms_list = [int(v) for v in args.m.split(",")]
     for fmt in args.formats.split(","):
         for n, k in DEEPSEEK_V3_NK:
@@ -307,7 +325,7 @@ def main() -> None:
                     log.warning("time budget reached: stopping before %s M=%d N=%d K=%d", fmt, m, n, k)
                     break
                 try:
-                    bench_shape(rows, fmt, m, n, k, copy_gbs, block_mm_layout, fp8_ms)
+                    bench_shape(rows, fmt, m, n, k, copy_gbs, block_mm_layout, fp8_ms, anchor)
                 except Exception as e:  # one failing shape should not lose the others' figures
                     log.error("%s M=%d N=%d K=%d failed: %s", fmt, m, n, k, e)
                 torch.cuda.empty_cache()

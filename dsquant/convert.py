@@ -89,11 +89,9 @@ def _resolve_source(src) -> tuple[Path, dict]:
         return path, {"path": str(path)}
     text = str(src)
     if text.startswith("hf://"):
-        try:
-            from dsquant.hub import resolve_source
-        except ImportError as e:
-            raise ValueError(f"{text}: Hub sources need the dsquant.hub module, which is not available ({e})") from None
-        repo, _, rev = text[len("hf://"):].partition("@")
+        from dsquant.checkpoint.hub_source import parse_hf_spec, resolve_source
+
+        repo, rev = parse_hf_spec(text)
         return Path(resolve_source(text)), {"repo_id": repo, "revision": rev or "main"}
     path = Path(text)
     if not path.is_dir():
@@ -305,7 +303,7 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
         dry_run: plan and validate only; nothing is written.
         calibration: {module name: NVFP4 activation global scale (amax / 2688)} or a JSON file of it.
         progress: show a tqdm bar over source bytes.
-        push_to_hub: "org/name" to upload DST when done (dsquant.hub.push_to_hub).
+        push_to_hub: "org/name" to upload DST when done (dsquant.publish.push_to_hub).
         resume_options: the command-line options that produced `calibration` (--calibrate FILE ...), repeated
             in the resume command that an unfinished output names.
     """
@@ -353,7 +351,7 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
     for w in summary.warnings:
         log.warning(w)
     if push_to_hub:
-        from dsquant.hub import push_to_hub as push
+        from dsquant.publish import push_to_hub as push
 
         push(dst_path, push_to_hub)
     summary.seconds = time.perf_counter() - start

@@ -151,7 +151,7 @@ def open_checkpoint(spec: str | Path, api=None) -> CheckpointView:
     are downloaded). ValueError (CheckpointError for local paths) names what could not be read."""
     if not str(spec).startswith("hf://"):
         return CheckpointView.open(spec)
-    from dsquant.hub import hub_errors, parse_hf_spec
+    from dsquant.checkpoint.hub_source import hub_errors, parse_hf_spec
 
     repo, rev = parse_hf_spec(str(spec))
     with hub_errors(str(spec), repo, rev, probe=api is None):

@@ -108,6 +108,9 @@ def e2m1_groups_bf16(packed, scale, GROUP: tl.constexpr):
 
 @triton.jit
 def e8m0_to_bf16(b):
-    """E8M0 bytes (uint8) -> bf16 2^(b - 127) by its bits, exact; b = 0 is the bf16 subnormal 2^-127, 255 is Inf."""
+    """E8M0 bytes (uint8) -> bf16 2^(b - 127) by its bits, exact; b = 0 is the bf16 subnormal 2^-127, and 255 is
+    NaN as the MX format defines it (its exponent bits alone would read as Inf, and a block scaled by Inf would
+    decode to +-Inf instead of NaN, unlike formats.mxfp4.e8m0_to_float)."""
     e = b.to(tl.int16)
-    return tl.where(e > 0, e << 7, 0x40).to(tl.bfloat16, bitcast=True)
+    bits = tl.where(e > 0, e << 7, 0x40)
+    return tl.where(e == 255, 0x7FC0, bits).to(tl.bfloat16, bitcast=True)

@@ -55,5 +55,5 @@ def _root(
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # huggingface_hub logs every retry through its own handler and again through the root one; dsquant turns
-    # its failures into one line (dsquant.hub.hub_errors), so its chatter shows only with --verbose.
+    # its failures into one line (dsquant.checkpoint.hub_source.hub_errors), so its chatter shows only with --verbose.
     logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if verbose else logging.ERROR)

@@ -49,7 +49,7 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
 
         source = demo_model_dir()
     else:
-        from dsquant.hub import resolve_source
+        from dsquant.checkpoint.hub_source import resolve_source
 
         source = resolve_source(src)
     cal = calibrate_all(str(source), text, device=device, method=method, sample_rows=rows, threads=threads,
@@ -147,7 +147,8 @@ def convert(
         if calibrate is not None:
             _check_calibratable(recipe)
         if push_to_hub and not dry_run:
-            from dsquant.hub import check_token, validate_repo_id
+            from dsquant.checkpoint.hub_source import validate_repo_id
+            from dsquant.publish import check_token
 
             validate_repo_id(push_to_hub)
             check_token()

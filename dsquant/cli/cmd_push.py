@@ -33,7 +33,7 @@ def push(
       dsquant push ./V3-nvfp4 --repo-id my-org/DeepSeek-V3-NVFP4 --dry-run
       dsquant push ./V3-nvfp4 --repo-id my-org/DeepSeek-V3-NVFP4 --private
     """
-    from dsquant.hub import push_to_hub
+    from dsquant.publish import push_to_hub
     from dsquant.units import human_bytes
 
     try:

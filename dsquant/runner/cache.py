@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 
 from dsquant.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX
+from dsquant.kernels.mla import KV_DTYPES, slot_mapping_for
 from dsquant.runner.ops import kernels_can_run, mla_attention_ref
 
-KV_CACHE_DTYPES = ("bf16", "fp8")
+# The layouts of the MLA kernels that hold any latent width; fp8_ds (per-128 scales) is DeepSeek's 512 + 64 only.
+KV_CACHE_DTYPES = tuple(d for d in KV_DTYPES if d != "fp8_ds")
 _TORCH = {"bf16": torch.bfloat16, "fp8": FP8_DTYPE}
 
 
@@ -40,9 +42,10 @@ class LayerCache:
 
     def _slots(self, start: int, stop: int) -> torch.Tensor:
         """Flat slots [B, stop - start] of positions start..stop-1 of every sequence."""
-        p = self.parent
-        pos = torch.arange(start, stop, device=self.pool.device)
-        return p.block_table[:, pos // p.page_size].long() * p.page_size + pos % p.page_size
+        p, b, n = self.parent, self.parent.block_table.shape[0], stop - start
+        seqs = torch.arange(b, device=self.pool.device).repeat_interleave(n)
+        pos = torch.arange(start, stop, device=self.pool.device).repeat(b)
+        return slot_mapping_for(p.block_table, pos, seqs, p.page_size).view(b, n)
 
     def store(self, kv_c: torch.Tensor, k_pe: torch.Tensor, start_pos: int) -> None:
         """Write kv_c [B, S, C] and k_pe [B, S, R] at positions start_pos.. (quantized on store for fp8)."""

@@ -46,7 +46,7 @@ def load_text(text_file: str | Path | None = None, dataset: str | None = None) -
         raise ValueError(f"--dataset {dataset!r}: only 'wikitext2' is known (or use --text-file)")
     from huggingface_hub import hf_hub_download
 
-    from dsquant.hub import hub_errors
+    from dsquant.checkpoint.hub_source import hub_errors
 
     try:
         import pyarrow.parquet as pq

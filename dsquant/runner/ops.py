@@ -1,14 +1,13 @@
 """KernelOps: the runner's seam between the model and its kernels (one object per model, no globals).
 
 impl="reference" uses the pure-torch twins (CPU, and the spec); impl="triton" uses the Triton kernels of
-dsquant.kernels.{norm,rope,mla,moe} where a family provides them and its inputs are on CUDA, and the
-reference otherwise (logged once per op). Linears dispatch in QuantLinear (linear.py).
+dsquant.kernels.{norm,rope,sample} when the inputs are where kernels run (kernels_can_run), and the
+reference otherwise; the latent cache (cache.py) and the MoE (model.py) pick their kernels the same way.
+Linears dispatch in QuantLinear (linear.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
 
 import torch
@@ -16,8 +15,6 @@ import torch
 from dsquant.kernels.norm.reference import fused_add_rms_norm_ref, rms_norm_ref
 from dsquant.kernels.rope.reference import apply_rope_ref
 from dsquant.kernels.sample.reference import top_k_top_p_sample_ref
-
-log = logging.getLogger(__name__)
 
 
 def mla_attention_ref(
@@ -53,6 +50,17 @@ def kernels_can_run(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _triton_kernels() -> dict[str, object]:
+    """The Triton twins of the references above, by name; imported on first use, so that triton loads only
+    when a kernel is about to run."""
+    from dsquant.kernels.norm.triton import fused_add_rms_norm, rms_norm
+    from dsquant.kernels.rope.triton import apply_rope
+    from dsquant.kernels.sample.triton import top_k_top_p_sample
+
+    return {"rms_norm": rms_norm, "fused_add_rms_norm": fused_add_rms_norm, "apply_rope": apply_rope,
+            "top_k_top_p_sample": top_k_top_p_sample}
+
+
 class KernelOps:
     """The small kernels a decoder layer needs, chosen once by `impl`."""
 
@@ -60,36 +68,31 @@ class KernelOps:
         if impl not in ("reference", "triton"):
             raise ValueError(f"impl must be 'reference' or 'triton', got {impl!r}")
         self.impl = impl
-        self._triton: dict[str, object] = {}
+        self._triton: dict[str, object] | None = None
 
-    def _kernel(self, family: str, name: str, x: torch.Tensor):
-        """The Triton function dsquant.kernels.<family>.triton.<name> for CUDA inputs, else None."""
+    def _kernel(self, name: str, x: torch.Tensor):
+        """The Triton kernel `name` when impl="triton" and `x` is where kernels run, else None (the reference)."""
         if self.impl != "triton" or not kernels_can_run(x):
             return None
-        key = f"{family}.{name}"
-        if key not in self._triton:
-            try:
-                self._triton[key] = getattr(importlib.import_module(f"dsquant.kernels.{family}.triton"), name)
-            except (ImportError, AttributeError):
-                log.warning("no Triton kernel %s yet: using the reference", key)
-                self._triton[key] = None
-        return self._triton[key]
+        if self._triton is None:
+            self._triton = _triton_kernels()
+        return self._triton[name]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        fn = self._kernel("norm", "rms_norm", x)
+        fn = self._kernel("rms_norm", x)
         return (fn or rms_norm_ref)(x, weight, eps)
 
     def fused_add_rms_norm(self, x, residual, weight, eps):
-        fn = self._kernel("norm", "fused_add_rms_norm", x)
+        fn = self._kernel("fused_add_rms_norm", x)
         return (fn or fused_add_rms_norm_ref)(x, residual, weight, eps)
 
     def apply_rope(self, q_pe, k_pe, cos, sin, positions) -> None:
-        fn = self._kernel("rope", "apply_rope", q_pe)
+        fn = self._kernel("apply_rope", q_pe)
         (fn or apply_rope_ref)(q_pe, k_pe, cos, sin, positions)
 
     def mla_attention(self, q_lat, q_pe, kv, pe, scale: float, start_pos: int, keep=None) -> torch.Tensor:
         return mla_attention_ref(q_lat, q_pe, kv, pe, scale, start_pos, keep)
 
     def sample(self, probs, top_k, top_p, uniform) -> torch.Tensor:
-        fn = self._kernel("sample", "top_k_top_p_sample", probs)
+        fn = self._kernel("top_k_top_p_sample", probs)
         return (fn or top_k_top_p_sample_ref)(probs, top_k, top_p, uniform)

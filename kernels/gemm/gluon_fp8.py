@@ -21,6 +21,7 @@ says what is missing where the Triton lacks the Gluon Hopper API it is written a
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -57,6 +58,7 @@ MAX_REGS, LOADER_REGS, CONSUMER_REGS = 168, 24, 240
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@functools.cache  # a property of the installed Triton; signature inspection is too slow for every launch
 def gluon_missing() -> str | None:
     """Why this Triton cannot build the kernel (one line), or None when it can."""
     if _IMPORT_ERROR is not None:
@@ -230,10 +232,15 @@ def _tma_rows_ok(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
+@functools.cache  # layouts depend on the tile and dtype alone; building one per launch costs host time
+def _shared_layout(block: tuple[int, ...], dtype: torch.dtype):
+    gl_dtype = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+                torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+
+
 def _descriptor(t: torch.Tensor, block: list[int]):
-    dtype = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
-             torch.float32: gl.float32}[t.dtype]
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+    return TensorDescriptor.from_tensor(t, block, _shared_layout(tuple(block), t.dtype))
 
 
 def _launch_constants() -> dict:

@@ -1,4 +1,4 @@
-"""Where convert gets its source: the demo model, hf:// specs through dsquant.hub, and calibration input."""
+"""Where convert gets its source: the demo model, hf:// specs through checkpoint.hub_source, and calibration input."""
 
 from __future__ import annotations
 
@@ -29,15 +29,16 @@ def test_convert_without_src_uses_the_demo_model(tmp_path, monkeypatch, synth):
     assert summary.src == str(synth("v3", "fp8")) and summary.source_dtype == "fp8"
 
 
-def test_hf_source_goes_through_dsquant_hub(tmp_path, monkeypatch, synth):
-    hub = pytest.importorskip("dsquant.hub")
+def test_hf_source_goes_through_hub_source(tmp_path, monkeypatch, synth):
+    import dsquant.checkpoint.hub_source as hub_source
+
     calls = []
 
     def fake_resolve(spec):
         calls.append(spec)
         return synth("v3", "bf16")
 
-    monkeypatch.setattr(hub, "resolve_source", fake_resolve)
+    monkeypatch.setattr(hub_source, "resolve_source", fake_resolve)
     monkeypatch.chdir(tmp_path)
     summary = convert("hf://deepseek-ai/DeepSeek-V3@abc123", None, "int8", progress=False)
     assert calls == ["hf://deepseek-ai/DeepSeek-V3@abc123"]

@@ -80,13 +80,14 @@ def test_resume_refuses_another_model_of_the_same_layout(synth, reference_run, t
 
 
 def test_resume_refuses_a_hub_branch_that_moved(synth, tmp_path, monkeypatch):
-    hub = pytest.importorskip("dsquant.hub")
+    import dsquant.checkpoint.hub_source as hub_source
+
     repo = tmp_path / "hub" / "models--org--name" / "snapshots"
     old, new = repo / ("1" * 40), repo / ("2" * 40)
     for snapshot in (old, new):  # the same files at two commits: only the commit tells them apart
         shutil.copytree(synth("v3", "bf16"), snapshot)
     main = {"at": old}
-    monkeypatch.setattr(hub, "resolve_source", lambda spec: old if spec.endswith("@" + "1" * 40) else main["at"])
+    monkeypatch.setattr(hub_source, "resolve_source", lambda spec: old if spec.endswith("@" + "1" * 40) else main["at"])
     dst = tmp_path / "out"
     with pytest.raises(RuntimeError), monkeypatch.context() as m:
         m.setattr(convert_mod, "write_configs", _interrupt)

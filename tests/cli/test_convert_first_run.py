@@ -59,7 +59,8 @@ def test_the_reported_time_includes_calibration(tmp_path, monkeypatch):
 def test_push_to_hub_checks_the_token_before_converting(tmp_path, monkeypatch, token, whoami, message):
     from huggingface_hub.errors import HfHubHTTPError
 
-    import dsquant.hub as hub
+    import dsquant.checkpoint.hub_source as hub_source
+    import dsquant.publish as publish
 
     class FakeApi:
         def __init__(self, token=None):
@@ -69,9 +70,9 @@ def test_push_to_hub_checks_the_token_before_converting(tmp_path, monkeypatch, t
             response = SimpleNamespace(status_code=whoami, headers={}, request=None)
             raise HfHubHTTPError("401 Unauthorized", response=response)
 
-    monkeypatch.setattr(hub, "get_token", lambda: token)
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    monkeypatch.setattr(hub, "check_reachable", lambda what: None)  # no request leaves the test
+    monkeypatch.setattr(publish, "get_token", lambda: token)
+    monkeypatch.setattr(publish, "HfApi", FakeApi)
+    monkeypatch.setattr(hub_source, "check_reachable", lambda what: None)  # no request leaves the test
     r = runner.invoke(app, ["convert", "demo", str(tmp_path / "out"), "-r", "int8", "--push-to-hub", "org/name"])
     assert r.exit_code == 1 and message in r.output, r.output
     assert not (tmp_path / "out").exists()

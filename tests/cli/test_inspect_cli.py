@@ -94,7 +94,7 @@ def test_inspect_a_hub_checkpoint_without_downloading_weights(tmp_path, monkeypa
 
     hub = FakeHub(build("ct-mxfp4").write(tmp_path / "c"))
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
-    monkeypatch.setattr("dsquant.hub.check_reachable", lambda what: None)  # the fake Hub needs no network
+    monkeypatch.setattr("dsquant.checkpoint.hub_source.check_reachable", lambda what: None)  # the fake Hub is local
     result = runner.invoke(app, ["inspect", "hf://org/tiny-mxfp4@main", "--check"])
     assert result.exit_code == 0, result.output
     assert "checkpoint    hf://org/tiny-mxfp4@main" in result.output and "mxfp4 x12" in result.output

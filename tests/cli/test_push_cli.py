@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
-import dsquant.hub as hub
+import dsquant.publish as publish
 from dsquant.cli import app
 from dsquant.model_card import CARD_MARKER, render_model_card
 from tests.check.ckpt_factory import build
@@ -76,7 +76,7 @@ def test_dry_run_changes_nothing_on_disk(tmp_path, card):
 def test_push_with_token_never_prints_it(tmp_path, monkeypatch):
     out = output_dir(tmp_path)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(publish, "HfApi", RecordingApi)
     result = runner.invoke(app, ["push", str(out), "--repo-id", "me/tiny", "--revision", "dev", "--private"])
     assert result.exit_code == 0, result.output
     assert RecordingApi.last.token == FAKE_TOKEN
@@ -115,7 +115,7 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
             raise ConnectionError("network unreachable")
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(hub, "HfApi", Failing)
+    monkeypatch.setattr(publish, "HfApi", Failing)
     result = runner.invoke(app, ["push", str(output_dir(tmp_path)), "--repo-id", "me/tiny"])
     assert result.exit_code == 1
     assert "push to me/tiny failed: ConnectionError: network unreachable (run the same command again" in result.output
@@ -128,7 +128,7 @@ def test_interrupted_push_says_how_to_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(hub, "HfApi", Interrupted)
+    monkeypatch.setattr(publish, "HfApi", Interrupted)
     result = runner.invoke(app, ["push", str(output_dir(tmp_path)), "--repo-id", "me/tiny"])
     assert result.exit_code == 130 and "run the same command again to resume" in result.output
 
@@ -137,7 +137,7 @@ def test_failing_checkpoint_is_not_pushed_without_no_check(tmp_path, monkeypatch
     out = output_dir(tmp_path)
     (out / "model-00001-of-00002.safetensors").unlink()
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(publish, "HfApi", RecordingApi)
     RecordingApi.last = None
     result = runner.invoke(app, ["push", str(out), "--repo-id", "me/tiny"])
     assert result.exit_code == 1 and "engine loading check" in result.output and RecordingApi.last is None

@@ -99,3 +99,21 @@ def test_demo_prints_both_tables_and_what_does_not_apply(tmp_path):
     assert lines[0].startswith("demo (DeepSeek-V3): ") and any(ln.startswith("demo (DeepSeek-V4): ") for ln in lines)
     assert any(ln.startswith("v4-fp8-block ") for ln in lines)
     assert any(ln.startswith("  not shown: v4-mxfp4: the demo ships MXFP4 experts already") for ln in lines)
+
+
+def test_every_default_demo_recipe_converts_its_family_demo_model(tmp_path):
+    """`dsquant demo` with no --recipe runs demo_recipes(None): each recipe must accept the bundled model of the
+    family it is listed under (a recipe that refuses its source stops the whole demo)."""
+    from dsquant.cli.cmd_demo import V4_NOT_APPLICABLE, demo_recipes
+    from dsquant.convert import convert
+    from dsquant.demo import demo_model_dir
+    from dsquant.recipe_files import shipped_recipes
+
+    tables = demo_recipes(None)
+    assert "nvfp4" in tables["deepseek_v3"] and "fp8-block" in tables["deepseek_v3"]
+    assert tables["deepseek_v4"] == ["v4-fp8-block", "v4-nvfp4"]
+    for family, names in tables.items():
+        for name in names:
+            convert(demo_model_dir(family), tmp_path / name, name, dry_run=True, progress=False)
+    listed = {n for names in tables.values() for n in names}
+    assert {n for n, _ in shipped_recipes()} - listed == set(V4_NOT_APPLICABLE)
