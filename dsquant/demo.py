@@ -1,7 +1,8 @@
 """The demo model `dsquant convert` uses when no SRC is given.
 
 `demo_model_dir()` returns the bundled trained demo model (dsquant/assets/demo/) when the package ships
-one; otherwise a deterministic random-weight DeepSeek-V3-shaped FP8 checkpoint, built once with
+one (`demo_model_dir("deepseek_v4")`: the bundled DeepSeek-V4 demo, dsquant/assets/demo-v4/); otherwise
+a deterministic random-weight DeepSeek-V3-shaped FP8 checkpoint, built once with
 dsquant.checkpoint.synth into the cache ($DSQUANT_CACHE, else ~/.cache/dsquant) and reused afterwards.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+V4_ASSET_DIR = ASSET_DIR.parent / "demo-v4"
 # The demo's own settings (context length, evaluation size), kept beside its weights and copied with them into
 # every conversion of it.
 SETTINGS_FILE = "dsquant_demo.json"
@@ -28,8 +30,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSQUANT_CACHE") or Path.home() / ".cache" / "dsquant")
 
 
-def demo_model_dir() -> Path:
-    """Folder of the demo checkpoint (bundled trained model, else the cached random-weight one)."""
+def demo_model_dir(family: str = "deepseek_v3") -> Path:
+    """Folder of the demo checkpoint (bundled trained model, else the cached random-weight one); family
+    "deepseek_v4": the bundled DeepSeek-V4 demo."""
+    if family == "deepseek_v4":
+        return V4_ASSET_DIR
     if (ASSET_DIR / "config.json").is_file():
         return ASSET_DIR
     target = cache_dir() / f"{SYNTH_NAME}-{SYNTH_VERSION}"

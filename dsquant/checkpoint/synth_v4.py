@@ -128,23 +128,38 @@ def _fp8(w: torch.Tensor, e8m0: bool, name: str) -> tuple[torch.Tensor, torch.Te
 def v4_tensors(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Every tensor of the official layout for `cfg`, in checkpoint order, as stored (dtype and shape)."""
     gen = torch.Generator().manual_seed(seed)
+
+    def value(spec) -> torch.Tensor:
+        if spec.kind == "i64":  # tid2eid: num_experts_per_tok distinct experts for every token id
+            ranks = torch.rand((spec.shape[0], cfg["n_routed_experts"]), generator=gen).argsort(dim=1)
+            return ranks[:, : spec.shape[1]].contiguous()
+        return _random(spec.shape, spec.kind, spec.name, gen)
+
+    return store_v4_tensors(cfg, value)
+
+
+def store_v4_tensors(cfg: dict, value) -> dict[str, torch.Tensor]:
+    """The official layout for `cfg` with the values `value(spec)` gives (float, or int64 for tid2eid), called once
+    per names_v4.Spec in checkpoint order, stored as the release stores each kind: dense linears FP8 with
+    power-of-two 128x128 scales (F8_E8M0 beside FP4 experts, F32 beside FP8 ones), routed experts MXFP4 (I8 +
+    F8_E8M0 per 32) or FP8, the rest BF16 / F32 / I64."""
     fp4 = cfg.get("expert_dtype", "fp4") == "fp4"
     out: dict[str, torch.Tensor] = {}
     for spec in expected_tensors(cfg):
-        if spec.kind == "i64":  # tid2eid: num_experts_per_tok distinct experts for every token id
-            ranks = torch.rand((spec.shape[0], cfg["n_routed_experts"]), generator=gen).argsort(dim=1)
-            out[spec.name] = ranks[:, : spec.shape[1]].contiguous()
-            continue
-        w = _random(spec.shape, spec.kind, spec.name, gen)
-        if spec.kind == "f32":
+        w = value(spec)
+        if tuple(w.shape) != tuple(spec.shape):
+            raise ValueError(f"{spec.name}: value of shape {tuple(w.shape)}, the layout needs {tuple(spec.shape)}")
+        if spec.kind == "i64":
+            out[spec.name] = w.long().contiguous()
+        elif spec.kind == "f32":
             out[spec.name] = w.float()
         elif spec.kind == "bf16":
             out[spec.name] = w.to(torch.bfloat16)
         elif spec.kind == "expert" and fp4:
-            packed, scale = quantize_mxfp4(w, name=spec.name)
+            packed, scale = quantize_mxfp4(w.float(), name=spec.name)
             out[spec.name], out[scale_name(spec.name)] = packed.view(torch.int8), scale.view(torch.float8_e8m0fnu)
         else:
-            out[spec.name], out[scale_name(spec.name)] = _fp8(w, fp4, spec.name)
+            out[spec.name], out[scale_name(spec.name)] = _fp8(w.float(), fp4, spec.name)
     return out
 
 

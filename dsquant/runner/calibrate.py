@@ -8,12 +8,14 @@ loads, the layer's scales are chosen (calib_search.search_input_scale, method "m
 "amax") and its samples are dropped, so sample memory is one layer's worth:
 sample_rows * (sum of the distinct input widths of the layer's linears) * activation itemsize
 (V3 MoE layer, 256 rows, BF16: 256 experts * (7168 + 2048) * 256 * 2 B = 1.2 GB on the device).
+DeepSeek-V4 streams the same way (its layers carry the hc_mult streams between them); scales are keyed by the
+official module names (`layers.L.ffn.experts.E.w1`), which its converter looks up, and it has no latent cache.
 
 Fused partners read the same input and share one value: up_proj takes gate_proj's, kv_a_proj_with_mqa
-takes q_a_proj's (only the first of each pair is sampled). Experts that receive no calibration token
-(routing is sparse) take the largest scale chosen for the same projection (gate/up/down) among the
-layer's other experts, the most headroom any of them needed (for method "amax" this is the layer's
-max amax / 2688); if no expert of the layer saw a token, the converter's recipe default stays.
+takes q_a_proj's, DeepSeek-V4's w3 takes w1's (only the first of each pair is sampled). Experts that
+receive no calibration token (routing is sparse) take the largest scale chosen for the same projection
+(gate/up/down) among the layer's other experts, the most headroom any of them needed (for method "amax"
+this is the layer's max amax / 2688); if no expert of the layer saw a token, the converter's recipe default stays.
 
 FP8 KV cache: per layer, kv_amax = max |x| over the latent rows as the cache stores them (normed kv_c
 and the roped k_pe, one 576-wide row on V3), and k_scale = max(kv_amax / 448, 1.0), ModelOpt's export
@@ -46,7 +48,7 @@ from dsquant.devices import cpu_threads
 from dsquant.formats.fp8 import FP8_E4M3_MAX
 from dsquant.progress import Progress
 from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
-from dsquant.runner.family import require
+from dsquant.runner.family import V3, V4, require
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import CheckpointReader
 from dsquant.runner.offload import stream_logits
@@ -54,9 +56,13 @@ from dsquant.runner.perplexity import make_windows
 from dsquant.runner.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)$")
+# a routed expert's linear, V3 (model.layers.L.mlp.experts.E.gate_proj) or V4 (layers.L.ffn.experts.E.w1):
+# groups (experts prefix, layer, expert, projection)
+_EXPERT = re.compile(r"^((?:model\.)?layers\.(\d+)\.(?:mlp|ffn)\.experts)\.(\d+)\.(\w+)$")
 # follower -> leader: linears fed the same tensor, sampled once, one shared scale
-PARTNERS = {"up_proj": "gate_proj", "kv_a_proj_with_mqa": "q_a_proj"}
+PARTNERS = {"up_proj": "gate_proj", "kv_a_proj_with_mqa": "q_a_proj", "w3": "w1"}
+# the module-name prefix of decoder layer L per family (V4 checkpoints use the official unprefixed names)
+_LAYER_PREFIX = {V3: "model.layers", V4: "layers"}
 
 
 @dataclass
@@ -113,10 +119,12 @@ def record(
         settle()
         for name, mod in block.named_modules():
             if isinstance(mod, QuantLinear) and name.rpartition(".")[2] not in PARTNERS:
-                full = f"model.layers.{layer}.{name}"
+                full = f"{_LAYER_PREFIX[reader.family]}.{layer}.{name}"
                 samples[full] = RowSample(cap, seed=layer)
                 mod.register_forward_pre_hook(lambda m, args, s=samples[full]: s.add(args[0]))
-        block.self_attn.register_forward_pre_hook(lambda m, args, layer=layer: _watch_cache(cal.kv_amax, layer, args))
+        if reader.family == V3:  # the MLA latent cache; V4 stores none
+            block.self_attn.register_forward_pre_hook(
+                lambda m, args, layer=layer: _watch_cache(cal.kv_amax, layer, args))
 
     impl = "triton" if str(device).startswith("cuda") else "reference"
     for _ in stream_logits(ckpt, windows, impl=impl, device=device, batch_size=batch_size, on_layer=on_layer,
@@ -149,9 +157,9 @@ def finish(ckpt, cal: Calibration) -> Calibration:
     seen: dict[int, set[int]] = {layer: set() for layer in range(args.n_layers) if args.is_moe_layer(layer)}
     for name, v in cal.input_scales.items():
         if m := _EXPERT.match(name):
-            key = (m.group(1), m.group(3))
+            key = (m.group(1), m.group(4))
             per_proj[key] = max(per_proj.get(key, 0.0), v)
-            seen.setdefault(int(m.group(1).split(".")[2]), set()).add(int(m.group(2)))
+            seen.setdefault(int(m.group(2)), set()).add(int(m.group(3)))
     cal.n_routed_experts = n_experts
     cal.idle_experts = {layer: n_experts - len(e) for layer, e in sorted(seen.items()) if len(e) < n_experts}
     for (prefix, proj), v in per_proj.items():

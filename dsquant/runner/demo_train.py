@@ -1,11 +1,13 @@
-"""Train the bundled demo model and export it in DeepSeek's native FP8-block format.
+"""Train the bundled demo models and export them in DeepSeek's release formats (V3: FP8 blocks; V4: FP8 + MXFP4).
 
 The demo model is the DeepSeek-V3 architecture at a few MB: MLA (q/kv LoRA, decoupled RoPE with V3's
 YaRN scaling), one dense layer then MoE layers (8 routed experts in 4 groups, top-2 from the best 2
 groups, one shared expert, sigmoid scores with the aux-loss-free bias), and one MTP layer; byte-level
 vocabulary. It trains on the Python standard library's source (dsquant.runner.data, train split).
+`--family v4` trains the DeepSeek-V4 demo instead (dsquant.runner.v4.demo_model) on the same text, and
+export stores it in the V4 release's mixed layout (FP8 + E8M0 grids, MXFP4 experts; no MTP block).
 
-    python -m dsquant.runner.demo_train train --out OUT [--steps N] [--max-seconds S] [--device cuda]
+    python -m dsquant.runner.demo_train train --out OUT [--family v4] [--steps N] [--max-seconds S] [--device cuda]
     python -m dsquant.runner.demo_train export --src OUT --dst dsquant/assets/demo
 
 Deterministic data order and initialisation (seed 0). The step count is fixed before the first
@@ -31,6 +33,8 @@ from dsquant.runner.config import ModelArgs
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.model import MoE, Transformer, Weighted
 from dsquant.runner.tokenizer import build_byte_tokenizer
+from dsquant.runner.v4 import demo_model as v4_demo
+from dsquant.runner.v4.model import Transformer as V4Transformer
 
 log = logging.getLogger("dsquant.demo_train")
 
@@ -78,8 +82,12 @@ def byte_stream(split: str) -> torch.Tensor:
 
 
 def _loss(model: Transformer, batch: torch.Tensor, mtp_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token CE, plus the MTP layer's CE on the token after next (DeepSeek-V3's lambda = 0.3 early on)."""
+    """Next-token CE, plus the MTP layer's CE on the token after next (DeepSeek-V3's lambda = 0.3 early on);
+    the V4 demo has no MTP block."""
     x, y = batch[:, :-1], batch[:, 1:]
+    if isinstance(model, V4Transformer):
+        main = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        return main, main
     logits, h = model(x, return_hidden=True)
     main = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     mtp = model.mtp_logits(h[:, :-1], y[:, :-1])  # position i sees h_i and token i+1, predicts i+2
@@ -90,14 +98,16 @@ def _loss(model: Transformer, batch: torch.Tensor, mtp_weight: float) -> tuple[t
 def _update_router_bias(model: Transformer, rate: float) -> None:
     """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
     for mod in model.modules():
-        if isinstance(mod, MoE) and mod.last_counts is not None:
+        bias = getattr(getattr(mod, "gate", None), "e_score_correction_bias" if isinstance(mod, MoE) else "bias", None)
+        if bias is not None and mod.last_counts is not None:  # V4 hash layers route by token id: no bias
             load = mod.last_counts.float()
-            mod.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            bias += rate * torch.sign(load.mean() - load)
 
 
-def train(out: Path, *, steps: int, max_seconds: float, device: str, batch: int, seq_len: int, seed: int = 0) -> dict:
+def train(out: Path, *, steps: int, max_seconds: float, device: str, batch: int, seq_len: int, seed: int = 0,
+          family: str = "v3") -> dict:
     torch.manual_seed(seed)
-    model = init_model(DEMO_ARGS, seed).to(device)
+    model = (v4_demo.trainable_model(seed=seed) if family == "v4" else init_model(DEMO_ARGS, seed)).to(device)
     data = byte_stream("train")
     heldout = byte_stream("heldout")
     log.info("train tokens %d, held-out tokens %d, params %d", data.numel(), heldout.numel(),
@@ -133,7 +143,7 @@ def train(out: Path, *, steps: int, max_seconds: float, device: str, batch: int,
               "train_tokens_seen": step * batch * seq_len,
               "heldout_nats_per_byte": _heldout_nll(model, heldout, seq_len, device)}  # fmt: skip
     log.info("done: %s", result)
-    save_bf16(model, out)
+    (save_v4 if family == "v4" else save_bf16)(model, out)
     (out / "train_log.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -157,6 +167,28 @@ def save_bf16(model: Transformer, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(DEMO_ARGS.to_config(), indent=1))
 
 
+def save_v4(model: V4Transformer, out: Path) -> None:
+    """The trained V4 demo as float32 safetensors under the official names, plus its config.json (no quantization)."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in v4_demo.DEMO_V4_CONFIG.items() if k != "quantization_config"}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def export(src: Path, dst: Path) -> None:
+    """A trained demo (save_bf16 or save_v4) -> its release format in dst, with tokenizer and generation config."""
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") == "deepseek_v4":
+        dst.mkdir(parents=True, exist_ok=True)
+        config = {**config, "quantization_config": v4_demo.DEMO_V4_CONFIG["quantization_config"]}
+        tensors = v4_demo.official_tensors(load_file(str(src / "model.safetensors")), config)
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        (dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        _side_files(src, dst)
+    else:
+        export_fp8(src, dst)
+
+
 def export_fp8(src: Path, dst: Path) -> None:
     """BF16 demo checkpoint -> DeepSeek native FP8-block checkpoint with tokenizer and generation config."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -173,6 +205,11 @@ def export_fp8(src: Path, dst: Path) -> None:
     config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                      "weight_block_size": [128, 128]}  # fmt: skip
     (dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    _side_files(src, dst)
+
+
+def _side_files(src: Path, dst: Path) -> None:
+    """The byte tokenizer, tokenizer and generation configs, and the training log beside a demo's weights."""
     build_byte_tokenizer().save(str(dst / "tokenizer.json"))
     (dst / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": True, "model_max_length": 4096},
@@ -194,15 +231,20 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--seq-len", type=int, default=512)
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--family", choices=("v3", "v4"), default="v3")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
     e = sub.add_parser("export")
     e.add_argument("--src", type=Path, required=True)
     e.add_argument("--dst", type=Path, required=True)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.cmd == "train":
-        train(a.out, steps=a.steps, max_seconds=a.max_seconds, device=a.device, batch=a.batch, seq_len=a.seq_len)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        train(a.out, steps=a.steps, max_seconds=a.max_seconds, device=a.device, batch=a.batch, seq_len=a.seq_len,
+              family=a.family)
     else:
-        export_fp8(a.src, a.dst)
+        export(a.src, a.dst)
 
 
 if __name__ == "__main__":

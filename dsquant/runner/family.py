@@ -23,7 +23,6 @@ _MISSING = {
     V4: {
         "kv_cache": "the DeepSeek-V4 runner recomputes attention from the window and compressed entries of the "
                     "whole sequence, with no KV cache to store in FP8 (--kv-cache bf16)",
-        "calibrate": "calibration hooks V3's MoE experts; DeepSeek-V4 experts are not calibrated yet",
         "mtp": "the DeepSeek-V4 runner does not build the MTP block",
     },
 }  # fmt: skip

@@ -113,11 +113,12 @@ def stream_logits(
                 progress.update(windows.numel() / a.n_layers)
     stats.peak_resident_bytes = max(part.resident.peak for part in parts)
     heads = sorted(((j, h, part) for part in parts for j, h, _ in part.hidden), key=lambda x: x[0])
-    with torch.no_grad():
-        for j, h, part in heads:
-            with current_device(part.device):  # the head's kernels launch on the device that holds h
-                out = logits(part.model, h)
-            yield j * batch_size, out
+    for j, h, part in heads:
+        # no_grad only around the computation: held across a yield it would leak into the caller, and two
+        # interleaved generators closing in the wrong order would leave gradients off for the whole process
+        with current_device(part.device), torch.no_grad():  # the head's kernels launch on the device holding h
+            out = logits(part.model, h)
+        yield j * batch_size, out
 
 
 class _DevicePart:
@@ -184,7 +185,8 @@ def resident_logits(
     model: Transformer, windows: torch.Tensor, *, kv_cache: str = "bf16", batch_size: int = 8, device: str = "cpu"
 ):
     """Yield (first window index, logits) per batch with the whole model resident."""
-    with torch.no_grad():
-        for i in range(0, len(windows), batch_size):
-            x = windows[i : i + batch_size].to(device)
-            yield i, model(x, 0, new_cache(model, x.shape[0], x.shape[1], kv_cache, device))
+    for i in range(0, len(windows), batch_size):
+        x = windows[i : i + batch_size].to(device)
+        with torch.no_grad():  # not across the yield (stream_logits says why)
+            out = model(x, 0, new_cache(model, x.shape[0], x.shape[1], kv_cache, device))
+        yield i, out

@@ -100,3 +100,18 @@ def test_evaluate_over_two_devices_equals_one(tmp_path):
     two = evaluate(demo_model_dir(), devices=["cpu", "cpu"], **kw)
     assert two["results"] == one["results"]
     assert two["protocol"]["device"] == "cpu,cpu"
+
+
+def test_interleaved_logit_generators_leave_gradients_on(tmp_path):
+    """evaluate() interleaves the base's and each conversion's generators; grad mode held across a yield leaked
+    into the caller and, closed out of order, turned gradients off for the rest of the process."""
+    ckpt = make_synthetic_checkpoint(tmp_path / "v3", variant="v3", source="fp8", num_shards=1)
+    model, _ = load_model(ckpt)
+    windows = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    a, b = resident_logits(model, windows, batch_size=2), stream_logits(ckpt, windows, batch_size=2)
+    next(a)
+    next(b)
+    assert torch.is_grad_enabled()  # between batches, the caller's mode
+    del a  # closed first, as a generator dropped before the other one
+    del b
+    assert torch.is_grad_enabled()

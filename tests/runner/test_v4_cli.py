@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from dsquant.cli import app
 from dsquant.demo import ASSET_DIR
-from dsquant.runner.calibrate import record
 from dsquant.runner.load import load_model
 from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import make_windows, token_nll
@@ -96,9 +95,3 @@ def test_v4_layer_streaming_equals_resident(v4_ckpt):
     layer_bytes = [reader.layer_nbytes(i) for i in range(CONFIG["num_hidden_layers"])]
     assert [s["bytes"] for s in stats.layers] == layer_bytes  # every layer was read, once, whole
     assert stats.peak_resident_bytes <= stats.non_layer_bytes + max(layer_bytes)  # one layer at a time
-
-
-def test_calibrate_v4_is_refused(v4_ckpt):
-    path, _ = v4_ckpt
-    with pytest.raises(ValueError, match="DeepSeek-V4 experts are not calibrated yet"):
-        record(path, torch.zeros(1, 8, dtype=torch.long))

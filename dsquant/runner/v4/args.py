@@ -100,6 +100,9 @@ class V4Args:
     n_expert_groups: int = 1
     norm_topk_prob: bool = True
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return True  # every DeepSeek-V4 layer routes (hash or scores): there is no dense first layer
+
     def is_hash_layer(self, layer: int) -> bool:
         return layer < self.n_hash_layers
 

@@ -8,6 +8,8 @@ tensor fills the module's buffer of that name. Official linears:
                        a multiplier: DeepSeek's `weight_scale_inv` under its V4 name (dsquant.formats.ondisk)
     FP4 (routed experts) weight int8 [N, K/2], E2M1 codes with element 2j in the low nibble (dsquant.formats.fp4's
                        packing) + scale float8_e8m0fnu [N, K/32]: MXFP4 (dsquant.formats.mxfp4)
+    NVFP4 (experts of  ModelOpt's names (weight uint8, weight_scale, weight_scale_2, input_scale) beside the fp8
+    the hybrid layout) quantization_config, read as ModelOpt NVFP4 (W4A4 with the stored input_scale)
 Activations: `act` None keeps each format's scheme (FP8 linears quantize activations to FP8 1x128 groups, as
 the official runtime and transformers' FP8Linear do on GPU; FP4 experts run weight-only, where the official
 runtime feeds them FP8 activations too); act="none" multiplies unquantized activations by the dequantized
@@ -49,6 +51,9 @@ def read_linear(tensors, prefix: str, quant_config: dict | None, act: str | None
             raise ValueError(f"{prefix}: FP4 weight {tuple(w.shape)} needs an E8M0 scale of shape "
                              f"{(w.shape[0], w.shape[1] * 2 // 32)}, got {scale.dtype} {tuple(scale.shape)}")
         return LinearWeight("mxfp4", w.view(torch.uint8), scale.view(torch.uint8), act=act)
+    if f"{prefix}.weight_scale_2" in tensors:  # NVIDIA's hybrid: ModelOpt NVFP4 experts in an fp8 checkpoint
+        qw = read_quantized(prefix, tensors, {"quant_method": "modelopt"})
+        return LinearWeight("nvfp4", qw.q, qw.scale, qw.global_scale, qw.input_scale, act=act)
     qw = read_quantized(prefix, _ScaleAsInv(tensors, prefix), quant_config or {"quant_method": "fp8"})
     if qw.fmt == "fp8-block":
         n, k = qw.q.shape
@@ -72,7 +77,8 @@ def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, 
             if f"{prefix}weight" not in tensors:
                 raise ValueError(f"missing tensor {prefix}weight")
             w = read_linear(tensors, name, quant_config, act)
-            w = LinearWeight(w.fmt, w.q.to(device), None if w.scale is None else w.scale.to(device), act=w.act)
+            w = LinearWeight(w.fmt, *(None if t is None else t.to(device)
+                                      for t in (w.q, w.scale, w.global_scale, w.input_scale)), act=w.act)
             mod.set_weight(w, name=name)
             nbytes += w.nbytes
             continue
