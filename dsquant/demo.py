@@ -1,7 +1,7 @@
 """The demo model `dsquant convert` uses when no SRC is given.
 
 `demo_model_dir()` returns the bundled trained demo model (dsquant/assets/demo/) when the package ships
-one (`demo_model_dir("deepseek_v4")`: the bundled DeepSeek-V4 demo, dsquant/assets/demo-v4/); otherwise
+one (`demo_model_dir(V4)`: the bundled DeepSeek-V4 demo, dsquant/assets/demo-v4/); otherwise
 a deterministic random-weight DeepSeek-V3-shaped FP8 checkpoint, built once with
 dsquant.checkpoint.synth into the cache ($DSQUANT_CACHE, else ~/.cache/dsquant) and reused afterwards.
 """
@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dsquant.checkpoint.names import V3, V4
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
@@ -30,10 +31,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSQUANT_CACHE") or Path.home() / ".cache" / "dsquant")
 
 
-def demo_model_dir(family: str = "deepseek_v3") -> Path:
+def demo_model_dir(family: str = V3) -> Path:
     """Folder of the demo checkpoint (bundled trained model, else the cached random-weight one); family
-    "deepseek_v4": the bundled DeepSeek-V4 demo."""
-    if family == "deepseek_v4":
+    V4: the bundled DeepSeek-V4 demo."""
+    if family == V4:
         return V4_ASSET_DIR
     if (ASSET_DIR / "config.json").is_file():
         return ASSET_DIR

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import re
 
+# The model families dsquant tells apart: the DeepSeek-V3 layout (V2, V3, V3.1, V3.2, R1, Kimi-K2) and
+# DeepSeek-V4's official layout (checkpoint.names_v4).
+V3, V4 = "deepseek_v3", "deepseek_v4"
+
 # architectures -> the model_type values seen with them (Kimi-K2 ships DeepseekV3ForCausalLM as kimi_k2;
 # DeepSeek-V3.2 names its own class because of the indexer tensors).
 SUPPORTED_ARCHITECTURES = {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from dsquant.checkpoint.names import V3, V4
 from dsquant.cli.app import THREADS, app, fail
 
 
@@ -17,7 +18,6 @@ def _size(path: Path) -> int:
 
 
 CALIBRATION_TOKENS = 8192
-V3, V4 = "deepseek_v3", "deepseek_v4"
 # How each demo source is stored (the table's first row).
 SOURCE_NAMES = {V3: "source (fp8, DeepSeek native)", V4: "source (fp8 + mxfp4 experts, V4 release)"}
 # Shipped DeepSeek-V4 recipes with nothing to show on the V4 demo, and why (printed under its table).
@@ -56,6 +56,7 @@ def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int | None = None, m
     from dsquant.demo import demo_model_dir, demo_settings
     from dsquant.devices import cpu_threads
     from dsquant.progress import Progress
+    from dsquant.recipe import load_recipe
     from dsquant.runner.calibrate import calibrate as run_calibration
     from dsquant.runner.data import shipped_text
     from dsquant.runner.evaluate import evaluate, load_text
@@ -64,7 +65,8 @@ def run_demo(out_dir: Path, recipes: list[str], *, seq_len: int | None = None, m
     settings = demo_settings(src)
     seq_len = seq_len or settings.get("context_length")
     max_tokens = max_tokens or settings.get("eval_tokens")
-    to_calibrate = [r for r in recipes if calibrate and "nvfp4" in r]  # V3's nvfp4*, V4's v4-nvfp4
+    # the recipes with NVFP4 weights, whose activation scales calibration sets (convert --calibrate's rule)
+    to_calibrate = [r for r in recipes if calibrate and "nvfp4" in load_recipe(r).formats()]
     nvfp4 = bool(to_calibrate)
     jobs = [(r, False) for r in recipes] + [(r, True) for r in to_calibrate]
     dsts, names, scales = [], [], None

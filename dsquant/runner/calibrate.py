@@ -48,7 +48,7 @@ from dsquant.devices import cpu_threads
 from dsquant.formats.fp8 import FP8_E4M3_MAX
 from dsquant.progress import Progress
 from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
-from dsquant.runner.family import V3, V4, require
+from dsquant.runner.family import V3, layer_prefix, require
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import CheckpointReader
 from dsquant.runner.offload import stream_logits
@@ -61,8 +61,6 @@ log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^((?:model\.)?layers\.(\d+)\.(?:mlp|ffn)\.experts)\.(\d+)\.(\w+)$")
 # follower -> leader: linears fed the same tensor, sampled once, one shared scale
 PARTNERS = {"up_proj": "gate_proj", "kv_a_proj_with_mqa": "q_a_proj", "w3": "w1"}
-# the module-name prefix of decoder layer L per family (V4 checkpoints use the official unprefixed names)
-_LAYER_PREFIX = {V3: "model.layers", V4: "layers"}
 
 
 @dataclass
@@ -119,7 +117,7 @@ def record(
         settle()
         for name, mod in block.named_modules():
             if isinstance(mod, QuantLinear) and name.rpartition(".")[2] not in PARTNERS:
-                full = f"{_LAYER_PREFIX[reader.family]}.{layer}.{name}"
+                full = f"{layer_prefix(reader.family, layer)}.{name}"
                 samples[full] = RowSample(cap, seed=layer)
                 mod.register_forward_pre_hook(lambda m, args, s=samples[full]: s.add(args[0]))
         if reader.family == V3:  # the MLA latent cache; V4 stores none

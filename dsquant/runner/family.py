@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from dsquant.checkpoint.names import V3, V4
+from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.runner.cache import PagedLatentCache
 from dsquant.runner.config import ModelArgs
-from dsquant.runner.v4.args import ARCHITECTURES as V4_ARCHITECTURES
 from dsquant.runner.v4.args import V4Args
 from dsquant.runner.v4.model import PrefixCache
 from dsquant.runner.v4.model import Transformer as V4Transformer
 
-V3, V4 = "deepseek_v3", "deepseek_v4"
 # family -> {feature: why it is refused}
 _MISSING = {
     V4: {
@@ -29,8 +29,13 @@ _MISSING = {
 
 
 def family_of(config: dict) -> str:
-    archs = config.get("architectures") or []
-    return V4 if any(a in V4_ARCHITECTURES for a in archs) or config.get("model_type") == "deepseek_v4" else V3
+    return V4 if is_v4(config) else V3
+
+
+def layer_prefix(family: str, layer: int) -> str:
+    """The name prefix of decoder layer `layer`'s tensors and modules: V3's `model.layers.L`, the official
+    unprefixed `layers.L` of DeepSeek-V4."""
+    return f"{'layers' if family == V4 else 'model.layers'}.{layer}"
 
 
 def model_args(config: dict, name: str = "config.json") -> ModelArgs | V4Args:

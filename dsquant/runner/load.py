@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from dsquant.checkpoint.index import ST_DTYPE_BYTES
 from dsquant.formats.ondisk import convention_of, read_quantized
-from dsquant.runner.family import V4, decoder_layers, family_of, model_args, require
+from dsquant.runner.family import V4, decoder_layers, family_of, layer_prefix, model_args, require
 from dsquant.runner.linear import LinearWeight, QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
 from dsquant.runner.schemes import activation_scheme
@@ -103,7 +103,7 @@ class CheckpointReader:
         return t.clone() if t.data_ptr() % 16 else t
 
     def layer_keys(self, layer: int) -> list[str]:
-        prefix = f"{'' if self.family == V4 else 'model.'}layers.{layer}."
+        prefix = f"{layer_prefix(self.family, layer)}."
         return [k for k in self.weight_map if k.startswith(prefix)]
 
     def layer_nbytes(self, layer: int) -> int:

@@ -6,25 +6,15 @@ import json
 import re
 from pathlib import Path
 
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 from dsquant.cli import app
 from dsquant.demo import demo_model_dir
 from dsquant.runner.calibrate import calibrate
+from tests.written_scales import written_input_scales
 
 runner = CliRunner()
 TEXT = Path(__file__).read_text()  # any UTF-8 text works; this file is at hand everywhere
-
-
-def _input_scales(dst: Path) -> dict[str, float]:
-    index = json.loads((dst / "model.safetensors.index.json").read_text())
-    out = {}
-    for name, shard in index["weight_map"].items():
-        if name.endswith(".input_scale"):
-            with safe_open(str(dst / shard), "pt") as f:
-                out[name.removesuffix(".input_scale")] = f.get_tensor(name).float().item()
-    return out
 
 
 def test_calibrated_input_scales_are_written_and_declared(tmp_path):
@@ -39,7 +29,7 @@ def test_calibrated_input_scales_are_written_and_declared(tmp_path):
                                                    result.stderr, re.M), result.stderr
     recipe = json.loads((dst / "dsquant_recipe.json").read_text())
     assert recipe["activation_scales"] == "calibrated"
-    written = _input_scales(dst)
+    written = {m: t.float().item() for m, t in written_input_scales(dst).items()}
     expected = calibrate(str(demo_model_dir()), TEXT)
     assert written, "no input_scale tensors in an NVFP4 W4A4 output"
     assert set(written) & set(expected), "no written input_scale comes from the calibration pass"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
@@ -19,20 +18,11 @@ from dsquant.cli import app
 from dsquant.runner.calibrate import calibration_windows
 from dsquant.runner.load import load_model
 from dsquant.runner.offload import resident_logits
+from tests.written_scales import written_input_scales
 
 runner = CliRunner()
 TEXT = Path(__file__).read_text()
 EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2)$")
-
-
-def written_input_scales(dst: Path) -> dict[str, float]:
-    index = json.loads((dst / "model.safetensors.index.json").read_text())
-    out = {}
-    for name, shard in index["weight_map"].items():
-        if name.endswith(".input_scale"):
-            with safe_open(str(dst / shard), "pt") as f:
-                out[name.removesuffix(".input_scale")] = f.get_tensor(name)
-    return out
 
 
 def reference_input_scales(ckpt: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
