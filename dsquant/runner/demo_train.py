@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.formats.fp8 import quantize_fp8_block
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.linear import QuantLinear
@@ -178,7 +179,7 @@ def save_v4(model: V4Transformer, out: Path) -> None:
 def export(src: Path, dst: Path) -> None:
     """A trained demo (save_bf16 or save_v4) -> its release format in dst, with tokenizer and generation config."""
     config = json.loads((src / "config.json").read_text())
-    if config.get("model_type") == "deepseek_v4":
+    if is_v4(config):
         dst.mkdir(parents=True, exist_ok=True)
         config = {**config, "quantization_config": v4_demo.DEMO_V4_CONFIG["quantization_config"]}
         tensors = v4_demo.official_tensors(load_file(str(src / "model.safetensors")), config)
