@@ -42,16 +42,20 @@ def _resume_command(output: str, dst) -> str:
 
 @pytest.mark.parametrize("args", [
     ["inspect", "{dst}", "--check"],
+    ["inspect", "{dst}"],
     ["eval", "{dst}", "--seq-len", "64", "--max-tokens", "256"],
     ["eval", "{ref}", "--base", "{dst}", "--seq-len", "64", "--max-tokens", "256"],
     ["generate", "{dst}", "def f(", "-n", "2"],
     ["push", "{dst}", "--repo-id", "me/tiny", "--dry-run"],
-], ids=["inspect-check", "eval", "eval-base", "generate", "push"])
+], ids=["inspect-check", "inspect", "eval", "eval-base", "generate", "push"])
 def test_every_command_recognises_an_unfinished_output(unfinished, reference_run, args):
     result = runner.invoke(app, [a.format(dst=unfinished, ref=reference_run) for a in args])
     assert result.exit_code == 1, result.output
     if args[0] == "inspect":
-        assert "ERROR [unfinished]" in result.output and "check: 1 error(s)" in result.output
+        if "--check" in args:
+            assert "ERROR [unfinished]" in result.output and "check: 1 error(s)" in result.output
+        else:  # the summary must not call an unfinished folder consistent
+            assert "DISAGREE" in result.output and "agree" not in result.output.replace("DISAGREE", ""), result.output
         line = next(ln for ln in result.output.splitlines() if "[unfinished]" in ln)
         _resume_command(line, unfinished)
     else:
