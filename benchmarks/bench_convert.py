@@ -39,7 +39,7 @@ from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
 from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
 from dsquant.convert import convert
-from dsquant.convert_plan import build_plan
+from dsquant.convert.plan import build_plan
 from dsquant.formats.ondisk import QuantizedWeight, write_quantized
 from dsquant.recipe import load_recipe
 

@@ -31,7 +31,7 @@ V4_NOT_APPLICABLE = {
 def demo_recipes(requested: list[str] | None) -> dict[str, list[str]]:
     """{family: recipes for its table}: the requested recipes split by the family they convert (DeepSeek-V4
     recipes carry the deepseek-v4 convention), or every shipped recipe that applies."""
-    from dsquant.convert_v4 import V4_CONVENTION
+    from dsquant.convert.v4 import V4_CONVENTION
     from dsquant.recipe import load_recipe
     from dsquant.recipe_files import shipped_recipes
 

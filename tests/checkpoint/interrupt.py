@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 _KILLER = r"""
 import os, sys
 import dsquant.checkpoint.writer as w
-import dsquant.convert as c
+import dsquant.convert.pipeline as c
 import dsquant.model_card as mc
 src, dst, recipe, point, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 hits = {"n": 0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsquant.convert import GPU_WORKERS, _devices
+from dsquant.convert.pipeline import GPU_WORKERS, _devices
 
 
 def test_cpu_defaults_to_one_worker():

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import dsquant.checkpoint.writer as writer_mod
-import dsquant.convert as convert_mod
+import dsquant.convert.pipeline as convert_mod
 from dsquant.checkpoint.identity import shard_identity
 from dsquant.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
 from dsquant.checkpoint.reader import Checkpoint

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dsquant.convert_cpuquant as fast
+import dsquant.convert.cpuquant as fast
 from dsquant import formats
 from dsquant.formats.fp4 import pack_fp4, round_to_e2m1
 

@@ -182,7 +182,7 @@ def test_finished_dst_is_refused(base, tmp_path):
 
 
 def test_read_only_dst(base, tmp_path, monkeypatch):
-    import dsquant.convert as conv
+    import dsquant.convert.pipeline as conv
 
     # Tests may run as root, for whom chmod does not stop writes: simulate what os.access reports on a
     # read-only mount, and use a path the kernel refuses to create for the "cannot create" case.

@@ -75,8 +75,8 @@ class Plan:
     bytes_in: int
     fingerprint: str = ""
     excluded_modules: list[str] = field(default_factory=list)
-    family: str = "v3"  # "v4": DeepSeek-V4 official layout, planned and processed by convert_v4
-    results: dict = field(default_factory=dict)  # what processing measured (convert_v4: exact expert blocks)
+    family: str = "v3"  # "v4": DeepSeek-V4 official layout, planned and processed by v4
+    results: dict = field(default_factory=dict)  # what processing measured (v4: exact expert blocks)
 
     @property
     def bytes_out(self) -> int:

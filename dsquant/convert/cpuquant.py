@@ -12,14 +12,14 @@ What differs is only how the same numbers are computed on a CPU:
   round-half-even reproduces the format's ties (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2,
   3.5 -> 4, 5 -> 4) because each tie is a half-integer multiple of its region's step.
 - The zero-denominator guard (torch.where) runs only when a block scale underflowed to zero.
-- With a C compiler, the division, E2M1 rounding and packing run as one C loop (convert_native.py) instead.
+- With a C compiler, the division, E2M1 rounding and packing run as one C loop (native.py) instead.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsquant import convert_native as native
+from dsquant.convert import native
 from dsquant.formats import fp8, mxfp4, nvfp4
 from dsquant.formats._checks import check_finite
 from dsquant.formats.fp4 import pack_fp4

@@ -4,8 +4,8 @@ Memory is bounded per worker by one source tensor plus one module's outputs and 
 writing, whatever the model size: tensors are fetched by name from whichever source shard holds them, never
 by loading a shard. Each output shard is written under a temporary name, fsynced and renamed,
 then recorded with its checksum in the manifest, so a killed run resumes (`resume=True`) to a result that
-is byte-identical to an uninterrupted one. See convert_plan.py (planning), convert_process.py (numbers and
-writing) and convert_config.py (configs and the record of what was done).
+is byte-identical to an uninterrupted one. See plan.py (planning), process.py (numbers and
+writing) and config.py (configs and the record of what was done).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsquant import convert_v4
 from dsquant.checkpoint.identity import identity_difference, source_identity
 from dsquant.checkpoint.index import write_index, write_json_atomic
 from dsquant.checkpoint.manifest import LOCK_NAME, DstLock, Manifest
 from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.checkpoint.reader import Checkpoint
-from dsquant.convert_config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
-from dsquant.convert_plan import Plan, build_plan
-from dsquant.convert_process import select_quantizers, write_shard
+from dsquant.convert import v4
+from dsquant.convert.config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
+from dsquant.convert.plan import Plan, build_plan
+from dsquant.convert.process import select_quantizers, write_shard
 from dsquant.devices import resolve_devices, usable_cores
 from dsquant.recipe import Recipe, load_recipe
 
@@ -279,9 +279,9 @@ def _v3_recipe(recipe: str | Recipe, convention: str) -> tuple[Recipe, str]:
         convention = rec.conventions[0]
     elif convention not in rec.conventions:
         raise ValueError(f"recipe {rec.name} cannot be written as {convention!r}; it supports {list(rec.conventions)}")
-    if convert_v4.V4_CONVENTION in rec.conventions:
+    if v4.V4_CONVENTION in rec.conventions:
         raise ValueError(f"recipe {rec.name} writes DeepSeek-V4's official layout; the source is not a DeepSeek-V4 "
-                         f"checkpoint, so choose a recipe without the {convert_v4.V4_CONVENTION} convention")
+                         f"checkpoint, so choose a recipe without the {v4.V4_CONVENTION} convention")
     return rec, convention
 
 
@@ -312,8 +312,8 @@ def convert(src=None, dst=None, recipe: str | Recipe = "nvfp4", *, convention: s
     calib = _load_calibration(calibration)
     devices = _devices(device, workers)
     ckpt = Checkpoint(src_path)
-    if is_v4(ckpt.config):  # DeepSeek-V4: its own recipes and layout (convert_v4), the same shard machinery
-        rec, convention, plan = convert_v4.plan_conversion(ckpt, recipe, convention, parse_size(max_shard_size))
+    if is_v4(ckpt.config):  # DeepSeek-V4: its own recipes and layout (v4), the same shard machinery
+        rec, convention, plan = v4.plan_conversion(ckpt, recipe, convention, parse_size(max_shard_size))
     else:
         rec, convention = _v3_recipe(recipe, convention)
         qc = ckpt.quantization_config

@@ -18,7 +18,7 @@ from pathlib import Path
 import dsquant
 from dsquant.checkpoint.index import INDEX_NAME, write_json_atomic
 from dsquant.checkpoint.names import generalize
-from dsquant.convert_plan import Plan
+from dsquant.convert.plan import Plan
 
 RECIPE_FILE = "dsquant_recipe.json"
 # job actions that write a module in its recipe format (counted per format in dsquant_recipe.json): V3 quantizing,
@@ -134,7 +134,7 @@ def hf_quant_config(plan: Plan) -> dict:
 
 def write_configs(src_config: dict, plan: Plan, dst: Path) -> None:
     if plan.family == "v4":
-        from dsquant.convert_v4_config import write_v4_configs
+        from dsquant.convert.v4_config import write_v4_configs
 
         return write_v4_configs(src_config, plan, dst)
     cfg = {k: v for k, v in src_config.items() if k != "quantization_config"}  # no stale FP8 config

@@ -14,11 +14,11 @@ I64 tensor is copied byte for byte (names_v4.KEEP says why engines need each as 
 vLLM's compressed-tensors path loads for V4 (RedHatAI/DeepSeek-V4-Flash-NVFP4-FP8's): official module names, each
 quantized linear in compressed-tensors' tensor names (formats.ondisk) with float32 `weight_scale` grids beside the
 FP8 bytes, NVFP4 globals as divisors, and experts an [[ignore]] entry keeps in their stored MXFP4 relabelled as
-`mxfp4-pack-quantized` (the same bytes); convert_v4_config writes its config groups. Unquantized tensors stay as
+`mxfp4-pack-quantized` (the same bytes); v4_config writes its config groups. Unquantized tensors stay as
 stored: vLLM builds compressor `fused_wkv_wgate` and indexer `weights_proj` with `quant_config=None`
 (vllm/models/deepseek_v4/compressor.py, attention.py DeepseekV4Indexer).
 
-The plan, shards, manifest and resume are convert_plan / convert / convert_process's: this module builds the
+The plan, shards, manifest and resume are plan / pipeline / process's: this module builds the
 module jobs (`plan_conversion`) and processes the items whose actions are in ACTIONS (`process_item`), adding to
 the shard's stats how many 32-element expert blocks kept their values (formats.transcode) and how many dense
 weights had to be re-quantized because a float32 scale was no power of two.
@@ -32,7 +32,7 @@ import torch
 
 from dsquant.checkpoint.names_v4 import blocks, official_name, scale_name
 from dsquant.checkpoint.reader import Checkpoint
-from dsquant.convert_plan import ModuleJob, Plan, lay_out_plan
+from dsquant.convert.plan import ModuleJob, Plan, lay_out_plan
 from dsquant.formats import _checks
 from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
 from dsquant.formats.mxfp4 import E8M0_DTYPE, MXFP4_BLOCK, e8m0_from_float, e8m0_to_float

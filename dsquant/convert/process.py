@@ -7,7 +7,7 @@ format in dsquant is row-local (FP8 128x128 blocks, per-row INT8, per-16/32 FP4 
 NVFP4 global scale, which is found first from the tensor amax (the max over fused partners) and then
 passed to each chunk. Chunking therefore gives results bit-identical to quantizing the whole tensor.
 
-Quantizers: on CPU convert_cpuquant (bit-identical to dsquant.formats, fewer passes); on CUDA the Triton
+Quantizers: on CPU cpuquant (bit-identical to dsquant.formats, fewer passes); on CUDA the Triton
 kernels of dsquant.kernels.quant when importable (same signatures and outputs), dsquant.formats' torch code
 on the GPU otherwise.
 """
@@ -20,13 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dsquant import convert_cpuquant as cpuquant
-from dsquant import convert_v4
 from dsquant.checkpoint.manifest import Manifest
 from dsquant.checkpoint.names import FP8_SCALE_SUFFIX
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.writer import ShardWriter
-from dsquant.convert_plan import ModuleJob, ShardJob
+from dsquant.convert import cpuquant, v4
+from dsquant.convert.plan import ModuleJob, ShardJob
 from dsquant.devices import current_device
 from dsquant.formats import _checks, fp8, int8, mxfp4, nvfp4
 from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
@@ -159,9 +158,9 @@ def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, in
 def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Quantizers, device,
                  calibration: dict[str, float] | None, pool=None, stats: dict | None = None):
     """Yield (output name, tensor or raw bytes) for one fused group / module, in planned output order.
-    DeepSeek-V4 jobs go to convert_v4, which adds what it measured to `stats`."""
-    if any(job.action in convert_v4.ACTIONS for job in item):
-        yield from convert_v4.process_item(ckpt, item, qz, device, calibration, {} if stats is None else stats)
+    DeepSeek-V4 jobs go to v4, which adds what it measured to `stats`."""
+    if any(job.action in v4.ACTIONS for job in item):
+        yield from v4.process_item(ckpt, item, qz, device, calibration, {} if stats is None else stats)
         return
     global_scale = input_scale = None
     loaded: dict[str, torch.Tensor | None] = {}

@@ -14,7 +14,7 @@ and SGLang claim V4 checkpoints by it) and changes only what engines dispatch on
 
 `--format compressed-tensors` replaces the fp8 quantization_config by a compressed-tensors one (vLLM then loads the
 checkpoint through CompressedTensorsConfig, as RedHatAI/DeepSeek-V4-Flash-NVFP4-FP8): one config group per format
-with the library preset's arguments (convert_config.compressed_tensors_config) and, as targets and ignore entries,
+with the library preset's arguments (config.compressed_tensors_config) and, as targets and ignore entries,
 anchored regexes over the official module names that also name vLLM's module for fused linears (VLLM_MODULE), with
 or without vLLM's `model.` prefix. Every BF16 linear is ignored. `expert_dtype` is dropped: it selects
 DeepseekV4FP8Config's expert method, which a compressed-tensors checkpoint does not go through, and transformers
@@ -33,9 +33,9 @@ import dsquant
 from dsquant.checkpoint.index import write_json_atomic
 from dsquant.checkpoint.names import generalize
 from dsquant.checkpoint.names_v4 import blocks
-from dsquant.convert_config import HF_QUANT_CONFIG, compressed_tensors_config
-from dsquant.convert_plan import Plan
-from dsquant.convert_v4 import CT_CONVENTION, expert_formats
+from dsquant.convert.config import HF_QUANT_CONFIG, compressed_tensors_config
+from dsquant.convert.plan import Plan
+from dsquant.convert.v4 import CT_CONVENTION, expert_formats
 from dsquant.formats.nvfp4 import NVFP4_BLOCK
 
 # ModelOpt's exclude_modules for DeepSeek-V4 (examples/deepseek/deepseek_v4/quantize_to_nvfp4.py)
