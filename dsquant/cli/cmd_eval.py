@@ -51,8 +51,9 @@ def eval_cmd(
     max_tokens: int = typer.Option(None, "--max-tokens", show_default=False,
                                    help="Use at most this many tokens of the text [default: the demo's 8192 for the "
                                         "demo and its conversions, else all of it]."),
-    kv_cache: str = typer.Option("bf16", "--kv-cache", help="Latent KV cache of the evaluated model: bf16 or fp8 "
-                                                            "(the base always uses bf16)."),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="Latent KV cache of the evaluated model: bf16, fp8 "
+                                                            "(per-tensor scale) or fp8_ds (per-token groups of 128, "
+                                                            "FlashMLA's layout); the base always uses bf16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. With --offload layer, "
                                                  "cuda spreads the windows over every visible GPU."),
     offload: str = typer.Option(None, "--offload", help="layer: stream one decoder layer at a time (one layer "

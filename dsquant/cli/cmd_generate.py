@@ -18,7 +18,7 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; otherwise sample."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = no limit)."),
-    kv_cache: str = typer.Option("bf16", "--kv-cache", help="Latent KV cache: bf16 or fp8."),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="Latent KV cache: bf16, fp8 or fp8_ds."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="tokenizer.json when the checkpoint has none."),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsquant.kernels.mla.reference import mla_attention_ref
 from dsquant.kernels.rope.reference import rope_cache_ref
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.dsa import Indexer
@@ -105,7 +106,7 @@ class MLA(nn.Module):
         wkv_b = self.kv_b_weight().to(x.device)  # [H, nope + v, C]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), wkv_b[:, : a.qk_nope_head_dim])
         if cache is None:  # one window, no cache: attend over this window's fresh latents
-            o = self.ops.mla_attention(q_lat, q_pe, kv_c, k_pe, a.softmax_scale, start_pos, keep)  # [B, S, H, C]
+            o = mla_attention_ref(q_lat, q_pe, kv_c, k_pe, a.softmax_scale, start_pos, keep)  # [B, S, H, C]
         else:
             cache.use_scale(self.k_scale)
             cache.store(kv_c, k_pe, start_pos)

@@ -68,3 +68,26 @@ def test_generate_progress_goes_to_stderr_as_plain_lines():
     assert r.exit_code == 0, r.output
     assert "\r" not in r.stderr and r.stderr.splitlines()[-1].startswith("generate: 5/5 tokens (100%), ")
     assert "tokens/s, done" in r.stderr and "generate:" not in r.stdout
+
+
+def test_fp8_ds_cache_runs_the_runner_and_is_closer_to_bf16_than_the_unscaled_fp8_cache():
+    """fp8_ds (a float32 scale per 128 latent values of each token) reaches the runner through the kernels'
+    own layout; the demo's 128 + 32 latent is one group per token, so it must track bf16 better than "fp8",
+    whose uncalibrated per-tensor scale is 1.0."""
+    from dsquant.runner.offload import resident_logits
+
+    model, _ = load_model(ASSET_DIR)
+    windows = torch.tensor([[256] + list(b"def main(argv):\n    return sorted(argv)[0]\n")])
+    logp = {kv: torch.cat([lg for _, lg in resident_logits(model, windows, kv_cache=kv)]).float().log_softmax(-1)
+            for kv in ("bf16", "fp8", "fp8_ds")}  # fmt: skip
+    kld = {kv: float((logp["bf16"].exp() * (logp["bf16"] - logp[kv])).sum(-1).mean()) for kv in ("fp8", "fp8_ds")}
+    assert 0 < kld["fp8_ds"] < kld["fp8"], kld
+    r = runner.invoke(app, ["generate", str(ASSET_DIR), "def main(", "-n", "4", "--kv-cache", "fp8_ds"])
+    assert r.exit_code == 0 and r.stdout.startswith("def main("), r.output
+
+
+def test_fp8_ds_cache_refuses_a_latent_without_its_layout():
+    from dsquant.runner.cache import PagedLatentCache
+
+    with pytest.raises(ValueError, match=r"--kv-cache fp8_ds: .*multiple of"):
+        PagedLatentCache(1, 1, 8, kv_lora_rank=96, rope_dim=32, kv_dtype="fp8_ds")
