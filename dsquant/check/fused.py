@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 
 from dsquant.check.finding import Finding
-from dsquant.check.names import FUSED_PAIRS, expert_index, layer_index, module_format
+from dsquant.check.names import module_format
 from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.names import DEFAULT_FUSED_GROUPS, expert_index, layer_index
 
 GLOBAL_PARAMS = (("weight_scale_2", "weight_global_scale"), ("input_scale", "input_global_scale"))
 MAX_LISTED = 3
@@ -27,7 +28,7 @@ def fused_pairs(view: CheckpointView) -> list[tuple[str, str]]:
     pairs = []
     for module in view.modules:
         parent, _, leaf = module.rpartition(".")
-        for first, second in FUSED_PAIRS:
+        for first, second in DEFAULT_FUSED_GROUPS:
             if leaf == first and f"{parent}.{second}" in view.modules:
                 pairs.append((module, f"{parent}.{second}"))
     return sorted(pairs)

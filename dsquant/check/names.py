@@ -10,6 +10,7 @@ import re
 
 from dsquant.check.view import TensorInfo
 from dsquant.checkpoint import names_v4
+from dsquant.checkpoint.names import layer_index
 from dsquant.checkpoint.names_v4 import is_v4
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -19,28 +20,12 @@ SCALE_PARAMS = (
     "weight_scale", "weight_scale_inv", "weight_scale_2", "weight_global_scale", "input_scale",
     "input_global_scale", "weight_zero_point", "weight_g_idx", "weight_shape",
 )
-# (first, second) partner suffixes that engines fuse into one GEMM: vLLM `gate_up_proj` / `w13` and
-# `fused_qkv_a_proj`, SGLang `fused_qkv_a_proj_with_mqa`, TRT-LLM's concatenation (formats.md section 8.4).
-FUSED_PAIRS = (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 # Projections engines build with the checkpoint's quant config (the V3.2 indexer's wq_b and wk too; its
 # weights_proj is built unquantized, like the router).
 _LINEAR_TAIL = re.compile(
     r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|indexer\.wq_b|indexer\.wk)"
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))$"
 )
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
-def expert_index(name: str) -> int | None:
-    m = _EXPERT.search(name)
-    return int(m.group(1)) if m else None
 
 
 def num_layers(config: dict | None) -> int | None:

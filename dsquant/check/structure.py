@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 from dsquant.check.finding import Finding
-from dsquant.check.names import expert_index, layer_index, num_layers
+from dsquant.check.names import num_layers
 from dsquant.check.view import CheckpointView
 from dsquant.checkpoint.index import INDEX_NAME
 from dsquant.checkpoint.manifest import unfinished_conversion
+from dsquant.checkpoint.names import expert_index, layer_index
 
 MAX_LISTED = 3
 UNFINISHED = "unfinished"  # the rule name; the converter's own check, run while it finishes, leaves it out

@@ -44,11 +44,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsquant.checkpoint.names import layer_prefix
 from dsquant.devices import cpu_threads
 from dsquant.formats.fp8 import FP8_E4M3_MAX
 from dsquant.progress import Progress
 from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
-from dsquant.runner.family import V3, layer_prefix, require
+from dsquant.runner.family import V3, require
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import CheckpointReader
 from dsquant.runner.offload import stream_logits

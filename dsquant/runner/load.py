@@ -30,8 +30,9 @@ import torch
 from safetensors import safe_open
 
 from dsquant.checkpoint.index import ST_DTYPE_BYTES
+from dsquant.checkpoint.names import layer_index, layer_prefix
 from dsquant.formats.ondisk import convention_of, read_quantized
-from dsquant.runner.family import V4, decoder_layers, family_of, layer_prefix, model_args, require
+from dsquant.runner.family import V4, decoder_layers, family_of, model_args, require
 from dsquant.runner.linear import LinearWeight, QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
 from dsquant.runner.schemes import activation_scheme
@@ -43,7 +44,6 @@ _LINEAR_SUFFIXES = (
     "weight", "weight_scale_inv", "weight_scale", "weight_scale_2", "weight_packed",
     "weight_global_scale", "input_scale", "input_global_scale",
 )  # fmt: skip
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # FP8 KV-cache scale names of a DeepSeek layer: compressed-tensors / HF `self_attn.k_scale`, ModelOpt
 # `self_attn.k_proj.k_scale`, and `self_attn.kv_a_proj_with_mqa.k_scale` (SGLang's loader accepts the latter
 # two for MLA). The runner attaches the value to the layer's MLA module.
@@ -220,10 +220,10 @@ def load_model(
             require(V4, "mtp", str(reader.path))
         return load_v4_model(reader, impl=impl, device=device, dtype=dtype, layers=layers), reader
     model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp).eval()
-    names = [k for k in reader.keys() if not _LAYER.match(k)]
+    names = [k for k in reader.keys() if layer_index(k) is None]
     if layers:
         n = args.n_layers + (args.n_mtp_layers if mtp else 0)
-        names += [k for k in reader.keys() if (m := _LAYER.match(k)) and int(m.group(1)) < n]
+        names += [k for k in reader.keys() if (li := layer_index(k)) is not None and li < n]
     _assign(model, reader, names, device)
     if model.lm_head.w is None and args.tie_word_embeddings:
         model.lm_head.set_weight(LinearWeight("bf16", model.model.embed_tokens.weight))
