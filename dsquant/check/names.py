@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from dsquant.check.view import TensorInfo
 from dsquant.checkpoint import names_v4
+from dsquant.checkpoint.index import TensorInfo
 from dsquant.checkpoint.names import layer_index
 from dsquant.checkpoint.names_v4 import is_v4
 
@@ -79,21 +79,21 @@ def module_format(params: dict[str, TensorInfo]) -> str | None:
         return None
     scale = params.get("weight_scale")
     v4_scale = params.get("scale")  # DeepSeek-V4 names the scale of `weight` just `scale`
-    if v4_scale is not None and w.dtype == "I8" and v4_scale.dtype == "F8_E8M0":
+    if v4_scale is not None and w.st_dtype == "I8" and v4_scale.st_dtype == "F8_E8M0":
         return "mxfp4"
-    if v4_scale is not None and w.dtype in FP8_DTYPES:
+    if v4_scale is not None and w.st_dtype in FP8_DTYPES:
         return "fp8-block"
-    if w.dtype == "U8":
-        if scale is not None and scale.dtype in ("U8", "F8_E8M0"):
+    if w.st_dtype == "U8":
+        if scale is not None and scale.st_dtype in ("U8", "F8_E8M0"):
             return "mxfp4"
-        e4m3_scale = scale is not None and scale.dtype == "F8_E4M3"
+        e4m3_scale = scale is not None and scale.st_dtype == "F8_E4M3"
         if e4m3_scale or "weight_scale_2" in params or "weight_global_scale" in params:
             return "nvfp4"
         return "uint8"
-    if w.dtype == "I32" and "weight_packed" in params:
+    if w.st_dtype == "I32" and "weight_packed" in params:
         return "int-packed"
-    if w.dtype in FP8_DTYPES or w.dtype == "I8":
-        base = "fp8" if w.dtype in FP8_DTYPES else "int8"
+    if w.st_dtype in FP8_DTYPES or w.st_dtype == "I8":
+        base = "fp8" if w.st_dtype in FP8_DTYPES else "int8"
         if "weight_scale_inv" in params:
             return f"{base}-block"
         if scale is None:
@@ -104,7 +104,7 @@ def module_format(params: dict[str, TensorInfo]) -> str | None:
         if len(scale.shape) == 2 and scale.shape[0] == n and scale.shape[1] == 1:
             return f"{base}-channel"
         return f"{base}-block"
-    return FLOAT_FORMATS.get(w.dtype, w.dtype.lower())
+    return FLOAT_FORMATS.get(w.st_dtype, w.st_dtype.lower())
 
 
 def is_quantized(fmt: str | None) -> bool:
