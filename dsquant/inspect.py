@@ -14,9 +14,10 @@ from pathlib import Path
 from dsquant.check import structure
 from dsquant.check.config import declared_families, stored_families
 from dsquant.check.names import module_convention, module_format, role
-from dsquant.check.view import CheckpointView
 from dsquant.checkpoint import names_v4
 from dsquant.checkpoint.names_v4 import is_v4
+from dsquant.checkpoint.reader import Checkpoint
+from dsquant.checkpoint.survey import survey
 from dsquant.units import human_bytes
 
 DRAFT_NAMES = {"mtp": "MTP", "dspark": "DSpark"}
@@ -24,7 +25,7 @@ GROUP_ORDER = ("embeddings", "attention", "compressor", "indexer", "dense MLP", 
                "router", "mhc", "norms", "lm_head", "mtp", "other")
 
 
-def detect_convention(view: CheckpointView) -> str:
+def detect_convention(view: Checkpoint) -> str:
     """deepseek-fp8 | modelopt | compressed-tensors | blockwise_int8 | w8a8_int8 | unquantized | undeclared
     (quantized tensors, no config) | any other quant_method as it is."""
     qc, hq = view.quantization_config, view.hf_quant_config
@@ -40,7 +41,7 @@ def detect_convention(view: CheckpointView) -> str:
     return "undeclared" if stored_families(view) else "unquantized"
 
 
-def _declared(view: CheckpointView) -> dict:
+def _declared(view: Checkpoint) -> dict:
     qc, hq = view.quantization_config, (view.hf_quant_config or {}).get("quantization")
     out = {}
     if qc is not None:
@@ -54,13 +55,13 @@ def _declared(view: CheckpointView) -> dict:
     return out
 
 
-def _groups(view: CheckpointView) -> list[dict]:
+def _groups(view: Checkpoint) -> list[dict]:
     acc: dict[str, dict] = {}
     for module, params in view.modules.items():
         g = acc.setdefault(role(module, view.config), {"formats": Counter(), "modules": 0, "tensors": 0, "bytes": 0})
         fmt = module_format(params)
         if fmt is None:  # bias-only or scale-only modules (e.g. KV-cache scales) count under their dtype
-            fmt = next(iter(params.values())).dtype.lower()
+            fmt = next(iter(params.values())).st_dtype.lower()
         g["formats"][fmt] += 1
         g["modules"] += 1
         g["tensors"] += len(params)
@@ -71,15 +72,15 @@ def _groups(view: CheckpointView) -> list[dict]:
             for name, g in sorted(acc.items(), key=lambda kv: order.get(kv[0], len(order)))]
 
 
-def _architecture(view: CheckpointView) -> dict:
+def _architecture(view: Checkpoint) -> dict:
     c = view.config or {}
     archs = c.get("architectures") or []
-    experts = {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in view.tensors if ".mlp.experts." in n}
-    layers = {int(n.split(".")[2]) for n in view.tensors if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    experts = {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in view.infos if ".mlp.experts." in n}
+    layers = {int(n.split(".")[2]) for n in view.infos if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
     v4 = _v4_layers(view) if is_v4(c) else None
     if v4 is not None:
-        experts = {e for n in view.tensors if (e := names_v4.expert_of(n)) is not None}
-        layers = {b for n in view.tensors if (b := names_v4.block_of(n)) and b.startswith("layers.")}
+        experts = {e for n in view.infos if (e := names_v4.expert_of(n)) is not None}
+        layers = {b for n in view.infos if (b := names_v4.block_of(n)) and b.startswith("layers.")}
     return {
         "architecture": archs[0] if archs else None,
         "model_type": c.get("model_type"),
@@ -95,7 +96,7 @@ def _architecture(view: CheckpointView) -> dict:
     }
 
 
-def _v4_layers(view: CheckpointView) -> dict | None:
+def _v4_layers(view: Checkpoint) -> dict | None:
     """DeepSeek-V4 layer kinds from config.json: attention kinds, hash-routed layers, the draft, expert_dtype."""
     try:
         blocks = names_v4.blocks(view.config)
@@ -116,7 +117,7 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 TP_SIZES = (1, 2, 4, 8, 16)
 
 
-def block_tp_limit(view: CheckpointView) -> dict | None:
+def block_tp_limit(view: Checkpoint) -> dict | None:
     """Largest TP size whose shards keep whole 128x128 scale blocks (vLLM `validate_fp8_block_shape`).
 
     Returns {"max_tp", "block", "limited_by"} for checkpoints with block-scaled weights, else None;
@@ -146,18 +147,6 @@ def block_tp_limit(view: CheckpointView) -> dict | None:
     return {"max_tp": best, "block": block, "limited_by": limited_by}
 
 
-def open_checkpoint(spec: str | Path, api=None) -> CheckpointView:
-    """A local checkpoint directory, or `hf://org/name[@rev]` read through header range requests (no weights
-    are downloaded). ValueError (CheckpointError for local paths) names what could not be read."""
-    if not str(spec).startswith("hf://"):
-        return CheckpointView.open(spec)
-    from dsquant.checkpoint.hub_source import hub_errors, parse_hf_spec
-
-    repo, rev = parse_hf_spec(str(spec))
-    with hub_errors(str(spec), repo, rev, probe=api is None):
-        return CheckpointView.from_hub(repo, rev, api=api)
-
-
 def summarize_checkpoint(path: str | Path) -> dict:
     """Summary of the checkpoint `path` (a directory, or hf://org/name[@rev]) as a JSON-ready dict.
 
@@ -166,10 +155,10 @@ def summarize_checkpoint(path: str | Path) -> dict:
     counts, modules, tensors, bytes), tensors, bytes, shards, consistency ({ok, index, total_size,
     declared_total_size, problems}). Raises ValueError (CheckpointError) if `path` is not a checkpoint.
     """
-    return summarize_view(open_checkpoint(path))
+    return summarize_view(survey(path))
 
 
-def summarize_view(view: CheckpointView) -> dict:
+def summarize_view(view: Checkpoint) -> dict:
     problems = structure.check(view)
     conventions = Counter(c for p in view.modules.values() if (c := module_convention(p)))
     return {
@@ -179,7 +168,7 @@ def summarize_view(view: CheckpointView) -> dict:
         "declared": _declared(view),
         "module_conventions": dict(conventions),
         "groups": _groups(view),
-        "tensors": len(view.tensors),
+        "tensors": len(view.infos),
         "bytes": view.total_bytes,
         "shards": len(view.shard_files),
         "block_tp_limit": block_tp_limit(view),

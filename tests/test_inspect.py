@@ -8,7 +8,9 @@ import logging
 import pytest
 
 from dsquant.check import check_checkpoint
-from dsquant.check.view import CheckpointView, TensorInfo
+from dsquant.checkpoint.index import TensorInfo
+from dsquant.checkpoint.reader import Checkpoint
+from dsquant.checkpoint.survey import survey
 from dsquant.inspect import block_tp_limit, format_summary, summarize_checkpoint
 from tests.check.ckpt_factory import build
 
@@ -92,13 +94,13 @@ def test_converter_outputs_inspect_and_check_clean(tmp_path, recipe, convention,
     assert check_checkpoint(src) == []
 
 
-def _header_only_view(tmp_path, shapes: dict[str, tuple[int, int]]) -> CheckpointView:
+def _header_only_view(tmp_path, shapes: dict[str, tuple[int, int]]) -> Checkpoint:
     """A view over headers alone: fp8 weights with block scales, at real DeepSeek shapes."""
-    view = CheckpointView(path=tmp_path, config={"quantization_config": {"weight_block_size": [128, 128]}})
+    view = Checkpoint.blank(tmp_path, config={"quantization_config": {"weight_block_size": [128, 128]}})
     for module, (n, k) in shapes.items():
-        view.tensors[module + ".weight"] = TensorInfo(module + ".weight", "F8_E4M3", (n, k), "x", (0, 0))
+        view.infos[module + ".weight"] = TensorInfo(module + ".weight", "x", "F8_E4M3", (n, k), 0, 0)
         scale = (-(-n // 128), -(-k // 128))
-        view.tensors[module + ".weight_scale_inv"] = TensorInfo(module + ".weight_scale_inv", "F32", scale, "x", (0, 0))
+        view.infos[module + ".weight_scale_inv"] = TensorInfo(module + ".weight_scale_inv", "x", "F32", scale, 0, 0)
     return view
 
 
@@ -150,12 +152,12 @@ class FakeHub:
 
 def test_remote_checkpoint_is_read_from_headers_only(tmp_path):
     from dsquant.check import check_view
-    from dsquant.inspect import open_checkpoint, summarize_view
+    from dsquant.inspect import summarize_view
 
     path = build("modelopt").write(tmp_path / "c")
     local = summarize_checkpoint(path)
     hub = FakeHub(path)
-    view = open_checkpoint("hf://nvidia/Tiny-FP4@v1", api=hub)
+    view = survey("hf://nvidia/Tiny-FP4@v1", api=hub)
     remote = summarize_view(view)
     assert remote["groups"] == local["groups"] and remote["convention"] == "modelopt" and remote["consistency"]["ok"]
     assert not any(f.endswith(".safetensors") for f in hub.downloaded)  # only JSON files were fetched
@@ -165,14 +167,13 @@ def test_remote_checkpoint_is_read_from_headers_only(tmp_path):
 
 def test_remote_checkpoint_rules_that_need_no_values_still_fire(tmp_path):
     from dsquant.check import check_view
-    from dsquant.inspect import open_checkpoint
 
     ck = build("modelopt")
     ck.hf_quant_config["quantization"]["exclude_modules"] = ck.config["quantization_config"]["ignore"] = \
         ck.hf_quant_config["quantization"]["exclude_modules"] + ["mlp.gate"]
     path = ck.write(tmp_path / "c")
     (path / "model-00002-of-00002.safetensors").rename(path / "elsewhere.bin")
-    rules = {(f.rule, f.severity) for f in check_view(open_checkpoint("hf://org/name", api=FakeHub(path)))}
+    rules = {(f.rule, f.severity) for f in check_view(survey("hf://org/name", api=FakeHub(path)))}
     assert {("exclude-overmatch", "error"), ("index", "error")} <= rules
 
 
@@ -181,13 +182,12 @@ def test_remote_errors_are_named(monkeypatch):
 
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from dsquant.inspect import open_checkpoint
 
     class Missing(FakeHub):
         def list_repo_files(self, repo_id, revision=None):
             raise RepositoryNotFoundError("nope", response=SimpleNamespace(headers={}, status_code=404, request=None))
 
     with pytest.raises(ValueError, match="repository org/absent not found"):
-        open_checkpoint("hf://org/absent", api=Missing(None))
+        survey("hf://org/absent", api=Missing(None))
     with pytest.raises(ValueError, match="expected hf://ORG/NAME"):
-        open_checkpoint("hf://just-a-name@")
+        survey("hf://just-a-name@")

@@ -27,8 +27,10 @@ from dsquant.check import (
     v4_layout,
 )
 from dsquant.check.finding import Finding, Severity
-from dsquant.check.view import CheckpointError, CheckpointView
+from dsquant.checkpoint.index import CheckpointError
 from dsquant.checkpoint.names_v4 import is_v4
+from dsquant.checkpoint.reader import Checkpoint
+from dsquant.checkpoint.survey import survey
 
 __all__ = ["Finding", "Severity", "CheckpointError", "check_checkpoint", "check_view", "RULE_FAMILIES",
            "V4_RULE_FAMILIES"]
@@ -38,7 +40,7 @@ RULE_FAMILIES = (structure, config, exclusions, fused, scales, mla, router, mtp)
 V4_RULE_FAMILIES = (structure, v4_config, v4_layout, v4_dtypes)
 
 
-def check_view(view: CheckpointView) -> list[Finding]:
+def check_view(view: Checkpoint) -> list[Finding]:
     """Run every rule family on an opened checkpoint; errors first, then warnings, each in family order."""
     findings: list[Finding] = []
     for family in V4_RULE_FAMILIES if is_v4(view.config) else RULE_FAMILIES:
@@ -57,4 +59,4 @@ def check_checkpoint(path: str | Path) -> list[Finding]:
     at all: not a directory, no safetensors, an index or config that is not JSON. Everything else,
     including missing or corrupt shards, is reported as a Finding.
     """
-    return check_view(CheckpointView.open(path))
+    return check_view(survey(Path(path)))

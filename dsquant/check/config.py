@@ -33,15 +33,15 @@ from __future__ import annotations
 from dsquant.check.declared import ct_group
 from dsquant.check.finding import Finding
 from dsquant.check.names import is_quantized, module_format
-from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.index import HF_QUANT_CONFIG as HQ
+from dsquant.checkpoint.reader import Checkpoint
 from dsquant.runner.config import layout_disagreements
 
 DEEPSEEK_ARCHS = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tokenizer_config.json")
-HQ = "hf_quant_config.json"
 
 
-def stored_families(view: CheckpointView) -> set[str]:
+def stored_families(view: Checkpoint) -> set[str]:
     """Format families of the quantized modules: fp8, int8, nvfp4, mxfp4, int-packed, ..."""
     fams = set()
     for params in view.modules.values():
@@ -75,7 +75,7 @@ def _args_family(args: dict) -> str | None:
     return None
 
 
-def declared_families(view: CheckpointView) -> tuple[set[str], str] | None:
+def declared_families(view: Checkpoint) -> tuple[set[str], str] | None:
     """(families, where) that config.json declares, or that hf_quant_config.json does when config.json is silent."""
     qc = view.quantization_config
     if qc is not None:
@@ -105,7 +105,7 @@ def declared_families(view: CheckpointView) -> tuple[set[str], str] | None:
     return None
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     if view.config is None:
         return [Finding("config-missing", "error", "no config.json; engines cannot build the model",
                         file="config.json")]
@@ -114,7 +114,7 @@ def check(view: CheckpointView) -> list[Finding]:
     if not any(a in DEEPSEEK_ARCHS for a in archs):
         findings.append(Finding("not-deepseek", "warning", f"architectures {archs} is not a DeepSeek V2/V3 model; "
                                 "the tensor-name rules assume DeepSeek naming", file="config.json"))
-    if not set(TOKENIZER_FILES) & view.files():
+    if not set(TOKENIZER_FILES) & view.folder_files():
         findings.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
                                 "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
     findings += [Finding("config-layout", "warning", f"{phrase}: the value an engine uses depends on its "
@@ -127,7 +127,7 @@ def check(view: CheckpointView) -> list[Finding]:
     return findings
 
 
-def _agreement(view: CheckpointView) -> list[Finding]:
+def _agreement(view: Checkpoint) -> list[Finding]:
     out = []
     qc, hq = view.quantization_config, view.hf_quant_config
     method = str((qc or {}).get("quant_method", ""))
@@ -166,7 +166,7 @@ def _agreement(view: CheckpointView) -> list[Finding]:
     return out
 
 
-def _hq_keys(view: CheckpointView) -> list[Finding]:
+def _hq_keys(view: Checkpoint) -> list[Finding]:
     hq = view.hf_quant_config
     if hq is None:
         return []
@@ -195,7 +195,7 @@ def _hq_keys(view: CheckpointView) -> list[Finding]:
     return out
 
 
-def _qc_keys(view: CheckpointView) -> list[Finding]:
+def _qc_keys(view: Checkpoint) -> list[Finding]:
     qc = view.quantization_config
     if qc is None:
         return []
@@ -231,7 +231,7 @@ def _family(fmt: str) -> str:
     return fmt.split("-")[0] if fmt.startswith(("fp8", "int8")) else fmt
 
 
-def _per_module(view: CheckpointView) -> list[Finding]:
+def _per_module(view: Checkpoint) -> list[Finding]:
     qc = view.quantization_config or {}
     layers = ((view.hf_quant_config or {}).get("quantization") or {}).get("quantized_layers") or \
         qc.get("quantized_layers")

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.reader import Checkpoint
 
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 _WILDCARD = re.compile(r"[*?\[]")
@@ -142,7 +142,7 @@ class ModuleIndex:
         return [m for m in self.containing(suffix + "\n") if m.endswith(suffix)]
 
 
-def exclude_lists(view: CheckpointView) -> list[ExcludeList]:
+def exclude_lists(view: Checkpoint) -> list[ExcludeList]:
     """Every exclude/ignore list the config files declare, with the semantics its readers apply."""
     out = []
     hq = (view.hf_quant_config or {}).get("quantization")
@@ -174,7 +174,7 @@ class Exclusions:
     excluded: set[str]  # modules any entry matches
 
 
-def exclusions(view: CheckpointView) -> Exclusions:
+def exclusions(view: Checkpoint) -> Exclusions:
     """Computed once per view (the rule families share it)."""
     cached = view.cache.get("exclusions")
     if cached is None:
@@ -188,7 +188,7 @@ def exclusions(view: CheckpointView) -> Exclusions:
     return cached
 
 
-def declared_quantized(view: CheckpointView, module: str) -> bool | None:
+def declared_quantized(view: Checkpoint, module: str) -> bool | None:
     """Whether the configs say the weight module `module` is quantized; None when nothing is declared."""
     qc = view.quantization_config
     hq = (view.hf_quant_config or {}).get("quantization")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dsquant.check.declared import compile_or_none, declared_quantized, exclusions
 from dsquant.check.finding import Finding
 from dsquant.check.names import SCALE_PARAMS, is_decoder_linear, is_mtp, is_quantized, module_format
-from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.reader import Checkpoint
 
 MAX_EXAMPLES = 3
 
@@ -29,7 +29,7 @@ def _examples(names: list[str]) -> str:
     return ", ".join(names[:MAX_EXAMPLES]) + more
 
 
-def weight_modules(view: CheckpointView) -> dict[str, str]:
+def weight_modules(view: Checkpoint) -> dict[str, str]:
     """module -> stored format, for every module that has a weight."""
     out = {}
     for module, params in view.modules.items():
@@ -39,7 +39,7 @@ def weight_modules(view: CheckpointView) -> dict[str, str]:
     return out
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     findings: list[Finding] = []
     modules = weight_modules(view)
     excl = exclusions(view)

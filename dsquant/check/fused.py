@@ -15,32 +15,33 @@ from __future__ import annotations
 import math
 
 from dsquant.check.finding import Finding
-from dsquant.check.names import FUSED_PAIRS, expert_index, layer_index, module_format
-from dsquant.check.view import CheckpointView
+from dsquant.check.names import module_format
+from dsquant.checkpoint.names import DEFAULT_FUSED_GROUPS, expert_index, layer_index
+from dsquant.checkpoint.reader import Checkpoint
 
 GLOBAL_PARAMS = (("weight_scale_2", "weight_global_scale"), ("input_scale", "input_global_scale"))
 MAX_LISTED = 3
 
 
-def fused_pairs(view: CheckpointView) -> list[tuple[str, str]]:
+def fused_pairs(view: Checkpoint) -> list[tuple[str, str]]:
     """(first, second) module names of every fused pair present in the checkpoint."""
     pairs = []
     for module in view.modules:
         parent, _, leaf = module.rpartition(".")
-        for first, second in FUSED_PAIRS:
+        for first, second in DEFAULT_FUSED_GROUPS:
             if leaf == first and f"{parent}.{second}" in view.modules:
                 pairs.append((module, f"{parent}.{second}"))
     return sorted(pairs)
 
 
-def _value(view: CheckpointView, name: str) -> float | None:
-    info = view.tensors.get(name)
+def _value(view: Checkpoint, name: str) -> float | None:
+    info = view.infos.get(name)
     if info is None or math.prod(info.shape) != 1:
         return None
     return view.read_scalar(name)
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     scheme_bad: list[str] = []
     scale_bad: list[str] = []
     for a, b in fused_pairs(view):
@@ -71,7 +72,7 @@ def check(view: CheckpointView) -> list[Finding]:
     return findings
 
 
-def _moe_uniform(view: CheckpointView) -> list[Finding]:
+def _moe_uniform(view: Checkpoint) -> list[Finding]:
     per_layer: dict[int, dict[str, list[str]]] = {}
     for module, params in view.modules.items():
         if expert_index(module) is None:

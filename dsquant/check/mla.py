@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from dsquant.check.finding import Finding
 from dsquant.check.names import module_format
-from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.reader import Checkpoint
 
 MLA_STRICT = ("kv_b_proj", "q_a_proj", "kv_a_proj_with_mqa")
 FP4 = ("nvfp4", "mxfp4")
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     bad = []
     for module, params in view.modules.items():
         if ".self_attn." in module and module.rsplit(".", 1)[-1] in MLA_STRICT:

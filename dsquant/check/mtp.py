@@ -16,14 +16,14 @@ from __future__ import annotations
 from dsquant.check.declared import declared_quantized
 from dsquant.check.finding import Finding
 from dsquant.check.names import SCALE_PARAMS, is_decoder_linear, is_quantized, module_format, num_layers
-from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.reader import Checkpoint
 
 REQUIRED = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
 SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 MAX_LISTED = 3
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     n_layers, n_mtp = num_layers(view.config), (view.config or {}).get("num_nextn_predict_layers") or 0
     if n_layers is None or not isinstance(n_mtp, int) or n_mtp <= 0:
         return []
@@ -33,14 +33,14 @@ def check(view: CheckpointView) -> list[Finding]:
     return findings
 
 
-def _check_layer(view: CheckpointView, prefix: str) -> list[Finding]:
-    names = [n for n in view.tensors if n.startswith(prefix + ".")]
+def _check_layer(view: Checkpoint, prefix: str) -> list[Finding]:
+    names = [n for n in view.infos if n.startswith(prefix + ".")]
     if not names:
         return [Finding("mtp-missing", "warning", f"config.json declares num_nextn_predict_layers but no {prefix}.* "
                         "tensor is stored: the model serves, but MTP speculative decoding cannot be enabled "
                         "(transformers-based tools drop this layer; copy it through from the source)", tensor=prefix)]
     out = []
-    missing = [s for s in REQUIRED if f"{prefix}.{s}" not in view.tensors]
+    missing = [s for s in REQUIRED if f"{prefix}.{s}" not in view.infos]
     if not any(n.startswith(f"{prefix}.self_attn.") for n in names):
         missing.append("self_attn.*")
     if not any(n.startswith(f"{prefix}.mlp.") for n in names):
@@ -48,7 +48,7 @@ def _check_layer(view: CheckpointView, prefix: str) -> list[Finding]:
     if missing:
         out.append(Finding("mtp-missing", "error", f"MTP layer lacks {', '.join(missing)}",
                            tensor=f"{prefix}.{missing[0]}"))
-    copies = [s for s in SHARED_COPIES if f"{prefix}.{s}" not in view.tensors]
+    copies = [s for s in SHARED_COPIES if f"{prefix}.{s}" not in view.infos]
     if copies:
         out.append(Finding("mtp-missing", "warning", f"MTP layer lacks its copies of {', '.join(copies)} "
                            "(vLLM loads embed_tokens from the MTP layer)", tensor=f"{prefix}.{copies[0]}"))

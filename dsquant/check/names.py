@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 
-from dsquant.check.view import TensorInfo
 from dsquant.checkpoint import names_v4
+from dsquant.checkpoint.index import TensorInfo
+from dsquant.checkpoint.names import layer_index
 from dsquant.checkpoint.names_v4 import is_v4
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -19,28 +20,12 @@ SCALE_PARAMS = (
     "weight_scale", "weight_scale_inv", "weight_scale_2", "weight_global_scale", "input_scale",
     "input_global_scale", "weight_zero_point", "weight_g_idx", "weight_shape",
 )
-# (first, second) partner suffixes that engines fuse into one GEMM: vLLM `gate_up_proj` / `w13` and
-# `fused_qkv_a_proj`, SGLang `fused_qkv_a_proj_with_mqa`, TRT-LLM's concatenation (formats.md section 8.4).
-FUSED_PAIRS = (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 # Projections engines build with the checkpoint's quant config (the V3.2 indexer's wq_b and wk too; its
 # weights_proj is built unquantized, like the router).
 _LINEAR_TAIL = re.compile(
     r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|indexer\.wq_b|indexer\.wk)"
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))$"
 )
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
-def expert_index(name: str) -> int | None:
-    m = _EXPERT.search(name)
-    return int(m.group(1)) if m else None
 
 
 def num_layers(config: dict | None) -> int | None:
@@ -94,21 +79,21 @@ def module_format(params: dict[str, TensorInfo]) -> str | None:
         return None
     scale = params.get("weight_scale")
     v4_scale = params.get("scale")  # DeepSeek-V4 names the scale of `weight` just `scale`
-    if v4_scale is not None and w.dtype == "I8" and v4_scale.dtype == "F8_E8M0":
+    if v4_scale is not None and w.st_dtype == "I8" and v4_scale.st_dtype == "F8_E8M0":
         return "mxfp4"
-    if v4_scale is not None and w.dtype in FP8_DTYPES:
+    if v4_scale is not None and w.st_dtype in FP8_DTYPES:
         return "fp8-block"
-    if w.dtype == "U8":
-        if scale is not None and scale.dtype in ("U8", "F8_E8M0"):
+    if w.st_dtype == "U8":
+        if scale is not None and scale.st_dtype in ("U8", "F8_E8M0"):
             return "mxfp4"
-        e4m3_scale = scale is not None and scale.dtype == "F8_E4M3"
+        e4m3_scale = scale is not None and scale.st_dtype == "F8_E4M3"
         if e4m3_scale or "weight_scale_2" in params or "weight_global_scale" in params:
             return "nvfp4"
         return "uint8"
-    if w.dtype == "I32" and "weight_packed" in params:
+    if w.st_dtype == "I32" and "weight_packed" in params:
         return "int-packed"
-    if w.dtype in FP8_DTYPES or w.dtype == "I8":
-        base = "fp8" if w.dtype in FP8_DTYPES else "int8"
+    if w.st_dtype in FP8_DTYPES or w.st_dtype == "I8":
+        base = "fp8" if w.st_dtype in FP8_DTYPES else "int8"
         if "weight_scale_inv" in params:
             return f"{base}-block"
         if scale is None:
@@ -119,7 +104,7 @@ def module_format(params: dict[str, TensorInfo]) -> str | None:
         if len(scale.shape) == 2 and scale.shape[0] == n and scale.shape[1] == 1:
             return f"{base}-channel"
         return f"{base}-block"
-    return FLOAT_FORMATS.get(w.dtype, w.dtype.lower())
+    return FLOAT_FORMATS.get(w.st_dtype, w.st_dtype.lower())
 
 
 def is_quantized(fmt: str | None) -> bool:

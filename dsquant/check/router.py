@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dsquant.check.finding import Finding
 from dsquant.check.names import SCALE_PARAMS, is_quantized, module_format
-from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.reader import Checkpoint
 
 MAX_LISTED = 3
 
@@ -26,7 +26,7 @@ def _finding(rule: str, severity: str, lead: str, names: list[str]) -> Finding:
     return Finding(rule, severity, f"{lead}: {', '.join(names[:MAX_LISTED])}{more}", tensor=names[0])
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     quantized, not_bf16, bias_bad, bias_missing = [], [], [], []
     noaux = (view.config or {}).get("topk_method") == "noaux_tc"
     for module, params in view.modules.items():
@@ -38,8 +38,8 @@ def check(view: CheckpointView) -> list[Finding]:
         elif fmt is not None and fmt != "bf16":
             not_bf16.append(f"{module}.weight ({fmt})")
         bias = params.get("e_score_correction_bias")
-        if bias is not None and bias.dtype != "F32":
-            bias_bad.append(f"{bias.name} ({bias.dtype})")
+        if bias is not None and bias.st_dtype != "F32":
+            bias_bad.append(f"{bias.name} ({bias.st_dtype})")
         elif bias is None and noaux and fmt is not None:
             bias_missing.append(f"{module}.e_score_correction_bias")
     out = []

@@ -34,7 +34,8 @@ import torch
 
 from dsquant.check.finding import Collector, Finding
 from dsquant.check.names import expected_shape, logical_shape, module_format
-from dsquant.check.view import CheckpointView, TensorInfo
+from dsquant.checkpoint.index import TensorInfo
+from dsquant.checkpoint.reader import Checkpoint
 
 FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}
 
@@ -53,7 +54,7 @@ LEAD = {
 }
 
 
-def _block_size(view: CheckpointView) -> tuple[int, int]:
+def _block_size(view: Checkpoint) -> tuple[int, int]:
     qc = view.quantization_config or {}
     bs = qc.get("weight_block_size")
     if not bs:
@@ -70,7 +71,7 @@ def _is_pow2(x: torch.Tensor) -> bool:
     return bool(((x > 0) & (m == 0.5)).all())
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     out = Collector()
     qc = view.quantization_config or {}
     method = str(qc.get("quant_method", ""))
@@ -95,7 +96,7 @@ def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> Non
         return
     w = params.get("weight")
     if fmt.endswith("-noscale"):
-        out.add("missing-scale", "error", w.name, f"{w.name} ({w.dtype}) has no weight_scale_inv / weight_scale")
+        out.add("missing-scale", "error", w.name, f"{w.name} ({w.st_dtype}) has no weight_scale_inv / weight_scale")
         return
     if method in ("fp8", "blockwise_int8") and "weight_scale_inv" not in params:
         out.add("scale-name", "error", w.name,
@@ -114,10 +115,10 @@ def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> Non
         if scale.shape != want:
             out.add("scale-shape", "error", scale.name, f"{scale.name} is {list(scale.shape)}, expected {list(want)} "
                     f"for a [{n}, {k}] weight in {block[0]}x{block[1]} blocks")
-        elif ue8m0 and scale.dtype == "F32" and view.can_read_values and not _is_pow2(view.read_tensor(scale.name)):
+        elif ue8m0 and scale.st_dtype == "F32" and view.can_read_values and not _is_pow2(view.read_tensor(scale.name)):
             out.add("ue8m0-scale", "error", scale.name, scale.name)
-    if method in ("fp8", "w8a8_int8") and scale.dtype != "F32":
-        out.add("scale-dtype", "warning", scale.name, f"{scale.name} is {scale.dtype}; engines cast it to float32 "
+    if method in ("fp8", "w8a8_int8") and scale.st_dtype != "F32":
+        out.add("scale-dtype", "warning", scale.name, f"{scale.name} is {scale.st_dtype}; engines cast it to float32 "
                 "on load, keeping its stored precision")
 
 
@@ -151,14 +152,14 @@ def _check_globals(view, out, module, params, fmt) -> None:
         if info is None:
             continue
         if math.prod(info.shape) != 1:
-            out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype} {list(info.shape)}, "
+            out.add("scale-shape", "error", info.name, f"{info.name} is {info.st_dtype} {list(info.shape)}, "
                     "expected one float32 value")
             continue
-        if info.dtype not in ("F32", "BF16", "F16"):
-            out.add("scale-shape", "error", info.name, f"{info.name} is {info.dtype}, expected a float value")
+        if info.st_dtype not in ("F32", "BF16", "F16"):
+            out.add("scale-shape", "error", info.name, f"{info.name} is {info.st_dtype}, expected a float value")
             continue
-        if info.dtype != "F32":
-            out.add("scale-dtype", "warning", info.name, f"{info.name} is {info.dtype}; engines cast it to "
+        if info.st_dtype != "F32":
+            out.add("scale-dtype", "warning", info.name, f"{info.name} is {info.st_dtype}; engines cast it to "
                     "float32 on load, keeping its stored precision")
         if not view.can_read_values:
             continue
@@ -182,11 +183,11 @@ def _check_logical(view, out, module, params, fmt) -> None:
     hint = ""
     if fmt in FP4_GROUP and tuple(w.shape) == (want[0] // 2, want[1]):
         hint = " (packed along N; FP4 packs two elements per byte along K: [N, K/2])"
-    out.add("packed-shape", "error", w.name, f"{w.name} is {w.dtype} {list(w.shape)} ({fmt}), config.json implies "
+    out.add("packed-shape", "error", w.name, f"{w.name} is {w.st_dtype} {list(w.shape)} ({fmt}), config.json implies "
             f"[N, K] = {list(want)}{hint}")
 
 
-def _nvfp4_activations_declared(view: CheckpointView) -> bool | None:
+def _nvfp4_activations_declared(view: Checkpoint) -> bool | None:
     """True if the config declares NVFP4 W4A4 (static activation scales), False for W4A16, None if unknown."""
     hq = (view.hf_quant_config or {}).get("quantization") or {}
     qc = view.quantization_config or {}

@@ -14,16 +14,17 @@
 from __future__ import annotations
 
 from dsquant.check.finding import Finding
-from dsquant.check.names import expert_index, layer_index, num_layers
-from dsquant.check.view import CheckpointView
+from dsquant.check.names import num_layers
 from dsquant.checkpoint.index import INDEX_NAME
 from dsquant.checkpoint.manifest import unfinished_conversion
+from dsquant.checkpoint.names import expert_index, layer_index
+from dsquant.checkpoint.reader import Checkpoint
 
 MAX_LISTED = 3
 UNFINISHED = "unfinished"  # the rule name; the converter's own check, run while it finishes, leaves it out
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     unfinished = unfinished_conversion(view.path) if view.remote is None else None
     out = [Finding(UNFINISHED, "error", unfinished)] if unfinished else []
     out += [Finding("index", "error", p.message, tensor=p.tensor, file=p.file) for p in view.problems[:50]]
@@ -35,8 +36,8 @@ def check(view: CheckpointView) -> list[Finding]:
         out.append(Finding("index-total-size", "warning", f"metadata.total_size is {declared} but the tensors take "
                            f"{actual} bytes", file=INDEX_NAME))
     if view.index is not None:
-        listed = set(view.index["weight_map"].values())
-        extra = sorted(f for f in view.files() if f.endswith(".safetensors") and f not in listed)
+        listed = set(view.weight_map.values())
+        extra = sorted(f for f in view.folder_files() if f.endswith(".safetensors") and f not in listed)
         if extra:
             out.append(Finding("unlisted-shard", "warning", f"{len(extra)} shard file(s) not listed in the index: "
                                f"{', '.join(extra[:MAX_LISTED])}", file=extra[0]))
@@ -44,11 +45,11 @@ def check(view: CheckpointView) -> list[Finding]:
     return out
 
 
-def _layers(view: CheckpointView) -> list[Finding]:
+def _layers(view: Checkpoint) -> list[Finding]:
     n = num_layers(view.config)
     if n is None:
         return []
-    present = {li for name in view.tensors if (li := layer_index(name)) is not None}
+    present = {li for name in view.infos if (li := layer_index(name)) is not None}
     out = []
     missing = [i for i in range(n) if i not in present]
     if missing and present:
@@ -63,7 +64,7 @@ def _layers(view: CheckpointView) -> list[Finding]:
     n_exp = (view.config or {}).get("n_routed_experts")
     if isinstance(n_exp, int):
         per_layer: dict[int, set[int]] = {}
-        for name in view.tensors:
+        for name in view.infos:
             e = expert_index(name)
             if e is not None:
                 per_layer.setdefault(layer_index(name), set()).add(e)

@@ -24,18 +24,18 @@ from dsquant.check.config import TOKENIZER_FILES
 from dsquant.check.declared import ct_scheme
 from dsquant.check.finding import Collector, Finding
 from dsquant.check.names import is_quantized, module_format
-from dsquant.check.view import CheckpointView
+from dsquant.checkpoint.index import HF_QUANT_CONFIG as HQ
 from dsquant.checkpoint.names_v4 import keep_reason
+from dsquant.checkpoint.reader import Checkpoint
 
 CFG = "config.json"
-HQ = "hf_quant_config.json"
 # stored format -> the compressed-tensors format of the config group that must target it
 CT_FORMAT = {"fp8-block": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     out = []
-    if not set(TOKENIZER_FILES) & view.files():
+    if not set(TOKENIZER_FILES) & view.folder_files():
         out.append(Finding("tokenizer-missing", "warning", f"none of {', '.join(TOKENIZER_FILES)} is present; "
                            "vLLM and SGLang need --tokenizer to start (copy the source's tokenizer files)"))
     qc = view.quantization_config
@@ -63,7 +63,7 @@ def check(view: CheckpointView) -> list[Finding]:
     return out
 
 
-def _compressed_tensors(view: CheckpointView, qc: dict) -> list[Finding]:
+def _compressed_tensors(view: Checkpoint, qc: dict) -> list[Finding]:
     out = Collector()
     for module, params in sorted(view.modules.items()):
         fmt = module_format(params)
@@ -83,7 +83,7 @@ def _compressed_tensors(view: CheckpointView, qc: dict) -> list[Finding]:
                                          "describe as stored"})
 
 
-def _hf_quant_config(view: CheckpointView) -> list[Finding]:
+def _hf_quant_config(view: Checkpoint) -> list[Finding]:
     nvfp4 = sorted(m for m, p in view.modules.items() if module_format(p) == "nvfp4")
     hq = view.hf_quant_config
     if hq is None:

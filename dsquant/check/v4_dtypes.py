@@ -34,7 +34,6 @@ from dsquant.check.declared import declared_quantized
 from dsquant.check.finding import Collector, Finding
 from dsquant.check.names import FP8_DTYPES, SCALE_PARAMS, is_quantized, module_format
 from dsquant.check.v4_layout import expected, module_of
-from dsquant.check.view import CheckpointView
 from dsquant.checkpoint.names_v4 import (
     ENGINE_DEFAULT_EXPERT_DTYPE,
     EXPERT_DTYPES,
@@ -45,13 +44,14 @@ from dsquant.checkpoint.names_v4 import (
     expert_dtype,
     keep_reason,
 )
+from dsquant.checkpoint.reader import Checkpoint
 from dsquant.formats.nvfp4 import NVFP4_BLOCK
 
 # expert format as stored -> the expert_dtype engines need to build it
 EXPERT_DTYPE_OF = {"mxfp4": "fp4", "nvfp4": "fp4", "fp8-block": "fp8"}
 
 
-def check(view: CheckpointView) -> list[Finding]:
+def check(view: Checkpoint) -> list[Finding]:
     try:
         specs = expected(view)
     except (KeyError, ValueError, TypeError):
@@ -85,30 +85,30 @@ LEAD = {
 }
 
 
-def is_compressed_tensors(view: CheckpointView) -> bool:
+def is_compressed_tensors(view: Checkpoint) -> bool:
     return (view.quantization_config or {}).get("quant_method") == "compressed-tensors"
 
 
-def _grid(out: Collector, view: CheckpointView, spec, params, fmt: str, engine: str) -> None:
+def _grid(out: Collector, view: Checkpoint, spec, params, fmt: str, engine: str) -> None:
     w = params.get("weight") or params["weight_packed"]
     n, k = spec.shape
     if fmt == "fp8-noscale":
-        out.add("v4-scale-grid", "error", w.name, f"{w.name} ({w.dtype}) has no .scale")
+        out.add("v4-scale-grid", "error", w.name, f"{w.name} ({w.st_dtype}) has no .scale")
         return
     if not is_quantized(fmt):
         if view.quantization_config is not None and declared_quantized(view, module_of(spec)) is not False:
-            out.add("v4-quantized", "error", w.name, f"{w.name} ({w.dtype})")
+            out.add("v4-quantized", "error", w.name, f"{w.name} ({w.st_dtype})")
         return
     scale = params.get("scale", params.get("weight_scale"))  # V4's `.scale`, compressed-tensors' `weight_scale`
     if fmt == "fp8-block" and scale is not None:
         want_grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
         ct = engine == "compressed-tensors"
         want_dtype = dense_scale_dtype(engine) if spec.kind == "fp8" and not ct else "F32"
-        if scale.dtype != want_dtype:
+        if scale.st_dtype != want_dtype:
             why = ("compressed-tensors float-quantized blocks carry float32 scales" if ct else
                    f"expert_dtype {engine!r} makes vLLM load dense scales as {want_dtype}" if spec.kind == "fp8"
                    else "vLLM's Fp8MoEMethod loads FP8 expert scales as F32")
-            out.add("v4-scale-dtype", "error", scale.name, f"{scale.name} is {scale.dtype} ({why})")
+            out.add("v4-scale-dtype", "error", scale.name, f"{scale.name} is {scale.st_dtype} ({why})")
     elif fmt == "mxfp4" and scale is not None:
         want_grid = (n, k // FP4_GROUP)
     elif fmt == "nvfp4" and "weight_scale" in params:
@@ -120,23 +120,23 @@ def _grid(out: Collector, view: CheckpointView, spec, params, fmt: str, engine: 
                 f"{list(want_grid)} for the [{n}, {k}] weight ({fmt})")
 
 
-def _kept(out: Collector, view: CheckpointView, spec, params) -> None:
-    info = params.get("weight") if spec.name.endswith(".weight") else view.tensors.get(spec.name)
+def _kept(out: Collector, view: Checkpoint, spec, params) -> None:
+    info = params.get("weight") if spec.name.endswith(".weight") else view.infos.get(spec.name)
     if info is None:
         return
     want = STORED_DTYPE[spec.kind]
     scales = [p for p in params if p in SCALE_PARAMS or p == "scale"]
     why = keep_reason(spec.name) or "the release stores it so"
-    if scales or info.dtype in FP8_DTYPES or info.dtype in ("I8", "U8") and want != "I64":
-        out.add("v4-unquantized", "error", info.name, f"{info.name} is stored quantized ({info.dtype}"
+    if scales or info.st_dtype in FP8_DTYPES or info.st_dtype in ("I8", "U8") and want != "I64":
+        out.add("v4-unquantized", "error", info.name, f"{info.name} is stored quantized ({info.st_dtype}"
                 f"{', ' + ', '.join(scales) if scales else ''}); keep it {want}: {why}")
-    elif info.dtype != want:
+    elif info.st_dtype != want:
         severity = "error" if want == "F32" else "warning"
         out.add("v4-unquantized", severity, info.name,
-                f"{info.name} is {info.dtype}, the release stores {want}: {why}")
+                f"{info.name} is {info.st_dtype}, the release stores {want}: {why}")
 
 
-def _expert_dtype(view: CheckpointView, declared, engine: str, experts: dict[str, Counter]) -> list[Finding]:
+def _expert_dtype(view: Checkpoint, declared, engine: str, experts: dict[str, Counter]) -> list[Finding]:
     out = []
     if declared is not None and declared not in EXPERT_DTYPES:
         out.append(Finding("v4-expert-dtype", "error", f"expert_dtype {declared!r} is not one of {EXPERT_DTYPES}; "

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dsquant.check.finding import MAX_LISTED, Finding
 from dsquant.check.names import SCALE_PARAMS, logical_shape, module_format
-from dsquant.check.view import CheckpointView
 from dsquant.checkpoint.names_v4 import Spec, expected_tensors, transformers_names
+from dsquant.checkpoint.reader import Checkpoint
 
 WEIGHT_PARAMS = ("weight", "weight_packed", "scale", *SCALE_PARAMS)
 
@@ -30,7 +30,7 @@ def listed(names: list[str]) -> str:
     return ", ".join(names[:MAX_LISTED]) + more
 
 
-def expected(view: CheckpointView) -> list[Spec]:
+def expected(view: Checkpoint) -> list[Spec]:
     """The official inventory config.json implies (cached on the view). KeyError / ValueError / TypeError when
     config.json cannot describe it."""
     if "v4_specs" not in view.cache:
@@ -42,8 +42,8 @@ def module_of(spec: Spec) -> str:
     return spec.name[: -len(".weight")] if spec.name.endswith(".weight") else spec.name
 
 
-def check(view: CheckpointView) -> list[Finding]:
-    foreign = transformers_names(view.tensors)
+def check(view: Checkpoint) -> list[Finding]:
+    foreign = transformers_names(view.infos)
     if foreign:
         return [Finding("v4-namespace", "error", f"{len(foreign)} tensor(s) are named in transformers' namespace, "
                         f"not DeepSeek-V4's official one ({listed(foreign)}); vLLM and SGLang load only the official "
@@ -58,7 +58,7 @@ def check(view: CheckpointView) -> list[Finding]:
     return _inventory(view, specs)
 
 
-def _inventory(view: CheckpointView, specs: list[Spec]) -> list[Finding]:
+def _inventory(view: Checkpoint, specs: list[Spec]) -> list[Finding]:
     missing, shapes, covered = [], [], set()
     for spec in specs:
         params = view.modules.get(module_of(spec), {}) if spec.name.endswith(".weight") else {}
@@ -66,9 +66,9 @@ def _inventory(view: CheckpointView, specs: list[Spec]) -> list[Finding]:
             # the weight and whatever scales it has (whether it may have them is v4_dtypes' rule)
             covered |= {p.name for name, p in params.items() if name in WEIGHT_PARAMS}
             have = logical_shape(params, module_format(params))
-        elif spec.name in view.tensors:
+        elif spec.name in view.infos:
             covered.add(spec.name)
-            have = view.tensors[spec.name].shape
+            have = view.infos[spec.name].shape
         else:
             missing.append(spec.name)
             continue
@@ -76,7 +76,7 @@ def _inventory(view: CheckpointView, specs: list[Spec]) -> list[Finding]:
             shapes.append(f"{spec.name} is {list(have)}, config.json implies {list(spec.shape)}")
     out = []
     draft = [n for n in missing if n.startswith("mtp.")]
-    if draft and not any(n.startswith("mtp.") for n in view.tensors):
+    if draft and not any(n.startswith("mtp.") for n in view.infos):
         out.append(Finding("v4-draft-missing", "warning", f"config.json declares a draft ({len(draft)} mtp.* tensors) "
                            "but none is stored: the model serves, speculative decoding cannot be enabled "
                            "(transformers drops mtp.* on load; copy it through from the source)", tensor=draft[0]))
@@ -84,7 +84,7 @@ def _inventory(view: CheckpointView, specs: list[Spec]) -> list[Finding]:
     if missing:
         out.append(Finding("v4-missing", "error", f"{len(missing)} tensor(s) that config.json implies are not "
                            f"stored: {listed(missing)}", tensor=missing[0]))
-    unexpected = sorted(set(view.tensors) - covered)
+    unexpected = sorted(set(view.infos) - covered)
     if unexpected:
         out.append(Finding("v4-unexpected", "error", f"{len(unexpected)} stored tensor(s) are not part of the "
                            f"DeepSeek-V4 layout config.json describes (engines refuse unknown weights): "

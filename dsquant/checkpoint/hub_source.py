@@ -142,13 +142,13 @@ def resolve_source(src: str) -> Path:
 
 
 def _check_complete(src: str, folder: Path, offline: bool) -> None:
-    import json
+    from dsquant.checkpoint.index import INDEX_NAME, index_weight_map, read_json
 
     if not (folder / "config.json").is_file():
         raise ValueError(f"{src}: the snapshot has no config.json (not a model checkpoint, or an incomplete cache)")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    index = read_json(folder / INDEX_NAME)
+    if index is not None:
+        shards = set(index_weight_map(index, str(folder / INDEX_NAME)).values())
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             how = "rerun without HF_HUB_OFFLINE to finish the download" if offline else "rerun to resume the download"

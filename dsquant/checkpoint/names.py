@@ -29,6 +29,7 @@ DEFAULT_FUSED_GROUPS = (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_m
 FP8_SCALE_SUFFIX = "_scale_inv"
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
 # DeepSeek-V4's official names start with `layers.L.` / `mtp.S.` (no `model.` prefix)
 _GENERALIZE = ((re.compile(r"(^|\.)layers\.\d+\."), r"\1layers.*."), (re.compile(r"^mtp\.\d+\."), "mtp.*."),
                (re.compile(r"\.experts\.\d+\."), ".experts.*."))
@@ -56,6 +57,17 @@ def mtp_layers(config: dict) -> tuple[int, ...]:
 def layer_index(name: str) -> int | None:
     m = _LAYER_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def expert_index(name: str) -> int | None:
+    m = _EXPERT_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_prefix(family: str, layer: int) -> str:
+    """The name prefix of decoder layer `layer`'s tensors and modules: V3's `model.layers.L`, the official
+    unprefixed `layers.L` of DeepSeek-V4."""
+    return f"{'layers' if family == V4 else 'model.layers'}.{layer}"
 
 
 def module_of(tensor_name: str) -> str:

@@ -28,10 +28,11 @@ def inspect(
       dsquant inspect hf://nvidia/DeepSeek-R1-FP4 --json
     """
     from dsquant.check import check_view
-    from dsquant.inspect import format_summary, open_checkpoint, summarize_view
+    from dsquant.checkpoint.survey import survey
+    from dsquant.inspect import format_summary, summarize_view
 
     try:
-        view = open_checkpoint(ckpt)
+        view = survey(ckpt)
     except ValueError as exc:
         fail(str(exc) if str(ckpt) in str(exc) else f"{ckpt}: {exc}")
     summary = summarize_view(view)

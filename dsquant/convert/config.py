@@ -16,15 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dsquant
-from dsquant.checkpoint.index import INDEX_NAME, write_json_atomic
+from dsquant.checkpoint.index import HF_QUANT_CONFIG, INDEX_NAME, write_json_atomic
 from dsquant.checkpoint.names import generalize
 from dsquant.convert.plan import Plan
 
-RECIPE_FILE = "dsquant_recipe.json"
 # job actions that write a module in its recipe format (counted per format in dsquant_recipe.json): V3 quantizing,
 # V4 expert transcoding and V4 dense FP8 kept in blocks with the scale dtype the experts need
 CONVERTING = ("quant", "transcode", "rescale")
-HF_QUANT_CONFIG = "hf_quant_config.json"
 # Never copied: weights (rewritten), the files rewritten here, pickles (never read), and the model card.
 _SKIP = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|" + re.escape(INDEX_NAME) +
                    r"|config\.json|hf_quant_config\.json|dsquant_recipe\.json|README\.md|\..*")

@@ -25,12 +25,12 @@ import torch
 from tqdm import tqdm
 
 from dsquant.checkpoint.identity import identity_difference, source_identity
-from dsquant.checkpoint.index import write_index, write_json_atomic
+from dsquant.checkpoint.index import RECIPE_FILE, write_index, write_json_atomic
 from dsquant.checkpoint.manifest import LOCK_NAME, DstLock, Manifest
 from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import v4
-from dsquant.convert.config import RECIPE_FILE, copy_non_weight_files, recipe_record, utc_now, write_configs
+from dsquant.convert.config import copy_non_weight_files, recipe_record, utc_now, write_configs
 from dsquant.convert.plan import Plan, build_plan
 from dsquant.convert.process import select_quantizers, write_shard
 from dsquant.devices import resolve_devices, usable_cores

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 import dsquant
-from dsquant.checkpoint.index import write_json_atomic
+from dsquant.checkpoint.index import HF_QUANT_CONFIG, write_json_atomic
 from dsquant.checkpoint.names import generalize
 from dsquant.checkpoint.names_v4 import blocks
-from dsquant.convert.config import HF_QUANT_CONFIG, compressed_tensors_config
+from dsquant.convert.config import compressed_tensors_config
 from dsquant.convert.plan import Plan
 from dsquant.convert.v4 import CT_CONVENTION, expert_formats
 from dsquant.formats.nvfp4 import NVFP4_BLOCK

@@ -44,13 +44,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsquant.checkpoint.names import layer_prefix
 from dsquant.devices import cpu_threads
 from dsquant.formats.fp8 import FP8_E4M3_MAX
 from dsquant.progress import Progress
 from dsquant.runner.calib_search import DEFAULT_SAMPLE_ROWS, METHODS, TOLERANCE, RowSample, search_input_scale
-from dsquant.runner.family import V3, layer_prefix, require
+from dsquant.runner.family import V3, require
 from dsquant.runner.linear import QuantLinear
-from dsquant.runner.load import CheckpointReader
+from dsquant.runner.load import ModelCheckpoint
 from dsquant.runner.offload import stream_logits
 from dsquant.runner.perplexity import make_windows
 from dsquant.runner.tokenizer import load_tokenizer
@@ -99,7 +100,7 @@ def record(
     idle-expert fallback and partner sharing, which `finish` applies). progress: a dsquant.progress.Progress."""
     if method not in METHODS:
         raise ValueError(f"--calib-method {method!r}: choose one of {METHODS}")
-    reader = CheckpointReader(ckpt)
+    reader = ModelCheckpoint(ckpt)
     require(reader.family, "calibrate", str(reader.path))
     cap = sample_rows if method == "mse" else 1  # the amax rule needs no rows
     cal = Calibration({}, {}, method, sample_rows)
@@ -149,7 +150,7 @@ def _watch_cache(kv_amax: dict[int, float], layer: int, args: tuple) -> None:
 
 def finish(ckpt, cal: Calibration) -> Calibration:
     """Apply the idle-expert fallback and share scales between fused partners (in place; returns cal)."""
-    args = CheckpointReader(ckpt).args
+    args = ModelCheckpoint(ckpt).args
     n_experts = args.n_routed_experts
     per_proj: dict[tuple[str, str], float] = {}
     seen: dict[int, set[int]] = {layer: set() for layer in range(args.n_layers) if args.is_moe_layer(layer)}
@@ -178,7 +179,7 @@ def calibration_windows(ckpt, text: str, *, seq_len: int = 512, max_tokens: int 
     """Tokenize `text` with the checkpoint's tokenizer (one BOS first) -> int64 windows [W, seq_len]."""
     tok = load_tokenizer(ckpt, tokenizer)
     ids = tok.encode(text, add_special_tokens=False).ids
-    bos = CheckpointReader(ckpt).args.bos_token_id
+    bos = ModelCheckpoint(ckpt).args.bos_token_id
     return make_windows(([bos] if bos is not None else []) + ids, seq_len, max_tokens)
 
 

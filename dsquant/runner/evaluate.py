@@ -20,7 +20,7 @@ from dsquant.devices import cpu_threads, resolve_devices
 from dsquant.progress import Progress
 from dsquant.runner.data import read_user_text, shipped_text
 from dsquant.runner.family import require
-from dsquant.runner.load import CheckpointReader, load_model
+from dsquant.runner.load import ModelCheckpoint, load_model
 from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 from dsquant.runner.perplexity import Accumulator, make_windows
 from dsquant.runner.tokenizer import load_tokenizer
@@ -94,7 +94,7 @@ def _evaluate(ckpt, base, text, text_info, seq_len, max_tokens, kv_cache, device
     if offload not in (None, "none", "layer"):
         raise ValueError(f"--offload {offload!r}: choose 'layer' (or leave it out)")
     ckpts = list(ckpt) if isinstance(ckpt, (list, tuple)) else [ckpt]
-    readers = [CheckpointReader(p) for p in ckpts + ([base] if base is not None else [])]  # not a checkpoint: fail
+    readers = [ModelCheckpoint(p) for p in ckpts + ([base] if base is not None else [])]  # not a checkpoint: fail
     args = readers[0].args
     for r in readers:
         if offload == "layer":

@@ -32,12 +32,6 @@ def family_of(config: dict) -> str:
     return V4 if is_v4(config) else V3
 
 
-def layer_prefix(family: str, layer: int) -> str:
-    """The name prefix of decoder layer `layer`'s tensors and modules: V3's `model.layers.L`, the official
-    unprefixed `layers.L` of DeepSeek-V4."""
-    return f"{'layers' if family == V4 else 'model.layers'}.{layer}"
-
-
 def model_args(config: dict, name: str = "config.json") -> ModelArgs | V4Args:
     """The family's ModelArgs for a config.json dict (ValueError names the file and the problem)."""
     return (V4Args if family_of(config) == V4 else ModelArgs).from_config(config, name=name)

@@ -21,17 +21,16 @@ is stored (dsquant.runner.calibrate says why).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from dsquant.checkpoint.index import ST_DTYPE_BYTES
+from dsquant.checkpoint.names import layer_index, layer_prefix
+from dsquant.checkpoint.reader import Checkpoint
 from dsquant.formats.ondisk import convention_of, read_quantized
-from dsquant.runner.family import V4, decoder_layers, family_of, layer_prefix, model_args, require
+from dsquant.runner.family import V4, decoder_layers, family_of, model_args, require
 from dsquant.runner.linear import LinearWeight, QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
 from dsquant.runner.schemes import activation_scheme
@@ -43,62 +42,23 @@ _LINEAR_SUFFIXES = (
     "weight", "weight_scale_inv", "weight_scale", "weight_scale_2", "weight_packed",
     "weight_global_scale", "input_scale", "input_global_scale",
 )  # fmt: skip
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # FP8 KV-cache scale names of a DeepSeek layer: compressed-tensors / HF `self_attn.k_scale`, ModelOpt
 # `self_attn.k_proj.k_scale`, and `self_attn.kv_a_proj_with_mqa.k_scale` (SGLang's loader accepts the latter
 # two for MLA). The runner attaches the value to the layer's MLA module.
 KV_SCALE_NAMES = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(?:k_proj\.|kv_a_proj_with_mqa\.)?k_scale$")
 
 
-class CheckpointReader:
-    """Lazy tensor access by name over a checkpoint's safetensors shards (no pickles, no remote code)."""
+class ModelCheckpoint(Checkpoint):
+    """A checkpoint opened for the runner: its model family and arguments from config.json, tensors placed for
+    the kernels, and each decoder layer's tensors by name."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise ValueError(f"{self.path}: not a checkpoint directory")
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a safetensors index ({e})") from None
-        elif (self.path / "model.safetensors").is_file():
-            with safe_open(self.path / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise ValueError(f"{self.path}: no model.safetensors.index.json or model.safetensors")
-        root = self.path.resolve()
-        for name, shard in weight_map.items():
-            file = (self.path / shard).resolve()
-            if root not in file.parents:
-                raise ValueError(f"{index}: {name} points outside the checkpoint ({shard})")
-            if not file.is_file():
-                raise ValueError(f"{file}: shard listed in the index is missing (tensor {name})")
-        self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
-        config_path = self.path / "config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        super().__init__(path)
         self.family = family_of(self.config)
         self.args = model_args(self.config, name=str(self.path / "config.json"))
-        self.quant_config = self._quant_config()
-
-    def _quant_config(self) -> dict:
-        qc = dict(self.config.get("quantization_config") or {})
-        hf = self.path / "hf_quant_config.json"
-        if not qc and hf.is_file():
-            qc = json.loads(hf.read_text()).get("quantization", {})
-            qc.setdefault("quant_method", "modelopt")
-        return qc
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
 
     def get(self, name: str) -> torch.Tensor:
-        t = self._handle(name).get_tensor(name)
+        t = super().get(name)
         # a CPU tensor may alias the file mapping at any byte offset; kernels (TMA descriptors) need 16
         return t.clone() if t.data_ptr() % 16 else t
 
@@ -108,28 +68,10 @@ class CheckpointReader:
 
     def layer_nbytes(self, layer: int) -> int:
         """Bytes of one decoder layer on disk (from the safetensors headers, no data read)."""
-        total = 0
-        for k in self.layer_keys(layer):
-            sl = self._handle(k).get_slice(k)
-            n = 1
-            for d in sl.get_shape():
-                n *= d
-            total += n * ST_DTYPE_BYTES.get(sl.get_dtype(), 2)
-        return total
-
-    def _handle(self, name: str):
-        shard = self.weight_map[name]
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(self.path / shard, "pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise ValueError(f"{self.path / shard}: cannot read safetensors header ({e})") from None
-        return self._handles[shard]
+        return sum(self.infos[k].nbytes for k in self.layer_keys(layer))
 
 
-
-
-def read_linear(reader: CheckpointReader, prefix: str, device: torch.device | str = "cpu") -> LinearWeight:
+def read_linear(reader: ModelCheckpoint, prefix: str, device: torch.device | str = "cpu") -> LinearWeight:
     """The tensors `<prefix>.*` of one linear -> LinearWeight on device (ValueError names what is wrong).
 
     Names and scale directions per convention come from dsquant.formats.ondisk, the one place that knows them;
@@ -156,7 +98,7 @@ def read_linear(reader: CheckpointReader, prefix: str, device: torch.device | st
     return LinearWeight(fmt, qw.q, scale, qw.global_scale, qw.input_scale, act=act)
 
 
-def _assign(model: Transformer, reader: CheckpointReader, names: list[str], device) -> int:
+def _assign(model: Transformer, reader: ModelCheckpoint, names: list[str], device) -> int:
     """Load the named tensors into their modules; returns the number of bytes placed."""
     done, nbytes = set(), 0
     for name in names:
@@ -183,7 +125,7 @@ def _assign(model: Transformer, reader: CheckpointReader, names: list[str], devi
     return nbytes
 
 
-def _assign_kv_scale(model: Transformer, reader: CheckpointReader, name: str, attn: str, device) -> None:
+def _assign_kv_scale(model: Transformer, reader: ModelCheckpoint, name: str, attn: str, device) -> None:
     try:
         mod = model.get_submodule(attn)
     except AttributeError:
@@ -210,9 +152,9 @@ def check_complete(module: torch.nn.Module, what: str) -> None:
 def load_model(
     path: str | Path, *, impl: str = "reference", device: str = "cpu", dtype: torch.dtype | None = None,
     mtp: bool = False, layers: bool = True,
-) -> tuple[Transformer, CheckpointReader]:
+) -> tuple[Transformer, ModelCheckpoint]:
     """Build the runner model and fill it from a checkpoint (layers=False: only embed/norm/head, for streaming)."""
-    reader = CheckpointReader(path)
+    reader = ModelCheckpoint(path)
     args = reader.args
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if reader.family == V4:
@@ -220,10 +162,10 @@ def load_model(
             require(V4, "mtp", str(reader.path))
         return load_v4_model(reader, impl=impl, device=device, dtype=dtype, layers=layers), reader
     model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp).eval()
-    names = [k for k in reader.keys() if not _LAYER.match(k)]
+    names = [k for k in reader.keys() if layer_index(k) is None]
     if layers:
         n = args.n_layers + (args.n_mtp_layers if mtp else 0)
-        names += [k for k in reader.keys() if (m := _LAYER.match(k)) and int(m.group(1)) < n]
+        names += [k for k in reader.keys() if (li := layer_index(k)) is not None and li < n]
     _assign(model, reader, names, device)
     if model.lm_head.w is None and args.tie_word_embeddings:
         model.lm_head.set_weight(LinearWeight("bf16", model.model.embed_tokens.weight))
@@ -235,7 +177,7 @@ def _non_layer_view(model: Transformer) -> torch.nn.Module:
     return torch.nn.ModuleDict({"embed": model.model.embed_tokens, "norm": model.model.norm, "lm_head": model.lm_head})
 
 
-def load_layer(model: Transformer, reader: CheckpointReader, layer: int, device) -> int:
+def load_layer(model: Transformer, reader: ModelCheckpoint, layer: int, device) -> int:
     """Fill decoder layer `layer` from the checkpoint; returns its bytes."""
     if reader.family == V4:
         return load_v4_part(model, reader, f"layers.{layer}", device)

@@ -160,7 +160,7 @@ def _read_layer(reader, layer: int) -> tuple[dict[str, torch.Tensor], float]:
 
 
 class _Preloaded:
-    """A CheckpointReader whose get() serves the tensors already read (the other attributes are the reader's)."""
+    """A ModelCheckpoint whose get() serves the tensors already read (the other attributes are the reader's)."""
 
     def __init__(self, reader, tensors: dict[str, torch.Tensor]):
         self._reader, self._tensors = reader, tensors
@@ -168,6 +168,9 @@ class _Preloaded:
     def get(self, name: str) -> torch.Tensor:
         t = self._tensors.get(name)
         return t if t is not None else self._reader.get(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._reader

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsquant.check import check_checkpoint
-from dsquant.check.view import CheckpointError
+from dsquant.checkpoint.index import CheckpointError
 from dsquant.formats import quantize_fp8_block, quantize_mxfp4
 from tests.check.check_helpers import EXP0, L0, L1, hits, only, run
 from tests.check.ckpt_factory import MTP, build

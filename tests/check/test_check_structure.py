@@ -9,7 +9,7 @@ import json
 import pytest
 
 from dsquant.check import check_checkpoint
-from dsquant.check.view import CheckpointError
+from dsquant.checkpoint.index import CheckpointError
 from tests.check.check_helpers import KINDS, hits, only, run
 from tests.check.ckpt_factory import build
 

@@ -10,8 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from dsquant.check import check_checkpoint, check_view
-from dsquant.check.view import CheckpointView, TensorInfo
+from dsquant.checkpoint.index import TensorInfo
 from dsquant.checkpoint.names_v4 import expected_tensors, stored_tensors
+from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth_v4 import V4_VARIANTS
 from dsquant.cli import app
 from dsquant.formats import quantize_fp8_block
@@ -33,10 +34,10 @@ def test_full_size_flash_headers_pass(tmp_path):
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
           "weight_block_size": [128, 128]}
     (tmp_path / "tokenizer.json").write_text("{}")
-    view = CheckpointView(path=tmp_path, config=dict(FLASH, quantization_config=qc))
+    view = Checkpoint.blank(tmp_path, config=dict(FLASH, quantization_config=qc))
     for spec in expected_tensors(view.config):
         for name, dtype, shape in stored_tensors(spec, "fp4"):
-            view.tensors[name] = TensorInfo(name, dtype, shape, "model.safetensors", (0, 0))
+            view.infos[name] = TensorInfo(name, "model.safetensors", dtype, shape, 0, 0)
     assert check_view(view) == []
     assert summarize_view(view)["architecture"]["v4"]["attention"] == {"sliding": 2, "csa": 21, "hca": 20}
 

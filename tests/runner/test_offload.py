@@ -7,14 +7,14 @@ import torch
 
 from dsquant.checkpoint.synth import make_synthetic_checkpoint
 from dsquant.devices import resolve_devices
-from dsquant.runner.load import CheckpointReader, load_model
+from dsquant.runner.load import ModelCheckpoint, load_model
 from dsquant.runner.offload import StreamStats, resident_logits, stream_logits
 
 
 def test_streamed_logits_equal_resident_and_memory_follows_one_layer(tmp_path):
     ckpt = make_synthetic_checkpoint(tmp_path / "v3", variant="v3", source="fp8", num_shards=2,
                                      num_hidden_layers=6, first_k_dense_replace=1)  # fmt: skip
-    reader = CheckpointReader(ckpt)
+    reader = ModelCheckpoint(ckpt)
     layer_bytes = [reader.layer_nbytes(i) for i in range(reader.args.n_layers)]
     windows = torch.randint(0, reader.args.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
     stats = StreamStats()
@@ -37,7 +37,7 @@ def test_windows_spread_over_devices_give_single_device_logits(tmp_path):
     # come out exactly as on one device, in window order, with every device streaming every layer.
     ckpt = make_synthetic_checkpoint(tmp_path / "v3", variant="v3", source="fp8", num_shards=2,
                                      num_hidden_layers=3, first_k_dense_replace=1)  # fmt: skip
-    vocab = CheckpointReader(ckpt).args.vocab_size
+    vocab = ModelCheckpoint(ckpt).args.vocab_size
     windows = torch.randint(0, vocab, (5, 16), generator=torch.Generator().manual_seed(1))
     one = list(stream_logits(ckpt, windows, batch_size=2))
     stats = StreamStats()
@@ -55,13 +55,13 @@ def test_several_devices_read_each_layer_once(tmp_path, monkeypatch):
     ckpt = make_synthetic_checkpoint(tmp_path / "v3", variant="v3", source="fp8", num_shards=2,
                                      num_hidden_layers=3, first_k_dense_replace=1)  # fmt: skip
     reads: dict[str, int] = {}
-    get = CheckpointReader.get
+    get = ModelCheckpoint.get
 
     def counting_get(self, name):
         reads[name] = reads.get(name, 0) + 1
         return get(self, name)
 
-    monkeypatch.setattr(CheckpointReader, "get", counting_get)
+    monkeypatch.setattr(ModelCheckpoint, "get", counting_get)
     windows = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(2))
     for _ in stream_logits(ckpt, windows, batch_size=1, devices=["cpu", "cpu", "cpu"]):
         pass

@@ -90,31 +90,19 @@ def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, 
     return nbytes
 
 
-class _ReaderTensors:
-    """A checkpoint reader (runner/load.py CheckpointReader) seen as a lazy mapping name -> tensor."""
-
-    def __init__(self, reader):
-        self.reader = reader
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.reader
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.reader.get(name)
-
-
 def load_v4_model(reader, *, impl: str = "reference", device="cpu", dtype: torch.dtype = torch.float32,
                   layers: bool = True) -> Transformer:
-    """The runner's V4 model filled from a checkpoint reader (its args are V4Args); layers=False: only the
-    non-layer tensors (embed, norm, head, hyper-head), for streaming. Errors name the checkpoint."""
+    """The runner's V4 model filled from a ModelCheckpoint (runner/load.py; its args are V4Args); layers=False:
+    only the non-layer tensors (embed, norm, head, hyper-head), for streaming. Errors name the checkpoint."""
     model = Transformer(reader.args, impl=impl, dtype=dtype).eval()
     load_v4_part(model, reader, "" if layers else "non-layer", device)
     return model
 
 
 def load_v4_part(model: Transformer, reader, part: str, device) -> int:
-    """load_tensors from a checkpoint reader, errors prefixed with the checkpoint path; returns the bytes."""
+    """load_tensors from a ModelCheckpoint (or what reads like one: `in`, `[]`, quant_config, path), errors
+    prefixed with the checkpoint path; returns the bytes."""
     try:
-        return load_tensors(model, _ReaderTensors(reader), reader.quant_config, device, part=part)
+        return load_tensors(model, reader, reader.quant_config, device, part=part)
     except ValueError as e:
         raise ValueError(f"{reader.path}: {e}") from None
