@@ -29,7 +29,8 @@ from dsquant.convert.plan import ModuleJob, ShardJob
 from dsquant.devices import current_device
 from dsquant.formats import _checks, fp8, int8, mxfp4, nvfp4
 from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
-from dsquant.formats.ondisk import QuantizedWeight, write_quantized
+from dsquant.formats.ondisk import write_quantized
+from dsquant.formats.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
 

@@ -26,19 +26,18 @@ weights had to be re-quantized because a float32 scale was no power of two.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dsquant.checkpoint.names_v4 import blocks, official_name, scale_name
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert.plan import ModuleJob, Plan, lay_out_plan
 from dsquant.formats import _checks
-from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
-from dsquant.formats.mxfp4 import E8M0_DTYPE, MXFP4_BLOCK, e8m0_from_float, e8m0_to_float
-from dsquant.formats.nvfp4 import NVFP4_BLOCK, nvfp4_global_scale
-from dsquant.formats.ondisk import QuantizedWeight, stored_specs, tensor_names, write_quantized
+from dsquant.formats.fp8 import dequantize_fp8_block
+from dsquant.formats.mxfp4 import E8M0_DTYPE, e8m0_from_float, e8m0_to_float
+from dsquant.formats.nvfp4 import nvfp4_global_scale
+from dsquant.formats.ondisk import stored_specs, write_quantized
 from dsquant.formats.transcode import Exactness, mxfp4_to_fp8_block, mxfp4_to_nvfp4, nvfp4_shared_exponent
+from dsquant.formats.weight import QuantizedWeight
 from dsquant.recipe import Ignore, Recipe, load_recipe
 from dsquant.recipe_files import resolve_recipe_path
 
@@ -109,17 +108,7 @@ def _logical_shape(ckpt: Checkpoint, weight: str) -> tuple[int, int]:
 
 def _outputs(module: str, fmt: str, shape: tuple[int, int], dense_scale: torch.dtype, convention: str):
     """[(name, dtype, shape)] of one linear written as `fmt` in the official layout or compressed-tensors'."""
-    n, k = shape
-    if convention == CT_CONVENTION:
-        return stored_specs(convention, fmt, module, shape, torch.bfloat16)
-    names = tensor_names(V4_CONVENTION, fmt, module)
-    grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
-    if fmt == "fp8-block":
-        return [(names["weight"], torch.float8_e4m3fn, (n, k)), (names["scale"], dense_scale, grid)]
-    if fmt == "mxfp4":
-        return [(names["weight"], torch.int8, (n, k // 2)), (names["scale"], E8M0_DTYPE, (n, k // MXFP4_BLOCK))]
-    return [(names["weight"], torch.uint8, (n, k // 2)), (names["scale"], torch.float8_e4m3fn, (n, k // NVFP4_BLOCK)),
-            (names["global_scale"], torch.float32, ()), (names["input_scale"], torch.float32, ())]
+    return stored_specs(convention, fmt, module, shape, torch.bfloat16, grid_scale=dense_scale)
 
 
 def _copy(ckpt: Checkpoint, module: str, names: list[str], entry, fmt: str = "keep") -> ModuleJob:

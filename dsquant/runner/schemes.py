@@ -26,9 +26,9 @@ from dsquant.check.declared import ct_scheme
 
 # (type, num_bits, strategy, group_size or block_structure) of the weights -> stored format they read as.
 WEIGHT_SCHEMES = {
-    ("float", 8, "block", (128, 128)): "fp8_block",
-    ("float", 8, "channel", None): "fp8_channel",
-    ("float", 8, "tensor", None): "fp8_channel",
+    ("float", 8, "block", (128, 128)): "fp8-block",
+    ("float", 8, "channel", None): "fp8-channel",
+    ("float", 8, "tensor", None): "fp8-channel",
     ("int", 8, "channel", None): "int8",
     ("float", 4, "tensor_group", 16): "nvfp4",
     ("float", 4, "group", 32): "mxfp4",
@@ -45,8 +45,8 @@ ACT_SCHEMES = {
 }
 # Which activation schemes each weight format's kernels pair with (engines run no other combination).
 PAIRS = {
-    "fp8_block": ("fp8_group",),
-    "fp8_channel": ("fp8_token", "fp8_tensor"),
+    "fp8-block": ("fp8_group",),
+    "fp8-channel": ("fp8_token", "fp8_tensor"),
     "int8": ("int8_token",),
     "nvfp4": ("nvfp4",),
     "mxfp4": ("mxfp4",),
