@@ -17,6 +17,7 @@ import math
 from dsquant.check.finding import Finding
 from dsquant.check.names import FUSED_PAIRS, expert_index, layer_index, module_format
 from dsquant.check.view import CheckpointView
+from dsquant.formats.registry import find
 
 GLOBAL_PARAMS = (("weight_scale_2", "weight_global_scale"), ("input_scale", "input_global_scale"))
 MAX_LISTED = 3
@@ -48,7 +49,8 @@ def check(view: CheckpointView) -> list[Finding]:
         if fa != fb:
             scheme_bad.append(f"{a} is {fa} but {b.rsplit('.', 1)[-1]} is {fb}")
             continue
-        if fa != "nvfp4" or not view.can_read_values:
+        entry = find(fa)
+        if entry is None or not entry.has_global_scale or not view.can_read_values:
             continue
         for names in GLOBAL_PARAMS:
             for pname in names:

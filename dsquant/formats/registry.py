@@ -47,6 +47,12 @@ class Format:
         where the runner loops over experts instead (NVFP4: W4A4 in the runner, W4A16 in that kernel).
     quantize: reference quantizer w [N, K] -> (q, scale[, global_scale]) (dsquant.formats), None for bf16.
     dequantize: (q, scale, global_scale, dtype) -> dense [N, K].
+    ct_format: the `format` of a compressed-tensors config group holding it (None: not a compressed-tensors
+        format).
+    modelopt_algo: ModelOpt's `quant_algo` for it (hf_quant_config.json, `moe_quant_algo`), None where ModelOpt
+        has none dsquant writes.
+    expert_dtype: DeepSeek-V4's config.json `expert_dtype` under which engines build routed experts of this
+        format, None where V4 engines build none.
     """
 
     name: str
@@ -60,6 +66,9 @@ class Format:
     fused_moe_act: str | None
     quantize: Callable | None
     dequantize: Callable = field(repr=False)
+    ct_format: str | None = None
+    modelopt_algo: str | None = None
+    expert_dtype: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -102,20 +111,24 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            dequantize=lambda q, s, g, dtype: q.to(dtype)),
     Format("fp8-block", element=torch.float8_e4m3fn, scale=torch.float32, block=(FP8_BLOCK, FP8_BLOCK), pack=1,
            has_global_scale=False, kernel_code=format_codes.FP8_BLOCK, act="fp8_group", fused_moe_act="fp8_group",
-           quantize=quantize_fp8_block, dequantize=lambda q, s, g, dtype: dequantize_fp8_block(q, s, dtype=dtype)),
+           quantize=quantize_fp8_block, dequantize=lambda q, s, g, dtype: dequantize_fp8_block(q, s, dtype=dtype),
+           ct_format="float-quantized", expert_dtype="fp8"),
     # compressed-tensors' FP8 per channel or per tensor (llm-compressor's presets): read, never written
     Format("fp8-channel", element=torch.float8_e4m3fn, scale=torch.float32, block=(1, 0), pack=1,
            has_global_scale=False, kernel_code=None, act="fp8_token", fused_moe_act=None, quantize=None,
-           dequantize=lambda q, s, g, dtype: dequantize_fp8(q, s, dtype)),
+           dequantize=lambda q, s, g, dtype: dequantize_fp8(q, s, dtype), ct_format="float-quantized"),
     Format("int8", element=torch.int8, scale=torch.float32, block=(1, 0), pack=1, has_global_scale=False,
            kernel_code=format_codes.INT8, act="int8_token", fused_moe_act="int8_token",
-           quantize=quantize_int8_per_channel, dequantize=lambda q, s, g, dtype: dequantize_int8(q, s, dtype)),
+           quantize=quantize_int8_per_channel, dequantize=lambda q, s, g, dtype: dequantize_int8(q, s, dtype),
+           ct_format="int-quantized"),
     Format("nvfp4", element=torch.uint8, scale=torch.float8_e4m3fn, block=(1, NVFP4_BLOCK), pack=2,
            has_global_scale=True, kernel_code=format_codes.NVFP4, act="nvfp4", fused_moe_act=None,
-           quantize=quantize_nvfp4, dequantize=lambda q, s, g, dtype: dequantize_nvfp4(q, s, g, dtype=dtype)),
+           quantize=quantize_nvfp4, dequantize=lambda q, s, g, dtype: dequantize_nvfp4(q, s, g, dtype=dtype),
+           ct_format="nvfp4-pack-quantized", modelopt_algo="NVFP4", expert_dtype="fp4"),
     Format("mxfp4", element=torch.uint8, scale=torch.uint8, block=(1, MXFP4_BLOCK), pack=2, has_global_scale=False,
            kernel_code=format_codes.MXFP4, act="none", fused_moe_act="none",
-           quantize=quantize_mxfp4, dequantize=lambda q, s, g, dtype: dequantize_mxfp4(q, s, dtype=dtype)),
+           quantize=quantize_mxfp4, dequantize=lambda q, s, g, dtype: dequantize_mxfp4(q, s, dtype=dtype),
+           ct_format="mxfp4-pack-quantized", expert_dtype="fp4"),
 )}
 # fmt: on
 
@@ -126,6 +139,12 @@ def get(name: str) -> Format:
         return FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown format {name!r}; known: {tuple(FORMATS)}") from None
+
+
+def find(label: str | None) -> Format | None:
+    """The entry of `label` when it names a format, else None (labels such as check.names.module_format's
+    "fp8-tensor" or a dtype name describe what a checkpoint stores, not always a format dsquant handles)."""
+    return FORMATS.get(label) if label else None
 
 
 def of_kernel_code(code: int) -> Format:

@@ -179,21 +179,14 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, total
 
 
-_SCALE_SPECS = {  # fmt -> (weight dtype, packed K divisor, scale dtype, scale columns per K, needs global scale)
-    "bf16": (torch.bfloat16, 1, None, None, False),
-    "fp8": (torch.float8_e4m3fn, 1, torch.float32, 128, False),
-    "int8": (torch.int8, 1, torch.float32, 0, False),
-    "nvfp4": (torch.uint8, 2, torch.float8_e4m3fn, 16, True),
-    "mxfp4": (torch.uint8, 2, torch.uint8, 32, False),
-}
-
-
 def check_expert_weights(ew: ExpertWeights, hidden: int, what: str = "experts") -> tuple[int, int]:
     """ValueError naming the tensor when a stack does not fit the module docstring; returns (E, I)."""
-    if ew.fmt not in _SCALE_SPECS:
+    if ew.fmt not in FORMATS:
         raise ValueError(f"{what}: unknown expert format {ew.fmt!r}; choose one of {FORMATS}")
-    wdt, pack, sdt, per_k, needs_gs = _SCALE_SPECS[ew.fmt]
-    grid = expert_format(ew.fmt).block_grid
+    f = expert_format(ew.fmt)
+    # weight dtype, codes per stored element along K, scale dtype, K per scale column (0: one per row)
+    wdt, pack, sdt, per_k = f.element or torch.bfloat16, f.pack, f.scale, f.block[1] if f.block else None
+    grid, needs_gs = f.block_grid, f.has_global_scale
     if ew.w13.dim() != 3 or ew.w2.dim() != 3:
         raise ValueError(f"{what}: w13/w2 must be [E, 2I, H] / [E, H, I], got {tuple(ew.w13.shape)} / "
                          f"{tuple(ew.w2.shape)}")
