@@ -133,19 +133,6 @@ def fp4_group(fmt: str | None) -> int | None:
     return entry.block[1] if entry is not None and entry.packed else None
 
 
-def module_convention(params: dict[str, TensorInfo]) -> str | None:
-    """Which on-disk naming a quantized module uses (None for unquantized ones)."""
-    if "weight_packed" in params or "weight_global_scale" in params or "input_global_scale" in params:
-        return "compressed-tensors"
-    if "weight_scale_2" in params:
-        return "modelopt"
-    if "weight_scale_inv" in params:
-        return "deepseek"
-    if "weight_scale" in params:
-        return "compressed-tensors"  # CT fp8/int8 and SGLang w8a8_int8 share this naming
-    return None
-
-
 def logical_shape(params: dict[str, TensorInfo], fmt: str | None) -> tuple[int, ...] | None:
     """[N, K] of the unpacked weight (FP4 packs two elements per byte along K)."""
     w = params.get("weight_packed") or params.get("weight")

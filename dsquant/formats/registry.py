@@ -179,16 +179,21 @@ class Convention:
     """One checkpoint convention: how config.json declares it and how it names each format's tensors.
 
     quant_method: config.json's `quant_method` that declares it (a prefix where `prefix`, as ModelOpt's
-        "modelopt" and "modelopt_fp4"); None where it is told apart by names (DeepSeek-V4 declares "fp8").
+        "modelopt" and "modelopt_fp4").
+    v4: True where the quant_method means this convention only for DeepSeek-V4 models, False only for the
+        others (both declare "fp8"), None for any model.
+    label: how `dsquant inspect` names it.
     """
 
     name: str
-    quant_method: str | None
+    quant_method: str
     layouts: dict[str, Layout]
     prefix: bool = False
+    v4: bool | None = None
+    label: str = ""
 
-    def declared_by(self, method: str) -> bool:
-        if self.quant_method is None:
+    def declared_by(self, method: str, v4: bool) -> bool:
+        if self.v4 is not None and self.v4 != v4:
             return False
         return method.startswith(self.quant_method) if self.prefix else method == self.quant_method
 
@@ -201,10 +206,11 @@ _MODELOPT_NVFP4 = Layout({"weight": "weight", "scale": "weight_scale", "global_s
 CONVENTIONS: dict[str, Convention] = {c.name: c for c in (
     # DeepSeek's own FP8 release (`quant_method: fp8`); weight_scale_inv multiplies despite its name
     Convention("deepseek", "fp8", {"bf16": _BF16,
-                            "fp8-block": Layout({"weight": "weight", "scale": "weight_scale_inv"})}),
+                            "fp8-block": Layout({"weight": "weight", "scale": "weight_scale_inv"})},
+               v4=False, label="deepseek-fp8"),
     # NVIDIA ModelOpt (`quant_method: modelopt`, or hf_quant_config.json)
-    Convention("modelopt", "modelopt", {"bf16": _BF16, "nvfp4": _MODELOPT_NVFP4}, prefix=True),
-    Convention("compressed-tensors", "compressed-tensors", {
+    Convention("modelopt", "modelopt", {"bf16": _BF16, "nvfp4": _MODELOPT_NVFP4}, prefix=True, label="modelopt"),
+    Convention("compressed-tensors", "compressed-tensors", label="compressed-tensors", layouts={
         "bf16": _BF16,
         "fp8-block": Layout({"weight": "weight", "scale": "weight_scale"}),
         "int8": Layout({"weight": "weight", "scale": "weight_scale"}),
@@ -213,7 +219,7 @@ CONVENTIONS: dict[str, Convention] = {c.name: c for c in (
         "mxfp4": Layout({"weight": "weight_packed", "scale": "weight_scale"}),
     }),
     # DeepSeek-V4's official names (no `model.` prefix); NVIDIA's V4 release keeps ModelOpt's NVFP4 experts
-    Convention("deepseek-v4", None, {
+    Convention("deepseek-v4", "fp8", v4=True, label="deepseek-v4-fp8", layouts={
         "bf16": _BF16,
         "fp8-block": Layout({"weight": "weight", "scale": "scale"}, dtypes={"scale": None}),
         "mxfp4": Layout({"weight": "weight", "scale": "scale"}, dtypes={"weight": torch.int8, "scale": E8M0_DTYPE}),
@@ -239,16 +245,18 @@ def layout(convention: str, fmt: str, module: str = "") -> Layout:
     return found
 
 
-def convention_of(quantization_config: dict | None, strict: bool = True) -> str | None:
+def convention_of(quantization_config: dict | None, strict: bool = True, v4: bool = False) -> str | None:
     """quantization_config (config.json's, or hf_quant_config.json's nested form) -> convention; None when
-    unquantized, or (strict=False) when it declares a quant_method dsquant does not read."""
+    unquantized, or (strict=False) when it declares a quant_method dsquant does not read.
+
+    v4: the model is DeepSeek-V4 (checkpoint.names_v4.is_v4), whose `quant_method: fp8` means deepseek-v4."""
     if not quantization_config:
         return None
     if "quantization" in quantization_config and "quant_method" not in quantization_config:
         return "modelopt"  # hf_quant_config.json nested form
     method = str(quantization_config.get("quant_method", ""))
     for convention in CONVENTIONS.values():
-        if convention.declared_by(method):
+        if convention.declared_by(method, v4):
             return convention.name
     if not strict:
         return None
@@ -256,3 +264,23 @@ def convention_of(quantization_config: dict | None, strict: bool = True) -> str 
         f"quantization_config quant_method {method!r} is not one dsquant reads; "
         f"readable: fp8 (DeepSeek native), modelopt, compressed-tensors"
     )
+
+
+# Parameter names that tell by themselves which convention stored a module, the most telling first:
+# compressed-tensors' own names, ModelOpt's second-level scale, DeepSeek's inverse-named scale, then the
+# weight_scale that compressed-tensors (and SGLang's w8a8_int8) write. DeepSeek-V4's `scale` is not one: only
+# the model config tells that release's names apart.
+MODULE_MARKS = (
+    ("weight_packed", "compressed-tensors"),
+    ("weight_global_scale", "compressed-tensors"),
+    ("input_global_scale", "compressed-tensors"),
+    ("weight_scale_2", "modelopt"),
+    ("weight_scale_inv", "deepseek"),
+    ("weight_scale", "compressed-tensors"),
+)
+
+
+def convention_of_module(params) -> str | None:
+    """The convention whose names a module's parameters (the names after `<module>.`) carry; None for an
+    unquantized module."""
+    return next((convention for name, convention in MODULE_MARKS if name in params), None)

@@ -44,3 +44,24 @@ def test_unknown_names_are_refused_with_the_known_ones():
         registry.get("fp8_block")
     with pytest.raises(ValueError, match="unknown format"):
         QuantizedWeight("fp4", W)
+
+
+def test_module_marks_are_names_their_convention_writes():
+    for name, convention in registry.MODULE_MARKS:
+        assert any(name in lay.names.values() for lay in registry.CONVENTIONS[convention].layouts.values()), name
+
+
+@pytest.mark.parametrize(
+    "qc, v4, want",
+    [
+        ({"quant_method": "fp8"}, False, "deepseek"),
+        ({"quant_method": "fp8"}, True, "deepseek-v4"),
+        ({"quant_method": "modelopt_fp4"}, True, "modelopt"),
+        ({"quantization": {"quant_algo": "NVFP4"}}, False, "modelopt"),
+        ({"quant_method": "compressed-tensors"}, True, "compressed-tensors"),
+        ({"quant_method": "gptq"}, False, None),
+        (None, False, None),
+    ],
+)
+def test_convention_of_reads_the_declared_method(qc, v4, want):
+    assert registry.convention_of(qc, strict=False, v4=v4) == want
