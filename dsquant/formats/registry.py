@@ -2,7 +2,10 @@
 
 A format's name has one spelling ("fp8-block", never "fp8_block"), the one recipes, the CLI, QuantizedWeight and
 the runner use. Code asks an entry for what it needs (`fmt.packed`, `fmt.has_global_scale`, `fmt.kernel_code`,
-`fmt.dequantize`) instead of comparing names; a new format or a new on-disk naming is a new entry here.
+`fmt.dequantize`) instead of comparing names; a new format or a new on-disk naming is a new entry here. An
+entry also says how configs name the format: compressed-tensors' config-group `format` (`ct_format`), ModelOpt's
+`quant_algo` (`modelopt_algo`) and DeepSeek-V4's `expert_dtype`; a convention says which `quant_method`
+declares it.
 
 In memory every scale multiplies to dequantize (dsquant.formats). On disk a convention names each role's tensor
 (`Layout.names`), may store a role as its reciprocal (`Layout.divisors`) and may store a role in another 1-byte
@@ -42,7 +45,9 @@ class Format:
     has_global_scale: a float32 [] weight global scale multiplies the block scales (and a static activation
         global scale may come with it).
     kernel_code: the dsquant.kernels.format_codes code of the weight format (the kernels' FMT / W_FMT constexpr).
-    act: the activation scheme a runner executes the format with by default (dsquant.runner.linear.ACTS).
+    act: the activation scheme (ACTS) a runner executes the format with by default.
+    acts: the activation schemes serving engines pair with the format's kernels (they run no other combination;
+        "none", weight-only, goes with any).
     fused_moe_act: the activation scheme dsquant.kernels.moe.fused_moe runs experts of this format with, None
         where the runner loops over experts instead (NVFP4: W4A4 in the runner, W4A16 in that kernel).
     quantize: reference quantizer w [N, K] -> (q, scale[, global_scale]) (dsquant.formats), None for bf16.
@@ -63,6 +68,7 @@ class Format:
     has_global_scale: bool
     kernel_code: int | None
     act: str
+    acts: tuple[str, ...]
     fused_moe_act: str | None
     quantize: Callable | None
     dequantize: Callable = field(repr=False)
@@ -107,26 +113,28 @@ class Format:
 # fmt: off
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("bf16", element=None, scale=None, block=None, pack=1, has_global_scale=False,
-           kernel_code=format_codes.BF16, act="none", fused_moe_act="none", quantize=None,
+           kernel_code=format_codes.BF16, act="none", acts=(), fused_moe_act="none", quantize=None,
            dequantize=lambda q, s, g, dtype: q.to(dtype)),
     Format("fp8-block", element=torch.float8_e4m3fn, scale=torch.float32, block=(FP8_BLOCK, FP8_BLOCK), pack=1,
-           has_global_scale=False, kernel_code=format_codes.FP8_BLOCK, act="fp8_group", fused_moe_act="fp8_group",
+           has_global_scale=False, kernel_code=format_codes.FP8_BLOCK, act="fp8_group", acts=("fp8_group",),
+           fused_moe_act="fp8_group",
            quantize=quantize_fp8_block, dequantize=lambda q, s, g, dtype: dequantize_fp8_block(q, s, dtype=dtype),
            ct_format="float-quantized", expert_dtype="fp8"),
     # compressed-tensors' FP8 per channel or per tensor (llm-compressor's presets): read, never written
     Format("fp8-channel", element=torch.float8_e4m3fn, scale=torch.float32, block=(1, 0), pack=1,
-           has_global_scale=False, kernel_code=None, act="fp8_token", fused_moe_act=None, quantize=None,
+           has_global_scale=False, kernel_code=None, act="fp8_token", acts=("fp8_token", "fp8_tensor"),
+           fused_moe_act=None, quantize=None,
            dequantize=lambda q, s, g, dtype: dequantize_fp8(q, s, dtype), ct_format="float-quantized"),
     Format("int8", element=torch.int8, scale=torch.float32, block=(1, 0), pack=1, has_global_scale=False,
-           kernel_code=format_codes.INT8, act="int8_token", fused_moe_act="int8_token",
+           kernel_code=format_codes.INT8, act="int8_token", acts=("int8_token",), fused_moe_act="int8_token",
            quantize=quantize_int8_per_channel, dequantize=lambda q, s, g, dtype: dequantize_int8(q, s, dtype),
            ct_format="int-quantized"),
     Format("nvfp4", element=torch.uint8, scale=torch.float8_e4m3fn, block=(1, NVFP4_BLOCK), pack=2,
-           has_global_scale=True, kernel_code=format_codes.NVFP4, act="nvfp4", fused_moe_act=None,
+           has_global_scale=True, kernel_code=format_codes.NVFP4, act="nvfp4", acts=("nvfp4",), fused_moe_act=None,
            quantize=quantize_nvfp4, dequantize=lambda q, s, g, dtype: dequantize_nvfp4(q, s, g, dtype=dtype),
            ct_format="nvfp4-pack-quantized", modelopt_algo="NVFP4", expert_dtype="fp4"),
     Format("mxfp4", element=torch.uint8, scale=torch.uint8, block=(1, MXFP4_BLOCK), pack=2, has_global_scale=False,
-           kernel_code=format_codes.MXFP4, act="none", fused_moe_act="none",
+           kernel_code=format_codes.MXFP4, act="none", acts=("mxfp4",), fused_moe_act="none",
            quantize=quantize_mxfp4, dequantize=lambda q, s, g, dtype: dequantize_mxfp4(q, s, dtype=dtype),
            ct_format="mxfp4-pack-quantized", expert_dtype="fp4"),
 )}
