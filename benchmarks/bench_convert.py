@@ -40,7 +40,8 @@ from dsquant.checkpoint.synth import make_synthetic_checkpoint
 from dsquant.checkpoint.synth_v4 import make_synthetic_v4_checkpoint
 from dsquant.convert import convert
 from dsquant.convert.plan import build_plan
-from dsquant.formats.ondisk import QuantizedWeight, write_quantized
+from dsquant.formats.ondisk import write_quantized
+from dsquant.formats.weight import QuantizedWeight
 from dsquant.recipe import load_recipe
 
 EXPERT_BYTES = 3 * 2048 * 7168 * 2  # one BF16 expert (gate, up, down)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from dsquant.check import structure
 from dsquant.check.config import declared_families, stored_families
-from dsquant.check.names import module_convention, module_format, role
+from dsquant.check.names import module_format, role
 from dsquant.checkpoint import names_v4
 from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.survey import survey
+from dsquant.formats.registry import CONVENTIONS, convention_of, convention_of_module
 from dsquant.units import human_bytes
 
 DRAFT_NAMES = {"mtp": "MTP", "dspark": "DSpark"}
@@ -26,16 +27,14 @@ GROUP_ORDER = ("embeddings", "attention", "compressor", "indexer", "dense MLP", 
 
 
 def detect_convention(view: Checkpoint) -> str:
-    """deepseek-fp8 | modelopt | compressed-tensors | blockwise_int8 | w8a8_int8 | unquantized | undeclared
-    (quantized tensors, no config) | any other quant_method as it is."""
-    qc, hq = view.quantization_config, view.hf_quant_config
+    """The label of the convention dsquant.formats.registry.convention_of reads from the config files
+    (deepseek-fp8 | deepseek-v4-fp8 | modelopt | compressed-tensors), else any other quant_method as it is,
+    unquantized, or undeclared (quantized tensors, no config). config.json wins over hf_quant_config.json."""
+    qc = view.quantization_config if view.quantization_config is not None else view.hf_quant_config
+    convention = convention_of(qc, strict=False, v4=is_v4(view.config))
+    if convention is not None:
+        return CONVENTIONS[convention].label
     method = str((qc or {}).get("quant_method", ""))
-    if hq is not None and (qc is None or method.startswith("modelopt")):
-        return "modelopt"
-    if method.startswith("modelopt"):
-        return "modelopt"
-    if method == "fp8":
-        return "deepseek-v4-fp8" if is_v4(view.config) else "deepseek-fp8"
     if method:
         return method
     return "undeclared" if stored_families(view) else "unquantized"
@@ -160,7 +159,7 @@ def summarize_checkpoint(path: str | Path) -> dict:
 
 def summarize_view(view: Checkpoint) -> dict:
     problems = structure.check(view)
-    conventions = Counter(c for p in view.modules.values() if (c := module_convention(p)))
+    conventions = Counter(c for p in view.modules.values() if (c := convention_of_module(p)))
     return {
         "path": view.location,
         "architecture": _architecture(view),

@@ -18,6 +18,8 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 import dsquant
+from dsquant.check.names import is_quantized
+from dsquant.formats.registry import find
 from dsquant.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,12 @@ def source_license(source: dict) -> dict:
 
 def _formats(recipe: dict) -> list[str]:
     tensors = recipe.get("tensors") or {}
-    return [f for f, n in sorted(tensors.items(), key=lambda kv: -kv[1]) if f not in ("bf16", "f16", "f32", "copy")]
+    return [f for f, n in sorted(tensors.items(), key=lambda kv: -kv[1]) if is_quantized(f) and f != "copy"]
+
+
+def _entries(formats: list[str]):
+    """The registry entries of the format labels that name formats (not dtypes)."""
+    return [entry for f in formats if (entry := find(f)) is not None]
 
 
 def _tp_size(bytes_out: int | None) -> int:
@@ -106,7 +113,7 @@ def serve_commands(repo: str, convention: str, formats: list[str], bytes_out: in
     notes = []
     if convention == "w8a8_int8":
         notes.append("The SGLang `w8a8_int8` layout is SGLang-only; vLLM cannot load it.")
-    if any(f in ("nvfp4", "mxfp4") for f in formats):
+    if any(entry.packed for entry in _entries(formats)):
         notes.append("FP4 tensor-core kernels need Blackwell GPUs (SM100); on Hopper, engines that support the "
                      "format fall back to slower weight-only paths or refuse it.")
     notes.append(f"`--tensor-parallel-size {tp}` assumes 80 GB GPUs; adjust it to your hardware.")
@@ -180,8 +187,8 @@ def _words(summary: dict | None, recipe: dict, formats: list[str]) -> str:
     def join(items: list[str]) -> str:
         return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
-    quant = [f"{join(gs)} are stored as **{f}**" for f, gs in by_fmt.items() if f not in ("bf16", "f16", "f32")]
-    plain = [f"{join(gs)} stay {f}" for f, gs in by_fmt.items() if f in ("bf16", "f16", "f32")]
+    quant = [f"{join(gs)} are stored as **{f}**" for f, gs in by_fmt.items() if is_quantized(f)]
+    plain = [f"{join(gs)} stay {f}" for f, gs in by_fmt.items() if not is_quantized(f)]
     text = "; ".join(quant + plain)
     return text[0].upper() + text[1:] + "."
 
@@ -255,7 +262,7 @@ def render_model_card(dst: Path, repo_id: str | None = None) -> str:
     if excluded:
         body += ["## Left unquantized, and why", "", "| tensors | reason |", "|---|---|"]
         body += [f"| `{_cell(e.get('pattern', '?'))}` | {_cell(e.get('reason', ''))} |" for e in excluded] + [""]
-    if recipe.get("activation_scales") == "default" and any(f.startswith("nvfp4") for f in formats):
+    if recipe.get("activation_scales") == "default" and any(e.has_global_scale for e in _entries(formats)):
         body += ["> **Activation scales are the uncalibrated default** (NVFP4 static input scales were not "
                  "calibrated on data). Accuracy can improve after calibration.", ""]
     if bytes_in and bytes_out:

@@ -35,6 +35,7 @@ from dsquant.check.finding import Finding
 from dsquant.check.names import is_quantized, module_format
 from dsquant.checkpoint.index import HF_QUANT_CONFIG as HQ
 from dsquant.checkpoint.reader import Checkpoint
+from dsquant.formats.registry import find
 from dsquant.runner.config import layout_disagreements
 
 DEEPSEEK_ARCHS = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM")
@@ -218,7 +219,8 @@ def _qc_keys(view: Checkpoint) -> list[Finding]:
     if method == "compressed-tensors":
         for name, group in (qc.get("config_groups") or {}).items():
             inputs = (group or {}).get("input_activations") or {}
-            if _args_family(inputs) == "nvfp4" and inputs.get("dynamic") != "local":
+            family = find(_args_family(inputs))
+            if family is not None and family.has_global_scale and inputs.get("dynamic") != "local":
                 out.append(Finding("quant-config-keys", "warning", f"config_groups.{name}.input_activations.dynamic "
                                    f"is {inputs.get('dynamic')!r}; NVFP4 activations are dynamic \"local\" under "
                                    "input_global_scale (compressed-tensors' NVFP4 preset): compressed-tensors and "

@@ -18,6 +18,7 @@ from dsquant.check.finding import Finding
 from dsquant.check.names import module_format
 from dsquant.checkpoint.names import DEFAULT_FUSED_GROUPS, expert_index, layer_index
 from dsquant.checkpoint.reader import Checkpoint
+from dsquant.formats.registry import find
 
 GLOBAL_PARAMS = (("weight_scale_2", "weight_global_scale"), ("input_scale", "input_global_scale"))
 MAX_LISTED = 3
@@ -49,7 +50,8 @@ def check(view: Checkpoint) -> list[Finding]:
         if fa != fb:
             scheme_bad.append(f"{a} is {fa} but {b.rsplit('.', 1)[-1]} is {fb}")
             continue
-        if fa != "nvfp4" or not view.can_read_values:
+        entry = find(fa)
+        if entry is None or not entry.has_global_scale or not view.can_read_values:
             continue
         for names in GLOBAL_PARAMS:
             for pname in names:

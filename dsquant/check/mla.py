@@ -18,11 +18,10 @@
 from __future__ import annotations
 
 from dsquant.check.finding import Finding
-from dsquant.check.names import module_format
+from dsquant.check.names import fp4_group, module_format
 from dsquant.checkpoint.reader import Checkpoint
 
 MLA_STRICT = ("kv_b_proj", "q_a_proj", "kv_a_proj_with_mqa")
-FP4 = ("nvfp4", "mxfp4")
 
 
 def check(view: Checkpoint) -> list[Finding]:
@@ -30,7 +29,7 @@ def check(view: Checkpoint) -> list[Finding]:
     for module, params in view.modules.items():
         if ".self_attn." in module and module.rsplit(".", 1)[-1] in MLA_STRICT:
             fmt = module_format(params)
-            if fmt in FP4:
+            if fp4_group(fmt) is not None:
                 bad.append(f"{module} ({fmt})")
     if not bad:
         return []

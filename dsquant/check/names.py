@@ -12,6 +12,7 @@ from dsquant.checkpoint import names_v4
 from dsquant.checkpoint.index import TensorInfo
 from dsquant.checkpoint.names import layer_index
 from dsquant.checkpoint.names_v4 import is_v4
+from dsquant.formats.registry import find
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 FLOAT_FORMATS = {"BF16": "bf16", "F16": "f16", "F32": "f32", "F64": "f64"}
@@ -111,17 +112,10 @@ def is_quantized(fmt: str | None) -> bool:
     return fmt is not None and fmt not in FLOAT_FORMATS.values()
 
 
-def module_convention(params: dict[str, TensorInfo]) -> str | None:
-    """Which on-disk naming a quantized module uses (None for unquantized ones)."""
-    if "weight_packed" in params or "weight_global_scale" in params or "input_global_scale" in params:
-        return "compressed-tensors"
-    if "weight_scale_2" in params:
-        return "modelopt"
-    if "weight_scale_inv" in params:
-        return "deepseek"
-    if "weight_scale" in params:
-        return "compressed-tensors"  # CT fp8/int8 and SGLang w8a8_int8 share this naming
-    return None
+def fp4_group(fmt: str | None) -> int | None:
+    """Elements per scale along K of a packed FP4 format (NVFP4 16, MXFP4 32); None for any other label."""
+    entry = find(fmt)
+    return entry.block[1] if entry is not None and entry.packed else None
 
 
 def logical_shape(params: dict[str, TensorInfo], fmt: str | None) -> tuple[int, ...] | None:
@@ -129,9 +123,8 @@ def logical_shape(params: dict[str, TensorInfo], fmt: str | None) -> tuple[int, 
     w = params.get("weight_packed") or params.get("weight")
     if w is None or len(w.shape) != 2:
         return w.shape if w is not None else None
-    if fmt in ("nvfp4", "mxfp4"):
-        return (w.shape[0], w.shape[1] * 2)
-    return w.shape
+    entry = find(fmt)
+    return entry.logical_shape(w.shape) if entry is not None else w.shape
 
 
 def expected_shape(module: str, config: dict | None) -> tuple[int, int] | None:

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dsquant.check.finding import Finding
-from dsquant.check.names import SCALE_PARAMS, is_quantized, module_format
+from dsquant.check.names import FLOAT_FORMATS, SCALE_PARAMS, is_quantized, module_format
 from dsquant.checkpoint.reader import Checkpoint
 
 MAX_LISTED = 3
@@ -35,7 +35,7 @@ def check(view: Checkpoint) -> list[Finding]:
         fmt = module_format(params)
         if is_quantized(fmt) or any(p in SCALE_PARAMS for p in params):
             quantized.append(f"{module}.weight ({fmt})")
-        elif fmt is not None and fmt != "bf16":
+        elif fmt is not None and fmt != FLOAT_FORMATS["BF16"]:
             not_bf16.append(f"{module}.weight ({fmt})")
         bias = params.get("e_score_correction_bias")
         if bias is not None and bias.st_dtype != "F32":

@@ -33,12 +33,10 @@ import math
 import torch
 
 from dsquant.check.finding import Collector, Finding
-from dsquant.check.names import expected_shape, logical_shape, module_format
+from dsquant.check.names import expected_shape, fp4_group, logical_shape, module_format
 from dsquant.checkpoint.index import TensorInfo
 from dsquant.checkpoint.reader import Checkpoint
-
-FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}
-
+from dsquant.formats.registry import find
 
 LEAD = {
     "missing-scale": "quantized weight(s) without a scale tensor",
@@ -82,7 +80,8 @@ def check(view: Checkpoint) -> list[Finding]:
         fmt = module_format(params)
         if fmt is None:
             continue
-        if fmt == "nvfp4" and w4a4 is not None:
+        entry = find(fmt)
+        if entry is not None and entry.has_global_scale and w4a4 is not None:
             _check_activation_scale(out, module, params, w4a4)
         _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0)
         _check_fp4(out, module, params, fmt)
@@ -123,7 +122,8 @@ def _check_fp8_int8(view, out, module, params, fmt, method, block, ue8m0) -> Non
 
 
 def _check_fp4(out, module, params, fmt) -> None:
-    if fmt not in FP4_GROUP:
+    group = fp4_group(fmt)
+    if group is None:
         return
     w = params.get("weight_packed") or params["weight"]
     scale = params.get("weight_scale")
@@ -132,7 +132,6 @@ def _check_fp4(out, module, params, fmt) -> None:
             out.add("missing-scale", "error", w.name, f"{w.name} (packed FP4) has no weight_scale")
         return
     n, k = w.shape[0], w.shape[1] * 2
-    group = FP4_GROUP[fmt]
     want = (n, k // group)
     if scale.shape == want:
         return
@@ -147,6 +146,8 @@ def _check_fp4(out, module, params, fmt) -> None:
 
 
 def _check_globals(view, out, module, params, fmt) -> None:
+    entry = find(fmt)
+    two_level = entry is not None and entry.has_global_scale  # block scales under a global scale (NVFP4)
     for pname in ("weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale"):
         info = params.get(pname)
         if info is None:
@@ -166,10 +167,10 @@ def _check_globals(view, out, module, params, fmt) -> None:
         value = view.read_scalar(info.name)
         if not math.isfinite(value) or value <= 0:
             out.add("global-scale-value", "error", info.name, f"{info.name} = {value}")
-        elif fmt == "nvfp4" and pname.endswith("_global_scale") and value < 1.0:
+        elif two_level and pname.endswith("_global_scale") and value < 1.0:
             out.add("global-scale-value", "warning", info.name, f"{info.name} = {value:.3g} looks like a ModelOpt "
                     "multiplier (amax/2688); compressed-tensors stores the divisor 2688/amax")
-        elif fmt == "nvfp4" and pname == "weight_scale_2" and value > 1.0:
+        elif two_level and pname == "weight_scale_2" and value > 1.0:
             out.add("global-scale-value", "warning", info.name, f"{info.name} = {value:.3g} looks like a "
                     "compressed-tensors divisor (2688/amax); ModelOpt stores the multiplier amax/2688")
 
@@ -181,7 +182,7 @@ def _check_logical(view, out, module, params, fmt) -> None:
         return
     w = params.get("weight_packed") or params["weight"]
     hint = ""
-    if fmt in FP4_GROUP and tuple(w.shape) == (want[0] // 2, want[1]):
+    if fp4_group(fmt) is not None and tuple(w.shape) == (want[0] // 2, want[1]):
         hint = " (packed along N; FP4 packs two elements per byte along K: [N, K/2])"
     out.add("packed-shape", "error", w.name, f"{w.name} is {w.st_dtype} {list(w.shape)} ({fmt}), config.json implies "
             f"[N, K] = {list(want)}{hint}")

@@ -27,10 +27,9 @@ from dsquant.check.names import is_quantized, module_format
 from dsquant.checkpoint.index import HF_QUANT_CONFIG as HQ
 from dsquant.checkpoint.names_v4 import keep_reason
 from dsquant.checkpoint.reader import Checkpoint
+from dsquant.formats.registry import CONVENTIONS, find
 
 CFG = "config.json"
-# stored format -> the compressed-tensors format of the config group that must target it
-CT_FORMAT = {"fp8-block": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 
 
 def check(view: Checkpoint) -> list[Finding]:
@@ -76,15 +75,27 @@ def _compressed_tensors(view: Checkpoint, qc: dict) -> list[Finding]:
                     f"and list it in ignore: {why})")
         elif is_quantized(fmt) and group is None:
             out.add("v4-ct-config", "error", module, f"{module} ({fmt}, no config group)")
-        elif is_quantized(fmt) and group.get("format") != CT_FORMAT.get(fmt):
+        elif is_quantized(fmt) and group.get("format") != _ct_format(fmt):
             out.add("v4-ct-config", "error", module, f"{module} (stored {fmt}, its group says "
                     f"{group.get('format')!r})")
     return out.findings({"v4-ct-config": "module(s) the compressed-tensors config groups and ignore list do not "
                                          "describe as stored"})
 
 
+def _ct_format(fmt: str) -> str | None:
+    """The compressed-tensors format of the config group that must target a module stored as `fmt` (a format
+    DeepSeek-V4 checkpoints hold), else None."""
+    entry = find(fmt)
+    return entry.ct_format if entry is not None and fmt in CONVENTIONS["deepseek-v4"].layouts else None
+
+
+def _modelopt_algo(fmt: str | None) -> str | None:
+    entry = find(fmt)
+    return entry.modelopt_algo if entry is not None else None
+
+
 def _hf_quant_config(view: Checkpoint) -> list[Finding]:
-    nvfp4 = sorted(m for m, p in view.modules.items() if module_format(p) == "nvfp4")
+    nvfp4 = sorted(m for m, p in view.modules.items() if _modelopt_algo(module_format(p)) is not None)
     hq = view.hf_quant_config
     if hq is None:
         return [Finding("v4-hf-quant-config", "warning", f"{len(nvfp4)} NVFP4 module(s) but no {HQ}: SGLang reads "

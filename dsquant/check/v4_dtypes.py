@@ -27,7 +27,6 @@ and expects float32 dense scales.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 from dsquant.check.declared import declared_quantized
@@ -37,18 +36,13 @@ from dsquant.check.v4_layout import expected, module_of
 from dsquant.checkpoint.names_v4 import (
     ENGINE_DEFAULT_EXPERT_DTYPE,
     EXPERT_DTYPES,
-    FP4_GROUP,
-    FP8_BLOCK,
     STORED_DTYPE,
     dense_scale_dtype,
     expert_dtype,
     keep_reason,
 )
 from dsquant.checkpoint.reader import Checkpoint
-from dsquant.formats.nvfp4 import NVFP4_BLOCK
-
-# expert format as stored -> the expert_dtype engines need to build it
-EXPERT_DTYPE_OF = {"mxfp4": "fp4", "nvfp4": "fp4", "fp8-block": "fp8"}
+from dsquant.formats.registry import CONVENTIONS, find
 
 
 def check(view: Checkpoint) -> list[Finding]:
@@ -99,9 +93,16 @@ def _grid(out: Collector, view: Checkpoint, spec, params, fmt: str, engine: str)
         if view.quantization_config is not None and declared_quantized(view, module_of(spec)) is not False:
             out.add("v4-quantized", "error", w.name, f"{w.name} ({w.st_dtype})")
         return
+    entry = find(fmt)
+    if entry is None or fmt not in CONVENTIONS["deepseek-v4"].layouts:
+        return  # not a format V4 loaders read: v4-expert-dtype names it
     scale = params.get("scale", params.get("weight_scale"))  # V4's `.scale`, compressed-tensors' `weight_scale`
-    if fmt == "fp8-block" and scale is not None:
-        want_grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+    if entry.has_global_scale:  # ModelOpt's NVFP4 names: the block scale is weight_scale
+        scale = params.get("weight_scale")
+    if scale is None:
+        return
+    if entry.block_grid:
+        want_grid = entry.scale_shape((n, k))
         ct = engine == "compressed-tensors"
         want_dtype = dense_scale_dtype(engine) if spec.kind == "fp8" and not ct else "F32"
         if scale.st_dtype != want_dtype:
@@ -109,12 +110,8 @@ def _grid(out: Collector, view: Checkpoint, spec, params, fmt: str, engine: str)
                    f"expert_dtype {engine!r} makes vLLM load dense scales as {want_dtype}" if spec.kind == "fp8"
                    else "vLLM's Fp8MoEMethod loads FP8 expert scales as F32")
             out.add("v4-scale-dtype", "error", scale.name, f"{scale.name} is {scale.st_dtype} ({why})")
-    elif fmt == "mxfp4" and scale is not None:
-        want_grid = (n, k // FP4_GROUP)
-    elif fmt == "nvfp4" and "weight_scale" in params:
-        scale, want_grid = params["weight_scale"], (n, k // NVFP4_BLOCK)
-    else:
-        return  # not a format V4 loaders read: v4-expert-dtype names it
+    else:  # one scale per group of K, [N, K/group]
+        want_grid = (n, k // entry.block[1])
     if tuple(scale.shape) != want_grid:
         out.add("v4-scale-grid", "error", scale.name, f"{scale.name} is {list(scale.shape)}, expected "
                 f"{list(want_grid)} for the [{n}, {k}] weight ({fmt})")
@@ -153,7 +150,8 @@ def _expert_dtype(view: Checkpoint, declared, engine: str, experts: dict[str, Co
     fmt = next(iter(backbone))
     if engine == "compressed-tensors":
         return out
-    need = EXPERT_DTYPE_OF.get(fmt)
+    entry = find(fmt)
+    need, algo = (entry.expert_dtype, entry.modelopt_algo) if entry is not None else (None, None)
     said = f"expert_dtype {declared!r}" if declared is not None else f"no expert_dtype (vLLM assumes {engine!r})"
     if need is None and (quantized or view.quantization_config is not None):
         out.append(Finding("v4-expert-dtype", "error", f"routed experts are stored as {fmt}, which DeepSeek-V4 "
@@ -165,7 +163,7 @@ def _expert_dtype(view: Checkpoint, declared, engine: str, experts: dict[str, Co
         out.append(Finding("v4-expert-dtype", "error", f"routed experts are stored as {fmt} but config.json has "
                            f"{said}, so vLLM builds {'MXFP4' if engine == 'fp4' else 'FP8'} experts: set "
                            f"\"expert_dtype\": \"{need}\" in config.json", file="config.json"))
-    elif fmt == "nvfp4" and str((view.quantization_config or {}).get("moe_quant_algo", "")).upper() != "NVFP4":
+    elif algo is not None and str((view.quantization_config or {}).get("moe_quant_algo", "")).upper() != algo:
         out.append(Finding("v4-expert-dtype", "error", "routed experts are NVFP4 but quantization_config has no "
                            "\"moe_quant_algo\": \"NVFP4\"; vLLM and SGLang then build MXFP4 experts",
                            file="config.json"))

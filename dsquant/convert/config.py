@@ -19,6 +19,7 @@ import dsquant
 from dsquant.checkpoint.index import HF_QUANT_CONFIG, INDEX_NAME, write_json_atomic
 from dsquant.checkpoint.names import generalize
 from dsquant.convert.plan import Plan
+from dsquant.formats.registry import get
 
 # job actions that write a module in its recipe format (counted per format in dsquant_recipe.json): V3 quantizing,
 # V4 expert transcoding and V4 dense FP8 kept in blocks with the scale dtype the experts need
@@ -27,7 +28,7 @@ CONVERTING = ("quant", "transcode", "rescale")
 _SKIP = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|" + re.escape(INDEX_NAME) +
                    r"|config\.json|hf_quant_config\.json|dsquant_recipe\.json|README\.md|\..*")
 
-# (weights, input_activations, format) per format: the QuantizationArgs that compressed-tensors itself writes for
+# (weights, input_activations) per format: the QuantizationArgs that compressed-tensors itself writes for
 # the matching preset (`QuantizationConfig.model_dump(mode="json")` of FP8_BLOCK, W8A8, NVFP4 and MXFP4A16 in
 # compressed_tensors/quantization/quant_scheme.py; llm-compressor's save_pretrained wrapper in
 # src/llmcompressor/transformers/compression/compressed_tensors_utils.py writes that dump through
@@ -38,19 +39,18 @@ _CT_ARGS = {
     "fp8-block": ({"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "block",
                    "block_structure": [128, 128], "dynamic": False},
                   {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 128, "strategy": "group",
-                   "dynamic": True}, "float-quantized"),
+                   "dynamic": True}),
     "int8": ({"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
               "dynamic": False},
              {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
-              "dynamic": True}, "int-quantized"),
+              "dynamic": True}),
     "nvfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
                "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"},
               {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
-               "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn", "observer": "static_minmax"},
-              "nvfp4-pack-quantized"),
+               "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn", "observer": "static_minmax"}),
     # weight-only (W4A16): Hopper has no FP4 tensor cores; vLLM and SGLang run MXFP4 experts this way.
     "mxfp4": ({"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
-               "dynamic": False, "scale_dtype": "torch.uint8"}, None, "mxfp4-pack-quantized"),
+               "dynamic": False, "scale_dtype": "torch.uint8"}, None),
 }
 
 
@@ -108,13 +108,13 @@ def quantization_config(plan: Plan) -> dict:
 
 def compressed_tensors_config(targets: dict[str, list[str]], ignore: list[str]) -> dict:
     """A compressed-tensors quantization_config: one config group per format (its library preset's arguments,
-    _CT_ARGS) with the given targets, and the ignore list."""
+    _CT_ARGS, and the registry's ct_format) with the given targets, and the ignore list."""
     config_groups = {}
     for i, fmt in enumerate(sorted(targets)):
-        weights, inputs, ct_format = _CT_ARGS[fmt]
+        weights, inputs = _CT_ARGS[fmt]
         config_groups[f"group_{i}"] = {"targets": targets[fmt], "weights": weights, "input_activations": inputs,
-                                       "output_activations": None, "format": ct_format}
-    formats = {_CT_ARGS[f][2] for f in targets}
+                                       "output_activations": None, "format": get(fmt).ct_format}
+    formats = {get(f).ct_format for f in targets}
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,
             "kv_cache_scheme": None, "sparsity_config": {}}
@@ -158,7 +158,7 @@ def recipe_record(plan: Plan, source: dict, bytes_out: int, created: str, calibr
     counts = Counter(j.fmt if j.action in CONVERTING else "bf16" for j in plan.jobs()
                      if j.action in CONVERTING or j.module in kept)
     excluded = [{"pattern": i.match, "reason": i.reason} for i in plan.recipe.ignore]
-    excluded += [{"pattern": r.match, "reason": r.reason} for r in plan.recipe.rules if r.format == "bf16"]
+    excluded += [{"pattern": r.match, "reason": r.reason} for r in plan.recipe.rules if not get(r.format).quantized]
     return {
         "dsquant_version": dsquant.__version__,
         "recipe": {"name": plan.recipe.name, "version": plan.recipe.version, "resolved": plan.recipe.to_dict()},

@@ -28,9 +28,8 @@ from dsquant.checkpoint.names import (
 )
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.formats.ondisk import stored_specs
+from dsquant.formats.registry import get
 from dsquant.recipe import Ignore, Recipe
-
-_MIN_K = {"nvfp4": 16, "mxfp4": 32}
 
 
 @dataclass
@@ -120,7 +119,7 @@ def _check_fp8_scales(ckpt: Checkpoint) -> None:
 def _job(ckpt: Checkpoint, module: str, names: list[str], entry, convention: str) -> ModuleJob:
     weights = [n for n in names if not n.endswith(FP8_SCALE_SUFFIX)]
     fp8 = any(ckpt.infos[n].dtype.itemsize == 1 for n in weights)
-    if isinstance(entry, Ignore) or entry.format == "bf16":
+    if isinstance(entry, Ignore) or not get(entry.format).quantized:
         outputs = []
         for n in weights:
             info = ckpt.infos[n]
@@ -133,10 +132,11 @@ def _job(ckpt: Checkpoint, module: str, names: list[str], entry, convention: str
         raise ValueError(f"{ckpt.path / ckpt.infos[names[0]].file}: rule {entry.match!r} would quantize module "
                          f"{module!r}, but only a 2-D Linear weight can be quantized (it has "
                          f"{[(n, list(ckpt.infos[n].shape)) for n in weights]}); add it to the recipe's ignore list")
-    k = info.shape[1]
-    if k % _MIN_K.get(entry.format, 1):
+    k, fmt = info.shape[1], get(entry.format)
+    min_k = fmt.block[1] if fmt.packed else 1  # packed FP4 scales whole groups along K
+    if k % min_k:
         raise ValueError(f"{ckpt.path / info.file}: tensor {weight!r} has {k} input columns, not a multiple of "
-                         f"{_MIN_K[entry.format]}, so {entry.format} cannot hold it; give it another rule")
+                         f"{min_k}, so {entry.format} cannot hold it; give it another rule")
     outputs = stored_specs(convention, entry.format, module, info.shape, info.dtype)
     return ModuleJob(module, "quant", entry.format, entry, names, outputs, fp8)
 

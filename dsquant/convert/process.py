@@ -29,7 +29,9 @@ from dsquant.convert.plan import ModuleJob, ShardJob
 from dsquant.devices import current_device
 from dsquant.formats import _checks, fp8, int8, mxfp4, nvfp4
 from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
-from dsquant.formats.ondisk import QuantizedWeight, write_quantized
+from dsquant.formats.ondisk import write_quantized
+from dsquant.formats.registry import find, get
+from dsquant.formats.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +132,17 @@ def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, in
     weight = job.module + ".weight"
     rule, fmt = job.rule, job.fmt
     named = {"name": weight} if qz.named else {}
+    # each format's quantizer with the recipe options it takes (recipe._FORMAT_OPTIONS)
+    quantize = {"fp8-block": lambda x: qz.fp8_block(x, ue8m0=rule.ue8m0, **named),
+                "int8": lambda x: qz.int8_rows(x, **named),
+                "nvfp4": lambda x: qz.nvfp4(x, global_scale, **named),
+                "mxfp4": lambda x: qz.mxfp4(x, scale_rule=rule.scale_rule, **named)}[fmt]
 
     def chunk(q, s, x=None):
         x = _as_float(q, s, device, keep_bf16=qz.kind == "cpu") if x is None else x
         if not qz.named:
             _checks.check_finite(x, weight)
-        if fmt == "fp8-block":
-            out = qz.fp8_block(x, ue8m0=rule.ue8m0, **named)
-        elif fmt == "int8":
-            out = qz.int8_rows(x, **named)
-        elif fmt == "nvfp4":
-            out = qz.nvfp4(x, global_scale, **named)[:2]
-        else:
-            out = qz.mxfp4(x, scale_rule=rule.scale_rule, **named)
+        out = quantize(x)
         return out[0].cpu(), out[1].cpu()
 
     if loaded is not None:
@@ -150,7 +150,7 @@ def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, in
     else:
         parts = _map_chunks(ckpt, weight, job.fp8_source, chunk, pool, device)
     q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    if fmt != "nvfp4":
+    if not get(fmt).has_global_scale:
         return QuantizedWeight(fmt, q, s)
     return QuantizedWeight(fmt, q, s, global_scale.cpu(), input_scale)
 
@@ -164,7 +164,8 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], convention: str, qz: Q
         return
     global_scale = input_scale = None
     loaded: dict[str, torch.Tensor | None] = {}
-    if item[0].fmt == "nvfp4":
+    shared = find(item[0].fmt)
+    if shared is not None and shared.has_global_scale:
         loaded = {job.module: _load_on_gpu(ckpt, job, device) for job in item if job.action == "quant"}
         # Fused partners share one weight global scale and one activation scale (formats.md section 8 item 4).
         amax = torch.stack([_amax(ckpt, job, device, pool, loaded.get(job.module)).cpu() for job in item]).amax()

@@ -26,19 +26,19 @@ weights had to be re-quantized because a float32 scale was no power of two.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dsquant.checkpoint.names_v4 import blocks, official_name, scale_name
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert.plan import ModuleJob, Plan, lay_out_plan
 from dsquant.formats import _checks
-from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
-from dsquant.formats.mxfp4 import E8M0_DTYPE, MXFP4_BLOCK, e8m0_from_float, e8m0_to_float
-from dsquant.formats.nvfp4 import NVFP4_BLOCK, nvfp4_global_scale
-from dsquant.formats.ondisk import QuantizedWeight, stored_specs, tensor_names, write_quantized
+from dsquant.formats.fp8 import dequantize_fp8_block
+from dsquant.formats.mxfp4 import E8M0_DTYPE, e8m0_from_float, e8m0_to_float
+from dsquant.formats.nvfp4 import nvfp4_global_scale
+from dsquant.formats.ondisk import stored_specs, write_quantized
+from dsquant.formats.registry import FORMATS, find, get
 from dsquant.formats.transcode import Exactness, mxfp4_to_fp8_block, mxfp4_to_nvfp4, nvfp4_shared_exponent
+from dsquant.formats.weight import QuantizedWeight
 from dsquant.recipe import Ignore, Recipe, load_recipe
 from dsquant.recipe_files import resolve_recipe_path
 
@@ -46,7 +46,9 @@ V4_CONVENTION = "deepseek-v4"
 CT_CONVENTION = "compressed-tensors"
 ACTIONS = ("transcode", "rescale", "rename")
 OFFICIAL_NAMES = "v4-official-names"
-EXPERT_FORMATS = ("fp8-block", "nvfp4", "mxfp4")
+# formats V4 engines build routed experts in (an expert_dtype for them) and keep dense linears in
+EXPERT_FORMATS = tuple(name for name, f in FORMATS.items() if f.expert_dtype is not None)
+DENSE_FORMATS = tuple(name for name, f in FORMATS.items() if f.block_grid)
 # `--recipe NAME` on a V4 checkpoint -> the shipped V4 recipe
 V4_RECIPES = {"fp8-block": "v4-fp8-block", "nvfp4": "v4-nvfp4", "nvfp4-experts-only": "v4-nvfp4",
               "mxfp4": "v4-mxfp4"}
@@ -103,23 +105,12 @@ def _stored_format(ckpt: Checkpoint, weight: str) -> str:
 
 
 def _logical_shape(ckpt: Checkpoint, weight: str) -> tuple[int, int]:
-    n, k = ckpt.infos[weight].shape
-    return (n, 2 * k) if _stored_format(ckpt, weight) == "mxfp4" else (n, k)
+    return get(_stored_format(ckpt, weight)).logical_shape(tuple(ckpt.infos[weight].shape))
 
 
 def _outputs(module: str, fmt: str, shape: tuple[int, int], dense_scale: torch.dtype, convention: str):
     """[(name, dtype, shape)] of one linear written as `fmt` in the official layout or compressed-tensors'."""
-    n, k = shape
-    if convention == CT_CONVENTION:
-        return stored_specs(convention, fmt, module, shape, torch.bfloat16)
-    names = tensor_names(V4_CONVENTION, fmt, module)
-    grid = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
-    if fmt == "fp8-block":
-        return [(names["weight"], torch.float8_e4m3fn, (n, k)), (names["scale"], dense_scale, grid)]
-    if fmt == "mxfp4":
-        return [(names["weight"], torch.int8, (n, k // 2)), (names["scale"], E8M0_DTYPE, (n, k // MXFP4_BLOCK))]
-    return [(names["weight"], torch.uint8, (n, k // 2)), (names["scale"], torch.float8_e4m3fn, (n, k // NVFP4_BLOCK)),
-            (names["global_scale"], torch.float32, ()), (names["input_scale"], torch.float32, ())]
+    return stored_specs(convention, fmt, module, shape, torch.bfloat16, grid_scale=dense_scale)
 
 
 def _copy(ckpt: Checkpoint, module: str, names: list[str], entry, fmt: str = "keep") -> ModuleJob:
@@ -162,11 +153,11 @@ def plan_conversion(ckpt: Checkpoint, recipe: str | Recipe, convention: str, max
         if entry is None:
             unmatched.append(module)
         elif not isinstance(entry, Ignore) and entry.format not in (EXPERT_FORMATS if _EXPERT in module
-                                                                    else ("fp8-block",)):
+                                                                    else DENSE_FORMATS):
             kind = "a routed expert" if _EXPERT in module else "a dense FP8 linear"
             raise ValueError(f"recipe {rec.name}: rule {entry.match!r} makes {module} ({kind}) {entry.format}; "
                              f"DeepSeek-V4 converts routed experts to {list(EXPERT_FORMATS)} and keeps dense linears "
-                             f"fp8-block")
+                             f"{' / '.join(DENSE_FORMATS)}")
         resolved[module] = entry
     if unmatched:
         raise ValueError(f"recipe {rec.name}: {len(unmatched)} quantized linear(s) match no ignore entry or rule, "
@@ -177,8 +168,7 @@ def plan_conversion(ckpt: Checkpoint, recipe: str | Recipe, convention: str, max
     if len(backbone) > 1:
         raise ValueError(f"recipe {rec.name}: routed experts would be stored as {sorted(backbone)}; engines build "
                          f"every backbone expert with one method, so give them one format")
-    fp8_experts = backbone == {"fp8-block"}
-    dense_scale = torch.float32 if fp8_experts else E8M0_DTYPE
+    dense_scale = torch.float32 if expert_dtype(backbone) == "fp8" else E8M0_DTYPE
     jobs: dict[str, ModuleJob] = {}
     for module, names in linears.items():
         entry, weight = resolved[module], names[0]
@@ -189,7 +179,7 @@ def plan_conversion(ckpt: Checkpoint, recipe: str | Recipe, convention: str, max
             jobs[module] = _copy(ckpt, module, names, entry, source)
         else:
             action = "transcode" if _EXPERT in module else "rescale"
-            jobs[module] = ModuleJob(module, action, target[module], entry, names, outputs, source == "fp8-block")
+            jobs[module] = ModuleJob(module, action, target[module], entry, names, outputs, get(source).block_grid)
     for name, names in others.items():
         jobs[name] = _copy(ckpt, name, names, UNQUANTIZED)
     plan = lay_out_plan(ckpt, jobs, rec, convention, max_shard_size, "fp8", [], family="v4")
@@ -245,12 +235,12 @@ def _expert(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
     """One routed expert to fp8-block (from MXFP4), mxfp4 (from FP8), or MXFP4 relabelled as compressed-tensors'
     uint8 codes and E8M0 bytes."""
     weight, scale = job.sources
-    if job.fmt == "mxfp4" and not job.fp8_source:
-        return ckpt.get(weight).view(torch.uint8), ckpt.get(scale).view(torch.uint8)
-    if job.fmt == "fp8-block":
+    if get(job.fmt).block_grid:
         q, s, ex = mxfp4_to_fp8_block(ckpt.get(weight), ckpt.get(scale), name=weight)
         _add(stats, ex)
         return q, s  # float32: FP8 experts take float32 scales (vLLM Fp8MoEMethod)
+    if not job.fp8_source:
+        return ckpt.get(weight).view(torch.uint8), ckpt.get(scale).view(torch.uint8)
     packed, s = _quantize(qz, "mxfp4", _dequantized(ckpt, weight), weight, device, scale_rule=job.rule.scale_rule)
     if job.outputs[0][1] == torch.uint8:  # compressed-tensors stores codes and scales as uint8
         return packed, s
@@ -275,7 +265,8 @@ def _rescale(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
 
 def process_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibration, stats: dict):
     """Yield (output name, tensor or raw bytes) for one V4 item (a module, or an expert's w1 + w3), in plan order."""
-    if item[0].fmt == "nvfp4" and item[0].action == "transcode":
+    target = find(item[0].fmt)
+    if target is not None and target.has_global_scale and item[0].action == "transcode":
         for job, tensors in _nvfp4_item(ckpt, item, qz, device, calibration, stats):
             if job.outputs[0][0].endswith(".weight_packed"):  # compressed-tensors: its names, globals as divisors
                 yield from write_quantized(job.module, QuantizedWeight("nvfp4", *tensors), CT_CONVENTION).items()
@@ -290,6 +281,12 @@ def process_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibratio
         tensors = _expert(ckpt, job, qz, device, stats) if job.action == "transcode" else \
             _rescale(ckpt, job, qz, device, stats)
         yield from zip([n for n, _, _ in job.outputs], tensors)
+
+
+def expert_dtype(backbone) -> str:
+    """config.json's expert_dtype for backbone experts stored in the formats `backbone`: "fp8" when all are FP8
+    blocks, else "fp4" (also with no quantized expert)."""
+    return "fp8" if {get(f).expert_dtype for f in backbone} == {"fp8"} else "fp4"
 
 
 def expert_formats(plan: Plan) -> dict[str, str]:

@@ -35,8 +35,9 @@ from dsquant.checkpoint.names import generalize
 from dsquant.checkpoint.names_v4 import blocks
 from dsquant.convert.config import compressed_tensors_config
 from dsquant.convert.plan import Plan
-from dsquant.convert.v4 import CT_CONVENTION, expert_formats
+from dsquant.convert.v4 import CT_CONVENTION, expert_dtype, expert_formats
 from dsquant.formats.nvfp4 import NVFP4_BLOCK
+from dsquant.formats.registry import get
 
 # ModelOpt's exclude_modules for DeepSeek-V4 (examples/deepseek/deepseek_v4/quantize_to_nvfp4.py)
 MODELOPT_V4_EXCLUDE = ["*.attn.*", "*.attn_norm.*", "*.ffn.shared_experts.*", "*.ffn.gate.*", "*.ffn_norm.*",
@@ -59,7 +60,7 @@ DEFAULT_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation
 
 def _expert_dtype(formats: dict[str, str]) -> str:
     backbone = {f for m, f in formats.items() if not m.startswith("mtp.")}
-    return "fp8" if backbone == {"fp8-block"} else "fp4"
+    return expert_dtype(backbone)
 
 
 def _module_regex(pattern: str) -> str:
@@ -119,9 +120,10 @@ def v4_config(src_config: dict, plan: Plan) -> dict:
         qc["expert_dtype"] = expert
     if expert == "fp4":
         qc["scale_fmt"] = "ue8m0"
-    if "nvfp4" in formats.values():
-        qc["moe_quant_algo"] = "NVFP4"
-        kept = [m for m, f in formats.items() if f != "nvfp4"]
+    algos = {get(f).modelopt_algo for f in formats.values()} - {None}
+    if algos:
+        qc["moe_quant_algo"] = algos.pop()
+        kept = [m for m, f in formats.items() if get(f).modelopt_algo is None]
         if kept:
             if not all(m.startswith("mtp.") for m in kept):
                 raise ValueError(f"{kept[0]}: only draft (mtp.*) experts can stay out of NVFP4 beside NVFP4 experts")
@@ -135,10 +137,10 @@ def v4_config(src_config: dict, plan: Plan) -> dict:
 def hf_quant_config(plan: Plan) -> dict:
     formats = expert_formats(plan)
     exclude = list(MODELOPT_V4_EXCLUDE)
-    if any(f != "nvfp4" for f in formats.values()):
+    if any(get(f).modelopt_algo is None for f in formats.values()):
         exclude.append(KEPT_DRAFT_EXPERTS + ".ffn.experts.*")
-    layers = {m: {"quant_algo": "NVFP4", "group_size": NVFP4_BLOCK} for m, f in sorted(formats.items())
-              if f == "nvfp4"}
+    layers = {m: {"quant_algo": get(f).modelopt_algo, "group_size": NVFP4_BLOCK} for m, f in sorted(formats.items())
+              if get(f).modelopt_algo is not None}
     return {"producer": {"name": "dsquant", "version": dsquant.__version__},
             "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "group_size": NVFP4_BLOCK,
                              "quantized_layers": layers, "exclude_modules": exclude}}

@@ -129,6 +129,9 @@ def dequantize_fp8_block(
     nb, kb = -(-n // block_size), -(-k // block_size)
     if tuple(scale.shape) != (nb, kb):
         raise ValueError(f"block scale shape {tuple(scale.shape)} does not fit weight {(n, k)}: expected {(nb, kb)}")
+    if n % block_size == 0 and k % block_size == 0:  # the same float32 products, broadcast instead of expanded
+        qb = q.float().reshape(nb, block_size, kb, block_size)
+        return (qb * scale.float()[:, None, :, None]).view(n, k).to(dtype)
     return (q.float() * expand_block_scale(scale, (n, k), block_size)).to(dtype)
 
 

@@ -39,133 +39,63 @@ replace it (`convert(..., calibration=...)`), and dsquant_recipe.json records wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from dsquant.formats.fp8 import dequantize_fp8, dequantize_fp8_block
-from dsquant.formats.int8 import dequantize_int8
-from dsquant.formats.mxfp4 import E8M0_DTYPE, dequantize_mxfp4, e8m0_bytes
-from dsquant.formats.nvfp4 import dequantize_nvfp4
+from dsquant.formats.mxfp4 import E8M0_DTYPE, e8m0_bytes
+from dsquant.formats.registry import CONVENTIONS as _CONVENTIONS
+from dsquant.formats.registry import FORMAT_CONVENTIONS, convention_of, get, layout
+from dsquant.formats.weight import QuantizedWeight
 
-CONVENTIONS = ("deepseek", "modelopt", "compressed-tensors", "deepseek-v4")
-FORMATS = ("bf16", "fp8-block", "int8", "nvfp4", "mxfp4")
-# Which conventions can hold each format (bf16 = excluded, every convention holds it).
-FORMAT_CONVENTIONS = {
-    "bf16": CONVENTIONS,
-    "fp8-block": ("deepseek", "compressed-tensors", "deepseek-v4"),
-    "int8": ("compressed-tensors",),
-    "nvfp4": ("modelopt", "compressed-tensors", "deepseek-v4"),
-    "mxfp4": ("compressed-tensors", "deepseek-v4"),
-}
+CONVENTIONS = tuple(_CONVENTIONS)
+# The formats a checkpoint can be written in (fp8-channel is read only).
+FORMATS = tuple(FORMAT_CONVENTIONS)
 DEFAULT_NVFP4_INPUT_SCALE = 1.0
 # DeepSeek-V4 names the scale of `M.weight` `M.scale` (read only: deepseek-v4.md 1.3-1.5)
-V4_SCALE = "scale"
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """One weight in dsquant's scale directions (every scale multiplies to dequantize).
-
-    fmt: "bf16" | "fp8-block" | "fp8-channel" | "int8" | "nvfp4" | "mxfp4".
-    q: the codes as stored: bf16 [N, K] | float8_e4m3fn [N, K] | int8 [N, K] | uint8 packed [N, K/2].
-    scale: None (bf16) | float32 [ceil(N/128), ceil(K/128)] | float32 [N, 1] (fp8-channel, int8) |
-        float8_e4m3fn [N, K/16] | uint8 E8M0 [N, K/32].
-    global_scale: float32 [] (nvfp4 weight global scale), else None.
-    input_scale: float32 [] (nvfp4 static activation global scale, or fp8-channel static per-tensor activation
-        scale), else None.
-    """
-
-    fmt: str
-    q: torch.Tensor
-    scale: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None
-    input_scale: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """Logical [N, K] of the weight (packed FP4 stores K/2 bytes per row)."""
-        n, k = self.q.shape
-        return (n, 2 * k) if self.fmt in ("nvfp4", "mxfp4") else (n, k)
+V4_SCALE = layout("deepseek-v4", "fp8-block").names["scale"]
 
 
 def tensor_names(convention: str, fmt: str, module: str) -> dict[str, str]:
     """Role -> on-disk tensor name for one module: roles weight, scale, global_scale, input_scale."""
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown convention {convention!r}; choose one of {CONVENTIONS}")
-    if convention not in FORMAT_CONVENTIONS.get(fmt, ()):
-        raise ValueError(f"{module}: format {fmt!r} cannot be stored in the {convention} convention; "
-                         f"{fmt} fits {FORMAT_CONVENTIONS.get(fmt, ())}")
-    p = module + "."
-    if fmt == "bf16":
-        return {"weight": p + "weight"}
-    if convention == "deepseek":
-        return {"weight": p + "weight", "scale": p + "weight_scale_inv"}
-    if convention == "deepseek-v4" and fmt != "nvfp4":
-        return {"weight": p + "weight", "scale": p + V4_SCALE}
-    if convention in ("modelopt", "deepseek-v4"):
-        return {"weight": p + "weight", "scale": p + "weight_scale", "global_scale": p + "weight_scale_2",
-                "input_scale": p + "input_scale"}
-    if fmt in ("fp8-block", "int8"):
-        return {"weight": p + "weight", "scale": p + "weight_scale"}
-    names = {"weight": p + "weight_packed", "scale": p + "weight_scale"}
-    if fmt == "nvfp4":
-        names.update(global_scale=p + "weight_global_scale", input_scale=p + "input_global_scale")
-    return names
+    return {role: f"{module}.{suffix}" for role, suffix in layout(convention, fmt, module).names.items()}
 
 
-def stored_specs(convention: str, fmt: str, module: str, shape: tuple[int, int], src_dtype: torch.dtype):
-    """[(name, dtype, shape)] a module's tensors will have on disk, from its logical [N, K] alone (meta planning)."""
-    n, k = shape
-    names = tensor_names(convention, fmt, module)
-    if fmt == "bf16":
-        return [(names["weight"], src_dtype, (n, k))]
-    scalar = () if convention == "modelopt" else (1,)
-    specs = {
-        "fp8-block": [(torch.float8_e4m3fn, (n, k)), (torch.float32, (-(-n // 128), -(-k // 128)))],
-        "int8": [(torch.int8, (n, k)), (torch.float32, (n, 1))],
-        "nvfp4": [(torch.uint8, (n, k // 2)), (torch.float8_e4m3fn, (n, k // 16)), (torch.float32, scalar),
-                  (torch.float32, scalar)],
-        "mxfp4": [(torch.uint8, (n, k // 2)), (torch.uint8, (n, k // 32))],
-    }[fmt]
-    roles = ("weight", "scale", "global_scale", "input_scale")
-    return [(names[role], dtype, shp) for role, (dtype, shp) in zip(roles, specs)]
+def stored_specs(convention: str, fmt: str, module: str, shape: tuple[int, int], src_dtype: torch.dtype,
+                 grid_scale: torch.dtype | None = None):
+    """[(name, dtype, shape)] a module's tensors will have on disk, from its logical [N, K] alone (meta planning).
+
+    grid_scale: the scale dtype where the convention leaves it to the checkpoint (DeepSeek-V4's FP8 grids).
+    """
+    f, lay = get(fmt), layout(convention, fmt, module)
+    held = {"weight": (f.element or src_dtype, f.stored_shape(shape))}
+    if f.scale is not None:
+        held["scale"] = (f.scale, f.scale_shape(shape))
+    if f.has_global_scale:
+        held["global_scale"] = held["input_scale"] = (torch.float32, lay.scalar)
+    out = []
+    for role, name in tensor_names(convention, fmt, module).items():
+        dtype, shp = held[role]
+        dtype = lay.dtypes.get(role, dtype)
+        if dtype is None and grid_scale is None:
+            raise ValueError(f"{module}: the {convention} convention stores {fmt} {role} in a dtype each "
+                             "checkpoint chooses; pass grid_scale")
+        out.append((name, dtype or grid_scale, shp))
+    return out
 
 
 def write_quantized(module: str, qw: QuantizedWeight, convention: str) -> dict[str, torch.Tensor]:
     """QuantizedWeight (multiplier scales) -> {on-disk name: tensor} in the convention's names and directions."""
+    f, lay = qw.format, layout(convention, qw.fmt, module)
     names = tensor_names(convention, qw.fmt, module)
     out = {names["weight"]: qw.q}
-    if qw.fmt == "bf16":
+    if not f.quantized:
         return out
     out[names["scale"]] = qw.scale
-    if qw.fmt == "nvfp4":
-        g = qw.global_scale.float().reshape(())
-        a = (qw.input_scale if qw.input_scale is not None else torch.tensor(DEFAULT_NVFP4_INPUT_SCALE)).float()
-        a = a.reshape(())
-        if convention == "modelopt":
-            out[names["global_scale"]], out[names["input_scale"]] = g, a
-        else:  # compressed-tensors stores the globals as divisors, shape [1]
-            out[names["global_scale"]] = (1.0 / g).reshape(1)
-            out[names["input_scale"]] = (1.0 / a).reshape(1)
+    if f.has_global_scale:
+        inp = qw.input_scale if qw.input_scale is not None else torch.tensor(DEFAULT_NVFP4_INPUT_SCALE)
+        for role, value in (("global_scale", qw.global_scale), ("input_scale", inp)):
+            value = value.float().reshape(())
+            out[names[role]] = (1.0 / value if role in lay.divisors else value).reshape(lay.scalar)
     return out
-
-
-def convention_of(quantization_config: dict | None) -> str | None:
-    """quantization_config (config.json's, or hf_quant_config.json's nested form) -> convention, None = unquantized."""
-    if not quantization_config:
-        return None
-    if "quantization" in quantization_config and "quant_method" not in quantization_config:
-        return "modelopt"  # hf_quant_config.json nested form
-    method = str(quantization_config.get("quant_method", ""))
-    if method == "fp8":
-        return "deepseek"
-    if method.startswith("modelopt"):
-        return "modelopt"
-    if method == "compressed-tensors":
-        return "compressed-tensors"
-    raise ValueError(f"quantization_config quant_method {method!r} is not one dsquant reads; "
-                     f"readable: fp8 (DeepSeek native), modelopt, compressed-tensors")
 
 
 def read_quantized(prefix: str, tensors, quantization_config: dict | None) -> QuantizedWeight:
@@ -226,20 +156,3 @@ def _read_v4(prefix: str, w: torch.Tensor, scale: torch.Tensor) -> QuantizedWeig
         return QuantizedWeight("mxfp4", w.view(torch.uint8), e8m0_bytes(scale))
     raise ValueError(f"{prefix}: weight {w.dtype} {tuple(w.shape)} with scale {scale.dtype} {tuple(scale.shape)} is "
                      "neither DeepSeek-V4 FP8 (float8_e4m3fn) nor FP4 (int8 packed, float8_e8m0fnu scales)")
-
-
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """QuantizedWeight -> dense [N, K] in dtype, with the format's own dequantization (dsquant.formats)."""
-    if qw.fmt == "bf16":
-        return qw.q.to(dtype)
-    if qw.fmt == "fp8-block":
-        return dequantize_fp8_block(qw.q, qw.scale, dtype=dtype)
-    if qw.fmt == "int8":
-        return dequantize_int8(qw.q, qw.scale, dtype)
-    if qw.fmt == "fp8-channel":
-        return dequantize_fp8(qw.q, qw.scale, dtype)
-    if qw.fmt == "nvfp4":
-        return dequantize_nvfp4(qw.q, qw.scale, qw.global_scale, dtype)
-    if qw.fmt == "mxfp4":
-        return dequantize_mxfp4(qw.q, qw.scale, dtype)
-    raise ValueError(f"unknown format {qw.fmt!r}; known: {FORMATS}")

@@ -1,9 +1,10 @@
 """QuantLinear: a linear layer that executes its weight in the stored format (the runner's one GEMM seam).
 
-Formats (`fmt`) and the activation scheme each implies (`act`), after what the serving engines run:
+Formats (`fmt`, dsquant.formats.registry) and the activation scheme each implies (`act`, the format's default
+there), after what the serving engines run:
     bf16       y = x @ W^T                                       act "none"
-    fp8_block  W float8_e4m3fn [N, K] * scale [N/128, K/128]     act "fp8_group": dynamic 1x128 FP8 (DeepSeek)
-    fp8_channel W float8_e4m3fn [N, K] * scale [N, 1]            act "fp8_token": dynamic per-token FP8, or
+    fp8-block  W float8_e4m3fn [N, K] * scale [N/128, K/128]     act "fp8_group": dynamic 1x128 FP8 (DeepSeek)
+    fp8-channel W float8_e4m3fn [N, K] * scale [N, 1]            act "fp8_token": dynamic per-token FP8, or
                                                                  "fp8_tensor": per-tensor FP8 (static with
                                                                  the input_scale, else dynamic)
     int8       W int8 [N, K] * scale [N, 1]                      act "int8_token": dynamic per-token INT8
@@ -22,15 +23,12 @@ dsquant.kernels.quant activation quantizers and dsquant.kernels.gemm scaled-mm k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsquant.formats.fp8 import (
     dequantize_fp8,
-    dequantize_fp8_block,
     dequantize_fp8_per_token_group,
     quantize_fp8_per_tensor,
     quantize_fp8_per_token,
@@ -39,82 +37,49 @@ from dsquant.formats.fp8 import (
 from dsquant.formats.int8 import quantize_int8_per_token
 from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+from dsquant.formats.weight import QuantizedWeight
+from dsquant.kernels import format_codes
 from dsquant.runner.ops import kernels_can_run
 
-FORMATS = ("bf16", "fp8_block", "fp8_channel", "int8", "nvfp4", "mxfp4")
-ACTS = ("none", "fp8_group", "fp8_token", "fp8_tensor", "int8_token", "nvfp4", "mxfp4")
-_DEFAULT_ACT = {"bf16": "none", "fp8_block": "fp8_group", "fp8_channel": "fp8_token", "int8": "int8_token",
-                "nvfp4": "nvfp4", "mxfp4": "none"}
+
+def _fp8_group(x, input_scale):
+    return dequantize_fp8_per_token_group(*quantize_fp8_per_token_group(x, name="activation"), dtype=torch.float32)
 
 
-@dataclass
-class LinearWeight:
-    """One linear's stored weight, normalised: every scale multiplies to dequantize."""
+def _fp8_token(x, input_scale):
+    return dequantize_fp8(*quantize_fp8_per_token(x, name="activation"), dtype=torch.float32)
 
-    fmt: str
-    q: torch.Tensor
-    scale: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None
-    input_scale: torch.Tensor | None = None
-    act: str | None = None
 
-    def __post_init__(self):
-        if self.fmt not in FORMATS:
-            raise ValueError(f"unknown linear format {self.fmt!r}; expected one of {FORMATS}")
-        self.act = self.act or _DEFAULT_ACT[self.fmt]
-        if self.act not in ACTS:
-            raise ValueError(f"unknown activation scheme {self.act!r}; expected one of {ACTS}")
+def _fp8_tensor(x, input_scale):
+    return dequantize_fp8(*quantize_fp8_per_tensor(x, name="activation", scale=input_scale), dtype=torch.float32)
 
-    @property
-    def nbytes(self) -> int:
-        ts = (self.q, self.scale, self.global_scale, self.input_scale)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense [N, K] weight (used per call, and for MLA's absorbed kv_b_proj)."""
-        if self.fmt == "bf16":
-            return self.q.to(dtype)
-        if self.fmt == "fp8_block":
-            n, k = self.q.shape
-            if n % 128 == 0 and k % 128 == 0:  # the same float32 products as the spec, by broadcasting
-                qb = self.q.float().view(n // 128, 128, k // 128, 128)
-                return (qb * self.scale.float()[:, None, :, None]).view(n, k).to(dtype)
-            return dequantize_fp8_block(self.q, self.scale, dtype=dtype)
-        if self.fmt == "int8":
-            return (self.q.float() * self.scale.float()).to(dtype)
-        if self.fmt == "fp8_channel":
-            return dequantize_fp8(self.q, self.scale, dtype)
-        if self.fmt == "nvfp4":
-            return dequantize_nvfp4(self.q, self.scale, self.global_scale, dtype=dtype)
-        return dequantize_mxfp4(self.q, self.scale, dtype=dtype)
+def _int8_token(x, input_scale):
+    q, s = quantize_int8_per_token(x, name="activation")
+    return q.float() * s
+
+
+def _nvfp4(x, input_scale):
+    return dequantize_nvfp4(*quantize_nvfp4(x, input_scale, name="activation"), dtype=torch.float32)
+
+
+def _mxfp4(x, input_scale):
+    return dequantize_mxfp4(*quantize_mxfp4(x, name="activation"), dtype=torch.float32)
+
+
+# Activation scheme (dsquant.formats.registry.ACTS) -> quantize then dequantize with dsquant.formats.
+_FAKE_QUANT = {"none": lambda x, input_scale: x.float(), "fp8_group": _fp8_group, "fp8_token": _fp8_token,
+               "fp8_tensor": _fp8_tensor, "int8_token": _int8_token, "nvfp4": _nvfp4, "mxfp4": _mxfp4}
 
 
 def fake_quant_activation(x: torch.Tensor, act: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> float32 [M, K]: the values a quantized-activation kernel multiplies (codes * scales)."""
-    if act == "none":
-        return x.float()
-    if act == "fp8_group":
-        q, s = quantize_fp8_per_token_group(x, name="activation")
-        return dequantize_fp8_per_token_group(q, s, dtype=torch.float32)
-    if act == "fp8_token":
-        q, s = quantize_fp8_per_token(x, name="activation")
-        return dequantize_fp8(q, s, dtype=torch.float32)
-    if act == "fp8_tensor":
-        q, s = quantize_fp8_per_tensor(x, name="activation", scale=input_scale)
-        return dequantize_fp8(q, s, dtype=torch.float32)
-    if act == "int8_token":
-        q, s = quantize_int8_per_token(x, name="activation")
-        return q.float() * s
-    if act == "nvfp4":
-        packed, bs, gs = quantize_nvfp4(x, input_scale, name="activation")
-        return dequantize_nvfp4(packed, bs, gs, dtype=torch.float32)
-    packed, s = quantize_mxfp4(x, name="activation")
-    return dequantize_mxfp4(packed, s, dtype=torch.float32)
+    return _FAKE_QUANT[act](x, input_scale)
 
 
-def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+def linear_ref(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x [..., K] -> [..., N] in x.dtype with the format's numerics (see module docstring)."""
-    if w.fmt == "bf16" and w.act == "none":
+    if not w.format.quantized and w.act == "none":
         return F.linear(x, w.q.to(x.dtype))
     x2 = x.reshape(-1, x.shape[-1])
     xf = fake_quant_activation(x2, w.act, w.input_scale)
@@ -122,7 +87,7 @@ def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
-def linear_triton(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+def linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """CUDA: the activation quantizer and scaled-mm kernels of dsquant.kernels.quant / .gemm for the format.
 
     FP8-block and INT8 run W8A8 on quantized codes; NVFP4 (W4A4) quantizes and dequantizes the activation
@@ -132,16 +97,17 @@ def linear_triton(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
     from dsquant.kernels import gemm, quant
 
     x2 = x.reshape(-1, x.shape[-1])
-    if w.fmt == "fp8_block" and w.act == "fp8_group":
+    code = w.format.kernel_code
+    if code == format_codes.FP8_BLOCK and w.act == "fp8_group":
         a, a_scale = quant.quantize_fp8_per_token_group(x2)
         y = gemm.fp8_block_gemm(a, a_scale, w.q, w.scale, out_dtype=x.dtype)
-    elif w.fmt == "int8" and w.act == "int8_token":
+    elif code == format_codes.INT8 and w.act == "int8_token":
         a, a_scale = quant.quantize_int8_per_token(x2)
         y = gemm.int8_scaled_mm(a, a_scale, w.q, w.scale, out_dtype=x.dtype)
-    elif w.fmt == "nvfp4":
+    elif code == format_codes.NVFP4:
         xa = fake_quant_activation(x2, w.act, w.input_scale).to(torch.bfloat16)
         y = gemm.nvfp4_gemm(xa, w.q, w.scale, w.global_scale, out_dtype=x.dtype)
-    elif w.fmt == "mxfp4" and w.act == "none":
+    elif code == format_codes.MXFP4 and w.act == "none":
         y = gemm.mxfp4_gemm(x2.to(torch.bfloat16), w.q, w.scale, out_dtype=x.dtype)
     else:
         return linear_ref(x, w)
@@ -154,21 +120,21 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, impl: str = "reference"):
         super().__init__()
         self.in_features, self.out_features, self.impl = in_features, out_features, impl
-        self.w: LinearWeight | None = None
+        self.w: QuantizedWeight | None = None
         self.weight: torch.Tensor | None = None  # the trainable/bf16 weight, also w.q for fmt bf16
 
-    def set_weight(self, w: LinearWeight, name: str = "linear") -> None:
-        n, k = w.q.shape[0], w.q.shape[1] * (2 if w.fmt in ("nvfp4", "mxfp4") else 1)
+    def set_weight(self, w: QuantizedWeight, name: str = "linear") -> None:
+        n, k = w.shape
         if (n, k) != (self.out_features, self.in_features):
             raise ValueError(f"{name}: weight shape {(n, k)} != expected {(self.out_features, self.in_features)}")
         if w.act == "fp8_group" and k % 128:
             raise ValueError(f"{name}: FP8 1x128 activations need in_features % 128 == 0, got {k}")
         self.w = w
-        self.weight = w.q if w.fmt == "bf16" else None
+        self.weight = None if w.format.quantized else w.q
 
     def dense_weight(self) -> torch.Tensor:
         """The [N, K] weight as float32, dequantized for this call (for products a plain linear cannot express)."""
-        return self.weight.float() if self.w is None else self.w.dequantize()
+        return self.weight.float() if self.w is None else self.w.dequantize(torch.float32)
 
     def init_trainable(self, std: float, generator: torch.Generator | None = None) -> None:
         """Random float32 nn.Parameter weight (demo training); forward then uses F.linear."""
@@ -178,19 +144,16 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w is None:
             return F.linear(x, self.weight.to(x.dtype))
-        if self.impl == "triton" and self.w.fmt != "bf16" and kernels_can_run(x):
+        if self.impl == "triton" and self.w.format.quantized and kernels_can_run(x):
             return linear_triton(x, self.w)
         return linear_ref(x, self.w)
 
     def _apply(self, fn, recurse=True):
         """Move the stored-format tensors with .to()/.cuda() like parameters."""
         super()._apply(fn, recurse)
-        if self.w is not None:
-            for attr in ("q", "scale", "global_scale", "input_scale"):
-                t = getattr(self.w, attr)
-                if t is not None:  # keep the stored dtype: .to(dtype) must not turn fp8 codes into bf16
-                    setattr(self.w, attr, fn(t).to(t.dtype))
-            if self.w.fmt == "bf16":
+        if self.w is not None:  # keep the stored dtypes: .to(dtype) must not turn fp8 codes into bf16
+            self.w = self.w.apply(lambda t: fn(t).to(t.dtype))
+            if not self.w.format.quantized:
                 self.weight = self.w.q
         return self
 

@@ -1,7 +1,7 @@
 """Load a DeepSeek-family checkpoint into the runner, keeping every linear in its stored format.
 
 Reads only safetensors (sharded with model.safetensors.index.json, or one model.safetensors). Each
-linear's tensors are normalised to a LinearWeight (scales that multiply) by dsquant.formats.ondisk,
+linear's tensors are normalised to a QuantizedWeight (scales that multiply) by dsquant.formats.ondisk,
 from the names each convention writes:
     DeepSeek FP8          weight f8e4m3 [N, K] + weight_scale_inv f32 [N/128, K/128]
     compressed-tensors    FP8 block: weight f8e4m3 + weight_scale [N/128, K/128];
@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from dsquant.checkpoint.names import layer_index, layer_prefix
 from dsquant.checkpoint.reader import Checkpoint
-from dsquant.formats.ondisk import convention_of, read_quantized
+from dsquant.formats.ondisk import read_quantized
+from dsquant.formats.registry import convention_of
+from dsquant.formats.weight import QuantizedWeight
 from dsquant.runner.family import V4, decoder_layers, family_of, model_args, require
-from dsquant.runner.linear import LinearWeight, QuantLinear
+from dsquant.runner.linear import QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
 from dsquant.runner.schemes import activation_scheme
 from dsquant.runner.v4.load import load_v4_model, load_v4_part
@@ -71,8 +74,8 @@ class ModelCheckpoint(Checkpoint):
         return sum(self.infos[k].nbytes for k in self.layer_keys(layer))
 
 
-def read_linear(reader: ModelCheckpoint, prefix: str, device: torch.device | str = "cpu") -> LinearWeight:
-    """The tensors `<prefix>.*` of one linear -> LinearWeight on device (ValueError names what is wrong).
+def read_linear(reader: ModelCheckpoint, prefix: str, device: torch.device | str = "cpu") -> QuantizedWeight:
+    """The tensors `<prefix>.*` of one linear -> QuantizedWeight on device (ValueError names what is wrong).
 
     Names and scale directions per convention come from dsquant.formats.ondisk, the one place that knows them;
     a compressed-tensors module's activation scheme is its own config group's (dsquant.runner.schemes).
@@ -83,19 +86,18 @@ def read_linear(reader: ModelCheckpoint, prefix: str, device: torch.device | str
         qw = read_quantized(prefix, t, reader.quant_config)
     except ValueError as e:
         raise ValueError(f"{reader.path}: {e}") from None
-    fmt = qw.fmt.replace("-", "_")
-    if fmt == "fp8_block":
-        nb, kb = -(-qw.q.shape[0] // 128), -(-qw.q.shape[1] // 128)
-        if tuple(qw.scale.shape) != (nb, kb):
-            raise ValueError(f"{reader.path}: {prefix} scale shape {tuple(qw.scale.shape)}, expected {(nb, kb)}")
+    fmt = qw.format
+    if fmt.block_grid and tuple(qw.scale.shape) != fmt.scale_shape(qw.shape):
+        raise ValueError(f"{reader.path}: {prefix} scale shape {tuple(qw.scale.shape)}, expected "
+                         f"{fmt.scale_shape(qw.shape)}")
     act = None
-    if fmt != "bf16" and convention_of(reader.quant_config) == "compressed-tensors":
+    if fmt.quantized and convention_of(reader.quant_config) == "compressed-tensors":
         try:
-            act = activation_scheme(reader.quant_config, prefix, fmt)
+            act = activation_scheme(reader.quant_config, prefix, qw.fmt)
         except ValueError as e:
             raise ValueError(f"{reader.path}: {e}") from None
-    scale = qw.scale.reshape(-1, 1) if fmt == "int8" else qw.scale
-    return LinearWeight(fmt, qw.q, scale, qw.global_scale, qw.input_scale, act=act)
+    scale = qw.scale.reshape(-1, 1) if fmt.per_channel else qw.scale
+    return replace(qw, scale=scale, act=act)
 
 
 def _assign(model: Transformer, reader: ModelCheckpoint, names: list[str], device) -> int:
@@ -168,7 +170,7 @@ def load_model(
         names += [k for k in reader.keys() if (li := layer_index(k)) is not None and li < n]
     _assign(model, reader, names, device)
     if model.lm_head.w is None and args.tie_word_embeddings:
-        model.lm_head.set_weight(LinearWeight("bf16", model.model.embed_tokens.weight))
+        model.lm_head.set_weight(QuantizedWeight("bf16", model.model.embed_tokens.weight))
     check_complete(model if layers else _non_layer_view(model), str(reader.path))
     return model, reader
 

@@ -157,9 +157,6 @@ class MoE(nn.Module):
     weight-only MXFP4 run through dsquant.kernels.moe.fused_moe (one grouped launch); NVFP4 experts (W4A4
     here, W4A16 in that kernel) and the reference path loop over the experts' own linears."""
 
-    _FUSED_FORMATS = {("bf16", "none"): "bf16", ("fp8_block", "fp8_group"): "fp8", ("int8", "int8_token"): "int8",
-                      ("mxfp4", "none"): "mxfp4"}  # fmt: skip
-
     def __init__(self, args: ModelArgs, impl: str, ops: KernelOps | None = None):
         super().__init__()
         self.ops = ops
@@ -179,15 +176,15 @@ class MoE(nn.Module):
         if any(w is None for t in ws for w in t):
             return None
         kinds = {(w.fmt, w.act) for t in ws for w in t}
-        if len(kinds) != 1 or next(iter(kinds)) not in self._FUSED_FORMATS:
+        fmt = ws[0][0].format
+        if len(kinds) != 1 or fmt.fused_moe_act != ws[0][0].act:
             return None
         key = id(ws[0][0].q)
         if self._stack is None or self._stack[0] != key:
             from dsquant.kernels.moe import stack_experts
 
-            fmt = self._FUSED_FORMATS[next(iter(kinds))]
             parts = [[(w.q, w.scale, w.global_scale) for w in col] for col in zip(*ws)]
-            self._stack = (key, stack_experts(fmt, *parts))
+            self._stack = (key, stack_experts(fmt.kernel_code, *parts))
         return self._stack[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,13 @@ with the module and the scheme named.
 from __future__ import annotations
 
 from dsquant.check.declared import ct_scheme
+from dsquant.formats.registry import get
 
 # (type, num_bits, strategy, group_size or block_structure) of the weights -> stored format they read as.
 WEIGHT_SCHEMES = {
-    ("float", 8, "block", (128, 128)): "fp8_block",
-    ("float", 8, "channel", None): "fp8_channel",
-    ("float", 8, "tensor", None): "fp8_channel",
+    ("float", 8, "block", (128, 128)): "fp8-block",
+    ("float", 8, "channel", None): "fp8-channel",
+    ("float", 8, "tensor", None): "fp8-channel",
     ("int", 8, "channel", None): "int8",
     ("float", 4, "tensor_group", 16): "nvfp4",
     ("float", 4, "group", 32): "mxfp4",
@@ -42,14 +43,6 @@ ACT_SCHEMES = {
     ("int", 8, "token", None, True): "int8_token",
     ("float", 4, "tensor_group", 16, "local"): "nvfp4",
     ("float", 4, "group", 32, True): "mxfp4",
-}
-# Which activation schemes each weight format's kernels pair with (engines run no other combination).
-PAIRS = {
-    "fp8_block": ("fp8_group",),
-    "fp8_channel": ("fp8_token", "fp8_tensor"),
-    "int8": ("int8_token",),
-    "nvfp4": ("nvfp4",),
-    "mxfp4": ("mxfp4",),
 }
 
 
@@ -80,7 +73,7 @@ def activation_scheme(qc: dict, module: str, stored_fmt: str) -> str | None:
     fmt = WEIGHT_SCHEMES.get(_weight_key(weights)) if weights.get("symmetric", True) else None
     if fmt is None:
         raise ValueError(f"{module}: compressed-tensors scheme ({scheme}) is not one the runner executes; "
-                         f"it runs {', '.join(sorted(set(PAIRS)))} weights")
+                         f"it runs {', '.join(sorted(set(WEIGHT_SCHEMES.values())))} weights")
     if stored_fmt != fmt:
         raise ValueError(f"{module}: stored as {stored_fmt} but its config group declares {fmt} ({scheme})")
     if not inputs:
@@ -89,7 +82,8 @@ def activation_scheme(qc: dict, module: str, stored_fmt: str) -> str | None:
     if inputs.get("symmetric", True):
         act = ACT_SCHEMES.get((inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"),
                                inputs.get("group_size"), inputs.get("dynamic")))
-    if act not in PAIRS[fmt]:
+    pairs = get(fmt).acts  # the activation schemes engines pair with these weights
+    if act not in pairs:
         raise ValueError(f"{module}: compressed-tensors scheme ({scheme}) is not one the runner executes; with "
-                         f"{fmt} weights it runs input activations {', '.join(PAIRS[fmt])} or none")
+                         f"{fmt} weights it runs input activations {', '.join(pairs)} or none")
     return act

@@ -24,7 +24,7 @@ from dsquant.kernels import format_codes
 from dsquant.kernels.fp4_decode import e2m1_groups_bf16, e8m0_to_bf16
 from dsquant.kernels.fp8_cast import cast_fp8, fp8_scale
 from dsquant.kernels.moe.align import moe_align
-from dsquant.kernels.moe.reference import ExpertWeights, as_stack, check_expert_weights
+from dsquant.kernels.moe.reference import ExpertWeights, as_stack, check_expert_weights, expert_format
 from dsquant.kernels.quant.triton import quantize_fp8_per_token_group, quantize_int8_per_token
 from dsquant.kernels.tile_order import grouped_tile
 
@@ -190,13 +190,14 @@ def default_tiles(numel: int, num_experts: int, fmt: str) -> dict:
     """
     rows_per_expert = numel / max(min(num_experts, numel), 1)
     block_m = 16 if rows_per_expert <= 24 else (32 if rows_per_expert <= 64 else 64)
-    if fmt in ("nvfp4", "mxfp4") and block_m == 16:  # decode: 64-byte reads per weight row (32 bytes are slower)
+    f = expert_format(fmt)
+    if f.packed and block_m == 16:  # decode: 64-byte reads per weight row (32 bytes are slower)
         block_n, block_k, w_bytes, warps = 64, 128, 0.5, 4
-    elif fmt in ("nvfp4", "mxfp4"):  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
+    elif f.packed:  # decoded tiles live in registers: keep them at 2 x 64 x 64 per K step
         block_n, block_k, w_bytes, warps = 64, 64, 0.5, 8
     else:  # BLOCK_N = BLOCK_K = 128: one FP8 scale block per tile, one 1x128 activation group per row
-        block_n, block_k, w_bytes = 128, 128, 2 if fmt == "bf16" else 1
-        warps = 8 if fmt in ("fp8", "bf16") and block_m >= 64 else 4
+        block_n, block_k, w_bytes = 128, 128, 1 if f.quantized else 2
+        warps = 8 if f.kernel_code in (format_codes.FP8_BLOCK, format_codes.BF16) and block_m >= 64 else 4
     stage_bytes = block_m * block_k * 2 + 2 * block_n * block_k * w_bytes  # A (bf16 at worst) + gate and up B
     # fp8 x is quantized once up front when each row block meets many N tiles (prefill), in-kernel otherwise.
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
@@ -210,16 +211,16 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
     fmt = format_codes.MOE_FORMATS[ew.fmt]
     dev = x.device
     a, a_scale = x, x  # a_scale unused for bf16 / FP4 and for fp8 quantized in the kernel
-    if ew.fmt == "int8":
+    if fmt == format_codes.INT8:
         a, a_scale = quantize_int8_per_token(x)
-    quant_a = ew.fmt == "fp8" and not tiles["prequant"]
-    if ew.fmt == "fp8" and tiles["prequant"]:
+    quant_a = fmt == format_codes.FP8_BLOCK and not tiles["prequant"]
+    if fmt == format_codes.FP8_BLOCK and tiles["prequant"]:
         a, a_scale = quantize_fp8_per_token_group(x)
     n_m = expert_ids.numel()
     bn = tiles["BLOCK_N"]
     launch = {key: tiles[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
     launch["FP4_PARITY_DOTS"] = not tiles["prequant"]  # decode tiles; prefill tiles interleave (see _mainloop)
-    quant_out = ew.fmt == "fp8"
+    quant_out = fmt == format_codes.FP8_BLOCK
     act = torch.empty((numel, inter), dtype=torch.float8_e4m3fn if quant_out else torch.bfloat16, device=dev)
     act_scale = torch.empty((numel, inter // 128 if quant_out else 1), dtype=torch.float32, device=dev)
     s13 = ew.w13_scale if ew.w13_scale is not None else ew.w13
@@ -229,7 +230,7 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
         numel, n_m, h, inter, k,
         a.stride(0), a_scale.stride(0), ew.w13.stride(0), ew.w13.stride(1), s13.stride(0), s13.stride(1),
         act.stride(0), act_scale.stride(0), FMT=fmt, QUANT_A=quant_a, QUANT_OUT=quant_out, **launch)
-    if ew.fmt == "int8":
+    if fmt == format_codes.INT8:
         act, act_scale = quantize_int8_per_token(act)
     out = torch.empty((numel, h), dtype=torch.bfloat16, device=dev)
     s2 = ew.w2_scale if ew.w2_scale is not None else ew.w2

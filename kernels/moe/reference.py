@@ -35,15 +35,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from dsquant.kernels import format_codes
 
-from dsquant.formats.fp8 import dequantize_fp8_block, quantize_fp8_block, quantize_fp8_per_token_group
-from dsquant.formats.int8 import quantize_int8_per_channel, quantize_int8_per_token
-from dsquant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+from dsquant.formats.fp8 import quantize_fp8_per_token_group
+from dsquant.formats.int8 import quantize_int8_per_token
+from dsquant.formats.registry import Format, of_kernel_code
 
 SCORING = ("sigmoid", "softmax")
 METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-FORMATS = ("bf16", "fp8", "int8", "nvfp4", "mxfp4")
+FORMATS = tuple(format_codes.MOE_FORMATS)
 RENORM_EPS = 1e-20  # HF DeepseekV3/V2 MoEGate: denominator = sum + 1e-20
 
 
@@ -60,6 +60,15 @@ class ExpertWeights(NamedTuple):
     w2_scale: torch.Tensor | None = None
     w13_global_scale: torch.Tensor | None = None
     w2_global_scale: torch.Tensor | None = None
+
+
+def expert_format(fmt: str | int) -> Format:
+    """The dsquant.formats.registry entry of an expert format, given by name (FORMATS) or format_codes code."""
+    if isinstance(fmt, int):
+        return of_kernel_code(fmt)
+    if fmt not in format_codes.MOE_FORMATS:
+        raise ValueError(f"unknown expert format {fmt!r}: choose one of {FORMATS}")
+    return of_kernel_code(format_codes.MOE_FORMATS[fmt])
 
 
 def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
@@ -170,20 +179,14 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, total
 
 
-_SCALE_SPECS = {  # fmt -> (weight dtype, packed K divisor, scale dtype, scale columns per K, needs global scale)
-    "bf16": (torch.bfloat16, 1, None, None, False),
-    "fp8": (torch.float8_e4m3fn, 1, torch.float32, 128, False),
-    "int8": (torch.int8, 1, torch.float32, 0, False),
-    "nvfp4": (torch.uint8, 2, torch.float8_e4m3fn, 16, True),
-    "mxfp4": (torch.uint8, 2, torch.uint8, 32, False),
-}
-
-
 def check_expert_weights(ew: ExpertWeights, hidden: int, what: str = "experts") -> tuple[int, int]:
     """ValueError naming the tensor when a stack does not fit the module docstring; returns (E, I)."""
-    if ew.fmt not in _SCALE_SPECS:
+    if ew.fmt not in FORMATS:
         raise ValueError(f"{what}: unknown expert format {ew.fmt!r}; choose one of {FORMATS}")
-    wdt, pack, sdt, per_k, needs_gs = _SCALE_SPECS[ew.fmt]
+    f = expert_format(ew.fmt)
+    # weight dtype, codes per stored element along K, scale dtype, K per scale column (0: one per row)
+    wdt, pack, sdt, per_k = f.element or torch.bfloat16, f.pack, f.scale, f.block[1] if f.block else None
+    grid, needs_gs = f.block_grid, f.has_global_scale
     if ew.w13.dim() != 3 or ew.w2.dim() != 3:
         raise ValueError(f"{what}: w13/w2 must be [E, 2I, H] / [E, H, I], got {tuple(ew.w13.shape)} / "
                          f"{tuple(ew.w2.shape)}")
@@ -195,7 +198,7 @@ def check_expert_weights(ew: ExpertWeights, hidden: int, what: str = "experts") 
                              f"{per_k or 1}, got {w.dtype} {tuple(w.shape)}")
         sc = getattr(ew, f"{name}_scale")
         if sdt is not None:
-            want = (e, n // 128, k // 128) if ew.fmt == "fp8" else (e, n, k // per_k if per_k else 1)
+            want = (e, n // 128, k // 128) if grid else (e, n, k // per_k if per_k else 1)
             if sc is None or sc.dtype != sdt or tuple(sc.shape) != want:
                 got = None if sc is None else (sc.dtype, tuple(sc.shape))
                 raise ValueError(f"{what}.{name}_scale: expected {sdt} {list(want)}, got {got}")
@@ -203,7 +206,7 @@ def check_expert_weights(ew: ExpertWeights, hidden: int, what: str = "experts") 
         if needs_gs and (gs is None or gs.numel() != e):
             got = None if gs is None else tuple(gs.shape)
             raise ValueError(f"{what}.{name}_global_scale: expected float32 [{e}], got {got}")
-    if two_i % 2 or (ew.fmt == "fp8" and inter % 128):
+    if two_i % 2 or (grid and inter % 128):
         raise ValueError(f"{what}: w13 rows {two_i} must be 2 x I (gate then up); fp8 needs I % 128 == 0")
     return e, inter
 
@@ -215,25 +218,16 @@ def _pick(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
 def dequantize_expert(fmt: str, q: torch.Tensor, scale: torch.Tensor | None,
                       global_scale: torch.Tensor | None) -> torch.Tensor:
     """One expert's 2-D weight in `fmt` -> float32 [N, K]."""
-    if fmt == "bf16":
-        return q.float()
-    if fmt == "fp8":
-        return dequantize_fp8_block(q, scale, dtype=torch.float32)
-    if fmt == "int8":
-        return q.float() * scale.float()
-    if fmt == "nvfp4":
-        return dequantize_nvfp4(q, scale, global_scale, dtype=torch.float32)
-    if fmt == "mxfp4":
-        return dequantize_mxfp4(q, scale, dtype=torch.float32)
-    raise ValueError(f"unknown expert format {fmt!r}: choose one of {FORMATS}")
+    return expert_format(fmt).dequantize(q, scale, global_scale, torch.float32)
 
 
 def quantize_dequantize_activation(fmt: str, a: torch.Tensor) -> torch.Tensor:
     """What the kernels feed the tensor cores for activation rows a [M, K]: float32 [M, K]."""
-    if fmt == "fp8":
+    code = expert_format(fmt).kernel_code
+    if code == format_codes.FP8_BLOCK:
         q, s = quantize_fp8_per_token_group(a, 128, name="moe activation")
         return (q.float().view(*a.shape[:-1], -1, 128) * s.unsqueeze(-1)).view(a.shape)
-    if fmt == "int8":
+    if code == format_codes.INT8:
         q, s = quantize_int8_per_token(a, name="moe activation")
         return q.float() * s
     return a.float()
@@ -302,20 +296,15 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, fmt: str) -> ExpertWei
 
     NVFP4 gives each expert one global scale for gate and up together (fused partners share it, formats.md).
     """
-    if fmt == "bf16":
+    f = expert_format(fmt)
+    if not f.quantized:
         return ExpertWeights(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown expert format {fmt!r}: choose one of {FORMATS}")
-    quant = {"fp8": lambda w: quantize_fp8_block(w, name="expert"),
-             "int8": lambda w: quantize_int8_per_channel(w, name="expert"),
-             "nvfp4": lambda w: quantize_nvfp4(w, name="expert"),
-             "mxfp4": lambda w: quantize_mxfp4(w, name="expert")}[fmt]
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
-        per_expert = [quant(w[e]) for e in range(w.shape[0])]
+        per_expert = [f.quantize(w[e], name="expert") for e in range(w.shape[0])]
         parts[name] = torch.stack([p[0] for p in per_expert])
         parts[f"{name}_scale"] = torch.stack([p[1] for p in per_expert])
-        if fmt == "nvfp4":
+        if f.has_global_scale:
             parts[f"{name}_global_scale"] = torch.stack([p[2] for p in per_expert]).float()
     return ExpertWeights(fmt=fmt, **parts)
 
@@ -324,23 +313,23 @@ def stack_experts(fmt: str, gate, up, down) -> ExpertWeights:
     """Per-expert stored linears -> the stack fused_moe takes (a copy: build it once per layer, at load).
 
     Args:
-        fmt: "bf16" | "fp8" (alias "fp8_block") | "int8" | "nvfp4" | "mxfp4".
+        fmt: "bf16" | "fp8" | "int8" | "nvfp4" | "mxfp4", or the format's format_codes code (what a
+            dsquant.formats.registry entry gives as kernel_code).
         gate, up, down: one (q, scale, global_scale) per expert, each as stored for one linear: q [I, H] / [H, I]
             (FP4 packed along the last dim), scale as in the module docstring without the expert dim (None for
             bf16), global_scale float32 [] for nvfp4 (gate and up must share it, as fused partners do) else None.
     """
-    fmt = {"fp8_block": "fp8"}.get(fmt, fmt)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown expert format {fmt!r}: choose one of {FORMATS}")
+    f = expert_format(fmt)
+    fmt = next(name for name, code in format_codes.MOE_FORMATS.items() if code == f.kernel_code)
     if not len(gate) == len(up) == len(down) > 0:
         raise ValueError(f"experts: {len(gate)} gate, {len(up)} up and {len(down)} down projections")
     w13 = torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)])  # [E, 2I, H]
     w2 = torch.stack([d[0] for d in down])
-    if fmt == "bf16":
+    if not f.quantized:
         return ExpertWeights(w13, w2)
     s13 = torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)])
     s2 = torch.stack([d[1] for d in down])
-    if fmt != "nvfp4":
+    if not f.has_global_scale:
         return ExpertWeights(w13, w2, fmt, s13, s2)
     for e, (g, u) in enumerate(zip(gate, up)):
         if not torch.equal(g[2].float().reshape(()), u[2].float().reshape(())):

@@ -37,10 +37,10 @@ def expert_modules(ck: Ckpt, prefix: str = "layers.") -> list[str]:
 def to_nvfp4_experts(ck: Ckpt, prefix: str = "layers.") -> None:
     """NVIDIA's hybrid layout (deepseek-v4.md 3.3): routed experts under `prefix` become ModelOpt NVFP4 (U8 weight,
     E4M3 weight_scale per 16, F32 weight_scale_2 and input_scale), everything else stays as the source has it."""
-    from dsquant.formats.ondisk import dequantize, read_quantized
+    from dsquant.formats.ondisk import read_quantized
 
     for m in expert_modules(ck, prefix):
-        w = dequantize(read_quantized(m, ck.tensors, ck.config["quantization_config"]), torch.float32)
+        w = read_quantized(m, ck.tensors, ck.config["quantization_config"]).dequantize(torch.float32)
         del ck.tensors[m + ".scale"]
         q, bs, g = quantize_nvfp4(w)
         ck.tensors.update({m + ".weight": q, m + ".weight_scale": bs, m + ".weight_scale_2": g,

@@ -9,7 +9,7 @@ import re
 import torch
 
 from dsquant.checkpoint.reader import Checkpoint
-from dsquant.formats.ondisk import dequantize, read_quantized
+from dsquant.formats.ondisk import read_quantized
 
 # The compressed-tensors preset whose QuantizationArgs each format's config group must carry (what
 # llm-compressor writes for that scheme: ModelCompressor.update_config dumps the preset's QuantizationConfig).
@@ -55,7 +55,7 @@ def decompress_each(out: Checkpoint, ignored=lambda module: False) -> int:
         scheme, fmt = ct_scheme(qc, module)
         local = {n[len(module) + 1:]: out.get(n) for n in out.infos if n.startswith(module + ".")}
         theirs = BaseCompressor.get_value_from_registry(fmt).decompress(local, scheme)["weight"]
-        ours = dequantize(read_quantized(module, out, qc), theirs.dtype)
+        ours = read_quantized(module, out, qc).dequantize(theirs.dtype)
         assert theirs.shape == ours.shape and torch.equal(theirs, ours), f"{module}: {fmt} decompression differs"
         checked += 1
     return checked
@@ -85,7 +85,7 @@ def assert_linears_match(model: torch.nn.Module, out: Checkpoint, qc: dict, what
     checked = 0
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and f"{name}.weight_scale" in out.infos:
-            ours = dequantize(read_quantized(name, out, qc), mod.weight.dtype)
+            ours = read_quantized(name, out, qc).dequantize(mod.weight.dtype)
             assert torch.equal(mod.weight.data, ours), f"{what}: {name} differs from dsquant's dequantization"
             checked += 1
     return checked

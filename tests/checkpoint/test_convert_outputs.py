@@ -13,7 +13,7 @@ from dsquant.kernels.testing import calc_diff
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import convert
 from dsquant.formats.fp8 import dequantize_fp8_block
-from dsquant.formats.ondisk import dequantize, read_quantized
+from dsquant.formats.ondisk import read_quantized
 from tests.checkpoint.ct_reader import (
     assert_groups_are_presets,
     assert_linears_match,
@@ -132,7 +132,7 @@ def test_convert_output_matches_formats_md(synth, converted, variant, source, re
             produced.add(f"{module}.{suffix}")
         qw = read_quantized(module, out, qc)
         assert qw.fmt == fmt, module
-        deq, ref = dequantize(qw, F32), source_weight(src, name)
+        deq, ref = qw.dequantize(F32), source_weight(src, name)
         assert torch.isfinite(deq).all(), f"{module}: NaN/Inf after dequantization"
         diff = calc_diff(deq, ref)
         assert diff <= MAX_DIFF[fmt], f"{module} {fmt}: calc_diff {diff:.2e} > {MAX_DIFF[fmt]}"

@@ -14,7 +14,7 @@ from dsquant.checkpoint.names_v4 import scale_name
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import convert
 from dsquant.formats.mxfp4 import quantize_mxfp4
-from dsquant.formats.ondisk import dequantize, read_quantized
+from dsquant.formats.ondisk import read_quantized
 from dsquant.recipe_files import recipes_dir
 from tests.checkpoint.v4_transformers import load_official
 
@@ -42,8 +42,8 @@ def _values(ck: Checkpoint, module: str) -> torch.Tensor:
     """A linear's values as dsquant reads the stored tensors (any V4 or ModelOpt layout), float32."""
     p = module + "."
     if p + "weight_scale_2" in ck:
-        return dequantize(read_quantized(module, ck, {"quant_method": "modelopt"}), torch.float32)
-    return dequantize(read_quantized(module, ck, ck.quantization_config), torch.float32)
+        return read_quantized(module, ck, {"quant_method": "modelopt"}).dequantize(torch.float32)
+    return read_quantized(module, ck, ck.quantization_config).dequantize(torch.float32)
 
 
 def _errors(path) -> list:

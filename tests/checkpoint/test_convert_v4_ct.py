@@ -14,7 +14,7 @@ from dsquant.check import check_checkpoint
 from dsquant.checkpoint.names_v4 import keep_reason, scale_name
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import convert
-from dsquant.formats.ondisk import dequantize, read_quantized
+from dsquant.formats.ondisk import read_quantized
 from tests.checkpoint.ct_reader import assert_groups_are_presets, decompress_each, load_like_the_library
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed in this env")
@@ -46,7 +46,7 @@ def _source_linears(s: Checkpoint) -> list[str]:
 
 
 def _values(ck: Checkpoint, module: str) -> torch.Tensor:
-    return dequantize(read_quantized(module, ck, ck.quantization_config), torch.float32)
+    return read_quantized(module, ck, ck.quantization_config).dequantize(torch.float32)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

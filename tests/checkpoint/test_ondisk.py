@@ -8,14 +8,13 @@ import torch
 from dsquant import formats
 from dsquant.formats.ondisk import (
     DEFAULT_NVFP4_INPUT_SCALE,
-    QuantizedWeight,
-    convention_of,
-    dequantize,
     read_quantized,
     stored_specs,
     tensor_names,
     write_quantized,
 )
+from dsquant.formats.registry import convention_of
+from dsquant.formats.weight import QuantizedWeight
 
 W = (0.02 * torch.randn(256, 512, generator=torch.Generator().manual_seed(0))).bfloat16()
 QC = {"deepseek": {"quant_method": "fp8"}, "modelopt": {"quant_method": "modelopt", "quant_algo": "NVFP4"},
@@ -45,7 +44,7 @@ def test_write_then_read_round_trips(convention, fmt):
     assert [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()] == [(n, d, tuple(s)) for n, d, s in specs]
     back = read_quantized("m.proj", tensors, QC[convention])
     assert back.fmt == fmt and back.shape == (256, 512)
-    assert torch.equal(dequantize(back, torch.float32), dequantize(qw, torch.float32))
+    assert torch.equal(back.dequantize(torch.float32), qw.dequantize(torch.float32))
 
 
 def test_scale_directions_differ_by_convention():

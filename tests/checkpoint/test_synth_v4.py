@@ -12,7 +12,7 @@ import torch
 from dsquant.checkpoint.names_v4 import blocks, is_v4, official_name, transformers_names
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.synth_v4 import V4_VARIANTS, make_synthetic_v4_checkpoint
-from dsquant.formats.ondisk import dequantize, read_quantized
+from dsquant.formats.ondisk import read_quantized
 from tests.checkpoint.v4_transformers import load_official, save_transformers_namespace
 
 E8M0, F32, I8, FP8 = torch.float8_e8m0fnu, torch.float32, torch.int8, torch.float8_e4m3fn
@@ -156,7 +156,7 @@ def test_scales_are_tight(synth_v4, variant):
             assert bool(((blocks >= 224) & (blocks <= 448)).all()), name
         elif info.dtype == I8:
             qw = read_quantized(name[: -len(".weight")], ck, ck.quantization_config)
-            codes = dequantize(qw, torch.float32) / torch.repeat_interleave(
+            codes = qw.dequantize(torch.float32) / torch.repeat_interleave(
                 qw.scale.view(E8M0).float(), 32, dim=1)
             amax = codes.abs().reshape(codes.shape[0], -1, 32).amax(dim=-1)
             assert bool(((amax == 4) | (amax == 6)).all()), name
@@ -190,7 +190,7 @@ def _dequantized(ck: Checkpoint, name: str) -> torch.Tensor:
     """dsquant's reading of one stored tensor: dequantized to BF16 when it has a scale, else as stored."""
     module = name[: -len(".weight")]
     if name.endswith(".weight") and module + ".scale" in ck:
-        return dequantize(read_quantized(module, ck, ck.quantization_config), torch.bfloat16)
+        return read_quantized(module, ck, ck.quantization_config).dequantize(torch.bfloat16)
     return ck.get(name)
 
 

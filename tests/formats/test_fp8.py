@@ -168,3 +168,14 @@ def test_sign_symmetry(spec):
     assert torch.equal(s, sn)
     assert torch.equal(qn.view(torch.uint8), q.view(torch.uint8) ^ 0x80)
     assert torch.equal(dequantize_fp8(qn, sn, torch.float32), -dequantize_fp8(q, s, torch.float32))
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300)], ids=["block_multiple", "ragged"])
+def test_dequantize_fp8_block_is_the_expanded_product(shape):
+    """Whole 128x128 blocks broadcast the scale grid instead of expanding it: the same float32 products."""
+    from dsquant.formats.fp8 import expand_block_scale
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    q, s = quantize_fp8_block(w)
+    want = (q.float() * expand_block_scale(s, shape)).bfloat16()
+    assert torch.equal(dequantize_fp8_block(q, s).view(torch.int16), want.view(torch.int16))

@@ -314,7 +314,7 @@ def test_stack_experts_matches_whole_stack_quantization(fmt, master_weights):
         parts["gate"].append(quant(w13[e, :INTER], gs))
         parts["up"].append(quant(w13[e, INTER:], gs))
         parts["down"].append(quant(w2[e]))
-    stacked = stack_experts("fp8_block" if fmt == "fp8" else fmt, parts["gate"], parts["up"], parts["down"])
+    stacked = stack_experts(fmt, parts["gate"], parts["up"], parts["down"])
     assert stacked.fmt == fmt
     for name in ("w13", "w2", "w13_scale", "w2_scale", "w13_global_scale", "w2_global_scale"):
         got, want = getattr(stacked, name), getattr(whole, name)

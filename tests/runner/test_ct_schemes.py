@@ -60,7 +60,7 @@ def test_fp8_channel_and_tensor_presets_evaluate_as_the_library_computes(tmp_pat
     for name, mod in model.named_modules():
         if not isinstance(mod, QuantLinear) or mod.in_features != model.args.dim or name == "lm_head":
             continue
-        assert mod.w.fmt == "fp8_channel", name
+        assert mod.w.fmt == "fp8-channel", name
         local = {n[len(name) + 1:]: ckpt.get(n) for n in ckpt.infos if n.startswith(name + ".")}
         expected = _library_output(mod, local, scheme, x)
         actual = mod(x)
@@ -98,7 +98,7 @@ def test_mxfp4_recipe_experts_run_weight_only(tmp_path, bf16_source):
         experts += 1
     assert experts >= 8
     attn = model.model.layers[0].self_attn.o_proj
-    assert (attn.w.fmt, attn.w.act) == ("fp8_block", "fp8_group")
+    assert (attn.w.fmt, attn.w.act) == ("fp8-block", "fp8_group")
 
 
 def test_mxfp4_demo_logits_match_a_weight_only_reference(tmp_path):
@@ -107,7 +107,7 @@ def test_mxfp4_demo_logits_match_a_weight_only_reference(tmp_path):
     quantization (attention keeps its FP8-block weights and activations in both)."""
     from dsquant.convert import convert
     from dsquant.demo import ASSET_DIR
-    from dsquant.runner.linear import LinearWeight
+    from dsquant.formats.weight import QuantizedWeight
 
     dst = tmp_path / "demo-mxfp4"
     convert(ASSET_DIR, dst, "mxfp4", convention="compressed-tensors", progress=False)
@@ -122,7 +122,7 @@ def test_mxfp4_demo_logits_match_a_weight_only_reference(tmp_path):
         if isinstance(mod, QuantLinear) and ".mlp.experts." in name:
             local = {n[len(name) + 1:]: ckpt.get(n) for n in ckpt.infos if n.startswith(name + ".")}
             w = BaseCompressor.get_value_from_registry("mxfp4-pack-quantized").decompress(local, scheme)["weight"]
-            mod.set_weight(LinearWeight("bf16", w.float()), name=name)
+            mod.set_weight(QuantizedWeight("bf16", w.float()), name=name)
             replaced += 1
     assert replaced == 3 * 8 * 3  # gate/up/down of 8 experts in each of the 3 MoE layers
     tokens = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(2))

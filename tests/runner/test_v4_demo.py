@@ -61,7 +61,7 @@ def test_v4_demo_logits_are_transformers(tmp_path):
 
     ours = Transformer(V4Args.from_config(config)).eval()
     load_tensors(ours, quantized, config["quantization_config"], act="none")
-    assert {m.w.fmt for m in ours.modules() if getattr(m, "w", None) is not None} == {"bf16", "fp8_block", "mxfp4"}
+    assert {m.w.fmt for m in ours.modules() if getattr(m, "w", None) is not None} == {"bf16", "fp8-block", "mxfp4"}
     text = (V4_ASSET_DIR.parent / "demo" / "eval" / "heldout.txt").read_bytes()[:300]
     tokens = torch.tensor([[config["bos_token_id"], *text]])  # byte-level: ids are the bytes
     with torch.no_grad():

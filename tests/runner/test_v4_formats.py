@@ -70,7 +70,7 @@ def test_v4_stored_formats_match_transformers_dequantized(tmp_path, fp4_experts)
     ours = Transformer(V4Args.from_config(CONFIG)).eval()
     load_tensors(ours, load_file(str(tmp_path / "model.safetensors")), CONFIG["quantization_config"], act="none")
     fmts = {m.w.fmt for m in ours.modules() if getattr(m, "w", None) is not None}
-    assert fmts == ({"bf16", "fp8_block", "mxfp4"} if fp4_experts else {"bf16", "fp8_block"})
+    assert fmts == ({"bf16", "fp8-block", "mxfp4"} if fp4_experts else {"bf16", "fp8-block"})
 
     tokens = torch.randint(0, CONFIG["vocab_size"], (1, 140), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

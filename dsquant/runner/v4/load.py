@@ -1,7 +1,7 @@
 """Fill a DeepSeek-V4 runner model from tensors under the official (unprefixed) checkpoint names.
 
 Every runner module is named as the checkpoint names it (v4/model.py), so each module reads its own tensors
-`<module>.<attr>`: linears read `<module>.weight` (+ `<module>.scale`) into a LinearWeight, every other
+`<module>.<attr>`: linears read `<module>.weight` (+ `<module>.scale`) into a QuantizedWeight, every other
 tensor fills the module's buffer of that name. Official linears:
     BF16/F32           weight as stored, no scale
     FP8                weight float8_e4m3fn [N, K] + scale [ceil(N/128), ceil(K/128)] (E8M0 instruct, F32 Base),
@@ -19,10 +19,13 @@ Tensors of modules the runner does not build (`mtp.*`) are not read.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from dsquant.formats.ondisk import read_quantized
-from dsquant.runner.linear import LinearWeight, QuantLinear
+from dsquant.formats.weight import QuantizedWeight
+from dsquant.runner.linear import QuantLinear
 from dsquant.runner.v4.model import Transformer
 
 
@@ -42,25 +45,24 @@ class _ScaleAsInv:
         return self.tensors[self._name(name)]
 
 
-def read_linear(tensors, prefix: str, quant_config: dict | None, act: str | None = None) -> LinearWeight:
-    """The official tensors of linear `prefix` -> LinearWeight (ValueError names the module and the problem)."""
+def read_linear(tensors, prefix: str, quant_config: dict | None, act: str | None = None) -> QuantizedWeight:
+    """The official tensors of linear `prefix` -> QuantizedWeight (ValueError names the module and the problem)."""
     w = tensors[f"{prefix}.weight"]
     if w.dtype in (torch.int8, torch.uint8) and f"{prefix}.scale" in tensors:  # packed FP4 experts
         scale = tensors[f"{prefix}.scale"]
         if tuple(scale.shape) != (w.shape[0], w.shape[1] * 2 // 32) or scale.element_size() != 1:
             raise ValueError(f"{prefix}: FP4 weight {tuple(w.shape)} needs an E8M0 scale of shape "
                              f"{(w.shape[0], w.shape[1] * 2 // 32)}, got {scale.dtype} {tuple(scale.shape)}")
-        return LinearWeight("mxfp4", w.view(torch.uint8), scale.view(torch.uint8), act=act)
+        return QuantizedWeight("mxfp4", w.view(torch.uint8), scale.view(torch.uint8), act=act)
     if f"{prefix}.weight_scale_2" in tensors:  # NVIDIA's hybrid: ModelOpt NVFP4 experts in an fp8 checkpoint
         qw = read_quantized(prefix, tensors, {"quant_method": "modelopt"})
-        return LinearWeight("nvfp4", qw.q, qw.scale, qw.global_scale, qw.input_scale, act=act)
+        return replace(qw, act=act)
     qw = read_quantized(prefix, _ScaleAsInv(tensors, prefix), quant_config or {"quant_method": "fp8"})
-    if qw.fmt == "fp8-block":
-        n, k = qw.q.shape
-        if tuple(qw.scale.shape) != (-(-n // 128), -(-k // 128)):
-            raise ValueError(f"{prefix}: scale shape {tuple(qw.scale.shape)} is not the 128x128 grid of {(n, k)}")
-        return LinearWeight("fp8_block", qw.q, qw.scale, act=act)
-    return LinearWeight(qw.fmt, qw.q)
+    if qw.format.block_grid:
+        if tuple(qw.scale.shape) != qw.format.scale_shape(qw.shape):
+            raise ValueError(f"{prefix}: scale shape {tuple(qw.scale.shape)} is not the 128x128 grid of {qw.shape}")
+        return replace(qw, act=act)
+    return qw
 
 
 def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, device="cpu",
@@ -77,8 +79,7 @@ def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, 
             if f"{prefix}weight" not in tensors:
                 raise ValueError(f"missing tensor {prefix}weight")
             w = read_linear(tensors, name, quant_config, act)
-            w = LinearWeight(w.fmt, *(None if t is None else t.to(device)
-                                      for t in (w.q, w.scale, w.global_scale, w.input_scale)), act=w.act)
+            w = w.apply(lambda t: t.to(device))
             mod.set_weight(w, name=name)
             nbytes += w.nbytes
             continue
