@@ -29,7 +29,7 @@ class Block(nn.Module):
         super().__init__()
         self.args = args
         self.attn = Attention(args, layer, ops, impl)
-        self.ffn = MoE(args, layer, impl)
+        self.ffn = MoE(args, layer, impl, ops)
         self.attn_norm = RMSNorm(args.dim, args.rms_norm_eps, ops)
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps, ops)
         for site in ("attn", "ffn"):
