@@ -18,6 +18,7 @@ from dsquant.runner.model import Embedding, RMSNorm
 from dsquant.runner.ops import KernelOps
 from dsquant.runner.v4.args import V4Args
 from dsquant.runner.v4.attention import Attention
+from dsquant.runner.v4.cache import LayerCache, V4Cache
 from dsquant.runner.v4.hyper import hc_head, hc_post, hc_pre
 from dsquant.runner.v4.moe import MoE
 
@@ -36,35 +37,21 @@ class Block(nn.Module):
             for p in HC_PARAMS:
                 self.register_buffer(f"hc_{site}_{p}", None)
 
-    def forward(self, x: torch.Tensor, ropes: dict, tokens: torch.Tensor) -> torch.Tensor:
-        """Streams x [B, S, n, D], tokens [B, S] (hash routing) -> streams [B, S, n, D]."""
+    def forward(
+        self, x: torch.Tensor, ropes: dict, tokens: torch.Tensor, start_pos: int = 0, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """Streams x [B, S, n, D], tokens [B, S] (hash routing) at positions start_pos .. -> streams [B, S, n, D]."""
         y, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.args)
-        x = hc_post(x, self.attn(self.attn_norm(y), ropes), post, comb)
+        x = hc_post(x, self.attn(self.attn_norm(y), ropes, start_pos, cache), post, comb)
         y, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.args)
         return hc_post(x, self.ffn(self.ffn_norm(y), tokens), post, comb)
-
-
-class PrefixCache:
-    """What the V4 runner keeps between calls: the tokens so far. Each call re-runs the whole prefix (exact, no
-    stored window or compressed entries; a decode step costs a prefill of the sequence)."""
-
-    def __init__(self):
-        self.tokens: torch.Tensor | None = None
-
-    def extend(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """tokens [B, S] at positions start_pos.. -> the whole sequence [B, start_pos + S]."""
-        held = 0 if self.tokens is None else self.tokens.shape[1]
-        if start_pos > held:
-            raise ValueError(f"positions from {start_pos} asked of a cache holding {held} tokens")
-        self.tokens = tokens if start_pos == 0 else torch.cat([self.tokens[:, :start_pos], tokens], dim=1)
-        return self.tokens
 
 
 class Transformer(nn.Module):
     """DeepSeek-V4 decoder. forward(tokens [B, S], start_pos, cache) -> logits float32 [B, S, vocab].
 
-    Without a cache tokens start at position 0; with a PrefixCache, at start_pos after the tokens it holds
-    (the V3 runner's calling convention, so eval and generate drive both). Weights are filled by v4/load.py.
+    Without a cache tokens start at position 0; with a V4Cache (v4/cache.py), at start_pos: 0 or the positions it
+    holds (the V3 runner's calling convention, so eval and generate drive both). Weights are filled by v4/load.py.
     """
 
     def __init__(self, args: V4Args, impl: str = "reference", dtype: torch.dtype = torch.float32):
@@ -84,20 +71,22 @@ class Transformer(nn.Module):
         if self._ropes is None or self._ropes["main"][0].shape[0] < max_pos or self._ropes["main"][0].device != device:
             n = max(max_pos, 1 << (max_pos - 1).bit_length())
             a = self.args
-            tables = {"main": rope_cache_ref(a.rope_head_dim, n, a.rope_theta),
-                      "compress": rope_cache_ref(a.rope_head_dim, n, a.compress_rope_theta, a.compress_rope_scaling())}
+            tables = {
+                "main": rope_cache_ref(a.rope_head_dim, n, a.rope_theta),
+                "compress": rope_cache_ref(a.rope_head_dim, n, a.compress_rope_theta, a.compress_rope_scaling()),
+            }
             self._ropes = {k: (cos.to(device), sin.to(device)) for k, (cos, sin) in tables.items()}
         return self._ropes
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: PrefixCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: V4Cache | None = None) -> torch.Tensor:
+        if cache is None and start_pos:
+            raise ValueError("the V4 runner needs a V4Cache to continue a sequence at start_pos > 0")
         if cache is not None:
-            return self.forward(cache.extend(tokens, start_pos))[:, start_pos:]
-        if start_pos:
-            raise ValueError("the V4 runner needs a PrefixCache to continue a sequence at start_pos > 0")
-        ropes = self.ropes(tokens.shape[1], tokens.device)
+            cache.advance(start_pos, tokens.shape[1])
+        ropes = self.ropes(start_pos + tokens.shape[1], tokens.device)
         x = self.streams(tokens)
-        for layer in self.layers:
-            x = layer(x, ropes, tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ropes, tokens, start_pos, None if cache is None else cache.layers[i])
         return self.logits(x)
 
     def streams(self, tokens: torch.Tensor) -> torch.Tensor:
