@@ -23,7 +23,6 @@ _MISSING = {
     V4: {
         "kv_cache": "the DeepSeek-V4 runner keeps its window and compressed entries in the activation dtype, with "
                     "no FP8 KV cache (--kv-cache bf16)",
-        "mtp": "the DeepSeek-V4 runner does not build the MTP block",
     },
 }  # fmt: skip
 
@@ -64,6 +63,14 @@ def new_cache(model: torch.nn.Module, batch: int, max_len: int, kv_cache: str = 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.layers if isinstance(model, V4Transformer) else model.model.layers
+
+
+def mtp_or_layer(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """Decoder layer `layer`; on DeepSeek-V4, layers from n_layers on are its MTP blocks (model.mtp), which V3
+    keeps among its decoder layers."""
+    if isinstance(model, V4Transformer) and layer >= model.args.n_layers:
+        return model.mtp[layer - model.args.n_layers]
+    return decoder_layers(model)[layer]
 
 
 def embed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

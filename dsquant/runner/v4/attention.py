@@ -142,7 +142,7 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         h, hd = args.n_heads, args.head_dim
-        self.ratio = args.compress_ratios[layer]
+        self.ratio = args.compress_ratios[layer] if layer < args.n_layers else 0  # the MTP block: sliding only
         self.rope_kind = "compress" if self.ratio else "main"
         self.wq_a = QuantLinear(args.dim, args.q_lora_rank, impl)
         self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, ops)

@@ -3,8 +3,8 @@
 Modules carry the official (unprefixed) checkpoint names, `layers.{i}.attn.wq_a`, `layers.{i}.ffn.experts.{e}.w1`,
 `layers.{i}.hc_attn_fn`, `hc_head_fn`, `embed`, `head`, so an official state dict loads by name (v4/load.py).
 Block: X <- hc_post(attn(attn_norm(hc_pre(X)))); X <- hc_post(ffn(ffn_norm(hc_pre(X)))) over hc_mult streams
-(hyper.py); the head collapses the streams (hc_head), normalises and projects. The MTP block is not built:
-logits for perplexity/KLD do not use it.
+(hyper.py); the head collapses the streams (hc_head), normalises and projects. The MTP block (`mtp.0`, built on
+request) does not take part in the logits; calibration runs it to see its experts' inputs (MTPBlock).
 """
 
 from __future__ import annotations
@@ -47,6 +47,24 @@ class Block(nn.Module):
         return hc_post(x, self.ffn(self.ffn_norm(y), tokens), post, comb)
 
 
+class MTPBlock(Block):
+    """DeepSeek-V4's MTP draft block, after the official MTPBlock: a sliding-window, score-routed Block fed
+    e_proj(enorm(embed(next tokens))) + h_proj(hnorm(X)) per stream, X the backbone's last streams. Official names
+    `mtp.0.{e_proj, h_proj, enorm, hnorm, norm, hc_head_*}` beside the Block's; embed and head are the backbone's."""
+
+    def __init__(self, args: V4Args, layer: int, ops: KernelOps, impl: str):
+        super().__init__(args, layer, ops, impl)
+        self.e_proj, self.h_proj = QuantLinear(args.dim, args.dim, impl), QuantLinear(args.dim, args.dim, impl)
+        self.enorm, self.hnorm, self.norm = (RMSNorm(args.dim, args.rms_norm_eps, ops) for _ in range(3))
+        for p in HC_PARAMS:
+            self.register_buffer(f"hc_head_{p}", None)
+
+    def draft(self, x: torch.Tensor, embedded: torch.Tensor, ropes: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """Backbone streams x [B, S, n, D], embedded next tokens [B, S, D] (tokens [B, S]) -> streams [B, S, n, D]."""
+        h = self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(x))
+        return self(h, ropes, tokens)
+
+
 class Transformer(nn.Module):
     """DeepSeek-V4 decoder. forward(tokens [B, S], start_pos, cache) -> logits float32 [B, S, vocab].
 
@@ -54,7 +72,7 @@ class Transformer(nn.Module):
     holds (the V3 runner's calling convention, so eval and generate drive both). Weights are filled by v4/load.py.
     """
 
-    def __init__(self, args: V4Args, impl: str = "reference", dtype: torch.dtype = torch.float32):
+    def __init__(self, args: V4Args, impl: str = "reference", dtype: torch.dtype = torch.float32, mtp: bool = False):
         super().__init__()
         self.args, self.impl, self.dtype = args, impl, dtype
         self.ops = KernelOps(impl)
@@ -64,6 +82,8 @@ class Transformer(nn.Module):
         self.head = QuantLinear(args.dim, args.vocab_size, impl)
         for p in HC_PARAMS:
             self.register_buffer(f"hc_head_{p}", None)
+        n_mtp = args.mtp_blocks() if mtp else 0
+        self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + i, self.ops, impl) for i in range(n_mtp))
         self._ropes: dict | None = None
 
     def ropes(self, max_pos: int, device: torch.device) -> dict:
