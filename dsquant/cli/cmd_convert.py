@@ -54,9 +54,10 @@ def _calibration(src: str | None, text_file: Path, device: str, method: str, row
         source = resolve_source(src)
     cal = calibrate_all(str(source), text, device=device, method=method, sample_rows=rows, threads=threads,
                         progress=progress)  # fmt: skip
-    log.info("calibration (%s): %d linear input scales; FP8 KV-cache scales per layer, max(amax / 448, 1), not "
-             "written (no engine loads an MLA k_scale from a DeepSeek checkpoint): %s", method,
-             len(cal.input_scales), cal.kv_scales())
+    log.info("calibration (%s): %d linear input scales", method, len(cal.input_scales))
+    if kv := cal.kv_scales():  # the MLA latent cache's (DeepSeek-V4 has none)
+        log.info("calibration: FP8 KV-cache scales per layer, max(amax / 448, 1), not written (no engine loads an "
+                 "MLA k_scale from a DeepSeek checkpoint): %s", kv)
     if idle := cal.idle_experts:
         worst = max(idle, key=idle.get)
         log.warning("calibration: %d routed expert(s) in %d MoE layer(s) saw no calibration token (layer %d: %d of "

@@ -48,10 +48,17 @@ def nvfp4_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> t
     return (div_ieee(block_amax, FP4_E2M1_MAX) / global_scale).clamp(max=FP8_E4M3_MAX).to(FP8_DTYPE)
 
 
+def _global(global_scale: torch.Tensor) -> torch.Tensor:
+    """A global scale as float32 []: or, given one per row ([..., 1], several), that, for rows of differing scales."""
+    g = global_scale.float()
+    return g.reshape(()) if g.numel() == 1 else g
+
+
 def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None, *, name: str = "tensor"):
     """x [M, K] -> (packed uint8 [M, K/2]; block_scale float8_e4m3fn [M, K/16]; global_scale float32 []).
 
-    Leading dims beyond the last are allowed and kept: [..., K] -> [..., K/2], [..., K/16].
+    Leading dims beyond the last are allowed and kept: [..., K] -> [..., K/2], [..., K/16]. A given global_scale
+    may also hold one value per row, [..., 1] (rows of several tensors at once, as a grouped GEMM's activations).
     """
     check_finite(x, name)
     k = x.shape[-1]
@@ -59,7 +66,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None, *,
     xf = x.float()
     if global_scale is None:
         global_scale = nvfp4_global_scale(xf.abs().amax())
-    global_scale = global_scale.float().reshape(())
+    global_scale = _global(global_scale)
     xb = xf.reshape(*x.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)  # [..., K/16, 16]
     block_scale = nvfp4_block_scale(xb.abs().amax(dim=-1), global_scale)  # [..., K/16] e4m3
     denom = (block_scale.float() * global_scale).unsqueeze(-1)
@@ -71,9 +78,9 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None, *,
 def dequantize_nvfp4(
     packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
-    """(packed [..., K/2], block_scale [..., K/16], global_scale []) -> dtype [..., K]."""
+    """(packed [..., K/2], block_scale [..., K/16], global_scale [] or per row [..., 1]) -> dtype [..., K]."""
     values = e2m1_to_float(unpack_fp4(packed))  # [..., K] float32
     k = values.shape[-1]
     vb = values.reshape(*values.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
-    scale = (block_scale.float() * global_scale.float().reshape(())).unsqueeze(-1)
+    scale = (block_scale.float() * _global(global_scale)).unsqueeze(-1)
     return (vb * scale).reshape(values.shape).to(dtype)

@@ -49,7 +49,7 @@ class Format:
     acts: the activation schemes serving engines pair with the format's kernels (they run no other combination;
         "none", weight-only, goes with any).
     fused_moe_act: the activation scheme dsquant.kernels.moe.fused_moe runs experts of this format with, None
-        where the runner loops over experts instead (NVFP4: W4A4 in the runner, W4A16 in that kernel).
+        where the runner loops over experts instead (NVFP4: W4A4, given the experts' static input scales).
     quantize: reference quantizer w [N, K] -> (q, scale[, global_scale]) (dsquant.formats), None for bf16.
     dequantize: (q, scale, global_scale, dtype) -> dense [N, K].
     ct_format: the `format` of a compressed-tensors config group holding it (None: not a compressed-tensors
@@ -130,7 +130,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            quantize=quantize_int8_per_channel, dequantize=lambda q, s, g, dtype: dequantize_int8(q, s, dtype),
            ct_format="int-quantized"),
     Format("nvfp4", element=torch.uint8, scale=torch.float8_e4m3fn, block=(1, NVFP4_BLOCK), pack=2,
-           has_global_scale=True, kernel_code=format_codes.NVFP4, act="nvfp4", acts=("nvfp4",), fused_moe_act=None,
+           has_global_scale=True, kernel_code=format_codes.NVFP4, act="nvfp4", acts=("nvfp4",), fused_moe_act="nvfp4",
            quantize=quantize_nvfp4, dequantize=lambda q, s, g, dtype: dequantize_nvfp4(q, s, g, dtype=dtype),
            ct_format="nvfp4-pack-quantized", modelopt_algo="NVFP4", expert_dtype="fp4"),
     Format("mxfp4", element=torch.uint8, scale=torch.uint8, block=(1, MXFP4_BLOCK), pack=2, has_global_scale=False,

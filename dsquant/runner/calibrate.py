@@ -10,6 +10,9 @@ sample_rows * (sum of the distinct input widths of the layer's linears) * activa
 (V3 MoE layer, 256 rows, BF16: 256 experts * (7168 + 2048) * 256 * 2 B = 1.2 GB on the device).
 DeepSeek-V4 streams the same way (its layers carry the hc_mult streams between them); scales are keyed by the
 official module names (`layers.L.ffn.experts.E.w1`), which its converter looks up, and it has no latent cache.
+Its MTP block (`mtp.0`) streams after the last layer (runner/offload.py), fed the backbone's last streams and the
+next tokens, so its experts get scales of their own (counted as layer n_layers); the DSpark draft of the 0731
+refresh is not run, and its experts keep the recipe default.
 
 Fused partners read the same input and share one value: up_proj takes gate_proj's, kv_a_proj_with_mqa
 takes q_a_proj's, DeepSeek-V4's w3 takes w1's (only the first of each pair is sampled). Experts that
@@ -57,9 +60,9 @@ from dsquant.runner.perplexity import make_windows
 from dsquant.runner.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-# a routed expert's linear, V3 (model.layers.L.mlp.experts.E.gate_proj) or V4 (layers.L.ffn.experts.E.w1):
-# groups (experts prefix, layer, expert, projection)
-_EXPERT = re.compile(r"^((?:model\.)?layers\.(\d+)\.(?:mlp|ffn)\.experts)\.(\d+)\.(\w+)$")
+# a routed expert's linear, V3 (model.layers.L.mlp.experts.E.gate_proj) or V4 (layers.L.ffn.experts.E.w1, and
+# mtp.M.ffn.experts.E.w1 in its MTP block): groups (experts prefix, "mtp" or not, layer, expert, projection)
+_EXPERT = re.compile(r"^((?:model\.)?(layers|mtp)\.(\d+)\.(?:mlp|ffn)\.experts)\.(\d+)\.(\w+)$")
 # follower -> leader: linears fed the same tensor, sampled once, one shared scale
 PARTNERS = {"up_proj": "gate_proj", "kv_a_proj_with_mqa": "q_a_proj", "w3": "w1"}
 
@@ -114,11 +117,14 @@ def record(
                     s.sample(), s.amax, method=method, tol=tol, grid=grid)  # fmt: skip
         samples.clear()
 
+    n_layers = reader.args.n_layers
+
     def on_layer(layer: int, block: torch.nn.Module) -> None:
         settle()
+        prefix = layer_prefix(reader.family, layer) if layer < n_layers else f"mtp.{layer - n_layers}"  # V4's MTP
         for name, mod in block.named_modules():
             if isinstance(mod, QuantLinear) and name.rpartition(".")[2] not in PARTNERS:
-                full = f"{layer_prefix(reader.family, layer)}.{name}"
+                full = f"{prefix}.{name}"
                 samples[full] = RowSample(cap, seed=layer)
                 mod.register_forward_pre_hook(lambda m, args, s=samples[full]: s.add(args[0]))
         if reader.family == V3:  # the MLA latent cache; V4 stores none
@@ -127,7 +133,7 @@ def record(
 
     impl = "triton" if str(device).startswith("cuda") else "reference"
     for _ in stream_logits(ckpt, windows, impl=impl, device=device, batch_size=batch_size, on_layer=on_layer,
-                           progress=progress):  # fmt: skip
+                           progress=progress, mtp=reader.family != V3):  # fmt: skip
         pass
     settle()
     return cal
@@ -156,9 +162,10 @@ def finish(ckpt, cal: Calibration) -> Calibration:
     seen: dict[int, set[int]] = {layer: set() for layer in range(args.n_layers) if args.is_moe_layer(layer)}
     for name, v in cal.input_scales.items():
         if m := _EXPERT.match(name):
-            key = (m.group(1), m.group(4))
+            key = (m.group(1), m.group(5))
             per_proj[key] = max(per_proj.get(key, 0.0), v)
-            seen.setdefault(int(m.group(2)), set()).add(int(m.group(3)))
+            layer = int(m.group(3)) + (args.n_layers if m.group(2) == "mtp" else 0)  # V4's MTP: layer n_layers + M
+            seen.setdefault(layer, set()).add(int(m.group(4)))
     cal.n_routed_experts = n_experts
     cal.idle_experts = {layer: n_experts - len(e) for layer, e in sorted(seen.items()) if len(e) < n_experts}
     for (prefix, proj), v in per_proj.items():

@@ -15,15 +15,14 @@ from dsquant.checkpoint.names_v4 import is_v4
 from dsquant.runner.cache import PagedLatentCache
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.v4.args import V4Args
-from dsquant.runner.v4.model import PrefixCache
+from dsquant.runner.v4.cache import V4Cache
 from dsquant.runner.v4.model import Transformer as V4Transformer
 
 # family -> {feature: why it is refused}
 _MISSING = {
     V4: {
-        "kv_cache": "the DeepSeek-V4 runner recomputes attention from the window and compressed entries of the "
-                    "whole sequence, with no KV cache to store in FP8 (--kv-cache bf16)",
-        "mtp": "the DeepSeek-V4 runner does not build the MTP block",
+        "kv_cache": "the DeepSeek-V4 runner keeps its window and compressed entries in the activation dtype, with "
+                    "no FP8 KV cache (--kv-cache bf16)",
     },
 }  # fmt: skip
 
@@ -46,18 +45,26 @@ def require(family: str, feature: str, where: str) -> None:
 
 def new_cache(model: torch.nn.Module, batch: int, max_len: int, kv_cache: str = "bf16", device="cpu"):
     """The cache model(tokens, start_pos, cache) continues from: V3's paged latent cache (bf16 or fp8), V4's
-    PrefixCache (bf16 only: it holds tokens, not keys)."""
+    window and compressed entries (V4Cache, in the activation dtype: bf16 only)."""
     a = model.args
     if isinstance(a, V4Args):
         if kv_cache != "bf16":
             require(V4, "kv_cache", f"--kv-cache {kv_cache}")
-        return PrefixCache()
+        return V4Cache(a.n_layers)
     return PagedLatentCache(a.n_layers, batch, max_len, a.kv_lora_rank, a.qk_rope_head_dim, kv_dtype=kv_cache,
                             device=device, impl=model.impl)  # fmt: skip
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.layers if isinstance(model, V4Transformer) else model.model.layers
+
+
+def mtp_or_layer(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """Decoder layer `layer`; on DeepSeek-V4, layers from n_layers on are its MTP blocks (model.mtp), which V3
+    keeps among its decoder layers."""
+    if isinstance(model, V4Transformer) and layer >= model.args.n_layers:
+        return model.mtp[layer - model.args.n_layers]
+    return decoder_layers(model)[layer]
 
 
 def embed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

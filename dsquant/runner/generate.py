@@ -1,6 +1,7 @@
 """Text generation with the runner: prefill the prompt into the model's cache, then decode token by token.
 
-The cache is the family's (dsquant.runner.family.new_cache): V3's paged latent cache, V4's token prefix.
+The cache is the family's (dsquant.runner.family.new_cache): V3's paged latent cache, V4's window and
+compressed entries.
 
 Greedy at temperature 0; otherwise softmax(logits / temperature) sampled with top-k / top-p (the sample
 kernel on CUDA, its reference on CPU) from a seeded generator, so a given seed reproduces the text.
@@ -48,8 +49,10 @@ def generate(
     if context is not None and len(prompt_ids) + max_new_tokens > context[0]:
         room = context[0] - len(prompt_ids)
         fix = f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt"
-        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
-                         f"model's context, {context[0]} tokens ({context[1]}); {fix}")
+        raise ValueError(
+            f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
+            f"model's context, {context[0]} tokens ({context[1]}); {fix}"
+        )
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top-p <= 1, got {temperature} and {top_p}")
     eos = set(eos_id if isinstance(eos_id, list) else [] if eos_id is None else [eos_id])

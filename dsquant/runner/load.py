@@ -33,7 +33,7 @@ from dsquant.checkpoint.reader import Checkpoint
 from dsquant.formats.ondisk import read_quantized
 from dsquant.formats.registry import convention_of
 from dsquant.formats.weight import QuantizedWeight
-from dsquant.runner.family import V4, decoder_layers, family_of, model_args, require
+from dsquant.runner.family import V4, family_of, model_args, mtp_or_layer
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.model import MLA, Transformer, Weighted
 from dsquant.runner.schemes import activation_scheme
@@ -160,9 +160,7 @@ def load_model(
     args = reader.args
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if reader.family == V4:
-        if mtp:
-            require(V4, "mtp", str(reader.path))
-        return load_v4_model(reader, impl=impl, device=device, dtype=dtype, layers=layers), reader
+        return load_v4_model(reader, impl=impl, device=device, dtype=dtype, layers=layers, mtp=mtp), reader
     model = Transformer(args, impl=impl, dtype=dtype, mtp=mtp).eval()
     names = [k for k in reader.keys() if layer_index(k) is None]
     if layers:
@@ -180,9 +178,11 @@ def _non_layer_view(model: Transformer) -> torch.nn.Module:
 
 
 def load_layer(model: Transformer, reader: ModelCheckpoint, layer: int, device) -> int:
-    """Fill decoder layer `layer` from the checkpoint; returns its bytes."""
+    """Fill decoder layer `layer` from the checkpoint; returns its bytes. On DeepSeek-V4 the MTP block built
+    (model.mtp) counts as layer n_layers."""
     if reader.family == V4:
-        return load_v4_part(model, reader, f"layers.{layer}", device)
+        n = reader.args.n_layers
+        return load_v4_part(model, reader, f"layers.{layer}" if layer < n else f"mtp.{layer - n}", device)
     nbytes = _assign(model, reader, reader.layer_keys(layer), device)
     check_complete(model.model.layers[layer], f"{reader.path}: layer {layer}")
     return nbytes
@@ -190,7 +190,7 @@ def load_layer(model: Transformer, reader: ModelCheckpoint, layer: int, device) 
 
 def unload_layer(model: Transformer, layer: int) -> None:
     """Drop the layer's weights so only one layer stays resident while streaming."""
-    for mod in decoder_layers(model)[layer].modules():
+    for mod in mtp_or_layer(model, layer).modules():
         if hasattr(mod, "_stack"):  # MoE: the experts stacked for the fused kernel are a copy
             mod._stack = None
         if isinstance(mod, QuantLinear):

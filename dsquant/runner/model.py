@@ -19,6 +19,7 @@ from dsquant.kernels.mla.reference import mla_attention_ref
 from dsquant.kernels.rope.reference import rope_cache_ref
 from dsquant.runner.config import ModelArgs
 from dsquant.runner.dsa import Indexer
+from dsquant.runner.fused_experts import expert_stack, fused_routed
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.ops import KernelOps, kernels_can_run
 from dsquant.runner.routing import route
@@ -79,8 +80,16 @@ class MLA(nn.Module):
         ex = args.extra  # V3.2 (DeepseekV32ForCausalLM): sparse attention over the indexer's top-k keys
         self.indexer = None
         if ex.get("index_topk") and args.q_lora_rank:
-            self.indexer = Indexer(d, args.q_lora_rank, ex["index_n_heads"], ex["index_head_dim"],
-                                   args.qk_rope_head_dim, ex["index_topk"], LayerNorm(ex["index_head_dim"]), impl)
+            self.indexer = Indexer(
+                d,
+                args.q_lora_rank,
+                ex["index_n_heads"],
+                ex["index_head_dim"],
+                args.qk_rope_head_dim,
+                ex["index_topk"],
+                LayerNorm(ex["index_head_dim"]),
+                impl,
+            )
 
     def kv_b_weight(self) -> torch.Tensor:
         """kv_b_proj as float32 [H, nope + v, C], dequantized for this call (small: 32 MB on V3)."""
@@ -141,8 +150,9 @@ class Gate(Weighted):
         return route(logits, self.e_score_correction_bias, self.args)
 
 
-def experts_ref(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList,
-                counts: torch.Tensor) -> torch.Tensor:
+def experts_ref(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList, counts: torch.Tensor
+) -> torch.Tensor:
     """x [T, D], routing weights [T, k] and expert ids [T, k] -> float32 [T, D]: each token's routed experts
     weighted and summed, one expert at a time over the tokens it received (counts [E] > 0)."""
     y = torch.zeros_like(x, dtype=torch.float32)
@@ -153,14 +163,14 @@ def experts_ref(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
 
 
 class MoE(nn.Module):
-    """Routed experts + shared expert. On the triton path, experts stored as bf16, FP8-block, INT8 or
-    weight-only MXFP4 run through dsquant.kernels.moe.fused_moe (one grouped launch); NVFP4 experts (W4A4
-    here, W4A16 in that kernel) and the reference path loop over the experts' own linears."""
+    """Routed experts + shared expert. On the triton path, experts whose stored format the fused kernel executes
+    (dsquant.runner.fused_experts) run through dsquant.kernels.moe.fused_moe (one grouped launch); other formats
+    and the reference path loop over the experts' own linears."""
 
     def __init__(self, args: ModelArgs, impl: str, ops: KernelOps | None = None):
         super().__init__()
         self.ops = ops
-        self._stack: tuple | None = None  # (identity of the loaded weights, ExpertWeights)
+        self._stack: tuple | None = None  # (identity of the loaded weights, FusedExperts)
         self.gate = Gate(args)
         self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim, impl) for _ in range(args.n_routed_experts))
         self.shared_experts = (
@@ -172,20 +182,8 @@ class MoE(nn.Module):
         """The experts stacked for fused_moe (built once per load), or None when the loop must run."""
         if self.ops is None or self.ops.impl != "triton" or not kernels_can_run(x) or self.training:
             return None
-        ws = [(e.gate_proj.w, e.up_proj.w, e.down_proj.w) for e in self.experts]
-        if any(w is None for t in ws for w in t):
-            return None
-        kinds = {(w.fmt, w.act) for t in ws for w in t}
-        fmt = ws[0][0].format
-        if len(kinds) != 1 or fmt.fused_moe_act != ws[0][0].act:
-            return None
-        key = id(ws[0][0].q)
-        if self._stack is None or self._stack[0] != key:
-            from dsquant.kernels.moe import stack_experts
-
-            parts = [[(w.q, w.scale, w.global_scale) for w in col] for col in zip(*ws)]
-            self._stack = (key, stack_experts(fmt.kernel_code, *parts))
-        return self._stack[1]
+        self._stack = expert_stack(self._stack, [(e.gate_proj, e.up_proj, e.down_proj) for e in self.experts])
+        return None if self._stack is None else self._stack[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -195,14 +193,9 @@ class MoE(nn.Module):
         self.last_counts = counts
         stack = self._fused_stack(x)
         if stack is not None:
-            from dsquant.kernels.moe import fused_moe
-
-            y = fused_moe(x.to(torch.bfloat16), stack.w13, stack.w2, weights, ids.to(torch.int32), fmt=stack.fmt,
-                          w13_scale=stack.w13_scale, w2_scale=stack.w2_scale).float()  # fmt: skip
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(x).float()
-            return y.to(x.dtype).view(shape)
-        y = experts_ref(x, weights, ids, self.experts, counts)
+            y = fused_routed(x, weights, ids, stack)
+        else:
+            y = experts_ref(x, weights, ids, self.experts, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)

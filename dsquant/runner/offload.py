@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsquant.devices import current_device
-from dsquant.runner.family import decoder_layers, embed, logits, new_cache, run_layer
+from dsquant.runner.family import decoder_layers, embed, logits, mtp_or_layer, new_cache, run_layer
 from dsquant.runner.linear import QuantLinear
 from dsquant.runner.load import load_layer, load_model, unload_layer
 from dsquant.runner.model import Transformer
@@ -77,7 +77,7 @@ class _Resident:
 def stream_logits(
     path, windows: torch.Tensor, *, impl: str = "reference", device: str = "cpu", kv_cache: str = "bf16",
     batch_size: int = 8, stats: StreamStats | None = None, on_layer=None, devices: list[str] | None = None,
-    progress=None,
+    progress=None, mtp: bool = False,
 ):  # fmt: skip
     """Yield (first window index, logits float32 [b, S, V]) per batch, after streaming all layers.
 
@@ -89,10 +89,11 @@ def stream_logits(
     on_layer(layer index, block) is called once each layer is loaded, before it runs (calibration
     registers its hooks there); with several devices it is called once per device's copy of the layer,
     from that device's thread. progress (a dsquant.progress.Progress) counts each layer as its share of the
-    windows' tokens."""
+    windows' tokens. mtp (DeepSeek-V4): then stream its MTP block too, as layer n_layers (calibration sees its
+    inputs; the logits stay the backbone's)."""
     stats = stats if stats is not None else StreamStats()
     devs = [str(d) for d in devices] if devices else [str(device)]
-    parts = [_DevicePart(path, d, impl) for d in devs]
+    parts = [_DevicePart(path, d, impl, mtp) for d in devs]
     stats.non_layer_bytes = parts[0].resident.bytes()
     a = parts[0].model.args
     for j, i in enumerate(range(0, len(windows), batch_size)):
@@ -111,6 +112,9 @@ def stream_logits(
                                  "compute_s": max(t[2] for t in timings)})  # fmt: skip
             if progress is not None:
                 progress.update(windows.numel() / a.n_layers)
+        for block in range(len(getattr(parts[0].model, "mtp", ()))):
+            for r in [pool.submit(part.run_mtp, a.n_layers + block, on_layer) for part in parts]:
+                r.result()
     stats.peak_resident_bytes = max(part.resident.peak for part in parts)
     heads = sorted(((j, h, part) for part in parts for j, h, _ in part.hidden), key=lambda x: x[0])
     for j, h, part in heads:
@@ -124,9 +128,9 @@ def stream_logits(
 class _DevicePart:
     """One device's share of a streamed pass: its model skeleton, reader and the hidden states of its batches."""
 
-    def __init__(self, path, device: str, impl: str):
+    def __init__(self, path, device: str, impl: str, mtp: bool = False):
         self.device = device
-        self.model, self.reader = load_model(path, impl=impl, device=device, layers=False)
+        self.model, self.reader = load_model(path, impl=impl, device=device, layers=False, mtp=mtp)
         self.resident = _Resident()
         self.resident.track(self.model)
         self.hidden: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (batch index, [b, S, (n,) D], tokens)
@@ -151,6 +155,22 @@ class _DevicePart:
             t2 = time.perf_counter()
             unload_layer(model, layer)
             return nbytes, t1 - t0, t2 - t1
+
+
+    def run_mtp(self, layer: int, on_layer) -> None:
+        """DeepSeek-V4's MTP block `layer` - n_layers over this device's batches: position t takes the backbone's
+        last streams at t and token t + 1; its output is dropped (the hidden states stay the backbone's)."""
+        with current_device(self.device):
+            model = self.model
+            load_layer(model, self.reader, layer, self.device)
+            block = mtp_or_layer(model, layer)
+            if on_layer is not None:
+                on_layer(layer, block)
+            with torch.no_grad():
+                for _, h, tokens in self.hidden:
+                    nxt = tokens[:, 1:]
+                    block.draft(h[:, :-1], model.embed(nxt, model.dtype), model.ropes(nxt.shape[1], h.device), nxt)
+            unload_layer(model, layer)
 
 
 def _read_layer(reader, layer: int) -> tuple[dict[str, torch.Tensor], float]:

@@ -12,6 +12,10 @@ see (spec: reference.expert_mlp_ref):
     mxfp4  significant bits), global scale on the accumulator; MXFP4 the same with power-of-two scales and no global
            scale. Decode tiles make two dots, the even and odd K elements (low and high nibbles), so the packed bytes
            are never interleaved
+    nvfp4 with input scales (W4A4 numerics, DeepSeek-V4's NVFP4 experts): each slot's activation rows are NVFP4
+           quantize-dequantized with its expert's scale in torch before each GEMM (x per slot, the SwiGLU output
+           between the kernels) and the bf16 result is the A operand, as dsquant.runner.linear's NVFP4 path
+SwiGLU clamp (swiglu_limit L > 0, DeepSeek-V4): the gate_up epilogue takes min(gate, L) and clamp(up, -L, L).
 Padding rows (slot == T*k) load zeros and are never stored, so a NaN anywhere outside the real rows cannot leak.
 """
 
@@ -24,7 +28,14 @@ from dsquant.kernels import format_codes
 from dsquant.kernels.fp4_decode import e2m1_groups_bf16, e8m0_to_bf16
 from dsquant.kernels.fp8_cast import cast_fp8, fp8_scale
 from dsquant.kernels.moe.align import moe_align
-from dsquant.kernels.moe.reference import ExpertWeights, as_stack, check_expert_weights, expert_format
+from dsquant.kernels.moe.reference import (
+    ExpertWeights,
+    as_stack,
+    check_expert_weights,
+    check_input_scales,
+    expert_format,
+    quantize_dequantize_activation,
+)
 from dsquant.kernels.quant.triton import quantize_fp8_per_token_group, quantize_int8_per_token
 from dsquant.kernels.tile_order import grouped_tile
 
@@ -97,9 +108,10 @@ def _mainloop(a_ptr, a_scale_ptr, rows_a, rows_as, row_ok, w_ptr, s_ptr, rows_w,
 @triton.jit
 def _moe_gate_up_kernel(
     a_ptr, a_scale_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, out_scale_ptr, sorted_ptr, expert_ids_ptr, total_ptr,
-    numel, n_m_blocks, K, INTER, TOPK,
+    numel, n_m_blocks, K, INTER, TOPK, limit,
     stride_am, stride_asm, stride_we, stride_wn, stride_se, stride_sn, stride_om, stride_osm,
     FMT: tl.constexpr, QUANT_A: tl.constexpr, QUANT_OUT: tl.constexpr, FP4_PARITY_DOTS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     n_n_tiles = tl.num_programs(0) // n_m_blocks
@@ -131,6 +143,9 @@ def _moe_gate_up_kernel(
     g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     g = g.to(tl.bfloat16).to(tl.float32)
     u = u.to(tl.bfloat16).to(tl.float32)
+    if HAS_LIMIT:  # DeepSeek-V4's clamped SwiGLU
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
     act = (g * (1.0 / (1.0 + tl.exp(-g))) * u).to(tl.bfloat16)  # [BM, BN]
     out_rows = slot * stride_om
     if QUANT_OUT:  # BLOCK_N == 128: this tile is one 1x128 group of every row
@@ -204,8 +219,10 @@ def default_tiles(numel: int, num_experts: int, fmt: str) -> dict:
                 num_stages=max(2, min(4, int(200_000 // stage_bytes))), prequant=rows_per_expert > 64)
 
 
-def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, expert_ids, total, tiles) -> torch.Tensor:
-    """Both grouped GEMMs for aligned rows -> bf16 [T*k, H], each slot's expert output times its weight."""
+def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, expert_ids, total, tiles,
+               limit: float = 0.0, act_scale_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Both grouped GEMMs for aligned rows -> bf16 [T*k, H], each slot's expert output times its weight.
+    act_scale_rows: float32 [T*k, 1], the NVFP4 activation scale of each slot's down projection."""
     t, h = x.shape
     numel = t * k
     fmt = format_codes.MOE_FORMATS[ew.fmt]
@@ -227,11 +244,14 @@ def _run_stack(x, ew: ExpertWeights, inter: int, flat_weights, k, sorted_ids, ex
     gs13 = ew.w13_global_scale.float().reshape(-1) if ew.w13_global_scale is not None else s13
     _moe_gate_up_kernel[(n_m * (inter // bn),)](
         a, a_scale, ew.w13, s13, gs13, act, act_scale, sorted_ids, expert_ids, total,
-        numel, n_m, h, inter, k,
+        numel, n_m, h, inter, k, float(limit),
         a.stride(0), a_scale.stride(0), ew.w13.stride(0), ew.w13.stride(1), s13.stride(0), s13.stride(1),
-        act.stride(0), act_scale.stride(0), FMT=fmt, QUANT_A=quant_a, QUANT_OUT=quant_out, **launch)
+        act.stride(0), act_scale.stride(0), FMT=fmt, QUANT_A=quant_a, QUANT_OUT=quant_out, HAS_LIMIT=limit > 0,
+        **launch)
     if fmt == format_codes.INT8:
         act, act_scale = quantize_int8_per_token(act)
+    if act_scale_rows is not None:
+        act = quantize_dequantize_activation(ew.fmt, act, act_scale_rows).to(torch.bfloat16)
     out = torch.empty((numel, h), dtype=torch.bfloat16, device=dev)
     s2 = ew.w2_scale if ew.w2_scale is not None else ew.w2
     gs2 = ew.w2_global_scale.float().reshape(-1) if ew.w2_global_scale is not None else s2
@@ -267,6 +287,9 @@ def fused_moe(
     w13_global_scale: torch.Tensor | None = None,
     w2_global_scale: torch.Tensor | None = None,
     shared: ExpertWeights | None = None,
+    swiglu_limit: float = 0.0,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
     tiles: dict | None = None,
 ) -> torch.Tensor:
     """Routed experts plus the optional shared expert, on CUDA (spec and layouts: reference.fused_moe_ref).
@@ -277,6 +300,9 @@ def fused_moe(
         topk_weights: float32 [T, k]; topk_ids: int32 [T, k] in [0, E) (deepseek_route's output).
         fmt: "bf16" | "fp8" | "int8" | "nvfp4" | "mxfp4"; the scales as in reference.py.
         shared: the shared expert (weight 1 per token), ExpertWeights in any format.
+        swiglu_limit: L > 0 clamps gate and up before the SiLU product (routed and shared experts).
+        a13_scale, a2_scale: float32 [E] NVFP4 activation global scales of the routed experts (nvfp4 only;
+            module docstring). They cost a host sync (the quantizer's finiteness check) and a [T*k, H] copy of x.
         tiles: overrides of the routed experts' tile choice (keys of default_tiles; benchmarks sweep them).
     Returns:
         [T, H] bf16. No host sync: CUDA-graph capturable for a fixed T.
@@ -286,6 +312,7 @@ def fused_moe(
     num_experts, inter = check_expert_weights(routed, x.shape[1], "experts")
     if inter % 128:
         raise ValueError(f"experts: intermediate size I={inter} must be a multiple of 128")
+    check_input_scales(fmt, num_experts, a13_scale, a2_scale)
     t, h = x.shape
     k = topk_ids.shape[1]
     if t == 0:  # no launch with an empty grid
@@ -293,8 +320,15 @@ def fused_moe(
     x = x.contiguous()
     tiles = default_tiles(t * k, num_experts, fmt) | (tiles or {})
     sorted_ids, expert_ids, total = moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, tiles["BLOCK_M"])
-    y = _run_stack(x, routed, inter, topk_weights.float().contiguous().view(-1), k, sorted_ids, expert_ids, total,
-                   tiles)
+    flat_w = topk_weights.float().contiguous().view(-1)
+    if a13_scale is None:
+        y = _run_stack(x, routed, inter, flat_w, k, sorted_ids, expert_ids, total, tiles, swiglu_limit)
+    else:  # one activation row per slot, quantized with its expert's scale; the kernels then see k = 1
+        slot_expert = topk_ids.reshape(-1).long()
+        xs = quantize_dequantize_activation(fmt, x.repeat_interleave(k, dim=0),
+                                            a13_scale.float().reshape(-1)[slot_expert, None]).to(torch.bfloat16)
+        y = _run_stack(xs, routed, inter, flat_w, 1, sorted_ids, expert_ids, total, tiles, swiglu_limit,
+                       a2_scale.float().reshape(-1)[slot_expert, None])
     out = y.view(t, k, h).sum(dim=1, dtype=torch.float32)  # [T, H] fp32, the weighted combine
     if shared is not None:
         sh = as_stack(shared)
@@ -306,5 +340,5 @@ def fused_moe(
         ids = torch.arange(n_blocks * sh_tiles["BLOCK_M"], dtype=torch.int32, device=x.device)  # >= T: padding
         zeros = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)
         total_sh = torch.full((1,), ids.numel(), dtype=torch.int32, device=x.device)
-        out += _run_stack(x, sh, sh_inter, None, 1, ids, zeros, total_sh, sh_tiles).float()
+        out += _run_stack(x, sh, sh_inter, None, 1, ids, zeros, total_sh, sh_tiles, swiglu_limit).float()
     return out.to(x.dtype)

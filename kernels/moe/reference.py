@@ -1,12 +1,14 @@
 """Fused MoE in plain torch, the spec the Triton kernels match: DeepSeek routing, token/expert alignment, expert MLPs.
 
-Routing (DeepSeek-V3 `inference/model.py` Gate; DeepSeek-V2 MoEGate for the softmax methods), all float32:
-    scores = sigmoid(logits) | softmax(logits)                          [T, E]
+Routing (DeepSeek-V3 `inference/model.py` Gate; DeepSeek-V2 MoEGate for the softmax methods; DeepSeek-V4 Gate for
+sqrtsoftplus and hash routing), all float32:
+    scores = sigmoid(logits) | softmax(logits) | sqrt(softplus(logits))  [T, E]  (softplus as torch's: x above 20)
     sel    = scores + e_score_correction_bias   (noaux_tc; else scores)
     groups (noaux_tc, group_limited_greedy, when n_group > 1): group score = sum of the two largest `sel` of the
            group (noaux_tc) or its max (group_limited_greedy); the topk_group best groups are kept, the experts of
            the others get -inf
-    ids    = the top_k largest `sel`
+    ids    = the top_k largest `sel`, or, hash routing (V4's first layers), tid2eid[token_ids] [T, top_k]: no
+             selection, the table names the experts
     w      = scores[ids] (unbiased); w /= sum(w) + 1e-20 when norm_topk_prob and top_k > 1 (HF MoEGate);
              w *= routed_scaling_factor
 Ties break towards the lowest index (groups and experts): a stable descending sort. NaN logits are not supported.
@@ -19,6 +21,7 @@ Expert MLP for one (token, expert) with weight w (`fmt` picks how weights and ac
     a   = x, or its fp8 1x128-group / int8 per-token quantize-dequantize (fp8 / int8)
     h   = bf16(a @ W13^T)            [2I]  gate = h[:I], up = h[I:]
     act = bf16(silu(gate) * up)      [I]   (silu in float32), then quantize-dequantized like a
+    act = bf16(silu(min(gate, L)) * clamp(up, -L, L)) instead when swiglu_limit L > 0 (DeepSeek-V4)
     y   = act @ W2^T                 [H]   float32
     out[t] = sum_j w_j * y_j (+ the shared expert's y with weight 1), float32, cast to x.dtype at the end.
 Weights are dequantized with dsquant.formats (W13 [E, 2I, H], gate rows first; W2 [E, H, I]):
@@ -27,7 +30,10 @@ Weights are dequantized with dsquant.formats (W13 [E, 2I, H], gate rows first; W
     int8   w13 int8;                 w13_scale float32 [E, 2I, 1] (per output channel)
     nvfp4  w13 uint8 [E, 2I, H/2];   w13_scale float8_e4m3fn [E, 2I, H/16]; w13_global_scale float32 [E]
     mxfp4  w13 uint8 [E, 2I, H/2];   w13_scale uint8 E8M0 [E, 2I, H/32]
-and the same for w2 with (H, I) in place of (2I, H). NVFP4/MXFP4 are W4A16: activations stay bf16.
+and the same for w2 with (H, I) in place of (2I, H). NVFP4/MXFP4 are W4A16: activations stay bf16, unless NVFP4
+input scales are given (a13_scale, a2_scale float32 [E]: the activation global scale of each expert's gate/up and
+down, ModelOpt's input_scale), then each GEMM's activation rows are NVFP4 quantize-dequantized with the expert's
+scale (dsquant.formats.nvfp4) and the bf16 result is the A operand: W4A4 numerics on a W4A16 kernel.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from dsquant.kernels import format_codes
 
 from dsquant.formats.fp8 import quantize_fp8_per_token_group
 from dsquant.formats.int8 import quantize_int8_per_token
+from dsquant.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from dsquant.formats.registry import Format, of_kernel_code
 
-SCORING = ("sigmoid", "softmax")
+SCORING = ("sigmoid", "softmax", "sqrtsoftplus")
+SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x itself above this
 METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 FORMATS = tuple(format_codes.MOE_FORMATS)
 RENORM_EPS = 1e-20  # HF DeepseekV3/V2 MoEGate: denominator = sum + 1e-20
@@ -76,11 +84,19 @@ def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tens
     return hidden.float() @ gate_weight.float().t()
 
 
-def check_route_args(logits, bias, n_group, topk_group, top_k, scoring, method) -> None:
+def check_route_args(logits, bias, n_group, topk_group, top_k, scoring, method, tid2eid=None, token_ids=None) -> None:
     """ValueError for routing arguments that cannot describe a DeepSeek gate."""
     if logits.dim() != 2:
         raise ValueError(f"router logits: expected [T, E], got shape {tuple(logits.shape)}")
-    e = logits.shape[1]
+    t, e = logits.shape
+    if (tid2eid is None) != (token_ids is None):
+        raise ValueError("hash routing needs both tid2eid and token_ids")
+    if tid2eid is not None:
+        if tid2eid.dim() != 2 or tid2eid.shape[1] != top_k or tid2eid.dtype.is_floating_point:
+            raise ValueError(f"tid2eid: expected integer [V, top_k={top_k}], got {tid2eid.dtype} "
+                             f"{tuple(tid2eid.shape)}")
+        if tuple(token_ids.shape) != (t,) or token_ids.dtype.is_floating_point:
+            raise ValueError(f"token_ids: expected integer [T={t}], got {token_ids.dtype} {tuple(token_ids.shape)}")
     if scoring not in SCORING:
         raise ValueError(f"scoring {scoring!r}: choose one of {SCORING}")
     if method not in METHODS:
@@ -100,6 +116,15 @@ def _top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+def route_scores(x: torch.Tensor, scoring: str) -> torch.Tensor:
+    """float32 logits [T, E] -> the gate's scores [T, E]."""
+    if scoring == "sigmoid":
+        return torch.sigmoid(x)
+    if scoring == "softmax":
+        return torch.softmax(x, dim=-1)
+    return torch.nn.functional.softplus(x, threshold=SOFTPLUS_THRESHOLD).sqrt()
+
+
 def deepseek_route_ref(
     logits: torch.Tensor,
     e_score_correction_bias: torch.Tensor | None = None,
@@ -111,6 +136,8 @@ def deepseek_route_ref(
     norm_topk_prob: bool = True,
     scoring: str = "sigmoid",
     method: str = "noaux_tc",
+    tid2eid: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek router on precomputed logits (see router_logits).
 
@@ -119,13 +146,19 @@ def deepseek_route_ref(
         e_score_correction_bias: float32 [E], added for selection only (noaux_tc); None means zeros.
         n_group, topk_group: expert groups and how many are kept (ignored by "greedy").
         top_k, routed_scaling_factor, norm_topk_prob, scoring, method: the checkpoint's config values.
+        tid2eid: integer [V, top_k], with token_ids integer [T]: hash routing, the experts of token t are
+            tid2eid[token_ids[t]] (bias and groups unused), weighted by their scores as above.
     Returns:
-        (topk_weights float32 [T, top_k], topk_ids int32 [T, top_k]), ids in descending selection order.
+        (topk_weights float32 [T, top_k], topk_ids int32 [T, top_k]), ids in descending selection order (hash:
+        the table's order).
     """
-    check_route_args(logits, e_score_correction_bias, n_group, topk_group, top_k, scoring, method)
+    check_route_args(logits, e_score_correction_bias, n_group, topk_group, top_k, scoring, method, tid2eid,
+                     token_ids)
     t, e = logits.shape
     x = logits.float()
-    scores = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)  # [T, E]
+    scores = route_scores(x, scoring)  # [T, E]
+    if tid2eid is not None:
+        return _weigh(scores, tid2eid[token_ids.long()].long(), norm_topk_prob, routed_scaling_factor)
     sel = scores
     if method == "noaux_tc" and e_score_correction_bias is not None:
         sel = scores + e_score_correction_bias.float()
@@ -138,9 +171,13 @@ def deepseek_route_ref(
         keep = torch.zeros(t, n_group, dtype=torch.bool, device=x.device)
         keep.scatter_(1, _top_indices(group_score, topk_group), True)
         sel = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(t, e)
-    ids = _top_indices(sel, top_k)  # [T, k] int64
+    return _weigh(scores, _top_indices(sel, top_k), norm_topk_prob, routed_scaling_factor)
+
+
+def _weigh(scores, ids, norm_topk_prob, routed_scaling_factor):
+    """scores [T, E], chosen ids int64 [T, k] -> (weights float32 [T, k], ids int32 [T, k])."""
     weights = scores.gather(1, ids)
-    if norm_topk_prob and top_k > 1:
+    if norm_topk_prob and ids.shape[1] > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     return weights * routed_scaling_factor, ids.to(torch.int32)
 
@@ -221,9 +258,13 @@ def dequantize_expert(fmt: str, q: torch.Tensor, scale: torch.Tensor | None,
     return expert_format(fmt).dequantize(q, scale, global_scale, torch.float32)
 
 
-def quantize_dequantize_activation(fmt: str, a: torch.Tensor) -> torch.Tensor:
-    """What the kernels feed the tensor cores for activation rows a [M, K]: float32 [M, K]."""
+def quantize_dequantize_activation(fmt: str, a: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What the kernels feed the tensor cores for activation rows a [M, K]: float32 [M, K]. input_scale: an NVFP4
+    activation global scale, [] or one per row [M, 1] (nvfp4 only; None: bf16 activations)."""
     code = expert_format(fmt).kernel_code
+    if code == format_codes.NVFP4 and input_scale is not None:
+        packed, bs, gs = quantize_nvfp4(a, input_scale, name="moe activation")
+        return dequantize_nvfp4(packed, bs, gs, dtype=torch.bfloat16).float()
     if code == format_codes.FP8_BLOCK:
         q, s = quantize_fp8_per_token_group(a, 128, name="moe activation")
         return (q.float().view(*a.shape[:-1], -1, 128) * s.unsqueeze(-1)).view(a.shape)
@@ -246,15 +287,31 @@ def as_stack(ew: ExpertWeights) -> ExpertWeights:
     return ExpertWeights(ew.w13.unsqueeze(0), ew.w2.unsqueeze(0), ew.fmt, up(ew.w13_scale), up(ew.w2_scale), gs13, gs2)
 
 
-def expert_mlp_ref(x: torch.Tensor, ew: ExpertWeights, e: int) -> torch.Tensor:
+def expert_mlp_ref(x: torch.Tensor, ew: ExpertWeights, e: int, swiglu_limit: float = 0.0,
+                   a13_scale: torch.Tensor | None = None, a2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Expert e of the stack on rows x [M, H] -> float32 [M, H] (module docstring, "Expert MLP")."""
     w13 = dequantize_expert(ew.fmt, ew.w13[e], _pick(ew.w13_scale, e), _pick(ew.w13_global_scale, e))
     w2 = dequantize_expert(ew.fmt, ew.w2[e], _pick(ew.w2_scale, e), _pick(ew.w2_global_scale, e))
     inter = w2.shape[1]
-    h = (quantize_dequantize_activation(ew.fmt, x) @ w13.t()).to(torch.bfloat16)  # [M, 2I]
+    a = quantize_dequantize_activation(ew.fmt, x, _pick(a13_scale, e))
+    h = (a @ w13.t()).to(torch.bfloat16)  # [M, 2I]
     gate, up = h[:, :inter].float(), h[:, inter:].float()
+    if swiglu_limit > 0:
+        gate, up = gate.clamp(max=swiglu_limit), up.clamp(min=-swiglu_limit, max=swiglu_limit)
     act = (gate * torch.sigmoid(gate) * up).to(torch.bfloat16)  # [M, I]
-    return quantize_dequantize_activation(ew.fmt, act) @ w2.t()  # [M, H] float32
+    return quantize_dequantize_activation(ew.fmt, act, _pick(a2_scale, e)) @ w2.t()  # [M, H] float32
+
+
+def check_input_scales(fmt: str, num_experts: int, a13_scale, a2_scale) -> None:
+    """ValueError unless the NVFP4 activation scales are absent (W4A16) or both float32 [E] of an nvfp4 stack."""
+    if a13_scale is None and a2_scale is None:
+        return
+    if fmt != "nvfp4":
+        raise ValueError(f"a13_scale / a2_scale are NVFP4 activation scales; the experts are {fmt}")
+    for name, t in (("a13_scale", a13_scale), ("a2_scale", a2_scale)):
+        if t is None or t.numel() != num_experts:
+            raise ValueError(f"{name}: expected float32 [{num_experts}] with the other one, got "
+                             f"{None if t is None else tuple(t.shape)}")
 
 
 def fused_moe_ref(
@@ -270,24 +327,30 @@ def fused_moe_ref(
     w13_global_scale: torch.Tensor | None = None,
     w2_global_scale: torch.Tensor | None = None,
     shared: ExpertWeights | None = None,
+    swiglu_limit: float = 0.0,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts (a loop over the experts hit, as DeepSeek-V3 MoE.forward) plus the optional shared expert.
 
     Args:
         x: [T, H] bf16 hidden states. w13 [E, 2I, H(/2)], w2 [E, H, I(/2)] and scales: module docstring.
         topk_weights: float32 [T, k]; topk_ids: int32 [T, k] in [0, E).
-        shared: the shared expert (weight 1 for every token), any format.
+        shared: the shared expert (weight 1 for every token), any format, unquantized activations.
+        swiglu_limit: L > 0 clamps gate to <= L and up to [-L, L] before the SiLU product (routed and shared).
+        a13_scale, a2_scale: NVFP4 activation global scales float32 [E] of the routed experts (module docstring).
     Returns:
         [T, H] in x.dtype.
     """
     routed = ExpertWeights(w13, w2, fmt, w13_scale, w2_scale, w13_global_scale, w2_global_scale)
+    check_input_scales(fmt, w13.shape[0], a13_scale, a2_scale)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
     for e in torch.unique(topk_ids).tolist():
         rows, slots = torch.nonzero(topk_ids == e, as_tuple=True)
-        y = expert_mlp_ref(x[rows], routed, e)  # [n, H]
+        y = expert_mlp_ref(x[rows], routed, e, swiglu_limit, a13_scale, a2_scale)  # [n, H]
         out.index_add_(0, rows, y * topk_weights[rows, slots].float().unsqueeze(-1))
     if shared is not None:
-        out += expert_mlp_ref(x, as_stack(shared), 0)
+        out += expert_mlp_ref(x, as_stack(shared), 0, swiglu_limit)
     return out.to(x.dtype)
 
 

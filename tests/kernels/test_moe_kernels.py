@@ -35,7 +35,7 @@ ROUTERS = {
 }
 
 
-def _grid_logits(t: int, e: int, seed: int) -> torch.Tensor:
+def grid_logits(t: int, e: int, seed: int) -> torch.Tensor:
     """Logits on a 1/4 grid: many exact ties (lowest index must win), distinct scores far apart (no ulp races)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(-12, 13, (t, e), generator=g).float() / 4).to(DEV)
@@ -44,7 +44,7 @@ def _grid_logits(t: int, e: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(ROUTERS))
 def test_deepseek_route_matches_reference(name):
     e, kw = ROUTERS[name]
-    logits = _grid_logits(16, e, seed=len(name))
+    logits = grid_logits(16, e, seed=len(name))
     bias = None
     if name != "sigmoid_no_bias":
         bias = (torch.randint(-4, 5, (e,), generator=torch.Generator().manual_seed(1)).float() / 16).to(DEV)
@@ -168,7 +168,7 @@ def poisoning(empty):
     return poisoned_empty
 
 
-def _stack_kwargs(ew: ExpertWeights) -> dict:
+def stack_kwargs(ew: ExpertWeights) -> dict:
     return dict(fmt=ew.fmt, w13_scale=ew.w13_scale, w2_scale=ew.w2_scale, w13_global_scale=ew.w13_global_scale,
                 w2_global_scale=ew.w2_global_scale)
 
@@ -184,8 +184,8 @@ def test_fused_moe_matches_reference(fmt, t, master_weights):
     ew = quantize_experts(*master_weights, fmt)
     x = torch.randn(t, H, generator=torch.Generator().manual_seed(t)).to(DEV, torch.bfloat16)
     w, ids = _routing(t, seed=t)
-    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
-    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew))
+    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew))
     assert out.dtype == torch.bfloat16
     assert_close_global(out, ref, MAX_DIFF[fmt], f"fused_moe {fmt=} T={t} E={E} H={H} I={INTER}")
 
@@ -197,8 +197,8 @@ def test_fused_moe_fp4_prefill_tiles_match_reference(fmt, master_weights):
     ew = quantize_experts(*master_weights, fmt)
     x = torch.randn(13, H, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16)
     w, ids = _routing(13, seed=5)
-    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew), tiles=dict(prequant=True, BLOCK_M=32))
-    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew), tiles=dict(prequant=True, BLOCK_M=32))
+    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew))
     assert_close_global(out, ref, MAX_DIFF[fmt], f"fused_moe {fmt=} prefill tiles")
 
 
@@ -212,9 +212,9 @@ def test_fused_moe_padding_never_leaks_nan(fmt, master_weights, monkeypatch):
     buf[:t] = torch.randn(t, H, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16)
     x = buf[:t]
     w, ids = _routing(t, seed=11)
-    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    ref = fused_moe_ref(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew))
     monkeypatch.setattr(torch, "empty", poisoning(torch.empty))
-    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew))
     monkeypatch.undo()
     assert not torch.isnan(out).any()
     assert_close_global(out, ref, MAX_DIFF[fmt], f"poisoned {fmt=}")
@@ -226,9 +226,9 @@ def test_fused_moe_shared_expert_in_another_format(master_weights):
     shared = ExpertWeights(w13[5].to(torch.bfloat16), w2[5].to(torch.bfloat16))  # 2-D: one expert, bf16
     x = torch.randn(6, H, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
     w, ids = _routing(6, seed=3)
-    out = fused_moe(x, routed.w13, routed.w2, w, ids, **_stack_kwargs(routed), shared=shared)
-    ref = fused_moe_ref(x, routed.w13, routed.w2, w, ids, **_stack_kwargs(routed), shared=shared)
-    without = fused_moe_ref(x, routed.w13, routed.w2, w, ids, **_stack_kwargs(routed))
+    out = fused_moe(x, routed.w13, routed.w2, w, ids, **stack_kwargs(routed), shared=shared)
+    ref = fused_moe_ref(x, routed.w13, routed.w2, w, ids, **stack_kwargs(routed), shared=shared)
+    without = fused_moe_ref(x, routed.w13, routed.w2, w, ids, **stack_kwargs(routed))
     assert_close_global(out, ref, MAX_DIFF["mxfp4"], "routed mxfp4 + shared bf16")
     assert not torch.equal(ref, without), "the shared expert must contribute"
 
@@ -237,7 +237,7 @@ def test_fused_moe_and_routing_take_zero_tokens(master_weights):
     ew = quantize_experts(*master_weights, "fp8")
     w, ids = deepseek_route(torch.zeros(0, E, device=DEV), None, top_k=TOPK)
     assert w.shape == ids.shape == (0, TOPK)
-    out = fused_moe(torch.zeros(0, H, dtype=torch.bfloat16, device=DEV), ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
+    out = fused_moe(torch.zeros(0, H, dtype=torch.bfloat16, device=DEV), ew.w13, ew.w2, w, ids, **stack_kwargs(ew))
     assert out.shape == (0, H) and out.dtype == torch.bfloat16
 
 
@@ -245,7 +245,7 @@ def test_fused_moe_rejects_bad_inputs(master_weights):
     ew = quantize_experts(*master_weights, "fp8")
     x = torch.zeros(2, H, dtype=torch.bfloat16, device=DEV)
     w, ids = _routing(2, seed=0)
-    kw = _stack_kwargs(ew)
+    kw = stack_kwargs(ew)
     with pytest.raises(ValueError, match="hidden states: expected bf16"):
         fused_moe(x.float(), ew.w13, ew.w2, w, ids, **kw)
     with pytest.raises(ValueError, match="multiple of 128"):
@@ -260,7 +260,7 @@ def test_fused_moe_rejects_bad_inputs(master_weights):
         fused_moe(x, ew.w13, ew.w2, w, ids, **(kw | dict(fmt="int4")))
     nv = quantize_experts(*master_weights, "nvfp4")
     with pytest.raises(ValueError, match="w2_global_scale"):
-        fused_moe(x, nv.w13, nv.w2, w, ids, **(_stack_kwargs(nv) | dict(w2_global_scale=None)))
+        fused_moe(x, nv.w13, nv.w2, w, ids, **(stack_kwargs(nv) | dict(w2_global_scale=None)))
 
 
 def test_fused_moe_fp8_prequantized_rows_give_the_same_bits(master_weights):
@@ -269,7 +269,7 @@ def test_fused_moe_fp8_prequantized_rows_give_the_same_bits(master_weights):
     ew = quantize_experts(*master_weights, "fp8")
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(9)).to(DEV, torch.bfloat16)
     w, ids = _routing(9, seed=9)
-    outs = [fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew), tiles=dict(prequant=p, BLOCK_M=32, GROUP_M=3))
+    outs = [fused_moe(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew), tiles=dict(prequant=p, BLOCK_M=32, GROUP_M=3))
             for p in (False, True)]
     assert_exact(outs[1], outs[0], "prequant vs in-kernel quant")
 
@@ -284,8 +284,8 @@ def test_fused_moe_kimi_k2_expert_count():
     x = torch.randn(t, H, generator=g).to(DEV, torch.bfloat16)
     w, ids = deepseek_route_ref(torch.randn(t, e, generator=g).to(DEV), top_k=8, routed_scaling_factor=2.827)
     assert int(ids.max()) > 255
-    out = fused_moe(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew))
-    assert_close_global(out, fused_moe_ref(x, ew.w13, ew.w2, w, ids, **_stack_kwargs(ew)), MAX_DIFF["fp8"], "E=384")
+    out = fused_moe(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew))
+    assert_close_global(out, fused_moe_ref(x, ew.w13, ew.w2, w, ids, **stack_kwargs(ew)), MAX_DIFF["fp8"], "E=384")
 
 
 @pytest.mark.parametrize("fmt", FMTS)

@@ -95,3 +95,11 @@ def test_experts_without_calibration_tokens_are_reported(tmp_path, monkeypatch, 
                                  n_routed_experts=8)
     assert any("8 routed expert(s) in 2 MoE layer(s) saw no calibration token (layer 2: 5 of 8)" in w
                for w in warnings), warnings
+
+
+@pytest.mark.parametrize("kv_amax", [{}, {0: 12.0}], ids=["no_latent_cache", "mla"])
+def test_kv_cache_scales_are_logged_only_where_there_are_some(tmp_path, monkeypatch, caplog, kv_amax):
+    """DeepSeek-V4 has no MLA latent cache: its calibration has no KV scales, and convert says nothing of them."""
+    _convert_warnings(tmp_path, monkeypatch, caplog, kv_amax)
+    kv_lines = [r.getMessage() for r in caplog.records if "KV-cache scales" in r.getMessage()]
+    assert len(kv_lines) == (1 if kv_amax else 0), kv_lines

@@ -1,7 +1,8 @@
 """`dsquant convert --calibrate` on a DeepSeek-V4 checkpoint: the layer-streamed pass sets the NVFP4 experts'
-input_scale. Reference: the same windows through the whole model resident (model.forward, no streaming, no
-calibration hooks), each routed expert's w1 and w2 inputs recorded by plain forward pre-hooks, the amax rule
-applied by hand, the idle-expert fallback and w1 / w3 sharing as calibrate.py documents them."""
+input_scale, the MTP block's included. Reference: the same windows through the whole model resident (model.forward,
+no streaming, no calibration hooks, then the MTP block on the last streams and the next tokens), each routed
+expert's w1 and w2 inputs recorded by plain forward pre-hooks, the amax rule applied by hand, the idle-expert
+fallback and w1 / w3 sharing as calibrate.py documents them."""
 
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ from tests.written_scales import written_input_scales
 
 runner = CliRunner()
 TEXT = Path(__file__).read_text()
-EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2)$")
+EXPERT = re.compile(r"^(layers|mtp)\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2)$")
 
 
 def reference_input_scales(ckpt: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    model, reader = load_model(ckpt)
+    model, reader = load_model(ckpt, mtp=True)
     amax: dict[str, torch.Tensor] = {}
 
     def record(name):
@@ -38,18 +39,25 @@ def reference_input_scales(ckpt: Path, windows: torch.Tensor) -> dict[str, torch
     for name, mod in model.named_modules():
         if EXPERT.match(name):
             mod.register_forward_pre_hook(record(name))
+    last = []
+    model.layers[-1].register_forward_hook(lambda mod, args, out: last.append(out))
     for _ in resident_logits(model, windows, batch_size=8):
         pass
+    with torch.no_grad():
+        for h, tokens in zip(last, windows.split(8)):
+            nxt = tokens[:, 1:]
+            model.mtp[0].draft(h[:, :-1], model.embed(nxt, model.dtype), model.ropes(nxt.shape[1], h.device), nxt)
     out = {}
-    n_layers, n_experts = reader.args.n_layers, reader.args.n_routed_experts
-    for layer in range(n_layers):
+    n_experts = reader.args.n_routed_experts
+    prefixes = [f"layers.{layer}" for layer in range(reader.args.n_layers)] + ["mtp.0"]
+    for prefix in prefixes:
         for proj in ("w1", "w2"):
-            names = [f"layers.{layer}.ffn.experts.{e}.{proj}" for e in range(n_experts)]
+            names = [f"{prefix}.ffn.experts.{e}.{proj}" for e in range(n_experts)]
             layer_max = max(amax[n] for n in names if n in amax)  # experts no token reached take this
             for n in names:
                 out[n] = (amax.get(n, layer_max) / 2688.0).float()
         for e in range(n_experts):
-            out[f"layers.{layer}.ffn.experts.{e}.w3"] = out[f"layers.{layer}.ffn.experts.{e}.w1"]
+            out[f"{prefix}.ffn.experts.{e}.w3"] = out[f"{prefix}.ffn.experts.{e}.w1"]
     return out
 
 
@@ -70,11 +78,12 @@ def test_v4_calibrated_input_scales_are_the_resident_reference(v4_source, tmp_pa
     assert r.exit_code == 0, r.output
     written = written_input_scales(dst)
     expected = reference_input_scales(src, calibration_windows(src, TEXT))
-    backbone = {m: t for m, t in written.items() if m.startswith("layers.")}
-    assert set(backbone) == set(expected)
+    assert set(written) == set(expected)
+    assert any(m.startswith("mtp.0.") for m in expected), "the MTP block's experts are NVFP4 and calibrated"
     for module, value in expected.items():
-        assert torch.equal(backbone[module], value), f"{module}: {backbone[module]} != {value}"
-    assert len({float(v) for v in backbone.values()}) > 4  # per-expert values, not one default
+        assert torch.equal(written[module], value), f"{module}: {written[module]} != {value}"
+    mtp = {float(v) for m, v in written.items() if m.startswith("mtp.")}
+    assert len(mtp) > 1 and mtp != {1.0}  # the MTP experts' own values, not the recipe default
     assert json.loads((dst / "dsquant_recipe.json").read_text())["activation_scales"] == "calibrated"
 
 

@@ -81,7 +81,7 @@ def test_eval_v4_fp8_kv_cache_is_refused(v4_ckpt):
     path, text = v4_ckpt
     r = runner.invoke(app, ["eval", str(path), "--text-file", str(text), "--seq-len", "48", "--kv-cache", "fp8"])
     assert r.exit_code != 0
-    assert str(path) in r.output and "no KV cache to store in FP8" in r.output
+    assert str(path) in r.output and "no FP8 KV cache" in r.output
 
 
 def test_v4_layer_streaming_equals_resident(v4_ckpt):

@@ -106,6 +106,11 @@ class V4Args:
     def is_hash_layer(self, layer: int) -> bool:
         return layer < self.n_hash_layers
 
+    def mtp_blocks(self) -> int:
+        """MTP blocks the runner builds: the standard draft (`mtp.0`, one block); none for the DSpark draft of the
+        0731 refresh (dspark_* keys), whose stages read other layers (main_proj) and which the runner does not run."""
+        return 0 if any(k.startswith("dspark") for k in self.extra) else self.n_mtp_layers
+
     def compress_rope_scaling(self) -> dict | None:
         """rope_scaling for the "compress" table with YaRN's attention factor pinned to 1 (transformers forces
         `attention_factor=1.0`; the official model never scales cos/sin): mscale 0 makes rope_cache_ref's factor 1."""

@@ -16,7 +16,7 @@ This follows transformers 5.25's DeepseekV4Attention / DeepseekV4{HCA,CSA}Compre
 which run the official math without its quantization simulation: the official `inference/model.py` also
 round-trips the window and compressed KV through FP8 and the indexer's q/k through a Hadamard rotation and
 FP4. The runner does neither: those change the model only by the precision of an FP8/FP4 KV cache.
-Whole-sequence (prefill) forward from position 0; the entries are recomputed per call.
+A forward runs a whole sequence from position 0, or continues one from a KV cache (v4/cache.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from dsquant.runner.linear import QuantLinear
 from dsquant.runner.model import RMSNorm
 from dsquant.runner.ops import KernelOps
 from dsquant.runner.v4.args import V4Args
+from dsquant.runner.v4.cache import CompressorState, LayerCache
 
 
-def rope_tail(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
-              inverse: bool = False) -> torch.Tensor:
+def rope_tail(
+    x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
     """x [B, S, ..., d] -> a copy with its last r channels rotated at positions [S] (angle -pos if inverse).
 
     rope: cos/sin float32 [P, r/2]."""
@@ -60,23 +62,45 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(width, args.rms_norm_eps, ops)
         self.register_buffer("ape", None)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        """x [B, S, D] -> entries [B, S // ratio, width] in x.dtype, entry w rotated at position w * ratio."""
-        b, s, _ = x.shape
-        m, n_win = self.ratio, s // self.ratio
+    def forward(self, x: torch.Tensor, rope, state: CompressorState | None = None) -> torch.Tensor:
+        """x [B, S, D] -> entries [B, T, width] in x.dtype, entry w rotated at position w * ratio. Without a state x
+        starts at position 0 and T = S // ratio; with one x continues the tokens it has seen, and T counts every
+        window closed so far (the state keeps the entries and the open window's rows, v4/cache.py)."""
+        m = self.ratio
+        if state is None:
+            n = x.shape[1] // m * m
+            return self._pool(self.wkv(x[:, :n]), self.wgate(x[:, :n]), 0, None, x, rope)
+        kv, gate = self.wkv(x), self.wgate(x)
+        if state.kv is not None:
+            kv, gate = torch.cat([state.kv, kv], dim=1), torch.cat([state.gate, gate], dim=1)
+        n = kv.shape[1] // m * m
+        w0 = 0 if state.entries is None else state.entries.shape[1]
+        new = self._pool(kv[:, :n], gate[:, :n], w0, state.prev, x, rope)
+        state.kv, state.gate = kv[:, n:].clone(), gate[:, n:].clone()
+        if n and self.overlap:
+            state.prev = (kv[:, n - m : n].clone(), gate[:, n - m : n].clone())
+        state.entries = new if state.entries is None else torch.cat([state.entries, new], dim=1)
+        return state.entries
+
+    def _pool(self, kv: torch.Tensor, gate: torch.Tensor, w0: int, prev, x: torch.Tensor, rope) -> torch.Tensor:
+        """Projected rows kv, gate [B, n * ratio, out] of windows w0.. -> their entries [B, n, width].
+        prev: the (kv, gate) rows [B, ratio, out] of window w0 - 1 (overlap), None when w0 is 0."""
+        b, m = kv.shape[0], self.ratio
+        n_win = kv.shape[1] // m
         if n_win == 0:
             return x.new_zeros(b, 0, self.width)
-        kv = self.wkv(x[:, : n_win * m]).view(b, n_win, m, -1)
-        gate = self.wgate(x[:, : n_win * m]).view(b, n_win, m, -1) + self.ape
+        kv, gate = kv.view(b, n_win, m, -1), gate.view(b, n_win, m, -1) + self.ape
         if self.overlap:  # slots: [first half of window w-1 | second half of window w]; window -1 has weight 0
             d = self.width
             kv2 = kv.new_zeros(b, n_win, 2 * m, d)
             gate2 = gate.new_full((b, n_win, 2 * m, d), float("-inf"))
             kv2[:, :, m:], gate2[:, :, m:] = kv[..., d:], gate[..., d:]
             kv2[:, 1:, :m], gate2[:, 1:, :m] = kv[:, :-1, :, :d], gate[:, :-1, :, :d]
+            if prev is not None:
+                kv2[:, 0, :m], gate2[:, 0, :m] = prev[0][..., :d], (prev[1] + self.ape)[..., :d]
             kv, gate = kv2, gate2
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
-        positions = torch.arange(n_win, device=x.device) * m
+        positions = (w0 + torch.arange(n_win, device=x.device)) * m
         return rope_tail(self.norm(pooled), rope, positions)
 
 
@@ -96,10 +120,13 @@ class Indexer(nn.Module):
         self.weights_proj = QuantLinear(args.dim, self.n_heads, impl)
         self.compressor = Compressor(args, ratio, self.head_dim, True, ops, impl)
 
-    def forward(self, x: torch.Tensor, q_res: torch.Tensor, rope, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], q_res [B, S, q_lora] -> entry ids int64 [B, S, k]; -1 where fewer than k are closed."""
+    def forward(
+        self, x: torch.Tensor, q_res: torch.Tensor, rope, positions: torch.Tensor, state: CompressorState | None = None
+    ) -> torch.Tensor:
+        """x [B, S, D], q_res [B, S, q_lora] at positions [S] -> entry ids int64 [B, S, k]; -1 where fewer than k
+        are closed. state: its compressor's (the keys of earlier calls), v4/cache.py."""
         b, s, _ = x.shape
-        keys = self.compressor(x, rope)  # [B, T, c]
+        keys = self.compressor(x, rope, state)  # [B, T, c]
         q = rope_tail(self.wq_b(q_res).view(b, s, self.n_heads, self.head_dim), rope, positions)
         scores = index_scores(q, keys, self.weights_proj(x))  # [B, S, T]
         closed = ((positions + 1) // self.ratio)[:, None]  # [S, 1]: entries 0 .. closed-1 are visible
@@ -115,7 +142,7 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         h, hd = args.n_heads, args.head_dim
-        self.ratio = args.compress_ratios[layer]
+        self.ratio = args.compress_ratios[layer] if layer < args.n_layers else 0  # the MTP block: sliding only
         self.rope_kind = "compress" if self.ratio else "main"
         self.wq_a = QuantLinear(args.dim, args.q_lora_rank, impl)
         self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, ops)
@@ -129,23 +156,29 @@ class Attention(nn.Module):
         self.compressor = Compressor(args, self.ratio, hd, csa, ops, impl) if self.ratio else None
         self.indexer = Indexer(args, self.ratio, ops, impl) if self.ratio and csa else None
 
-    def forward(self, x: torch.Tensor, ropes: dict) -> torch.Tensor:
-        """x [B, S, D] (positions 0 .. S-1) -> [B, S, D]."""
+    def forward(self, x: torch.Tensor, ropes: dict, start_pos: int = 0, cache: LayerCache | None = None):
+        """x [B, S, D] at positions start_pos .. -> [B, S, D]. Without a cache start_pos is 0; with one (v4/cache.py)
+        the window and entries of the earlier positions come from it, and it takes this call's."""
         a = self.args
         b, s, _ = x.shape
         rope = ropes[self.rope_kind]
-        positions = torch.arange(s, device=x.device)
+        positions = torch.arange(start_pos, start_pos + s, device=x.device)
         q_res = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_res).view(b, s, a.n_heads, a.head_dim)
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + a.rms_norm_eps).to(q.dtype)
         q = rope_tail(q, rope, positions)
         kv = rope_tail(self.kv_norm(self.wkv(x)), rope, positions)  # [B, S, hd]
-        j = torch.arange(s, device=x.device)
+        if cache is not None and cache.window is not None:
+            kv = torch.cat([cache.window, kv], dim=1)
+        if cache is not None:
+            cache.window = kv[:, kv.shape[1] - min(kv.shape[1], a.window_size - 1) :].clone()
+        j = torch.arange(start_pos + s - kv.shape[1], start_pos + s, device=x.device)  # the keys' positions
         visible = (j[None, :] <= positions[:, None]) & (j[None, :] > positions[:, None] - a.window_size)
-        bias = torch.zeros(b, s, s, device=x.device).masked_fill(~visible, float("-inf"))  # [B, S, S]
+        bias = torch.zeros(b, s, kv.shape[1], device=x.device).masked_fill(~visible, float("-inf"))  # [B, S, S']
         if self.compressor is not None:
-            entries = self.compressor(x, rope)  # [B, T, hd]
-            bias = torch.cat([bias, self._entry_bias(x, q_res, rope, positions, entries.shape[1])], dim=-1)
+            entries = self.compressor(x, rope, None if cache is None else cache.compressor)  # [B, T, hd]
+            idx_state = None if cache is None else cache.indexer
+            bias = torch.cat([bias, self._entry_bias(x, q_res, rope, positions, entries.shape[1], idx_state)], dim=-1)
             kv = torch.cat([kv, entries], dim=1)
         o = self._attend(q, kv, bias)
         o = rope_tail(o, rope, positions, inverse=True).flatten(2)  # [B, S, H * hd]
@@ -154,14 +187,14 @@ class Attention(nn.Module):
         o = torch.einsum("bsgk,gok->bsgo", o.view(b, s, g, -1), wo_a.to(o.dtype))
         return self.wo_b(o.flatten(2))
 
-    def _entry_bias(self, x, q_res, rope, positions, n_entries: int) -> torch.Tensor:
+    def _entry_bias(self, x, q_res, rope, positions, n_entries: int, state: CompressorState | None) -> torch.Tensor:
         """float32 [B, S, T]: 0 where query t may read compressed entry w, -inf elsewhere."""
         b, s = x.shape[:2]
         if self.indexer is None:  # HCA: every closed window
             closed = ((positions + 1) // self.ratio)[:, None]
             hidden = torch.arange(n_entries, device=x.device)[None, :] >= closed
             return torch.zeros(b, s, n_entries, device=x.device).masked_fill(hidden, float("-inf"))
-        ids = self.indexer(x, q_res, rope, positions)  # [B, S, k], -1 = none
+        ids = self.indexer(x, q_res, rope, positions, state)  # [B, S, k], -1 = none
         bias = torch.full((b, s, n_entries + 1), float("-inf"), device=x.device)
         bias.scatter_(-1, torch.where(ids >= 0, ids, n_entries), 0.0)
         return bias[..., :n_entries]

@@ -14,7 +14,7 @@ Activations: `act` None keeps each format's scheme (FP8 linears quantize activat
 the official runtime and transformers' FP8Linear do on GPU; FP4 experts run weight-only, where the official
 runtime feeds them FP8 activations too); act="none" multiplies unquantized activations by the dequantized
 weights, which is what transformers computes when it dequantizes on load (CPU).
-Tensors of modules the runner does not build (`mtp.*`) are not read.
+Tensors of modules the runner does not build (`mtp.*` unless asked for) are not read.
 """
 
 from __future__ import annotations
@@ -67,12 +67,13 @@ def read_linear(tensors, prefix: str, quant_config: dict | None, act: str | None
 
 def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, device="cpu",
                  act: str | None = None, part: str = "") -> int:
-    """Fill the linears and buffers of the model (part "": all of it; "layers.N": one decoder layer;
-    "non-layer": all but the decoder layers) from `tensors` (anything with `in` and `[]` by official name,
-    read lazily); returns the bytes placed. ValueError names the first tensor needed and missing."""
+    """Fill the linears and buffers of the model (part "": all of it; "layers.N": one decoder layer; "mtp.N": one
+    MTP block, when built; "non-layer": all but the decoder layers and MTP blocks) from `tensors` (anything with
+    `in` and `[]` by official name, read lazily); returns the bytes placed. ValueError names the first tensor
+    needed and missing."""
     nbytes = 0
-    modules = model.get_submodule(part).named_modules(prefix=part) if part.startswith("layers.") else (
-        (n, m) for n, m in model.named_modules() if part != "non-layer" or not n.startswith("layers."))
+    modules = model.get_submodule(part).named_modules(prefix=part) if part.startswith(("layers.", "mtp.")) else (
+        (n, m) for n, m in model.named_modules() if part != "non-layer" or not n.startswith(("layers.", "mtp.")))
     for name, mod in modules:
         prefix = f"{name}." if name else ""
         if isinstance(mod, QuantLinear):
@@ -92,10 +93,11 @@ def load_tensors(model: Transformer, tensors, quant_config: dict | None = None, 
 
 
 def load_v4_model(reader, *, impl: str = "reference", device="cpu", dtype: torch.dtype = torch.float32,
-                  layers: bool = True) -> Transformer:
-    """The runner's V4 model filled from a ModelCheckpoint (runner/load.py; its args are V4Args); layers=False:
-    only the non-layer tensors (embed, norm, head, hyper-head), for streaming. Errors name the checkpoint."""
-    model = Transformer(reader.args, impl=impl, dtype=dtype).eval()
+                  layers: bool = True, mtp: bool = False) -> Transformer:
+    """The runner's V4 model filled from a ModelCheckpoint (runner/load.py; its args are V4Args); layers=False: only the
+    non-layer tensors (embed, norm, head, hyper-head), for streaming; mtp: with the MTP block (V4Args.mtp_blocks),
+    filled with the layers. Errors name the checkpoint."""
+    model = Transformer(reader.args, impl=impl, dtype=dtype, mtp=mtp).eval()
     load_v4_part(model, reader, "" if layers else "non-layer", device)
     return model
 
