@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (naive baseline runs there too)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest counts (shared hosts)")
+    ap.add_argument("--label", default="", help="what this run measures (e.g. the code version), a CSV column")
     args = ap.parse_args()
 
     import logging
@@ -171,7 +172,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
     host = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             **({"cpu_model": cpu_model(), "family": "v4"} if args.family == "v4" else {}), "gpu": gpu,
-            "torch": torch.__version__, "triton": _triton_version(),
+            "torch": torch.__version__, "triton": _triton_version(), "label": args.label,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     print(" ".join(f"{k}={v}" for k, v in host.items()), flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.tmp))

@@ -32,7 +32,8 @@ from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert import v4
 from dsquant.convert.config import copy_non_weight_files, recipe_record, utc_now, write_configs
 from dsquant.convert.plan import Plan, build_plan
-from dsquant.convert.process import select_quantizers, write_shard
+from dsquant.convert.process import write_shard
+from dsquant.convert.quantizers import select_quantizers
 from dsquant.devices import resolve_devices, usable_cores
 from dsquant.recipe import Recipe, load_recipe
 

@@ -7,16 +7,13 @@ format in dsquant is row-local (FP8 128x128 blocks, per-row INT8, per-16/32 FP4 
 NVFP4 global scale, which is found first from the tensor amax (the max over fused partners) and then
 passed to each chunk. Chunking therefore gives results bit-identical to quantizing the whole tensor.
 
-Quantizers: on CPU cpuquant (bit-identical to dsquant.formats, fewer passes); on CUDA the Triton
-kernels of dsquant.kernels.quant when importable (same signatures and outputs), dsquant.formats' torch code
-on the GPU otherwise.
+The quantizers (quantizers.py) are picked per device and share the format references' signatures.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +21,11 @@ from dsquant.checkpoint.manifest import Manifest
 from dsquant.checkpoint.names import FP8_SCALE_SUFFIX
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.checkpoint.writer import ShardWriter
-from dsquant.convert import cpuquant, v4
+from dsquant.convert import v4
 from dsquant.convert.plan import ModuleJob, ShardJob
+from dsquant.convert.quantizers import Quantizers
 from dsquant.devices import current_device
-from dsquant.formats import _checks, fp8, int8, mxfp4, nvfp4
+from dsquant.formats import nvfp4
 from dsquant.formats.fp8 import FP8_BLOCK, dequantize_fp8_block
 from dsquant.formats.ondisk import write_quantized
 from dsquant.formats.registry import find, get
@@ -43,34 +41,6 @@ CHUNK_BYTES = 4 << 20
 # syncs dominated 128-row chunks, and device memory holds a whole DeepSeek tensor with room to spare.
 CHUNK_BYTES_CUDA = 1 << 30
 MAX_PENDING_WRITES = 4
-
-
-@dataclass
-class Quantizers:
-    """The four weight quantizers, with dsquant.formats' signatures and outputs."""
-
-    fp8_block: object
-    int8_rows: object
-    nvfp4: object
-    mxfp4: object
-    named: bool  # the format references take `name=` and check NaN/Inf themselves
-    kind: str
-
-
-def select_quantizers(device: torch.device) -> Quantizers:
-    if device.type == "cuda":
-        try:
-            from dsquant.kernels import quant as k
-
-            return Quantizers(k.quantize_fp8_block, k.quantize_int8_per_token, k.quantize_nvfp4, k.quantize_mxfp4,
-                              named=False, kind="triton")
-        except (ImportError, AttributeError) as e:
-            log.warning("dsquant.kernels.quant is not importable (%s); using the torch references on %s", e, device)
-    if device.type == "cpu":
-        return Quantizers(cpuquant.quantize_fp8_block, cpuquant.quantize_int8_per_token, cpuquant.quantize_nvfp4,
-                          cpuquant.quantize_mxfp4, named=True, kind="cpu")
-    return Quantizers(fp8.quantize_fp8_block, int8.quantize_int8_per_token, nvfp4.quantize_nvfp4,
-                      mxfp4.quantize_mxfp4, named=True, kind="reference")
 
 
 def chunk_rows(k: int, device: torch.device | str = "cpu") -> int:
@@ -131,17 +101,15 @@ def _quantize_job(ckpt, job: ModuleJob, qz: Quantizers, device, global_scale, in
                   loaded: torch.Tensor | None = None) -> QuantizedWeight:
     weight = job.module + ".weight"
     rule, fmt = job.rule, job.fmt
-    named = {"name": weight} if qz.named else {}
-    # each format's quantizer with the recipe options it takes (recipe._FORMAT_OPTIONS)
-    quantize = {"fp8-block": lambda x: qz.fp8_block(x, ue8m0=rule.ue8m0, **named),
-                "int8": lambda x: qz.int8_rows(x, **named),
-                "nvfp4": lambda x: qz.nvfp4(x, global_scale, **named),
-                "mxfp4": lambda x: qz.mxfp4(x, scale_rule=rule.scale_rule, **named)}[fmt]
+    # each format's quantizer with the recipe options it takes (recipe._FORMAT_OPTIONS); every path checks its
+    # input for NaN/Inf and names the tensor (convert.quantizers)
+    quantize = {"fp8-block": lambda x: qz.fp8_block(x, ue8m0=rule.ue8m0, name=weight),
+                "int8": lambda x: qz.int8_rows(x, name=weight),
+                "nvfp4": lambda x: qz.nvfp4(x, global_scale, name=weight),
+                "mxfp4": lambda x: qz.mxfp4(x, scale_rule=rule.scale_rule, name=weight)}[fmt]
 
     def chunk(q, s, x=None):
         x = _as_float(q, s, device, keep_bf16=qz.kind == "cpu") if x is None else x
-        if not qz.named:
-            _checks.check_finite(x, weight)
         out = quantize(x)
         return out[0].cpu(), out[1].cpu()
 

@@ -31,7 +31,6 @@ import torch
 from dsquant.checkpoint.names_v4 import blocks, official_name, scale_name
 from dsquant.checkpoint.reader import Checkpoint
 from dsquant.convert.plan import ModuleJob, Plan, lay_out_plan
-from dsquant.formats import _checks
 from dsquant.formats.fp8 import dequantize_fp8_block
 from dsquant.formats.mxfp4 import E8M0_DTYPE, e8m0_from_float, e8m0_to_float
 from dsquant.formats.nvfp4 import nvfp4_global_scale
@@ -202,14 +201,9 @@ def _dequantized(ckpt: Checkpoint, weight: str) -> torch.Tensor:
     return dequantize_fp8_block(ckpt.get(weight), scale, dtype=torch.float32)
 
 
-def _quantize(qz, fn: str, x: torch.Tensor, weight: str, device, *args, **kw):
-    """One of the convert quantizers (CPU, Triton or the format references) on `device`, results on the CPU."""
-    x = x.to(device)
-    if qz.named:
-        kw["name"] = weight
-    else:
-        _checks.check_finite(x, weight)
-    return [t.cpu() for t in getattr(qz, fn)(x, *args, **kw)]
+def _quantize(fn, x: torch.Tensor, weight: str, device, *args, **kw):
+    """One of the convert quantizers (quantizers.py) on `device`, results on the CPU."""
+    return [t.cpu() for t in fn(x.to(device), *args, name=weight, **kw)]
 
 
 def _nvfp4_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibration, stats: dict):
@@ -227,7 +221,7 @@ def _nvfp4_item(ckpt: Checkpoint, item: list[ModuleJob], qz, device, calibration
     values = {j.module: _dequantized(ckpt, j.sources[0]) for j in item}
     glob = nvfp4_global_scale(torch.stack([v.abs().amax() for v in values.values()]).amax())
     for job in item:
-        packed, block = _quantize(qz, "nvfp4", values.pop(job.module), job.sources[0], device, glob.to(device))[:2]
+        packed, block = _quantize(qz.nvfp4, values.pop(job.module), job.sources[0], device, glob.to(device))[:2]
         yield job, (packed, block, glob, input_scale)
 
 
@@ -241,7 +235,7 @@ def _expert(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
         return q, s  # float32: FP8 experts take float32 scales (vLLM Fp8MoEMethod)
     if not job.fp8_source:
         return ckpt.get(weight).view(torch.uint8), ckpt.get(scale).view(torch.uint8)
-    packed, s = _quantize(qz, "mxfp4", _dequantized(ckpt, weight), weight, device, scale_rule=job.rule.scale_rule)
+    packed, s = _quantize(qz.mxfp4, _dequantized(ckpt, weight), weight, device, scale_rule=job.rule.scale_rule)
     if job.outputs[0][1] == torch.uint8:  # compressed-tensors stores codes and scales as uint8
         return packed, s
     return packed.view(torch.int8), s.view(E8M0_DTYPE)
@@ -259,7 +253,7 @@ def _rescale(ckpt: Checkpoint, job: ModuleJob, qz, device, stats: dict):
         return ckpt.raw(weight), e8m0_from_float(s)
     except ValueError:
         stats["dense_requantized"] = stats.get("dense_requantized", 0) + 1
-        q, s = _quantize(qz, "fp8_block", _dequantized(ckpt, weight), weight, device, ue8m0=True)
+        q, s = _quantize(qz.fp8_block, _dequantized(ckpt, weight), weight, device, ue8m0=True)
         return q, e8m0_from_float(s)
 
 

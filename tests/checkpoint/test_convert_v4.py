@@ -253,24 +253,6 @@ def test_v3_recipe_files_and_formats_are_refused_on_v4_and_v4_recipes_on_v3(synt
 # ------------------------------------------------------------------------------------------------ streaming
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
-def test_cpu_quantizers_give_the_reference_bytes(converted, tmp_path, monkeypatch, recipe):
-    """-Base experts are quantized (not transcoded): the CPU quantizers write what dsquant.formats' references
-    write, byte for byte, whole output folder included."""
-    from dsquant.convert.process import Quantizers
-    from dsquant.formats import fp8, int8, mxfp4, nvfp4
-
-    src, cpu_out, _ = converted("flash-base", recipe)
-    reference = Quantizers(fp8.quantize_fp8_block, int8.quantize_int8_per_token, nvfp4.quantize_nvfp4,
-                           mxfp4.quantize_mxfp4, named=True, kind="reference")
-    monkeypatch.setattr("dsquant.convert.pipeline.select_quantizers", lambda device: reference)
-    dst = tmp_path / cpu_out.name
-    assert convert(src, dst, recipe, max_shard_size="2MB", progress=False).quantizers == "reference"
-    for f in sorted(p.name for p in cpu_out.glob("*.safetensors")):
-        assert (dst / f).read_bytes() == (cpu_out / f).read_bytes(), f
-    assert (dst / "config.json").read_bytes() == (cpu_out / "config.json").read_bytes()
-
-
 # ------------------------------------------------------------------------------------------------ transformers' save
 
 
