@@ -10,8 +10,8 @@ import torch
 import triton
 from dsquant.kernels.mla.cache import KV_LORA_RANK, kv_cache_bytes_per_token
 
-TILE_CODE = {"regs": 0, "reload": 1, "smem": 2, "dequant": 3, "smem16": 4}
-TILE_TAG = {"regs": "", "reload": "r", "smem": "m", "dequant": "d", "smem16": "m16"}
+TILE_CODE = {"regs": 0, "reload": 1, "smem": 2, "dequant": 3, "smem16": 4, "tokens": 5}
+TILE_TAG = {"regs": "", "reload": "r", "smem": "m", "dequant": "d", "smem16": "m16", "tokens": "t"}
 
 
 class AttendConfig(NamedTuple):
@@ -25,7 +25,8 @@ class AttendConfig(NamedTuple):
     # 8-bit operand gathered byte by byte), "reload" each dot reads the tile from global memory (second read
     # from L2), "smem" one float16 tile in shared memory feeds both (ldmatrix), all three on float16 MMAs;
     # "dequant" bf16 tiles (fp8_ds: codes times group scale, rounded to bf16) on bf16 MMAs; "smem16" as "smem"
-    # with 16-bit operand layouts (ldmatrix; tiles.load_kv_chunk). bf16 caches
+    # with 16-bit operand layouts (ldmatrix; tiles.load_kv_chunk); "tokens" the token-major kernel
+    # (token_major.py: tokens as the MMA rows, block_n of them, heads as its columns). bf16 caches
     # ignore it (their tile is read once into shared memory by the pipeliner).
     tile: str = "regs"
 
