@@ -31,8 +31,16 @@ import torch
 import triton
 import triton.language as tl
 from dsquant.kernels import format_codes
+from dsquant.kernels.mla import gluon_decode
 from dsquant.kernels.mla.cache import KV_LORA_RANK, ROPE_DIM
-from dsquant.kernels.mla.configs import TILE_CODE, AttendConfig, default_config, default_num_splits, num_sms
+from dsquant.kernels.mla.configs import (
+    TILE_CODE,
+    AttendConfig,
+    default_config,
+    default_num_splits,
+    num_sms,
+    portable_config,
+)
 from dsquant.kernels.mla.store import cache_views
 from dsquant.kernels.mla.tiles import (
     key_operand,
@@ -244,6 +252,9 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
         assert kv_scale.numel() == 1 and kv_scale.dtype == torch.float32, "kv_scale: float32 scalar"
     page_size = kv_cache.shape[1]
     cfg = config or default_config(heads, kind)
+    if cfg.tile == "gluon" and (kind == "bf16" or row_seq is not None or not gluon_decode.gluon_runs_on(q_nope.device)):
+        cfg = portable_config(heads, kind)  # the Gluon kernel: fp8 decode on Hopper only
+    assert cfg.tile != "gluon" or (cfg.block_h, cfg.block_n) == (gluon_decode.BLOCK_H, gluon_decode.BLOCK_N), cfg
     n_hb = triton.cdiv(heads, cfg.block_h)
     if num_splits is None:
         num_splits = default_num_splits(rows, heads, block_table.shape[1] * page_size, kind, cfg.block_h,
@@ -272,7 +283,10 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if cfg.tile == "tokens" and kind != "bf16":
+    if cfg.tile == "gluon":
+        gluon_decode.launch_decode(q_nope, q_pe, kv_cache, kind, block_table, row_len, softmax_scale * _LOG2E,
+                                   kv_scale, num_splits, o, lse, so, slse, heads)
+    elif cfg.tile == "tokens" and kind != "bf16":
         mla_attend_tokens_kernel[(n_hb, rows, num_splits)](*args, **shared)
     else:
         mla_attend_kernel[(n_hb, rows, num_splits)](
