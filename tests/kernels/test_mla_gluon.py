@@ -65,7 +65,8 @@ def test_gluon_config_prefill_runs_the_portable_kernel(kind):
 
 def _needs_gluon():
     assert gluon_decode.gluon_runs_on(torch.device("cuda")), (
-        f"Gluon decode cannot run: capability {torch.cuda.get_device_capability()}, {gluon_decode.gluon_missing()}")
+        f"Gluon decode cannot run: capability {torch.cuda.get_device_capability()}, {gluon_decode.gluon_missing()}"
+    )
 
 
 @pytest.mark.gpu
@@ -99,8 +100,8 @@ def test_gluon_decode_matches_portable_kernel_gpu(kind):
     _needs_gluon()
     cache, bt, lens_t, kv_scale, _ = make_cache(kind, [3000, 17, 1024, 2049], page_size=64)
     qn, qp = _q(4, 16)
-    got = mla_decode(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32,
-                     config=GLUON_CONFIG)
-    port = mla_decode(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32,
-                      config=portable_config(16, kind))
+    got = mla_decode(qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32, config=GLUON_CONFIG)
+    port = mla_decode(
+        qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32, config=portable_config(16, kind)
+    )
     assert_close_global(got, port, 1e-6, f"gluon vs portable {kind=}")
