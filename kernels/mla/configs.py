@@ -52,7 +52,9 @@ def portable_config(num_heads: int, kind: str) -> AttendConfig:
     return AttendConfig(64, 64, 8, 2, "smem" if kind == "fp8" else "dequant")
 
 
-# The Gluon decode kernel's tile (gluon_decode.BLOCK_H heads, BLOCK_N tokens, one warpgroup).
+# The Gluon decode kernel's tile (gluon_decode.BLOCK_H heads, BLOCK_N tokens, one warpgroup). Opt-in, not a
+# default: at 16 heads it trails the portable configs on an H100 (fp8 0.80x at 4K, 0.81x at 32K; fp8_ds 0.56x
+# and 0.57x; benchmarks/results/mla_fp8_h100.csv), as does the token-major Triton kernel ("tokens").
 GLUON_CONFIG = AttendConfig(16, 64, 4, 1, "gluon")
 
 
