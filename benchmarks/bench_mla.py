@@ -27,6 +27,7 @@ import torch
 import triton
 from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_per_token, mla_decode, mla_prefill
 from dsquant.kernels.mla.cache import dequantize_kv_tokens
+from dsquant.kernels.mla.configs import GLUON_CONFIG, portable_config
 from dsquant.kernels.mla.triton import AttendConfig, default_config, default_num_splits
 from dsquant.kernels.testing import calc_diff
 from timing import copy_bandwidth  # benchmarks/ is the script's folder
@@ -81,7 +82,10 @@ def sweep_configs(heads: int, kind: str) -> list[AttendConfig]:
                  64: [c(64, 64, 8, 2), c(64, 32, 8, 3), c(64, 64, 8, 1)]}
     else:  # fp8 tiles on float16 MMAs read twice ("reload", r) or via one float16 shared tile ("smem", m; with
         # 16-bit operand layouts "smem16", m16), or dequantized to bf16 tiles ("dequant", d)
-        extra = {16: [c(16, 64, 4, 2, "reload"), c(16, 32, 4, 3, "reload"), c(16, 32, 4, 3, "smem"),
+        # at 16 heads also the Gluon kernel ("gluon", g), the portable default and the token-major Triton
+        # kernel ("tokens", t)
+        extra = {16: [GLUON_CONFIG, portable_config(16, kind), c(16, 64, 4, 2, "tokens"), c(16, 64, 4, 2, "reload"),
+                      c(16, 32, 4, 3, "reload"), c(16, 32, 4, 3, "smem"),
                       c(16, 32, 4, 3, "smem16"), c(16, 64, 4, 2, "smem16"), c(16, 32, 4, 2, "smem16"),
                       c(16, 64, 8, 2, "smem16"), c(16, 64, 4, 2, "dequant")],
                  64: [c(64, 64, 8, 2, "smem"), c(64, 64, 8, 2, "smem16"), c(64, 64, 8, 2, "reload"),
@@ -134,6 +138,15 @@ def precompile(workers: int) -> None:
             log.info("compiled %s", done)
 
 
+def timed_configs(heads: int, kind: str, sweep: bool) -> list[AttendConfig]:
+    """The default first; then the sweep, or without it the Gluon config (fp8 caches, <= 16 heads) and the
+    portable config where they differ from the default."""
+    if sweep:
+        return sweep_configs(heads, kind)
+    gluon = [GLUON_CONFIG] if kind != "bf16" and heads <= 16 else []
+    return list(dict.fromkeys([default_config(heads, kind), *gluon, portable_config(heads, kind)]))
+
+
 def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_scale, slots, sweep):
     qn = torch.randn(batch, heads, 512, device=DEVICE, dtype=torch.bfloat16)
     qp = torch.randn(batch, heads, 64, device=DEVICE, dtype=torch.bfloat16)
@@ -162,7 +175,7 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
     row("torch", "gather+dequant+bmm", "", t_torch)
     row("torch_attn", "bmm on bf16 copy", "", t_attn)
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
-    for i, cfg in enumerate(sweep_configs(heads, kind) if sweep else [default_config(heads, kind)]):
+    for i, cfg in enumerate(timed_configs(heads, kind, sweep)):
         auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms)
         for splits in sorted({max(1, auto // 2), auto, auto + 1, 2 * auto, 4 * auto}) if (sweep and i == 0) else [auto]:
             try:
@@ -171,7 +184,7 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
             except Exception as e:  # a config out of shared memory / registers: record and go on
                 log.warning("%s %s: %s", kind, cfg, str(e).splitlines()[0][:200])
                 continue
-            name = "triton" if (i == 0 and splits == auto) else "triton_sweep"
+            name = "triton" if (i == 0 and splits == auto) else "triton_sweep" if sweep else f"triton_{cfg.tile}"
             row(name, str(cfg), splits, ms)
 
 
@@ -200,6 +213,8 @@ def sass_report(path: str) -> None:
             ds = kind == "fp8_ds"
             vals = "*bf16" if kind == "bf16" else "*fp8e4nv"
             for cfg in dict.fromkeys(sweep_configs(16, kind) + sweep_configs(64, kind)):
+                if cfg.tile in ("tokens", "gluon"):  # other kernels than mla_attend_kernel
+                    continue
                 const = dict(PAGE_SIZE=PAGE, KV_FMT=format_codes.KV_CACHE_FORMATS[kind], HAS_ROW_SEQ=False, SPLIT=True,
                              VAL_W=656 if ds else 576,
                              SC_W=164 if ds else 576, SC_OFF=128 if ds else 0, PE_W=328 if ds else 576,
@@ -239,6 +254,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="time the default schedule only")
     parser.add_argument("--kv-dtypes", default="bf16,fp8,fp8_ds")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--heads", default="16,64,128")
     parser.add_argument("--contexts", default="4096,32768", help="h_q 16/64/128 each; the first context with the sweep")
     parser.add_argument("--precompile", type=int, default=0, metavar="N",
                         help="only compile every variant the GPU tests and this benchmark use, with N processes")
@@ -267,7 +283,7 @@ def main() -> None:
         # The first context with the sweep, the longer ones on the default schedule.
         contexts = [int(c) for c in args.contexts.split(",")]
         for ctx in contexts:
-            batch, head_list = args.batch, (16, 64, 128)
+            batch, head_list = args.batch, [int(h) for h in args.heads.split(",")]
             for kind in args.kv_dtypes.split(","):
                 cache, bt, kv_scale, slots = build_cache(kind, batch, ctx)
                 for heads in head_list:

@@ -1,7 +1,8 @@
 """MLA attention over a paged, optionally FP8-quantized latent KV cache (DeepSeek-V3 absorbed form).
 
 Layouts and allocation: cache.py. Kernels: store.py (quantize-on-store), triton.py (decode and
-chunked prefill, split-KV + LSE merge). Pure-torch twins (the spec): reference.py.
+chunked prefill, split-KV + LSE merge; token_major.py and gluon_decode.py: decode over fp8 caches with the
+tokens as the MMA rows, the latter in Gluon for Hopper). Pure-torch twins (the spec): reference.py.
 
 Typical use, per layer and step (CUDA):
     cache = allocate_kv_cache(num_pages, page_size, "fp8_ds", device="cuda")

@@ -10,8 +10,8 @@ import torch
 import triton
 from dsquant.kernels.mla.cache import KV_LORA_RANK, kv_cache_bytes_per_token
 
-TILE_CODE = {"regs": 0, "reload": 1, "smem": 2, "dequant": 3, "smem16": 4}
-TILE_TAG = {"regs": "", "reload": "r", "smem": "m", "dequant": "d", "smem16": "m16"}
+TILE_CODE = {"regs": 0, "reload": 1, "smem": 2, "dequant": 3, "smem16": 4, "tokens": 5, "gluon": 6}
+TILE_TAG = {"regs": "", "reload": "r", "smem": "m", "dequant": "d", "smem16": "m16", "tokens": "t", "gluon": "g"}
 
 
 class AttendConfig(NamedTuple):
@@ -25,8 +25,11 @@ class AttendConfig(NamedTuple):
     # 8-bit operand gathered byte by byte), "reload" each dot reads the tile from global memory (second read
     # from L2), "smem" one float16 tile in shared memory feeds both (ldmatrix), all three on float16 MMAs;
     # "dequant" bf16 tiles (fp8_ds: codes times group scale, rounded to bf16) on bf16 MMAs; "smem16" as "smem"
-    # with 16-bit operand layouts (ldmatrix; tiles.load_kv_chunk). bf16 caches
-    # ignore it (their tile is read once into shared memory by the pipeliner).
+    # with 16-bit operand layouts (ldmatrix; tiles.load_kv_chunk); "tokens" the token-major kernel
+    # (token_major.py: tokens as the MMA rows, block_n of them, heads as its columns); "gluon" its Gluon
+    # kernel for Hopper decode (gluon_decode.py: 16 heads, 64 tokens, each code converted once into shared
+    # memory), elsewhere and for prefill the portable config (portable_config). bf16 caches ignore it (their
+    # tile is read once into shared memory by the pipeliner).
     tile: str = "regs"
 
     def __str__(self) -> str:
@@ -41,12 +44,22 @@ class AttendConfig(NamedTuple):
 # there shares one float16 tile ("smem"), while fp8_ds dequantizes to bf16 ("dequant"), since the float16
 # path's per-chunk scales spill at 64 rows (benchmarks/results/mla_sm90_sass.csv). 32 heads pad to a 64-row
 # block, which takes wgmma.
-def default_config(num_heads: int, kind: str) -> AttendConfig:
+def portable_config(num_heads: int, kind: str) -> AttendConfig:
     if kind == "bf16":
         return AttendConfig(16, 64, 8, 3) if num_heads <= 16 else AttendConfig(64, 64, 8, 2)
     if num_heads <= 16:
         return AttendConfig(16, 32, 4, 3, "reload") if kind == "fp8" else AttendConfig(16, 32, 4, 3, "smem16")
     return AttendConfig(64, 64, 8, 2, "smem" if kind == "fp8" else "dequant")
+
+
+# The Gluon decode kernel's tile (gluon_decode.BLOCK_H heads, BLOCK_N tokens, one warpgroup). Opt-in, not a
+# default: at 16 heads it trails the portable configs on an H100 (fp8 0.80x at 4K, 0.81x at 32K; fp8_ds 0.56x
+# and 0.57x; benchmarks/results/mla_fp8_h100.csv), as does the token-major Triton kernel ("tokens").
+GLUON_CONFIG = AttendConfig(16, 64, 4, 1, "gluon")
+
+
+def default_config(num_heads: int, kind: str) -> AttendConfig:
+    return portable_config(num_heads, kind)
 
 
 def num_sms(device: torch.device) -> int:

@@ -31,8 +31,16 @@ import torch
 import triton
 import triton.language as tl
 from dsquant.kernels import format_codes
+from dsquant.kernels.mla import gluon_decode
 from dsquant.kernels.mla.cache import KV_LORA_RANK, ROPE_DIM
-from dsquant.kernels.mla.configs import TILE_CODE, AttendConfig, default_config, default_num_splits, num_sms
+from dsquant.kernels.mla.configs import (
+    TILE_CODE,
+    AttendConfig,
+    default_config,
+    default_num_splits,
+    num_sms,
+    portable_config,
+)
 from dsquant.kernels.mla.store import cache_views
 from dsquant.kernels.mla.tiles import (
     key_operand,
@@ -42,6 +50,7 @@ from dsquant.kernels.mla.tiles import (
     pv_scaled,
     store_out_chunk,
 )
+from dsquant.kernels.mla.token_major import mla_attend_tokens_kernel
 
 __all__ = ["AttendConfig", "default_config", "default_num_splits", "mla_decode", "mla_prefill"]
 
@@ -243,6 +252,9 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
         assert kv_scale.numel() == 1 and kv_scale.dtype == torch.float32, "kv_scale: float32 scalar"
     page_size = kv_cache.shape[1]
     cfg = config or default_config(heads, kind)
+    if cfg.tile == "gluon" and (kind == "bf16" or row_seq is not None or not gluon_decode.gluon_runs_on(q_nope.device)):
+        cfg = portable_config(heads, kind)  # the Gluon kernel: fp8 decode on Hopper only
+    assert cfg.tile != "gluon" or (cfg.block_h, cfg.block_n) == (gluon_decode.BLOCK_H, gluon_decode.BLOCK_N), cfg
     n_hb = triton.cdiv(heads, cfg.block_h)
     if num_splits is None:
         num_splits = default_num_splits(rows, heads, block_table.shape[1] * page_size, kind, cfg.block_h,
@@ -258,20 +270,29 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
     else:
         o, lse = out, out
         so, slse = (out.stride(0), out.stride(1), 0), (0, 0)
-    mla_attend_kernel[(n_hb, rows, num_splits)](
+    args = (
         q_nope, q_pe, val, sc, pe, kv_scale if kind == "fp8" else val,
         block_table, row_seq if row_seq is not None else row_len, row_len,
         o, lse, softmax_scale * _LOG2E, heads, num_splits,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0),
         *so, *slse,
+    )
+    shared = dict(
         PAGE_SIZE=page_size, KV_FMT=format_codes.KV_CACHE_FORMATS[kind], HAS_ROW_SEQ=row_seq is not None,
-        SPLIT=split,
-        VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4, TILE=TILE_CODE[cfg.tile],
-        MMA_BF16=kind == "bf16" or cfg.tile == "dequant",
-        EV="evict_last" if cfg.tile == "reload" else "", ASM=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        SPLIT=split, VAL_W=val_w, SC_W=sc_w, SC_OFF=sc_off, PE_W=pe_w, PE_OFF=pe_off,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DR=ROPE_DIM, GROUP=KV_LORA_RANK // 4,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if cfg.tile == "gluon":
+        gluon_decode.launch_decode(q_nope, q_pe, kv_cache, kind, block_table, row_len, softmax_scale * _LOG2E,
+                                   kv_scale, num_splits, o, lse, so, slse, heads)
+    elif cfg.tile == "tokens" and kind != "bf16":
+        mla_attend_tokens_kernel[(n_hb, rows, num_splits)](*args, **shared)
+    else:
+        mla_attend_kernel[(n_hb, rows, num_splits)](
+            *args, **shared, TILE=TILE_CODE[cfg.tile], MMA_BF16=kind == "bf16" or cfg.tile == "dequant",
+            EV="evict_last" if cfg.tile == "reload" else "", ASM=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        )
     if split:
         _mla_merge_kernel[(heads, rows)](
             o, lse, out, num_splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
