@@ -21,7 +21,14 @@ PACKED_FORMATS = (format_codes.NVFP4, format_codes.MXFP4, format_codes.MXFP4_W4A
 # (benchmarks/results/gemm_h100.csv, gemm_h100_fp4.csv) and its time ratio to W4A16 falls toward 1 near 8K rows.
 W4A8_MIN_M = 8192
 
+# fp8_block_gemm runs the warp-specialized Gluon kernel (gluon_fp8.py) on Hopper from this M on, where it was
+# measured near cuBLAS block-scaled _scaled_mm and about twice the Triton kernel
+# (benchmarks/results/gemm_fp8_gluon_anchor_h100.csv); below it the Triton kernels stay.
+GLUON_MIN_M = 2048
 SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream once, MMA N = BLOCK_M)
+# CTAs per SM the small-M W4A16 kernel (triton_w4a16.py) aims for with its K split: a weight stream needs
+# many bytes in flight per SM, and each CTA has one 16-byte load per thread and 64 K step outstanding.
+W4A16_WAVES = 4
 SMEM_BYTES = 227 * 1024  # H100/H200 dynamic shared memory per block
 
 

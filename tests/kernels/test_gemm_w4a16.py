@@ -1,0 +1,156 @@
+"""w4a16_gemm (kernels/gemm/triton_w4a16.py) on weights from to_mma_layout, against the references.
+
+CPU: the Triton interpreter at small shapes. GPU (`-m gpu`): DeepSeek (N, K) shapes at M in {1, 16, 64}.
+Thresholds are test_gemm_kernels.py's (its module docstring derives them): the kernel and the reference
+see the same FP4 weight, so only accumulation order and the output cast differ. The layout conversion
+is checked bit for bit: from_mma_layout(to_mma_layout(w)) == w, and the kernel is compared with the
+reference on the stored layout (nvfp4_gemm_ref / mxfp4_gemm_ref), which never sees the rearranged bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsquant.kernels.gemm import mxfp4_gemm_ref, nvfp4_gemm_ref, to_mma_layout, w4a16_gemm, w4a16_gemm_ref
+from dsquant.kernels.gemm.fp4_mma_layout import from_mma_layout
+from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_close_global, poison_
+
+from tests.kernels.test_gemm_kernels import (
+    BF16_OUT_MAX_DIFF,
+    DEVICE,
+    FP32_OUT_MAX_DIFF,
+    INTERPRET,
+    gpu_check,
+    operands,
+    poison_inputs,
+)
+
+FP4 = ("nvfp4", "mxfp4")
+REF = {"nvfp4": nvfp4_gemm_ref, "mxfp4": mxfp4_gemm_ref}
+
+
+def _layout(ops: tuple):
+    return to_mma_layout(*ops[1:])  # (w_packed, w_scale[, global_scale])
+
+
+def _run(fmt: str, ops: tuple, out_dtype=torch.bfloat16, cfg=None):
+    x = ops[0]
+    out = poison_(torch.empty(x.shape[0], ops[1].shape[0], dtype=out_dtype, device=x.device))
+    got = w4a16_gemm(x, _layout(ops), out_dtype=out_dtype, out=out, cfg=cfg)
+    assert got.data_ptr() == out.data_ptr(), "the result is not in `out`"
+    return got, REF[fmt](*ops, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("fmt", FP4)
+@pytest.mark.parametrize("n,k", [(192, 256), (64, 96), (300, 1024)], ids=str)
+def test_layout_round_trip_is_exact(fmt, n, k):
+    # N and K off the layout's padding (128 rows, 256 K) and on it.
+    ops = operands(fmt, 1, n, k, device="cpu")
+    back = from_mma_layout(_layout(ops))
+    assert torch.equal(back[0], ops[1])
+    assert torch.equal(back[1].view(torch.uint8), ops[2].view(torch.uint8))
+
+
+def test_layout_puts_a_threads_bytes_together():
+    # Lane l of a 16-row x 64-K block holds rows l // 4 + {0, 8} and K pairs l % 4 + {0, 4, ..., 28}, byte
+    # j = 4 * c + 2 * h + s being row 8 * h + l // 4 and pair 8 * c + 4 * s + l % 4. Two weights tell where each
+    # byte came from: one whose bytes are their row, one whose bytes are their K pair.
+    rows, pairs = torch.meshgrid(torch.arange(16), torch.arange(32), indexing="ij")
+    scale = torch.zeros(16, 4, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    row_of = to_mma_layout(rows.to(torch.uint8), scale, torch.ones(())).packed[0, 0].reshape(32, 16)
+    pair_of = to_mma_layout(pairs.to(torch.uint8), scale, torch.ones(())).packed[0, 0].reshape(32, 16)
+    for lane in range(32):
+        where = [(8 * h + lane // 4, 8 * c + 4 * s + lane % 4) for c in range(4) for h in range(2) for s in range(2)]
+        assert list(zip(row_of[lane].tolist(), pair_of[lane].tolist())) == where, f"lane {lane}"
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("m", [1, 5, 16, 33], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("fmt", FP4)
+def test_w4a16_gemm_matches_reference(fmt, m):
+    # N = 192: 1.5 row tiles of 128 (as 2112 and 576); K = 320: a K past the 256 of the padded layout.
+    got, want = _run(fmt, operands(fmt, m, 192, 320))
+    assert_close_global(got, want, BF16_OUT_MAX_DIFF, f"{fmt} {m=}")
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=1),
+        dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=3),
+        dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=2),
+        dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=3, FUSED_SUM=False),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("fmt", FP4)
+def test_w4a16_gemm_tiles_and_splits_fp32_out(fmt, cfg):
+    # Every tile the layout allows, split and unsplit K (an uneven split: 5 K steps of 64 in 3), the split sum in
+    # the kernel and in a second one, fp32 output.
+    cfg = dict(cfg, BLOCK_M=16, num_warps=4, num_stages=2)
+    got, want = _run(fmt, operands(fmt, 7, 256, 320), torch.float32, cfg)
+    assert_close_global(got, want, FP32_OUT_MAX_DIFF, f"{fmt} {cfg}")
+    assert_close_global(
+        got,
+        w4a16_gemm_ref(operands(fmt, 7, 256, 320)[0], _layout(operands(fmt, 7, 256, 320)), torch.float32),
+        FP32_OUT_MAX_DIFF,
+        "w4a16_gemm_ref",
+    )
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_w4a16_gemm_split_sum_rearms_and_repeats():
+    # Two token tiles x three row tiles x four K splits: every counter is back at zero after a call, and a
+    # second call (whichever split finishes last) gives the same bits.
+    ops = operands("nvfp4", 40, 192, 512)
+    w = _layout(ops)
+    cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=2)
+    first = w4a16_gemm(ops[0], w, cfg=cfg)
+    assert not w.counters.any(), f"counters left armed: {w.counters.nonzero().flatten().tolist()}"
+    assert torch.equal(w4a16_gemm(ops[0], w, cfg=cfg), first)
+    assert_close_global(first, nvfp4_gemm_ref(*ops), BF16_OUT_MAX_DIFF, "split sum")
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("fmt", FP4)
+def test_w4a16_gemm_nan_inf_pattern(fmt):
+    ops = poison_inputs(fmt, operands(fmt, 4, 192, 256))
+    got, want = _run(fmt, ops)
+    assert torch.isnan(want).any(), "the poisoned inputs should give NaN outputs"
+    assert_close_global(got, want, BF16_OUT_MAX_DIFF, f"{fmt} with NaN/Inf")
+
+
+@pytest.mark.parametrize(
+    "what,message", [("dtype", "bfloat16"), ("k", "K=128, the weight K=256"), ("m", "M=65"), ("scale", "w_scale")]
+)
+def test_w4a16_gemm_rejects_bad_inputs(what, message):
+    x, w, s, g = operands("nvfp4", 4, 128, 256, device="cpu")
+    with pytest.raises(AssertionError, match=message):
+        if what == "scale":
+            to_mma_layout(w, s[:, :-1], g)
+        layout = to_mma_layout(w, s, g)
+        if what == "dtype":
+            w4a16_gemm(x.float(), layout)
+        if what == "k":
+            w4a16_gemm(x[:, :128], layout)
+        if what == "m":
+            w4a16_gemm(torch.zeros(65, 256, dtype=torch.bfloat16), layout)
+
+
+# ---------------------------------------------------------------- GPU (an H100)
+
+_WEIGHTS: dict = {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (1, 16, 64), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("fmt,n,k", [(f, n, k) for f in FP4 for n, k in DEEPSEEK_V3_NK], ids=str)
+def test_w4a16_gemm_deepseek_shapes_gpu(fmt, n, k, m):
+    if (fmt, n, k) not in _WEIGHTS:
+        _WEIGHTS.clear()  # one weight at a time
+        ops = operands(fmt, 1, n, k, device="cuda", seed=1)
+        _WEIGHTS[(fmt, n, k)] = (ops[1:], _layout(ops))
+    stored, layout = _WEIGHTS[(fmt, n, k)]
+    ops = operands(fmt, m, n, k, device="cuda", weight=stored)
+    gpu_check(w4a16_gemm(ops[0], layout), REF[fmt](*ops), BF16_OUT_MAX_DIFF, f"{fmt} {m=} {n=} {k=}")
