@@ -26,9 +26,9 @@ W4A8_MIN_M = 8192
 # (benchmarks/results/gemm_fp8_gluon_anchor_h100.csv); below it the Triton kernels stay.
 GLUON_MIN_M = 2048
 SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream once, MMA N = BLOCK_M)
-# CTAs per SM the small-M W4A16 kernel (triton_w4a16.py) aims for with its K split: a weight stream needs
-# many bytes in flight per SM, and each CTA has one 16-byte load per thread and 64 K step outstanding.
-W4A16_WAVES = 4
+# CTAs of the small-M W4A16 kernel (triton_w4a16.py, 64 x 256 tile, 3 stages) that fit on an SM at once:
+# ptxas gives it about 110 registers a thread at 128 threads, and it takes 43 KB of shared memory.
+W4A16_CTAS_PER_SM = 4
 SMEM_BYTES = 227 * 1024  # H100/H200 dynamic shared memory per block
 
 

@@ -54,7 +54,7 @@ def _weight_tile(w_ptr, s_ptr, tn0, tk0, KB, NVFP4: tl.constexpr, BLOCK_N: tl.co
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
-@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+@triton.jit(do_not_specialize=["M", "KB", "SPLIT_K"])
 def _w4a16_mma_kernel(
     x_ptr,
     w_ptr,
@@ -116,13 +116,33 @@ def _w4a16_mma_kernel(
                 tl.atomic_xchg(lock_ptr + tile, 0)
 
 
-def w4a16_config(m: int, w: Fp4MmaWeight, num_sms: int) -> dict:
-    """Tile and split for M tokens: about `WAVES` CTAs per SM stream the weight."""
-    block_m = max(16, triton.next_power_of_2(m))
-    block_n, block_k = 64, 256
+def w4a16_config(m: int, w: Fp4MmaWeight, num_sms: int, block_n: int = 64, block_k: int = 256) -> dict:
+    """Tile and K split for M tokens.
+
+    configs.W4A16_CTAS_PER_SM CTAs fit on an SM at once (registers and shared memory of this tile), so the GPU
+    runs `slots` of them at a time. Of the K splits that leave no split empty, up to two rounds of slots, the
+    one that keeps the most slots busy in its last round wins (the fewest splits among equals): a round of
+    a few CTAs streams at a few CTAs' bandwidth while the rest of the GPU idles.
+    """
     n_tiles = triton.cdiv(w.n, block_n)
-    split = configs.split_k(w.k_pad // block_k, round(configs.W4A16_WAVES * num_sms / n_tiles))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=3)
+    k_tiles = w.k_pad // block_k
+    slots = configs.W4A16_CTAS_PER_SM * num_sms
+    most = min(k_tiles, triton.cdiv(2 * slots, n_tiles))
+    splits = sorted({configs.split_k(k_tiles, s) for s in range(1, most + 1)})
+
+    def busy(split: int) -> float:
+        ctas = n_tiles * split
+        return ctas / (triton.cdiv(ctas, slots) * slots)
+
+    split = max(splits, key=lambda s: (busy(s), -s))
+    return dict(
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split,
+        num_warps=max(4, block_n // 16),
+        num_stages=3,
+    )
 
 
 def w4a16_gemm(
