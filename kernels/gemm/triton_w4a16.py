@@ -109,9 +109,29 @@ def _w4a16_mma_kernel(
             tl.debug_barrier()
             tile = pid_m * tl.num_programs(0) + pid_n
             if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+                # four partials in flight at a time, so one CTA's sum waits on L2 SPLIT_K / 4 times, not SPLIT_K
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    total += tl.load(part_ptr + s * M * stride_om + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                for s in range(0, SPLIT_K, 4):
+                    p0 = tl.load(part_ptr + s * M * stride_om + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    p1 = tl.load(
+                        part_ptr + (s + 1) * M * stride_om + offs,
+                        mask=mask & (s + 1 < SPLIT_K),
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    p2 = tl.load(
+                        part_ptr + (s + 2) * M * stride_om + offs,
+                        mask=mask & (s + 2 < SPLIT_K),
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    p3 = tl.load(
+                        part_ptr + (s + 3) * M * stride_om + offs,
+                        mask=mask & (s + 3 < SPLIT_K),
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    total = (((total + p0) + p1) + p2) + p3
                 tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
 

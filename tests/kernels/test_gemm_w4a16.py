@@ -81,13 +81,14 @@ def test_w4a16_gemm_matches_reference(fmt, m):
         dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=3),
         dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=2),
         dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=3, FUSED_SUM=False),
+        dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=5),
     ],
     ids=str,
 )
 @pytest.mark.parametrize("fmt", FP4)
 def test_w4a16_gemm_tiles_and_splits_fp32_out(fmt, cfg):
-    # Every tile the layout allows, split and unsplit K (an uneven split: 5 K steps of 64 in 3), the split sum in
-    # the kernel and in a second one, fp32 output.
+    # Every tile the layout allows, split and unsplit K (an uneven split: 5 K steps of 64 in 3; 5 splits: the
+    # in-kernel sum's second group of four), the split sum in the kernel and in a second one, fp32 output.
     cfg = dict(cfg, BLOCK_M=16, num_warps=4, num_stages=2)
     got, want = _run(fmt, operands(fmt, 7, 256, 320), torch.float32, cfg)
     assert_close_global(got, want, FP32_OUT_MAX_DIFF, f"{fmt} {cfg}")
@@ -101,14 +102,15 @@ def test_w4a16_gemm_tiles_and_splits_fp32_out(fmt, cfg):
 
 @pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs TRITON_INTERPRET=1 or a GPU")
 def test_w4a16_gemm_split_sum_rearms_and_repeats():
-    # Two token tiles x three row tiles x four K splits: every counter is back at zero after a call, and a
-    # second call (whichever split finishes last) gives the same bits.
+    # Two token tiles x three row tiles x eight K splits: every counter is back at zero after a call, a second
+    # call (whichever split finishes last) gives the same bits, and so does the two-launch sum (both in split order).
     ops = operands("nvfp4", 40, 192, 512)
     w = _layout(ops)
-    cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=8, num_warps=4, num_stages=2)
     first = w4a16_gemm(ops[0], w, cfg=cfg)
     assert not w.counters.any(), f"counters left armed: {w.counters.nonzero().flatten().tolist()}"
     assert torch.equal(w4a16_gemm(ops[0], w, cfg=cfg), first)
+    assert torch.equal(w4a16_gemm(ops[0], w, cfg=dict(cfg, FUSED_SUM=False)), first)
     assert_close_global(first, nvfp4_gemm_ref(*ops), BF16_OUT_MAX_DIFF, "split sum")
 
 
