@@ -17,6 +17,7 @@ MLP ones (expert and dense gate+up / down).
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import time
@@ -183,16 +184,17 @@ def main() -> None:
         log.warning("--anchor: %s", fbgemm_missing("bf16i4bf16_shuffled"))
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     ms_list = [int(v) for v in args.m.split(",")]
-    for fmt in args.formats.split(","):
-        for n, k in DEEPSEEK_V3_NK:
-            if time.time() - start > args.budget_s:
-                log.warning("time budget reached: stopping before %s N=%d K=%d", fmt, n, k)
-                break
-            try:
-                bench_shape(rows, fmt, n, k, ms_list, copy_gbs, anchor and fmt == "nvfp4", fmt in args.sweep, num_sms)
-            except Exception as e:  # one failing shape should not lose the others' figures
-                log.error("%s N=%d K=%d failed: %s", fmt, n, k, e)
-            torch.cuda.empty_cache()
+    # the MLP shapes first (the target is stated on them), both formats per shape, so a budget cut keeps pairs
+    shapes = list(MLP_NK) + [nk for nk in DEEPSEEK_V3_NK if nk not in MLP_NK]
+    for (n, k), fmt in itertools.product(shapes, args.formats.split(",")):
+        if time.time() - start > args.budget_s:
+            log.warning("time budget reached: stopping before %s N=%d K=%d", fmt, n, k)
+            break
+        try:
+            bench_shape(rows, fmt, n, k, ms_list, copy_gbs, anchor and fmt == "nvfp4", fmt in args.sweep, num_sms)
+        except Exception as e:  # one failing shape should not lose the others' figures
+            log.error("%s N=%d K=%d failed: %s", fmt, n, k, e)
+        torch.cuda.empty_cache()
     summary(rows.rows)
 
 
