@@ -285,14 +285,14 @@ def roofline_png(rows: list[dict], copy_gbs: float, path: str) -> None:
     points: dict = {}
     for r in rows:
         if "[" not in r["kernel"]:
-            label = r["kernel"] if len(runs) == 1 else f"{r['kernel']} ({r['date'][:10]})"
+            label = r["kernel"] if len(runs) == 1 else f"{r['kernel']} ({r['date']})"
             points.setdefault(label, {})[(r["M"], r["N"], r["K"])] = r
     fig, ax = plt.subplots(figsize=(9, 7))
     for label, pts in sorted(points.items()):
         pts = list(pts.values())
         ai = [2 * r["M"] * r["N"] * r["K"] / (r["GB/s"] * r["us"] * 1e3) for r in pts]  # FLOP per weight byte
         ax.scatter(ai, [r["TFLOPS"] for r in pts], label=label, s=12, marker="o" if "(" not in label or
-                   label.endswith(f"({runs[-1][:10]})") else "x")
+                   label.endswith(f"({runs[-1]})") else "x")
     xs = [10 ** (i / 10) for i in range(0, 50)]
     ax.plot(xs, [copy_gbs * x / 1e3 for x in xs], "k--", label=f"copy {copy_gbs:.0f} GB/s x FLOP/B")
     ax.set(xscale="log", yscale="log", xlabel="FLOP per weight byte", ylabel="TFLOPS", title=rows[0]["gpu"])
