@@ -15,6 +15,8 @@ The NVFP4 global scale multiplies the fp32 result before the split sum (as in tr
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -163,6 +165,27 @@ def w4a16_config(m: int, w: Fp4MmaWeight, num_sms: int, block_n: int = 64, block
         num_warps=max(4, block_n // 16),
         num_stages=3,
     )
+
+
+def compile_sm90(nvfp4: bool = True, cfg: dict | None = None):
+    """The kernel with launch parameters cfg (default: M <= 16 on a 64 x 256 tile, 3 stages), compiled for sm_90a on
+    any machine (no GPU needed), specialized as a launch on DeepSeek shapes is (16-byte aligned pointers, N, K and
+    strides divisible by 16): Triton's CompiledKernel, whose asm["ttgir"] / asm["ptx"] show the layouts and loads."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = dict(cfg or dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3))
+    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    constants = dict(NVFP4=nvfp4, FUSED_SUM=cfg.pop("FUSED_SUM", True), **cfg)
+    params = list(inspect.signature(_w4a16_mma_kernel.fn).parameters)
+    types = dict(
+        x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", gs_ptr="*fp32", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32"
+    )
+    signature = {p: "constexpr" if p in constants else types.get(p, "i32") for p in params}
+    aligned = [p for p in params if p not in constants and p not in ("M", "KB", "SPLIT_K")]
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in aligned}
+    src = ASTSource(_w4a16_mma_kernel, signature, {(params.index(p),): v for p, v in constants.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def w4a16_gemm(

@@ -1,6 +1,8 @@
 """w4a16_gemm (kernels/gemm/triton_w4a16.py) on weights from to_mma_layout, against the references.
 
-CPU: the Triton interpreter at small shapes. GPU (`-m gpu`): DeepSeek (N, K) shapes at M in {1, 16, 64}.
+CPU: the Triton interpreter at small shapes, and the kernel compiled for sm_90a (what its layout is for: 16-byte
+code loads, the decoded tile already in wgmma's register-operand layout, no spills). GPU (`-m gpu`): DeepSeek
+(N, K) shapes at M in {1, 16, 64}.
 Thresholds are test_gemm_kernels.py's (its module docstring derives them): the kernel and the reference
 see the same FP4 weight, so only accumulation order and the output cast differ. The layout conversion
 is checked bit for bit: from_mma_layout(to_mma_layout(w)) == w, and the kernel is compared with the
@@ -8,6 +10,11 @@ reference on the stored layout (nvfp4_gemm_ref / mxfp4_gemm_ref), which never se
 """
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -138,6 +145,61 @@ def test_w4a16_gemm_rejects_bad_inputs(what, message):
             w4a16_gemm(x[:, :128], layout)
         if what == "m":
             w4a16_gemm(torch.zeros(65, 256, dtype=torch.bfloat16), layout)
+
+
+def _wgmma_a_layout() -> str:
+    """wgmma's register A operand for bf16, 64 x 16 per warpgroup, as a Triton linear layout: warp w, lane t and
+    register i hold row 16 w + t // 4 + 8 ((i // 2) % 2), column 2 (t % 4) + i % 2 + 8 (i // 4) (PTX ISA,
+    "Register Fragments and Shared Memory Matrix Layouts" for wgmma .m64nNk16)."""
+
+    def at(w: int, t: int, i: int) -> list[int]:
+        return [16 * w + t // 4 + 8 * ((i // 2) % 2), 2 * (t % 4) + i % 2 + 8 * (i // 4)]
+
+    reg, lane, warp = (
+        [at(0, 0, 1 << b) for b in range(3)],
+        [at(0, 1 << b, 0) for b in range(5)],
+        [at(1, 0, 0), at(2, 0, 0)],
+    )
+    return f"register = {reg}, lane = {lane}, warp = {warp}, block = []"
+
+
+@pytest.mark.parametrize("fmt", FP4)
+def test_decoded_tile_is_already_the_mma_operand_sm90(fmt, tmp_path):
+    # No GPU needed: Triton compiles for sm_90a. What the layout is for: each thread loads its codes as 16 bytes
+    # and the decoded weight reaches wgmma's register operand with no data movement, so every layout conversion
+    # into that operand starts from the operand's own layout (a renaming of registers); and ptxas does not spill.
+    # The compile runs in a child without TRITON_INTERPRET, under which the E2M1 decode takes its interpreter path.
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = (
+        "import sys; from dsquant.kernels.gemm.triton_w4a16 import compile_sm90; "
+        "k = compile_sm90(sys.argv[1] == 'nvfp4'); "
+        "[open(sys.argv[2] + '.' + ext, 'w').write(k.asm[ext]) for ext in ('ttgir', 'ptx')]"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, fmt, str(tmp_path / "k")], env=env, capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    ttgir = (tmp_path / "k.ttgir").read_text()
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.linear<\{(.*)\}>$", ttgir, re.M))
+    operand = r"tensor<64x16xbf16, #ttg\.dot_op<\{opIdx = 0"
+    assert re.search(r"ttng\.warp_group_dot %\S+, %\S+, .*: " + operand, ttgir), "wgmma's A operand is not in registers"
+    sources = re.findall(r"ttg\.convert_layout %\S+ : tensor<64x16xbf16, (#\w+)> -> " + operand, ttgir)
+    moved = {src: layouts.get(src) for src in sources if layouts.get(src) != _wgmma_a_layout()}
+    assert not moved, f"the decoded tile is converted into the MMA operand from {moved}, not {_wgmma_a_layout()}"
+    # The codes reach registers 16 bytes a thread: a layout that does not match the MMA's makes Triton gather them
+    # from shared memory byte by byte instead.
+    gathered = re.findall(r"ld\.shared(?:\.v\d)?\.[bus]8\b", (tmp_path / "k.ptx").read_text())
+    assert not gathered, f"{len(gathered)} byte-wide shared-memory loads: the weight codes are gathered"
+    log = subprocess.run(
+        [get_ptxas(90).path, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
 
 
 # ---------------------------------------------------------------- GPU (an H100)
