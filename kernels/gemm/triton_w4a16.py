@@ -56,6 +56,15 @@ def _weight_tile(w_ptr, s_ptr, tn0, tk0, KB, NVFP4: tl.constexpr, BLOCK_N: tl.co
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
+@triton.jit
+def _split_part(part_ptr, split, SPLIT_K, M, N, offs_m, offs_n, stride_om):
+    """K split `split`'s fp32 partial [BLOCK_M, BLOCK_N] of the output tile at (offs_m, offs_n); zeros past the last."""
+    rows = tl.where(split < SPLIT_K, M, 0)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < N)
+    ptrs = part_ptr + split * M * stride_om + offs_m[:, None] * stride_om + offs_n[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+
+
 @triton.jit(do_not_specialize=["M", "KB", "SPLIT_K"])
 def _w4a16_mma_kernel(
     x_ptr,
@@ -114,25 +123,10 @@ def _w4a16_mma_kernel(
                 # four partials in flight at a time, so one CTA's sum waits on L2 SPLIT_K / 4 times, not SPLIT_K
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for s in range(0, SPLIT_K, 4):
-                    p0 = tl.load(part_ptr + s * M * stride_om + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                    p1 = tl.load(
-                        part_ptr + (s + 1) * M * stride_om + offs,
-                        mask=mask & (s + 1 < SPLIT_K),
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    p2 = tl.load(
-                        part_ptr + (s + 2) * M * stride_om + offs,
-                        mask=mask & (s + 2 < SPLIT_K),
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    p3 = tl.load(
-                        part_ptr + (s + 3) * M * stride_om + offs,
-                        mask=mask & (s + 3 < SPLIT_K),
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+                    p0 = _split_part(part_ptr, s, SPLIT_K, M, N, offs_m, offs_n, stride_om)
+                    p1 = _split_part(part_ptr, s + 1, SPLIT_K, M, N, offs_m, offs_n, stride_om)
+                    p2 = _split_part(part_ptr, s + 2, SPLIT_K, M, N, offs_m, offs_n, stride_om)
+                    p3 = _split_part(part_ptr, s + 3, SPLIT_K, M, N, offs_m, offs_n, stride_om)
                     total = (((total + p0) + p1) + p2) + p3
                 tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
