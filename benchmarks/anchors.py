@@ -1,4 +1,4 @@
-"""CUTLASS anchors for the GEMM benchmark: FBGEMM GenAI's sm_90a kernels, when `fbgemm-gpu-genai` is installed.
+"""CUTLASS anchors for the GEMM benchmarks: FBGEMM GenAI's sm_90a kernels, when `fbgemm-gpu-genai` is installed.
 
 cuBLAS is one baseline; a hand-tuned CUTLASS kernel for the same DeepSeek block-FP8 problem is the other figure a
 kernel is judged against. FBGEMM's `f8f8bf16_blockwise` takes x_scale [ceil(M/128), ceil(K/128)] and
@@ -16,14 +16,14 @@ import torch
 log = logging.getLogger("anchors")
 
 
-def fbgemm_missing() -> str | None:
-    """Why the FBGEMM GenAI ops cannot run here, or None."""
+def fbgemm_missing(op: str = "f8f8bf16_blockwise") -> str | None:
+    """Why FBGEMM GenAI's `op` cannot run here, or None."""
     try:
         import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm.*)
     except Exception as exc:  # ImportError, or a wheel built for another torch / CUDA
         return f"fbgemm_gpu.experimental.gen_ai not importable ({type(exc).__name__}: {str(exc)[:200]})"
-    if not hasattr(torch.ops.fbgemm, "f8f8bf16_blockwise"):
-        return "this fbgemm-gpu-genai has no f8f8bf16_blockwise"
+    if not hasattr(torch.ops.fbgemm, op):
+        return f"this fbgemm-gpu-genai has no {op}"
     return None
 
 
@@ -62,3 +62,30 @@ def fbgemm_fp8_blockwise(a, a_s, b, b_s, ref):
         log.warning("fbgemm f8f8bf16_blockwise disagrees with the reference: calc_diff %.2e", diff)
         return None
     return "fbgemm_f8f8bf16_blockwise", call
+
+
+def fbgemm_w4a16_int4(x, w):
+    """(kernel name, make_call, weight bytes) for FBGEMM's CUTLASS W4A16 GEMM (bf16i4bf16_shuffled) on weight
+    w [N, K] bf16, quantized once to int4 with bf16 scales and zero points per 128 K and preshuffled;
+    make_call(x_m) is a zero-argument callable for activations x_m [M, K]. Checked against x @ w^T (int4
+    rounding alone gives calc_diff near 5e-3); None when it fails or is far off."""
+    from dsquant.kernels.testing import calc_diff
+
+    try:
+        from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
+
+        wq, (scale, zero) = quantize_int4_preshuffle(w, dtype="bf16")
+        diff = calc_diff(torch.ops.fbgemm.bf16i4bf16_shuffled(x, wq, scale, zero), x @ w.t())
+    except Exception as exc:
+        log.warning("fbgemm bf16i4bf16_shuffled: %s", str(exc).splitlines()[0][:200])
+        return None
+    if diff >= 2e-2:
+        log.warning("fbgemm bf16i4bf16_shuffled disagrees with x @ w^T: calc_diff %.2e", diff)
+        return None
+    log.info("fbgemm bf16i4bf16_shuffled: calc_diff vs x @ w^T %.2e", diff)
+    n_bytes = wq.numel() * wq.element_size() + (scale.numel() + zero.numel()) * 2
+
+    def make_call(x_m):
+        return lambda: torch.ops.fbgemm.bf16i4bf16_shuffled(x_m, wq, scale, zero)
+
+    return "fbgemm_bf16i4bf16_shuffled", make_call, n_bytes

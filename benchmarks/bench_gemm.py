@@ -12,6 +12,7 @@ Each CSV row: gpu, torch, triton, date, kernel, M, N, K, us, TFLOPS, GB/s (weigh
 per second), baseline, ratio (baseline time / kernel time; for baseline "copy_bw", GB/s / copy GB/s).
 
     python3 benchmarks/bench_gemm.py --out benchmarks/results/gemm_h100.csv [--sweep] [--png FILE]
+    python3 benchmarks/bench_gemm.py --plot gemm_h100.csv,gemm_w4a16_h100.csv --png FILE  (redraw, no GPU)
 """
 
 from __future__ import annotations
@@ -271,6 +272,8 @@ def sweep_small_m(rows: Rows, copy_gbs: float, num_sms: int):
 
 
 def roofline_png(rows: list[dict], copy_gbs: float, path: str) -> None:
+    """TFLOPS against FLOP per weight byte, one point per (kernel, M, N, K), under the copy-bandwidth line. Rows of
+    several runs (`--plot`) keep apart by their run's date in the legend."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -278,16 +281,37 @@ def roofline_png(rows: list[dict], copy_gbs: float, path: str) -> None:
     except ImportError:
         log.warning("matplotlib is not installed: no roofline plot")
         return
-    fig, ax = plt.subplots(figsize=(8, 6))
-    for kernel in sorted({r["kernel"] for r in rows if "[" not in r["kernel"]}):
-        pts = [r for r in rows if r["kernel"] == kernel and r["baseline"] in ("", "copy_bw")]
+    runs = sorted({r["date"] for r in rows})
+    points: dict = {}
+    for r in rows:
+        if "[" not in r["kernel"]:
+            label = r["kernel"] if len(runs) == 1 else f"{r['kernel']} ({r['date']})"
+            points.setdefault(label, {})[(r["M"], r["N"], r["K"])] = r
+    fig, ax = plt.subplots(figsize=(9, 7))
+    for label, pts in sorted(points.items()):
+        pts = list(pts.values())
         ai = [2 * r["M"] * r["N"] * r["K"] / (r["GB/s"] * r["us"] * 1e3) for r in pts]  # FLOP per weight byte
-        ax.scatter(ai, [r["TFLOPS"] for r in pts], label=kernel, s=12)
+        ax.scatter(ai, [r["TFLOPS"] for r in pts], label=label, s=12, marker="o" if "(" not in label or
+                   label.endswith(f"({runs[-1]})") else "x")
     xs = [10 ** (i / 10) for i in range(0, 50)]
     ax.plot(xs, [copy_gbs * x / 1e3 for x in xs], "k--", label=f"copy {copy_gbs:.0f} GB/s x FLOP/B")
     ax.set(xscale="log", yscale="log", xlabel="FLOP per weight byte", ylabel="TFLOPS", title=rows[0]["gpu"])
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.savefig(path, dpi=120)
+
+
+def rows_from_csv(paths: list[str]) -> tuple[list[dict], float]:
+    """Rows of result CSVs written by this script or bench_w4a16.py, numbers parsed, and the device copy
+    bandwidth of the last run (from its copy_bw ratios)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                r.update({c: int(r[c]) for c in ("M", "N", "K")}, **{c: float(r[c]) for c in ("us", "TFLOPS", "GB/s")})
+                r["ratio"] = float(r["ratio"]) if r["ratio"] else None
+                rows.append(r)
+    last = [r for r in rows if r["date"] == max(q["date"] for q in rows) and r["baseline"] == "copy_bw"]
+    return rows, last[0]["GB/s"] / last[0]["ratio"]
 
 
 def main() -> None:
@@ -297,12 +321,16 @@ def main() -> None:
     p.add_argument("--formats", default="fp8,int8,nvfp4,mxfp4")
     p.add_argument("--sweep", action="store_true", help="also sweep swap-AB split-K tiles at M=16")
     p.add_argument("--png", default=None, help="roofline plot path")
+    p.add_argument("--plot", default=None, help="comma-separated result CSVs: redraw the roofline (--png), run nothing")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
     p.add_argument("--anchor", action="store_true", help="also time FBGEMM GenAI's CUTLASS block-FP8 GEMM")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA-graph replays (kernel-only, L2 flushed) instead of do_bench's launched calls")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.plot:
+        roofline_png(*rows_from_csv(args.plot.split(",")), args.png)
+        return
     start = time.time()
     rows = Rows(args.out, cuda_graph=args.cuda_graph)
     log.info("%s | torch %s | triton %s | %s", rows.head["gpu"], rows.head["torch"], rows.head["triton"],

@@ -5,6 +5,9 @@
     int8_scaled_mm(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16, out=None)
     nvfp4_gemm(x, w_packed, w_block_scale, w_global_scale, out_dtype=torch.bfloat16, out=None)
     mxfp4_gemm(x, w_packed, w_scale_e8m0, out_dtype=torch.bfloat16, out=None)
+    to_mma_layout(w_packed, w_scale, global_scale=None)  an NVFP4 / MXFP4 weight rearranged once, at load time,
+        for w4a16_gemm (fp4_mma_layout.py)
+    w4a16_gemm(x, weight, out_dtype=torch.bfloat16, out=None)  M <= 64 tokens x such a weight (triton_w4a16.py)
 
 Each has a pure-torch twin `<name>_ref` (reference.py, the spec). The kernels are imported on first
 use, so the references stay importable where Triton is not installed. Design notes: README.md.
@@ -20,10 +23,13 @@ _HOME = {
     "int8_scaled_mm": "triton",
     "nvfp4_gemm": "triton_fp4",
     "mxfp4_gemm": "triton_fp4",
+    "to_mma_layout": "fp4_mma_layout",
+    "w4a16_gemm": "triton_w4a16",
     "fp8_block_gemm_ref": "reference",
     "int8_scaled_mm_ref": "reference",
     "nvfp4_gemm_ref": "reference",
     "mxfp4_gemm_ref": "reference",
+    "w4a16_gemm_ref": "reference",
 }
 __all__ = sorted(_HOME)
 

@@ -21,7 +21,14 @@ PACKED_FORMATS = (format_codes.NVFP4, format_codes.MXFP4, format_codes.MXFP4_W4A
 # (benchmarks/results/gemm_h100.csv, gemm_h100_fp4.csv) and its time ratio to W4A16 falls toward 1 near 8K rows.
 W4A8_MIN_M = 8192
 
+# fp8_block_gemm runs the warp-specialized Gluon kernel (gluon_fp8.py) on Hopper from this M on, where it was
+# measured near cuBLAS block-scaled _scaled_mm and about twice the Triton kernel
+# (benchmarks/results/gemm_fp8_gluon_anchor_h100.csv); below it the Triton kernels stay.
+GLUON_MIN_M = 2048
 SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream once, MMA N = BLOCK_M)
+# CTAs of the small-M W4A16 kernel (triton_w4a16.py, 64 x 256 tile, 3 stages) that fit on an SM at once:
+# ptxas gives it about 110 registers a thread at 128 threads, and it takes 43 KB of shared memory.
+W4A16_CTAS_PER_SM = 4
 SMEM_BYTES = 227 * 1024  # H100/H200 dynamic shared memory per block
 
 

@@ -13,7 +13,8 @@ per-128-K promotion, reference.fp8_block_gemm_ref), with a hand-scheduled kernel
 - a persistent grid walks the output tiles in grouped order; each consumer stores its half-tile
   through shared memory with a TMA store that overlaps the next tile's main loop.
 M <= configs.SMALL_M_MAX (a weight stream) and outputs whose rows TMA cannot address go to
-triton.fp8_block_gemm unchanged.
+triton.fp8_block_gemm_triton unchanged. fp8_block_gemm itself dispatches here on Hopper from
+configs.GLUON_MIN_M rows (dispatches_to_gluon).
 
 Gluon is compiled only for the GPU (no interpreter); this module imports anywhere, and the wrapper
 says what is missing where the Triton lacks the Gluon Hopper API it is written against (Triton 3.6).
@@ -27,7 +28,7 @@ import inspect
 import torch
 import triton
 from dsquant.kernels.gemm import configs
-from dsquant.kernels.gemm.triton import fp8_block_gemm, fp8_block_operands, num_sms
+from dsquant.kernels.gemm.triton import fp8_block_gemm_triton, fp8_block_operands, num_sms
 from dsquant.kernels.tile_order import grouped_tile
 
 try:
@@ -228,6 +229,13 @@ def _fp8_block_gemm_ws_kernel(a_desc, b_desc, c_desc, a_scale_ptr, w_scale_ptr, 
     ], [1, 4], [LOADER_REGS, CONSUMER_REGS])
 
 
+def dispatches_to_gluon(m: int, device: torch.device) -> bool:
+    """Whether fp8_block_gemm runs this kernel: M >= configs.GLUON_MIN_M on a compute capability 9.x GPU, with a
+    Triton that has the Gluon API used here."""
+    return (m >= configs.GLUON_MIN_M and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and gluon_missing() is None)
+
+
 def _tma_rows_ok(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
@@ -275,7 +283,7 @@ def fp8_block_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor
         out_dtype: bfloat16 (default), float16 or float32; out: optional preallocated [M, N] output.
     Returns:
         out_dtype [M, N]. M <= configs.SMALL_M_MAX, or an output whose rows are not 16-byte aligned,
-        runs triton.fp8_block_gemm.
+        runs triton.fp8_block_gemm_triton.
     Raises:
         RuntimeError: a Triton without the Gluon API used here, or not a CUDA device of compute capability 9.x.
     """
@@ -289,7 +297,7 @@ def fp8_block_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor
     assert tuple(out.shape) == (m, n) and out.device == a.device, \
         f"out must be [M, N] = {(m, n)} on {a.device}, got {tuple(out.shape)} on {out.device}"
     if m <= configs.SMALL_M_MAX or not _tma_rows_ok(out):
-        return fp8_block_gemm(a, a_scale, b, b_scale, out=out)
+        return fp8_block_gemm_triton(a, a_scale, b, b_scale, out=out)
     missing = gluon_missing()
     if missing is not None:
         raise RuntimeError(f"fp8_block_gemm_gluon: {missing}; use fp8_block_gemm")

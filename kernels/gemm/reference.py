@@ -86,3 +86,14 @@ def mxfp4_gemm_ref(
     """
     w = dequantize_mxfp4(w_packed, w_scale_e8m0, dtype=torch.float32)  # [N, K]
     return _matmul_nt(x, w, out_dtype)
+
+
+def w4a16_gemm_ref(x: torch.Tensor, weight, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """bf16 activations x an NVFP4 / MXFP4 weight in the MMA layout (fp4_mma_layout.Fp4MmaWeight): the weight
+    is put back in dsquant's layout, then nvfp4_gemm_ref / mxfp4_gemm_ref."""
+    from dsquant.kernels.gemm.fp4_mma_layout import from_mma_layout
+
+    w_packed, w_scale = from_mma_layout(weight)
+    if weight.nvfp4:
+        return nvfp4_gemm_ref(x, w_packed, w_scale, weight.global_scale, out_dtype)
+    return mxfp4_gemm_ref(x, w_packed, w_scale, out_dtype)

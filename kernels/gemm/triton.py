@@ -168,6 +168,14 @@ def _splitk_reduce_kernel(part_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M
     tl.store(c_ptr + offs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+def reduce_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out[M, N] = the sum of fp32 split-K partials part[SPLIT_K, M, N], in split order (deterministic)."""
+    split, m, n = part.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, out, part, part, part, m * n, n, split, 0, 0,
+                                                        INT_PARTS=False, HAS_BIAS=False, BLOCK=block)
+
+
 _TMA_ALLOCATOR_SET = threading.local()
 # One launch of an autotuned kernel at a time: threads driving different GPUs (the runner's and the
 # converter's multi-GPU workers) otherwise clobber each other's tuning state. A launch is a few
@@ -293,8 +301,19 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
         out_dtype: bfloat16 (default), float16 or float32.
         out: optional preallocated [M, N] output (its dtype wins over out_dtype).
     Returns:
-        out_dtype [M, N].
+        out_dtype [M, N]. On Hopper, M >= configs.GLUON_MIN_M runs the Gluon kernel (gluon_fp8.py) where this
+        Triton has its API; anything else runs the Triton kernels (fp8_block_gemm_triton).
     """
+    from dsquant.kernels.gemm import gluon_fp8  # it imports this module
+
+    if gluon_fp8.dispatches_to_gluon(a.shape[0], a.device):
+        return gluon_fp8.fp8_block_gemm_gluon(a, a_scale, b, b_scale, out_dtype, out)
+    return fp8_block_gemm_triton(a, a_scale, b, b_scale, out_dtype, out)
+
+
+def fp8_block_gemm_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                          out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_block_gemm through the portable Triton kernels at every M (the Gluon kernel's fallback)."""
     a, b = fp8_block_operands(a, a_scale, b, b_scale)
     return launch_gemm(a, b, out_dtype, format_codes.FP8_BLOCK, a_scale=a_scale, w_scale=b_scale, out=out)
 

@@ -112,6 +112,31 @@ def test_small_m_runs_the_existing_kernel():
     assert torch.equal(G.fp8_block_gemm_gluon(*ops), fp8_block_gemm(*ops))
 
 
+@pytest.mark.parametrize("capability,gluon_ok,m,want", [((9, 0), True, configs.GLUON_MIN_M, True),
+                                                          ((9, 0), True, configs.GLUON_MIN_M - 1, False),
+                                                          ((10, 0), True, 4096, False), ((8, 9), True, 4096, False),
+                                                          ((9, 0), False, 4096, False)], ids=str)
+def test_fp8_block_gemm_takes_gluon_on_hopper_from_min_m(monkeypatch, capability, gluon_ok, m, want):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(G, "gluon_missing", lambda: None if gluon_ok else "this Triton lacks the Gluon Hopper API")
+    assert G.dispatches_to_gluon(m, torch.device("cuda")) is want
+    assert G.dispatches_to_gluon(m, torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("m", [configs.GLUON_MIN_M - 1, configs.GLUON_MIN_M], ids=lambda m: f"M{m}")
+def test_fp8_block_gemm_routes_by_dispatch_rule(monkeypatch, m):
+    # fp8_block_gemm passes its arguments unchanged to the kernel the rule names.
+    from dsquant.kernels.gemm import triton as T
+
+    calls = []
+    monkeypatch.setattr(G, "dispatches_to_gluon", lambda rows, device: rows >= configs.GLUON_MIN_M)
+    monkeypatch.setattr(G, "fp8_block_gemm_gluon", lambda *args: calls.append(("gluon", args)))
+    monkeypatch.setattr(T, "fp8_block_gemm_triton", lambda *args: calls.append(("triton", args)))
+    a, a_s, b, b_s = torch.empty(m, 128, dtype=torch.float8_e4m3fn), torch.ones(m, 1), torch.empty(128, 128), None
+    fp8_block_gemm(a, a_s, b, b_s, torch.float32, None)
+    assert calls == [("gluon" if m >= configs.GLUON_MIN_M else "triton", (a, a_s, b, b_s, torch.float32, None))]
+
+
 # ---------------------------------------------------------------- GPU (an H100)
 
 _WEIGHTS: dict = {}
@@ -137,6 +162,14 @@ def _check(ops: tuple, out_dtype: torch.dtype, max_diff: float, what: str) -> No
 def test_gluon_gemm_deepseek_shapes_gpu(n, k, m):
     assert G.gluon_missing() is None, G.gluon_missing()
     _check(_ops(m, n, k), torch.bfloat16, BF16_OUT_MAX_DIFF, f"gluon {m=} {n=} {k=}")
+
+
+@pytest.mark.gpu
+def test_fp8_block_gemm_runs_gluon_on_hopper_gpu():
+    assert G.dispatches_to_gluon(configs.GLUON_MIN_M, torch.device("cuda")), G.gluon_missing()
+    ops = _ops(configs.GLUON_MIN_M, 2112, 7168)
+    assert torch.equal(fp8_block_gemm(*ops), G.fp8_block_gemm_gluon(*ops))
+    assert_close_global(fp8_block_gemm(*ops), fp8_block_gemm_ref(*ops), BF16_OUT_MAX_DIFF, "dispatched")
 
 
 # M = 200: a partial row tile, and the second warpgroup's rows partly past M; N = 192: a partial column tile;
