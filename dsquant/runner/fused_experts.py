@@ -45,6 +45,8 @@ def expert_stack(held: tuple | None, linears: list[tuple[QuantLinear, QuantLinea
     ws = [(g.w, u.w, d.w) for g, u, d in linears]
     if not ws or any(w is None for t in ws for w in t):
         return None
+    if any(m._forward_pre_hooks or m._forward_hooks for t in linears for m in t):
+        return None  # someone observes the experts' own inputs (calibration's hooks): they must run as linears
     kinds = {(w.fmt, w.act) for t in ws for w in t}
     gate, fmt = linears[0][0], ws[0][0].format
     if len(kinds) != 1 or fmt.fused_moe_act != ws[0][0].act or gate.in_features % 128 or gate.out_features % 128:

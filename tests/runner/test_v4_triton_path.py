@@ -112,3 +112,20 @@ def test_v4_triton_path_loops_when_nvfp4_input_scales_are_dynamic(checkpoints, m
     with torch.no_grad():
         tri(torch.tensor([[5, 6, 7]], device=DEV))
     assert calls == []
+
+
+@pytest.mark.parametrize("case", ["flash", "nvfp4"])
+def test_observed_experts_run_as_their_own_linears(checkpoints, monkeypatch, case):
+    """Calibration hooks every expert linear for its inputs; on the triton path those experts must not vanish into
+    the fused kernel, or CUDA calibration would see no expert input at all."""
+    import dsquant.kernels.moe as moe
+
+    calls, seen = [], []
+    monkeypatch.setattr(moe, "fused_moe", lambda *a, **k: calls.append(k["fmt"]))
+    tri, _ = load_model(checkpoints[case], impl="triton", dtype=torch.float32, device=DEV)
+    for name, mod in tri.named_modules():
+        if ".ffn.experts." in name and getattr(mod, "w", None) is not None:
+            mod.register_forward_pre_hook(lambda m, args, name=name: seen.append(name))
+    with torch.no_grad():
+        tri(torch.tensor([[5, 6, 7]], device=DEV))
+    assert calls == [] and seen, (calls, len(seen))
