@@ -105,6 +105,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     (out / "v4_cuda.json").write_text(json.dumps({**info, "calibration": calib, "rows": rows,
                                                   "windows": list(windows.shape)}, indent=2))  # fmt: skip
+    if set(scales_cuda) != set(scales_cpu):  # the CUDA pass must observe every linear the CPU pass does
+        sys.exit(f"CUDA calibration set {len(scales_cuda)} input scales, the CPU reference {len(scales_cpu)}")
 
 
 if __name__ == "__main__":
