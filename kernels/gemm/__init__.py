@@ -18,7 +18,7 @@ from __future__ import annotations
 from dsquant.kernels._lazy import lazy_exports
 
 _HOME = {
-    "fp8_block_gemm": "triton",
+    "fp8_block_gemm": "gluon_fp8",
     "fp8_block_gemm_gluon": "gluon_fp8",
     "int8_scaled_mm": "triton",
     "nvfp4_gemm": "triton_fp4",

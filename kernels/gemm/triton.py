@@ -289,28 +289,6 @@ def fp8_block_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
     return row_major(a), row_major(b)
 
 
-def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                   out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
-    """DeepSeek FP8 block GEMM: out = (a * a_scale) @ (b * b_scale)^T, scaled per 128-K step in fp32.
-
-    Args:
-        a: float8_e4m3fn [M, K], K % 128 == 0 (activations quantized per 1x128 group).
-        a_scale: float32 [M, K // 128], row-major or the column-major (transposed-contiguous) view.
-        b: float8_e4m3fn [N, K] (weight; N need not be a multiple of 128, e.g. 2112 or 576).
-        b_scale: float32 [ceil(N / 128), K // 128] (DeepSeek `weight_scale_inv`).
-        out_dtype: bfloat16 (default), float16 or float32.
-        out: optional preallocated [M, N] output (its dtype wins over out_dtype).
-    Returns:
-        out_dtype [M, N]. On Hopper, M >= configs.GLUON_MIN_M runs the Gluon kernel (gluon_fp8.py) where this
-        Triton has its API; anything else runs the Triton kernels (fp8_block_gemm_triton).
-    """
-    from dsquant.kernels.gemm import gluon_fp8  # it imports this module
-
-    if gluon_fp8.dispatches_to_gluon(a.shape[0], a.device):
-        return gluon_fp8.fp8_block_gemm_gluon(a, a_scale, b, b_scale, out_dtype, out)
-    return fp8_block_gemm_triton(a, a_scale, b, b_scale, out_dtype, out)
-
-
 def fp8_block_gemm_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                           out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_block_gemm through the portable Triton kernels at every M (the Gluon kernel's fallback)."""

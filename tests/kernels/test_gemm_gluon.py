@@ -126,12 +126,10 @@ def test_fp8_block_gemm_takes_gluon_on_hopper_from_min_m(monkeypatch, capability
 @pytest.mark.parametrize("m", [configs.GLUON_MIN_M - 1, configs.GLUON_MIN_M], ids=lambda m: f"M{m}")
 def test_fp8_block_gemm_routes_by_dispatch_rule(monkeypatch, m):
     # fp8_block_gemm passes its arguments unchanged to the kernel the rule names.
-    from dsquant.kernels.gemm import triton as T
-
     calls = []
     monkeypatch.setattr(G, "dispatches_to_gluon", lambda rows, device: rows >= configs.GLUON_MIN_M)
     monkeypatch.setattr(G, "fp8_block_gemm_gluon", lambda *args: calls.append(("gluon", args)))
-    monkeypatch.setattr(T, "fp8_block_gemm_triton", lambda *args: calls.append(("triton", args)))
+    monkeypatch.setattr(G, "fp8_block_gemm_triton", lambda *args: calls.append(("triton", args)))
     a, a_s, b, b_s = torch.empty(m, 128, dtype=torch.float8_e4m3fn), torch.ones(m, 1), torch.empty(128, 128), None
     fp8_block_gemm(a, a_s, b, b_s, torch.float32, None)
     assert calls == [("gluon" if m >= configs.GLUON_MIN_M else "triton", (a, a_s, b, b_s, torch.float32, None))]
