@@ -18,12 +18,15 @@ What differs is only how the same numbers are computed on a CPU:
   3.5 -> 4, 5 -> 4) because each tie is a half-integer multiple of its region's step.
 - The zero-denominator guard (torch.where) runs only when a block scale underflowed to zero.
 - Temporaries are updated in place where the reference allocates a new tensor per step.
+- When the C extension was built at install (native.py), block amaxes, the FP8 cast, per-row INT8 and the
+  division + E2M1 rounding + packing each run as one C loop instead; the torch code above is the fallback.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dsquant.convert import native
 from dsquant.formats import fp8, mxfp4, nvfp4
 from dsquant.formats._checks import check_finite
 from dsquant.formats.fp4 import pack_fp4
@@ -40,6 +43,11 @@ def _finite(amax: torch.Tensor, x: torch.Tensor, name: str) -> None:
 
 def _block_amax(x: torch.Tensor, block: int, name: str) -> torch.Tensor:
     """x [..., K] -> float32 max |x| over consecutive blocks of `block` -> [..., K // block]; NaN/Inf raise."""
+    if native.accepts(x):
+        amax, bad = native.block_amax(x, block)
+        if bad:
+            check_finite(x, name)
+        return amax
     amax = x.abs().reshape(*x.shape[:-1], x.shape[-1] // block, block).amax(dim=-1).float()
     _finite(amax, x, name)
     return amax
@@ -62,12 +70,19 @@ def quantize_fp8_block(w: torch.Tensor, block_size: int = FP8_BLOCK, *, ue8m0: b
         return fp8.quantize_fp8_block(w, block_size, ue8m0=ue8m0, name=name)
     nb, kb = n // block_size, k // block_size
     scale = fp8_scale(_block_amax(w, block_size, name).reshape(nb, block_size, kb).amax(dim=1), ue8m0)
+    if native.accepts(w):
+        return native.fp8_block_cast(w, scale, block_size), scale
     q = w.reshape(nb, block_size, kb, block_size) / scale[:, None, :, None]  # float32 [NB, b, KB, b]
     return q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE).reshape(n, k), scale
 
 
 def quantize_int8_per_token(x: torch.Tensor, *, name: str = "tensor"):
     """x [..., K] -> (q int8 [..., K]; scale float32 [..., 1]), as formats.int8."""
+    if native.accepts(x) and x.dim() == 2:
+        out = native.int8_rows(x)
+        if out is None:
+            check_finite(x, name)  # raises with the NaN/Inf counts
+        return out
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     _finite(amax, x, name)
     scale = int8_scale(amax)
@@ -76,6 +91,8 @@ def quantize_int8_per_token(x: torch.Tensor, *, name: str = "tensor"):
 
 def _e2m1_packed(x: torch.Tensor, bamax: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     """x [..., K] / denom [..., K // block] (one per block; 0 where denom is 0) -> packed E2M1 uint8 [..., K // 2]."""
+    if native.accepts(x):
+        return native.e2m1_pack(x, denom, x.shape[-1] // bamax.shape[-1])
     y = x.reshape(bamax.shape + (-1,)) / denom.unsqueeze(-1)  # float32 [..., K // block, block]
     if not bool((denom > 0).all()):
         y = torch.where(denom.unsqueeze(-1) > 0, y, torch.zeros_like(y))
