@@ -92,3 +92,17 @@ def pv_scaled(p, alpha, kq, ks, acc, acc_mul):
 def store_out_chunk(o_base, o, mask_h, G: tl.constexpr, GROUP: tl.constexpr):
     c = tl.arange(0, GROUP)
     tl.store(o_base + G * GROUP + c[None, :], o.to(o_base.dtype.element_ty), mask=mask_h[:, None])
+
+
+@triton.jit
+def split_bounds(row_seq_ptr, row_len_ptr, row, split, num_splits, HAS_ROW_SEQ: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(sequence of query row `row`, first and end token of split `split` of its KV). Each split takes a whole
+    number of tiles; trailing splits of a short row may be empty."""
+    if HAS_ROW_SEQ:
+        seq = tl.load(row_seq_ptr + row).to(tl.int64)
+    else:
+        seq = row
+    kv_len = tl.load(row_len_ptr + row)
+    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    return seq, start, tl.minimum(start + per_split, kv_len)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from dsquant.kernels import format_codes
-from dsquant.kernels.mla.tiles import pow2_scale
+from dsquant.kernels.mla.tiles import pow2_scale, split_bounds
 
 
 @triton.jit
@@ -73,14 +73,7 @@ def mla_attend_tokens_kernel(
     hb = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    if HAS_ROW_SEQ:
-        seq = tl.load(row_seq_ptr + row).to(tl.int64)
-    else:
-        seq = row
-    kv_len = tl.load(row_len_ptr + row)
-    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, kv_len)
+    seq, start, end = split_bounds(row_seq_ptr, row_len_ptr, row, split, num_splits, HAS_ROW_SEQ, BLOCK_N)
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < num_heads

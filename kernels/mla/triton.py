@@ -48,6 +48,7 @@ from dsquant.kernels.mla.tiles import (
     pow2_scale,
     pv_operand,
     pv_scaled,
+    split_bounds,
     store_out_chunk,
 )
 from dsquant.kernels.mla.token_major import mla_attend_tokens_kernel
@@ -78,15 +79,7 @@ def mla_attend_kernel(
     hb = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    if HAS_ROW_SEQ:
-        seq = tl.load(row_seq_ptr + row).to(tl.int64)
-    else:
-        seq = row
-    kv_len = tl.load(row_len_ptr + row)
-    # Each split takes a whole number of tiles; trailing splits of a short row may be empty.
-    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, kv_len)
+    seq, start, end = split_bounds(row_seq_ptr, row_len_ptr, row, split, num_splits, HAS_ROW_SEQ, BLOCK_N)
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < num_heads
