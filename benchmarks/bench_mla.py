@@ -27,7 +27,7 @@ import torch
 import triton
 from dsquant.kernels.mla import allocate_kv_cache, cache_store, kv_cache_bytes_per_token, mla_decode, mla_prefill
 from dsquant.kernels.mla.cache import dequantize_kv_tokens
-from dsquant.kernels.mla.configs import GLUON_CONFIG, portable_config
+from dsquant.kernels.mla.configs import GLUON_CONFIG, portable_config, programs_per_sm
 from dsquant.kernels.mla.triton import AttendConfig, default_config, default_num_splits
 from dsquant.kernels.testing import calc_diff
 from timing import copy_bandwidth  # benchmarks/ is the script's folder
@@ -176,7 +176,7 @@ def bench_case(writer, meta, copy_bw, kind, batch, heads, ctx, cache, bt, kv_sca
     row("torch_attn", "bmm on bf16 copy", "", t_attn)
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
     for i, cfg in enumerate(timed_configs(heads, kind, sweep)):
-        auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms)
+        auto = default_num_splits(batch, heads, ctx, kind, cfg.block_h, n_sms, programs_per_sm(cfg))
         for splits in sorted({max(1, auto // 2), auto, auto + 1, 2 * auto, 4 * auto}) if (sweep and i == 0) else [auto]:
             try:
                 ms = _time_ms(lambda: mla_decode(qn, qp, cache, bt, lens, SCALE, kv_scale=kv_scale,

@@ -45,18 +45,20 @@ MLP_NK = ((4096, 7168), (7168, 2048), (36864, 7168), (7168, 18432))
 
 
 def sweep_variants(m: int, layout, num_sms: int) -> dict:
-    """Launch parameters around the heuristic's: pipeline depth, K split, tile shape, split sum."""
+    """Launch parameters around the heuristic's: pipeline depth, K step and split, tile shape, split sum."""
     heur = w4a16_config(m, layout, num_sms)
     k_tiles = layout.k_pad // heur["BLOCK_K"]
     return {
         "heur": heur,
-        "stages1": dict(heur, num_stages=1),
-        "stages4": dict(heur, num_stages=4),
+        "stages-1": dict(heur, num_stages=heur["num_stages"] - 1),
+        "stages+1": dict(heur, num_stages=heur["num_stages"] + 1),
         "split/2": dict(heur, SPLIT_K=configs.split_k(k_tiles, heur["SPLIT_K"] // 2)),
         "split*2": dict(heur, SPLIT_K=configs.split_k(k_tiles, heur["SPLIT_K"] * 2)),
-        "bk128s4": dict(w4a16_config(m, layout, num_sms, block_k=128), num_stages=4),
+        "bk128s4": w4a16_config(m, layout, num_sms, block_k=128, num_stages=4),
+        "bk256s3": w4a16_config(m, layout, num_sms, block_k=256, num_stages=3),
+        "anysplit": w4a16_config(m, layout, num_sms, min_split_k=0),
         "bn128w8": w4a16_config(m, layout, num_sms, block_n=128),
-        "bn128w8s4": dict(w4a16_config(m, layout, num_sms, block_n=128), num_stages=4),
+        "slots2": w4a16_config(m, layout, num_sms, ctas_per_sm=2),
         "sum2launch": dict(heur, FUSED_SUM=False),
     }
 

@@ -29,6 +29,12 @@ SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream o
 # CTAs of the small-M W4A16 kernel (triton_w4a16.py, 64 x 256 tile, 3 stages) that fit on an SM at once:
 # ptxas gives it about 110 registers a thread at 128 threads, and it takes 43 KB of shared memory.
 W4A16_CTAS_PER_SM = 4
+# Its K step and pipeline depth per format, and the least K a split takes: the fastest of the H100 launch
+# sweep over the DeepSeek shapes at M <= 16 (benchmarks/results/gemm_w4a16_sweep_h100.csv). NVFP4's 128-wide
+# step (eight 16-value scale groups) beat 256 on every shape but the two smallest; MXFP4 kept 256. Splits of
+# fewer than 1024 K lost on every shape where the rule above chose them.
+W4A16_TILE = {"nvfp4": (128, 4), "mxfp4": (256, 3)}
+W4A16_MIN_SPLIT_K = 1024
 SMEM_BYTES = 227 * 1024  # H100/H200 dynamic shared memory per block
 
 

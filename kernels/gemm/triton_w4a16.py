@@ -132,18 +132,25 @@ def _w4a16_mma_kernel(
                 tl.atomic_xchg(lock_ptr + tile, 0)
 
 
-def w4a16_config(m: int, w: Fp4MmaWeight, num_sms: int, block_n: int = 64, block_k: int = 256) -> dict:
+def w4a16_config(m: int, w: Fp4MmaWeight, num_sms: int, block_n: int = 64, block_k: int | None = None,
+                 ctas_per_sm: int = configs.W4A16_CTAS_PER_SM, num_stages: int | None = None,
+                 min_split_k: int = configs.W4A16_MIN_SPLIT_K) -> dict:
     """Tile and K split for M tokens.
 
-    configs.W4A16_CTAS_PER_SM CTAs fit on an SM at once (registers and shared memory of this tile), so the GPU
-    runs `slots` of them at a time. Of the K splits that leave no split empty, up to two rounds of slots, the
-    one that keeps the most slots busy in its last round wins (the fewest splits among equals): a round of
+    The K step: NVFP4 128 with 4 stages, MXFP4 256 with 3 (configs.W4A16_TILE: the faster tile per format over
+    the DeepSeek shapes). configs.W4A16_CTAS_PER_SM CTAs fit on an SM at once, so the GPU runs `slots` of them
+    at a time. Of the K splits that leave no split empty and give each at least min_split_k of K (a shorter
+    split spends more on its pipeline's fill and the partial sum than it streams), up to two rounds of slots,
+    the one that keeps the most slots busy in its last round wins (the fewest splits among equals): a round of
     a few CTAs streams at a few CTAs' bandwidth while the rest of the GPU idles.
     """
+    tile_k, tile_stages = configs.W4A16_TILE["nvfp4" if w.nvfp4 else "mxfp4"]
+    block_k = block_k or tile_k
+    num_stages = num_stages or tile_stages
     n_tiles = triton.cdiv(w.n, block_n)
     k_tiles = w.k_pad // block_k
-    slots = configs.W4A16_CTAS_PER_SM * num_sms
-    most = min(k_tiles, triton.cdiv(2 * slots, n_tiles))
+    slots = ctas_per_sm * num_sms
+    most = min(k_tiles, triton.cdiv(2 * slots, n_tiles), max(1, w.k_pad // max(min_split_k, block_k)))
     splits = sorted({configs.split_k(k_tiles, s) for s in range(1, most + 1)})
 
     def busy(split: int) -> float:
@@ -157,7 +164,7 @@ def w4a16_config(m: int, w: Fp4MmaWeight, num_sms: int, block_n: int = 64, block
         BLOCK_K=block_k,
         SPLIT_K=split,
         num_warps=max(4, block_n // 16),
-        num_stages=3,
+        num_stages=num_stages,
     )
 
 

@@ -52,13 +52,24 @@ def portable_config(num_heads: int, kind: str) -> AttendConfig:
     return AttendConfig(64, 64, 8, 2, "smem" if kind == "fp8" else "dequant")
 
 
-# The Gluon decode kernel's tile (gluon_decode.BLOCK_H heads, BLOCK_N tokens, one warpgroup). Opt-in, not a
-# default: at 16 heads it trails the portable configs on an H100 (fp8 0.80x at 4K, 0.81x at 32K; fp8_ds 0.56x
-# and 0.57x; benchmarks/results/mla_fp8_h100.csv), as does the token-major Triton kernel ("tokens").
-GLUON_CONFIG = AttendConfig(16, 64, 4, 1, "gluon")
+# The Gluon decode kernel's tile (gluon_decode.py: BLOCK_H heads, BLOCK_N tokens, the MMA warpgroup plus an
+# 8-warp converter), the default for fp8 caches at <= 16 heads on Hopper, where it beats the portable config
+# (benchmarks/results/mla_fp8_h100.csv); for fp8_ds it trails smem16 slightly, so the portable config stays.
+# Elsewhere and for prefill the portable config runs.
+GLUON_CONFIG = AttendConfig(16, 64, 8, 2, "gluon")
+
+
+def programs_per_sm(cfg: AttendConfig) -> int:
+    """Programs of this config an SM holds at once: the Gluon kernel's two float16 tiles take most of its shared
+    memory; a 16-row head block is small enough (<= 128 registers, < 100 KB shared) for 2."""
+    if cfg.tile == "gluon":
+        return 1
+    return 2 if cfg.block_h <= 16 else 1
 
 
 def default_config(num_heads: int, kind: str) -> AttendConfig:
+    if kind == "fp8" and num_heads <= 16:
+        return GLUON_CONFIG
     return portable_config(num_heads, kind)
 
 
@@ -68,14 +79,15 @@ def num_sms(device: torch.device) -> int:
     return 132
 
 
-def default_num_splits(rows: int, num_heads: int, max_kv: int, kind: str, block_h: int, n_sms: int) -> int:
+def default_num_splits(rows: int, num_heads: int, max_kv: int, kind: str, block_h: int, n_sms: int,
+                       per_sm: int | None = None) -> int:
     """Splits per row minimising KV time / wave fill + partial-output traffic (static sizes only).
 
     Every row is assumed to use the block table's full capacity `max_kv`; a split is worth its
-    float32 partial output (written and read back) only while programs do not fill the SMs. A
-    16-row head block is small enough (<= 128 registers, < 100 KB shared) for 2 programs per SM.
+    float32 partial output (written and read back) only while programs do not fill the SMs. per_sm: programs
+    an SM holds at once (programs_per_sm; by default that of a portable config with block_h heads).
     """
-    slots = n_sms * (2 if block_h <= 16 else 1)
+    slots = n_sms * (per_sm or (2 if block_h <= 16 else 1))
     base = rows * triton.cdiv(num_heads, block_h)
     kv_bytes = rows * max_kv * kv_cache_bytes_per_token(kind)
     best, best_cost = 1, float("inf")

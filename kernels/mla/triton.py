@@ -40,6 +40,7 @@ from dsquant.kernels.mla.configs import (
     default_num_splits,
     num_sms,
     portable_config,
+    programs_per_sm,
 )
 from dsquant.kernels.mla.store import cache_views
 from dsquant.kernels.mla.tiles import (
@@ -251,7 +252,7 @@ def _attend(q_nope, q_pe, kv_cache, block_table, row_seq, row_len, softmax_scale
     n_hb = triton.cdiv(heads, cfg.block_h)
     if num_splits is None:
         num_splits = default_num_splits(rows, heads, block_table.shape[1] * page_size, kind, cfg.block_h,
-                                        num_sms(q_nope.device))
+                                        num_sms(q_nope.device), programs_per_sm(cfg))
     out = torch.empty(rows, heads, KV_LORA_RANK, dtype=out_dtype or q_nope.dtype, device=q_nope.device)
     if rows == 0:
         return out

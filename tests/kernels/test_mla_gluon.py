@@ -9,8 +9,14 @@ falls back to the portable one and gives the same numbers.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
+from dsquant.kernels.gemm import configs as gemm_configs
 from dsquant.kernels.mla import gluon_decode, mla_decode, mla_decode_ref, mla_prefill, mla_prefill_ref
 from dsquant.kernels.mla.configs import GLUON_CONFIG, portable_config
 from dsquant.kernels.testing import assert_close_global
@@ -73,13 +79,14 @@ def _needs_gluon():
 @pytest.mark.parametrize("kind", FP8_KINDS)
 @pytest.mark.parametrize("heads", [16, 5], ids=["H16", "H5"])
 @pytest.mark.parametrize("num_splits", [1, None], ids=["s1", "auto"])
-def test_gluon_decode_v3_shapes_gpu(kind, heads, num_splits):
+@pytest.mark.parametrize("page_size", [64, 16])
+def test_gluon_decode_v3_shapes_gpu(kind, heads, num_splits, page_size):
     _needs_gluon()
     g = torch.Generator().manual_seed(heads)
     lens = torch.randint(1, 4097, (16,), generator=g).tolist()
     lens[0], lens[1], lens[2] = 1, 4096, 65  # one token, whole tiles, one token past a tile
-    got, want = _decode(kind, lens, heads, page_size=64, num_splits=num_splits, config=GLUON_CONFIG)
-    assert_close_global(got, want, MAX_DIFF, f"gluon decode {kind=} {heads=} {num_splits=}")
+    got, want = _decode(kind, lens, heads, page_size=page_size, num_splits=num_splits, config=GLUON_CONFIG)
+    assert_close_global(got, want, MAX_DIFF, f"gluon decode {kind=} {heads=} {num_splits=} {page_size=}")
 
 
 @pytest.mark.gpu
@@ -105,3 +112,30 @@ def test_gluon_decode_matches_portable_kernel_gpu(kind):
         qn, qp, cache, bt, lens_t, SCALE, kv_scale=kv_scale, out_dtype=torch.float32, config=portable_config(16, kind)
     )
     assert_close_global(got, port, 1e-6, f"gluon vs portable {kind=}")
+
+
+def _ptxas_log(kind: str, tmp_path) -> str:
+    """Compile the kernel for sm_90a in a child (no GPU, no interpreter: a Gluon kernel cannot run under it) and
+    return ptxas's report; asserts it fits the shared memory."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = tmp_path / f"{kind}.ptx"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = ("import sys; from dsquant.kernels.mla import gluon_decode as G; k = G.compile_sm90(sys.argv[1]); "
+            "open(sys.argv[2], 'w').write(k.asm['ptx']); print(k.metadata.shared)")
+    child = subprocess.run([sys.executable, "-c", code, kind, str(ptx)], env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert int(child.stdout.split()[-1]) <= gemm_configs.SMEM_BYTES, child.stdout
+    return subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, check=True).stderr
+
+
+@pytest.mark.skipif(gluon_decode.gluon_missing() is not None, reason="this Triton lacks the Gluon API")
+def test_kernel_compiles_for_sm90_without_spills_on_fp8(tmp_path):
+    # The point of the converter partition: the MMA warpgroup keeps its accumulators and the converter its
+    # words in flight without spilling (one warpgroup doing both spilled). fp8_ds's per-group scales spill a
+    # little in the MMA partition; it has to compile and fit.
+    log = _ptxas_log("fp8", tmp_path)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
+    _ptxas_log("fp8_ds", tmp_path)
