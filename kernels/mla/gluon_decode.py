@@ -66,6 +66,11 @@ def gluon_missing() -> str | None:
         have = list(inspect.signature(fn).parameters)
         if any(p not in have for p in params):
             return f"triton {triton.__version__}: {name}{tuple(have)} lacks {params} (written for Triton 3.6)"
+    # Later Gluon renamed these (barrier, reinterpret); until the kernel is ported the portable one runs there.
+    for name, owner, attr in (("gl.thread_barrier", gl, "thread_barrier"),
+                              ("shared_memory_descriptor._reinterpret", gl.shared_memory_descriptor, "_reinterpret")):
+        if not hasattr(owner, attr):
+            return f"triton {triton.__version__} has no {name} (written for Triton 3.6)"
     return None
 
 
