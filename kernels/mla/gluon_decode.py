@@ -28,7 +28,7 @@ import os
 import torch
 import triton
 from dsquant.kernels import format_codes
-from dsquant.kernels.mla.cache import DS_ROPE_OFFSET, DS_SCALE_OFFSET, KV_LORA_RANK
+from dsquant.kernels.mla.cache import DS_ROPE_OFFSET, DS_SCALE_OFFSET, KV_LORA_RANK, kv_cache_bytes_per_token
 
 try:
     from triton.experimental import gluon
@@ -437,18 +437,23 @@ def mla_decode_gluon_kernel(
     ], [CONVERT_WARPS], [CONVERT_REGS])
 
 
+def _constants(kind: str, page_size: int, split: bool) -> dict:
+    """The kernel's constexpr arguments for a cache of `kind` with pages of `page_size` tokens (32-bit words)."""
+    return dict(PAGE_SIZE=page_size, KV_FMT=format_codes.KV_CACHE_FORMATS[kind], SPLIT=split,
+                W=kv_cache_bytes_per_token(kind) // 4, SC_OFF=DS_SCALE_OFFSET // 4,
+                PE_OFF=(DS_ROPE_OFFSET if kind == "fp8_ds" else KV_LORA_RANK) // 4, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
+                CONVERT_WARPS=CONVERT_WARPS, CONVERT_REGS=CONVERT_REGS)
+
+
 def launch_decode(q_nope, q_pe, kv_cache, kind, block_table, row_len, qk_scale, kv_scale, num_splits, o, lse,
-                     so, slse, heads):
+                  so, slse, heads):
     """Launch the kernel over one decode batch (triton._attend checked the arguments and sized o / lse)."""
     words = kv_cache.view(torch.int32)
-    pe_off = (DS_ROPE_OFFSET if kind == "fp8_ds" else KV_LORA_RANK) // 4
     mla_decode_gluon_kernel[(triton.cdiv(heads, BLOCK_H), q_nope.shape[0], num_splits)](
         q_nope, q_pe, words, words.view(torch.float32), kv_scale if kind == "fp8" else words.view(torch.float32),
         block_table, row_len, o, lse, qk_scale, heads, num_splits,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0), *so, *slse,
-        PAGE_SIZE=kv_cache.shape[1], KV_FMT=format_codes.KV_CACHE_FORMATS[kind], SPLIT=num_splits > 1,
-        W=words.shape[-1], SC_OFF=DS_SCALE_OFFSET // 4, PE_OFF=pe_off, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        CONVERT_WARPS=CONVERT_WARPS, CONVERT_REGS=CONVERT_REGS, num_warps=4, maxnreg=MAX_REGS,
+        **_constants(kind, kv_cache.shape[1], num_splits > 1), num_warps=NUM_WARPS, maxnreg=MAX_REGS,
     )
 
 
@@ -457,15 +462,12 @@ def compile_sm90(kind: str = "fp8", page_size: int = 64):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    width = (DS_ROPE_OFFSET + 128 if kind == "fp8_ds" else KV_LORA_RANK + 64) // 4
-    constants = dict(PAGE_SIZE=page_size, KV_FMT=format_codes.KV_CACHE_FORMATS[kind], SPLIT=True, W=width,
-                     SC_OFF=DS_SCALE_OFFSET // 4, PE_OFF=(DS_ROPE_OFFSET if kind == "fp8_ds" else KV_LORA_RANK) // 4,
-                     BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, CONVERT_WARPS=CONVERT_WARPS, CONVERT_REGS=CONVERT_REGS)
+    constants = _constants(kind, page_size, True)
     types = dict(qn_ptr="*bf16", qp_ptr="*bf16", w_ptr="*i32", bt_ptr="*i32", row_len_ptr="*i32", qk_scale="fp32")
     params = list(inspect.signature(mla_decode_gluon_kernel.fn).parameters)
     signature = {p: "constexpr" if p in constants else types.get(p, "*fp32" if p.endswith("_ptr") else "i32")
                  for p in params}
-    aligned = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p.endswith("_ptr")}
+    aligned = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p.endswith("_ptr")}  # as torch's
     src = GluonASTSource(mla_decode_gluon_kernel, signature, {(params.index(p),): v for p, v in constants.items()},
                          aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=MAX_REGS))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS, maxnreg=MAX_REGS))
