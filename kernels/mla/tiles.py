@@ -106,3 +106,14 @@ def split_bounds(row_seq_ptr, row_len_ptr, row, split, num_splits, HAS_ROW_SEQ: 
     per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     return seq, start, tl.minimum(start + per_split, kv_len)
+
+
+@triton.jit
+def tile_slots(bt_row, n0, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(flat cache slots, validity) of tokens n0 .. n0 + BLOCK_N of a sequence whose block-table row is bt_row.
+    Masked tokens look nothing up (page 0), and their loads read nothing either (other=0), so NaN in unused
+    slots or pages never reaches P.V."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < end
+    page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+    return page * PAGE_SIZE + offs_n % PAGE_SIZE, mask_n

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from dsquant.kernels import format_codes
-from dsquant.kernels.mla.tiles import pow2_scale, split_bounds
+from dsquant.kernels.mla.tiles import pow2_scale, split_bounds, tile_slots
 
 
 @triton.jit
@@ -112,11 +112,7 @@ def mla_attend_tokens_kernel(
     r3 = tl.full([], 1.0, tl.float32)
     bt_row = bt_ptr + seq * stride_bt
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        # Masked tokens read nothing (other=0): NaN in unused slots or pages never reaches P.V.
-        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = page * PAGE_SIZE + offs_n % PAGE_SIZE
+        slot, mask_n = tile_slots(bt_row, n0, end, PAGE_SIZE, BLOCK_N)
         k0 = _chunk_f16(val_ptr, slot, mask_n, 0, VAL_W, GROUP)
         k1 = _chunk_f16(val_ptr, slot, mask_n, 1, VAL_W, GROUP)
         k2 = _chunk_f16(val_ptr, slot, mask_n, 2, VAL_W, GROUP)

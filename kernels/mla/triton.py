@@ -51,6 +51,7 @@ from dsquant.kernels.mla.tiles import (
     pv_scaled,
     split_bounds,
     store_out_chunk,
+    tile_slots,
 )
 from dsquant.kernels.mla.token_major import mla_attend_tokens_kernel
 
@@ -127,11 +128,7 @@ def mla_attend_kernel(
     r3 = tl.full([], 1.0, tl.float32)
     bt_row = bt_ptr + seq * stride_bt
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        # Masked tokens read nothing (other=0): NaN in unused slots or pages never reaches P.V.
-        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = page * PAGE_SIZE + offs_n % PAGE_SIZE
+        slot, mask_n = tile_slots(bt_row, n0, end, PAGE_SIZE, BLOCK_N)
         # One tile per chunk feeds both dots (key of Q.K^T, value of P.V).
         k0 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 0, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE, ASM)
         k1 = load_kv_chunk(val_ptr, sc_ptr, slot, mask_n, 1, VAL_W, SC_W, SC_OFF, KV_FMT, GROUP, EV, TILE, ASM)
