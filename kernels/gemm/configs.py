@@ -30,9 +30,10 @@ SMALL_M_MAX = 64  # M <= this takes the swap-AB split-K kernel (weights stream o
 # ptxas gives it about 110 registers a thread at 128 threads, and it takes 43 KB of shared memory.
 W4A16_CTAS_PER_SM = 4
 # Its K step and pipeline depth per format, and the least K a split takes: the fastest of the H100 launch
-# sweep over the DeepSeek shapes at M <= 16 (benchmarks/results/gemm_w4a16_sweep_h100.csv). NVFP4's 128-wide
-# step (eight 16-value scale groups) beat 256 on every shape but the two smallest; MXFP4 kept 256. Splits of
-# fewer than 1024 K lost on every shape where the rule above chose them.
+# sweep over the DeepSeek shapes at M <= 16 (benchmarks/results/gemm_w4a16_sweep_h100.csv, where "heur" is the
+# earlier 256-K rule). NVFP4's 128-wide step (eight 16-value scale groups) beat 256 on every shape but
+# 576 x 7168, where the split rule gave it one 128-K step per CTA; MXFP4 kept 256. Splits of fewer than 1024 K
+# lost wherever the split rule chose them (576 x 7168, 2112 x 7168, 4096 x 7168, 7168 x 2048).
 W4A16_TILE = {"nvfp4": (128, 4), "mxfp4": (256, 3)}
 W4A16_MIN_SPLIT_K = 1024
 SMEM_BYTES = 227 * 1024  # H100/H200 dynamic shared memory per block
