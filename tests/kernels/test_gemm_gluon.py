@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ from dsquant.kernels.gemm import configs, fp8_block_gemm, fp8_block_gemm_ref
 from dsquant.kernels.gemm import gluon_fp8 as G
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_close_global, poison_
 
+from tests.kernels.sm90 import compile_in_child, ptxas_report
 from tests.kernels.test_gemm_kernels import (
     BF16_OUT_MAX_DIFF,
     FP32_OUT_MAX_DIFF,
@@ -206,22 +205,12 @@ def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(out_dtype, 
     # No GPU needed: Triton compiles for sm_90a and its ptxas reports what it made of the schedule. The
     # overlap of MMA and promotion is lost without an error when ptxas serializes the wgmmas (it does when an
     # in-flight accumulator is copied), and spills would cost the register budgets their point.
-    # The compile runs in a child without TRITON_INTERPRET: under the interpreter the @triton.jit helpers the
-    # kernel shares with triton.py are interpreter functions, which a Gluon kernel cannot call.
-    from triton.backends.nvidia.compiler import get_ptxas
-
     ptx = tmp_path / "kernel.ptx"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     code = ("import sys, torch; from dsquant.kernels.gemm import gluon_fp8 as G; "
             "k = G.compile_sm90(getattr(torch, sys.argv[1])); open(sys.argv[2], 'w').write(k.asm['ptx']); "
             "print(k.metadata.shared)")
-    child = subprocess.run([sys.executable, "-c", code, str(out_dtype).split(".")[1], str(ptx)], env=env,
-                           capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-3000:]
-    shared = int(child.stdout.split()[-1])
+    shared = int(compile_in_child(code, str(out_dtype).split(".")[1], str(ptx)).split()[-1])
     assert shared <= configs.SMEM_BYTES, f"{shared} bytes of shared memory"
-    log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True, check=True).stderr
+    log = ptxas_report(ptx)
     assert "serialized" not in log, log
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log

@@ -11,10 +11,7 @@ reference on the stored layout (nvfp4_gemm_ref / mxfp4_gemm_ref), which never se
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from dsquant.kernels.gemm import mxfp4_gemm_ref, nvfp4_gemm_ref, to_mma_layout, 
 from dsquant.kernels.gemm.fp4_mma_layout import from_mma_layout
 from dsquant.kernels.testing import DEEPSEEK_V3_NK, assert_close_global, poison_
 
+from tests.kernels.sm90 import compile_in_child, ptxas_report
 from tests.kernels.test_gemm_kernels import (
     BF16_OUT_MAX_DIFF,
     DEVICE,
@@ -166,20 +164,12 @@ def test_decoded_tile_is_already_the_mma_operand_sm90(fmt, tmp_path):
     # No GPU needed: Triton compiles for sm_90a. What the layout is for: each thread loads its codes as 16 bytes
     # and the decoded weight reaches wgmma's register operand with no data movement, so every layout conversion
     # into that operand starts from the operand's own layout (a renaming of registers); and ptxas does not spill.
-    # The compile runs in a child without TRITON_INTERPRET, under which the E2M1 decode takes its interpreter path.
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     code = (
         "import sys; from dsquant.kernels.gemm.triton_w4a16 import compile_sm90; "
         "k = compile_sm90(sys.argv[1] == 'nvfp4'); "
         "[open(sys.argv[2] + '.' + ext, 'w').write(k.asm[ext]) for ext in ('ttgir', 'ptx')]"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", code, fmt, str(tmp_path / "k")], env=env, capture_output=True, text=True
-    )
-    assert child.returncode == 0, child.stderr[-3000:]
+    compile_in_child(code, fmt, str(tmp_path / "k"))
     ttgir = (tmp_path / "k.ttgir").read_text()
     layouts = dict(re.findall(r"^(#\w+) = #ttg\.linear<\{(.*)\}>$", ttgir, re.M))
     operand = r"tensor<64x\d+xbf16, #ttg\.dot_op<\{opIdx = 0"
@@ -192,12 +182,7 @@ def test_decoded_tile_is_already_the_mma_operand_sm90(fmt, tmp_path):
     # from shared memory byte by byte instead.
     gathered = re.findall(r"ld\.shared(?:\.v\d)?\.[bus]8\b", (tmp_path / "k.ptx").read_text())
     assert not gathered, f"{len(gathered)} byte-wide shared-memory loads: the weight codes are gathered"
-    log = subprocess.run(
-        [get_ptxas(90).path, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stderr
+    log = ptxas_report(tmp_path / "k.ptx")
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
 
 

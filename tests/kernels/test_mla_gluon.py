@@ -9,10 +9,7 @@ falls back to the portable one and gives the same numbers.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from dsquant.kernels.mla import gluon_decode, mla_decode, mla_decode_ref, mla_pr
 from dsquant.kernels.mla.configs import GLUON_CONFIG, portable_config
 from dsquant.kernels.testing import assert_close_global
 
+from tests.kernels.sm90 import compile_in_child, ptxas_report
 from tests.kernels.test_mla_attention import MAX_DIFF, SCALE, _q, make_cache
 
 FP8_KINDS = ["fp8", "fp8_ds"]
@@ -115,20 +113,13 @@ def test_gluon_decode_matches_portable_kernel_gpu(kind):
 
 
 def _ptxas_log(kind: str, tmp_path) -> str:
-    """Compile the kernel for sm_90a in a child (no GPU, no interpreter: a Gluon kernel cannot run under it) and
-    return ptxas's report; asserts it fits the shared memory."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
+    """ptxas's report on the kernel compiled for sm_90a (no GPU); asserts it fits the shared memory."""
     ptx = tmp_path / f"{kind}.ptx"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     code = ("import sys; from dsquant.kernels.mla import gluon_decode as G; k = G.compile_sm90(sys.argv[1]); "
             "open(sys.argv[2], 'w').write(k.asm['ptx']); print(k.metadata.shared)")
-    child = subprocess.run([sys.executable, "-c", code, kind, str(ptx)], env=env, capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-3000:]
-    assert int(child.stdout.split()[-1]) <= gemm_configs.SMEM_BYTES, child.stdout
-    return subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                          capture_output=True, text=True, check=True).stderr
+    shared = int(compile_in_child(code, kind, str(ptx)).split()[-1])
+    assert shared <= gemm_configs.SMEM_BYTES, f"{shared} bytes of shared memory"
+    return ptxas_report(ptx)
 
 
 @pytest.mark.skipif(gluon_decode.gluon_missing() is not None, reason="this Triton lacks the Gluon API")
